@@ -1,0 +1,337 @@
+"""Make a transformers ``*ForCausalLM`` compute its training loss with the fused kernel.
+
+``patch_model`` replaces the model instance's ``forward`` (never its class, so other
+instances and ``generate`` on unlabelled input are untouched). When ``labels`` (or
+``shift_labels``) are passed, the patched forward runs the base decoder, takes the
+final hidden states ``h`` and the output embedding ``W`` (``lm_head.weight``, tied or
+not) and returns
+
+    loss = T * mean_t [ -sum_j q_tj log softmax(z_t)_j ]  (+ z_loss * lse(z_t)^2),
+    z_t = cap_c( s * (W h_t + b) ) / T,   q_t = (1 - eps) onehot(y_{t+1}) + eps / V,
+
+computed by ``calibrated_lm.loss.linear_cross_entropy`` in chunks, so the N x V logit
+matrix is never built. ``s`` is the architecture's own logit multiplier (Cohere's
+``logit_scale``, Granite's ``1 / logits_scaling``, 1 elsewhere), ``cap_c(z) = c tanh(z/c)``
+with ``c`` the user's ``softcap`` or else the model's ``final_logit_softcapping``
+(Gemma 2/3), and ``T`` the training temperature (paper's remedy for large vocabularies;
+the loss is multiplied by ``T`` so gradient magnitudes stay comparable). The output
+carries ``logits=None`` in that case. Without labels the original forward runs unchanged.
+
+Because ``cap_c(z) / T = cap_{c/T}(z / T)``, temperature is folded into a scale of the
+hidden states and of the softcap: the kernel sees one linear map and one softcap.
+
+Under HF ``Trainer``'s gradient accumulation the model receives ``num_items_in_batch``;
+the loss is then token-summed and divided by it, exactly as transformers' own loss.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+_PATCH_ATTR = "_calibrated_lm_patch"
+
+# model_type values whose *ForCausalLM.forward is exactly
+# ``lm_head(base(...).last_hidden_state)`` (+ Gemma 2/3's final softcap, read from config).
+SUPPORTED_MODEL_TYPES = (
+    "llama",
+    "mistral",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "qwen2",
+    "qwen3",
+    "phi3",
+)
+
+# Loss-only keyword arguments transformers passes to ``forward``; the decoder must not see them.
+_LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
+
+
+@dataclass(frozen=True)
+class PatchConfig:
+    """What the patched forward applies; ``softcap``/``logit_scale`` already resolved."""
+
+    label_smoothing: float
+    softcap: float | None
+    temperature: float
+    z_loss: float
+    logit_scale: float
+    path: str  # "known" (architecture in SUPPORTED_MODEL_TYPES) or "generic"
+
+
+@dataclass
+class LossStats:
+    """Calibration statistics of one labelled forward, averaged over the target tokens."""
+
+    n_tokens: int
+    confidence: float
+    accuracy: float
+    entropy: float
+
+
+def _output_head(model: nn.Module) -> nn.Module:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if head is None or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(
+            f"patch_model: {type(model).__name__} has no output embedding (get_output_embeddings() "
+            "returned no module with a 2-D weight); only causal language models with a linear "
+            f"head are supported (known: {', '.join(SUPPORTED_MODEL_TYPES)}, or any model with "
+            "get_output_embeddings())."
+        )
+    return head
+
+
+def _resolve(model: nn.Module, label_smoothing, softcap, temperature, z_loss) -> PatchConfig:
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"patch_model: {type(model).__name__} is not a decoder-only transformers causal LM; "
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)} and generic *ForCausalLM models."
+        )
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"patch_model: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if softcap is not None and not float(softcap) > 0:
+        raise ValueError(f"patch_model: softcap must be > 0, got {softcap}")
+    if temperature is not None and not float(temperature) > 0:
+        raise ValueError(f"patch_model: temperature must be > 0, got {temperature}")
+    if float(z_loss) < 0:
+        raise ValueError(f"patch_model: z_loss must be >= 0, got {z_loss}")
+    base = getattr(model, "base_model", model)
+    if base is model:
+        raise ValueError(
+            f"patch_model: {type(model).__name__} exposes no base decoder (model.base_model); "
+            "pass the *ForCausalLM model, not the bare decoder."
+        )
+    _output_head(model)
+    model_type = getattr(config, "model_type", "")
+    path = "known" if model_type in SUPPORTED_MODEL_TYPES else "generic"
+    model_cap = getattr(config, "final_logit_softcapping", None)
+    cap = float(softcap) if softcap is not None else (float(model_cap) if model_cap else None)
+    scale = 1.0
+    if getattr(config, "logit_scale", None) is not None:  # Cohere: logits * logit_scale
+        scale = float(config.logit_scale)
+    if getattr(config, "logits_scaling", None) is not None:  # Granite: logits / logits_scaling
+        scale = 1.0 / float(config.logits_scaling)
+    return PatchConfig(
+        label_smoothing=float(label_smoothing),
+        softcap=cap,
+        temperature=float(temperature) if temperature is not None else 1.0,
+        z_loss=float(z_loss),
+        logit_scale=scale,
+        path=path,
+    )
+
+
+def _slice_positions(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    if isinstance(logits_to_keep, int):
+        return hidden if logits_to_keep == 0 else hidden[:, -logits_to_keep:, :]
+    return hidden[:, logits_to_keep, :]
+
+
+def fused_lm_loss(
+    hidden: torch.Tensor,
+    head: nn.Module,
+    cfg: PatchConfig,
+    *,
+    labels: torch.Tensor | None = None,
+    shift_labels: torch.Tensor | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str | None = None,
+    return_stats: bool = False,
+) -> tuple[torch.Tensor, LossStats | None]:
+    """Loss of ``cfg`` from hidden states ``(B, L, D)`` and ``head`` (module docstring formula).
+
+    ``labels`` are unshifted (position ``t`` is scored against ``labels[t+1]``);
+    ``shift_labels`` are already aligned with ``hidden``. ``reduction`` defaults to
+    ``"mean"`` over target tokens, or to ``sum / num_items_in_batch`` when that is given;
+    ``"sum"`` returns the token sum (times ``T``). Returns ``(loss, stats or None)``.
+    """
+    from calibrated_lm.loss import linear_cross_entropy
+
+    weight = head.weight
+    bias = getattr(head, "bias", None)
+    # Autocast does not reach into a custom autograd function: cast as F.linear would.
+    if torch.is_autocast_enabled(hidden.device.type):
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    elif hidden.dtype != weight.dtype:
+        hidden = hidden.to(weight.dtype)
+    scale = cfg.logit_scale / cfg.temperature
+    if scale != 1.0:
+        hidden = hidden * scale
+        bias = bias * scale if bias is not None else None
+    softcap = cfg.softcap / cfg.temperature if cfg.softcap is not None else None
+    if shift_labels is not None:
+        targets, shift = shift_labels.to(hidden.device), False
+    elif labels is not None:
+        targets, shift = labels.to(hidden.device), True
+    else:
+        raise ValueError("fused_lm_loss needs labels or shift_labels")
+    if reduction is None:
+        reduction = "sum" if num_items_in_batch is not None else "mean"
+    out = linear_cross_entropy(
+        hidden,
+        weight,
+        targets,
+        bias=bias,
+        label_smoothing=cfg.label_smoothing,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        softcap=softcap,
+        z_loss=cfg.z_loss,
+        shift=shift,
+        return_stats=return_stats,
+    )
+    loss, stats = out if return_stats else (out, None)
+    if num_items_in_batch is not None and reduction == "sum":
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    if cfg.temperature != 1.0:
+        loss = loss * cfg.temperature
+    summary = _summarise(stats, targets, shift, ignore_index) if return_stats else None
+    return loss, summary
+
+
+def _summarise(stats: Any, targets: torch.Tensor, shift: bool, ignore_index: int) -> LossStats:
+    """Average the kernel's per-token statistics over the scored (non-ignored) tokens."""
+    tgt = targets[..., 1:] if shift else targets
+    valid = tgt != ignore_index
+    n = int(valid.sum())
+
+    def get(*names: str) -> torch.Tensor:
+        for name in names:
+            value = stats.get(name) if isinstance(stats, dict) else getattr(stats, name, None)
+            if value is not None:
+                return value
+        raise KeyError(f"linear_cross_entropy stats lack any of {names}")
+
+    def mean(value: torch.Tensor) -> float:
+        value = value.detach()
+        if shift and value.shape[-1] == targets.shape[-1]:
+            value = value[..., :-1]
+        value = value.reshape(valid.shape).float()
+        return float(value[valid].sum() / max(n, 1))
+
+    return LossStats(
+        n_tokens=n,
+        confidence=mean(get("max_prob", "confidence")),
+        accuracy=mean(get("correct", "argmax_correct", "accuracy")),
+        entropy=mean(get("entropy")),
+    )
+
+
+def _make_forward(model: nn.Module, original, cfg: PatchConfig):
+    base = model.base_model
+    params = inspect.signature(original).parameters
+
+    @functools.wraps(original)
+    def forward(*args: Any, **kwargs: Any):
+        # Positional calls (model(input_ids, attention_mask, ...)) bound to names first.
+        if args:
+            names = [n for n, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD]
+            kwargs.update(zip(names, args))
+        labels = kwargs.pop("labels", None)
+        if labels is None and kwargs.get("shift_labels") is None:
+            return original(**kwargs)
+        loss_kwargs = {k: kwargs.pop(k) for k in _LOSS_KWARGS if k in kwargs}
+        logits_to_keep = kwargs.pop("logits_to_keep", 0)
+        return_dict = kwargs.pop("return_dict", None)
+        outputs = base(**kwargs)
+        hidden = _slice_positions(outputs.last_hidden_state, logits_to_keep)
+        loss, _ = fused_lm_loss(
+            hidden, model.get_output_embeddings(), cfg, labels=labels, **loss_kwargs
+        )
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        result = CausalLMOutputWithPast(
+            loss=loss,
+            logits=None,
+            past_key_values=getattr(outputs, "past_key_values", None),
+            hidden_states=getattr(outputs, "hidden_states", None),
+            attentions=getattr(outputs, "attentions", None),
+        )
+        return result.to_tuple() if return_dict is False else result
+
+    forward.__calibrated_lm_original__ = original
+    return forward
+
+
+def _check_generic(model: nn.Module, cfg: PatchConfig) -> None:
+    """For an unlisted architecture, prove on 8 tokens that logits == head(base(x)) (+ cap)."""
+    head = model.get_output_embeddings()
+    device = head.weight.device
+    if device.type == "meta":
+        return
+    vocab = head.weight.shape[0]
+    ids = torch.arange(8, device=device).remainder(vocab).unsqueeze(0)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ref = model(input_ids=ids).logits.float()
+            hidden = model.base_model(input_ids=ids).last_hidden_state
+            mine = head(hidden).float() * cfg.logit_scale
+            if cfg.softcap is not None:
+                mine = cfg.softcap * torch.tanh(mine / cfg.softcap)
+    finally:
+        model.train(was_training)
+    tol = 1e-3 * max(1.0, float(ref.abs().max()))
+    if ref.shape != mine.shape or float((ref - mine).abs().max()) > tol:
+        raise ValueError(
+            f"patch_model: {type(model).__name__} (model_type {model.config.model_type!r}) "
+            "post-processes its logits in a way the fused loss does not reproduce; supported: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} and models whose logits are lm_head(hidden)."
+        )
+
+
+def patch_model(
+    model: nn.Module,
+    label_smoothing: float = 0.1,
+    softcap: float | None = None,
+    temperature: float | None = None,
+    z_loss: float = 0.0,
+) -> nn.Module:
+    """Make ``model(…, labels=…)`` return the fused label-smoothed loss (see module docstring).
+
+    ``softcap=None`` keeps the model's own ``final_logit_softcapping`` (Gemma 2/3); a value
+    replaces it for the loss. Re-patching replaces the previous settings. Returns ``model``.
+    Raises ``ValueError`` for models without a linear output head or base decoder, or whose
+    logits are not ``head(hidden)`` up to the known scalings.
+    """
+    cfg = _resolve(model, label_smoothing, softcap, temperature, z_loss)
+    unpatch_model(model)
+    if cfg.path == "generic":
+        _check_generic(model, cfg)
+    original = model.forward
+    model.forward = _make_forward(model, original, cfg)
+    setattr(model, _PATCH_ATTR, cfg)
+    return model
+
+
+def unpatch_model(model: nn.Module) -> nn.Module:
+    """Restore the forward that ``patch_model`` replaced (no-op if not patched)."""
+    if getattr(model, _PATCH_ATTR, None) is None:
+        return model
+    original = model.forward.__calibrated_lm_original__
+    # The original was the bound class method: dropping the instance attribute restores it.
+    if "forward" in model.__dict__:
+        del model.__dict__["forward"]
+    if model.forward != original:
+        model.forward = original
+    delattr(model, _PATCH_ATTR)
+    return model
+
+
+def patch_config(model: nn.Module) -> PatchConfig | None:
+    """The settings a patched model uses, or ``None`` when it is not patched."""
+    return getattr(model, _PATCH_ATTR, None)
