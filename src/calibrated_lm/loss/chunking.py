@@ -1,0 +1,46 @@
+"""How many tokens (and vocabulary entries) one step of the chunked loop handles.
+
+The gradient pass keeps one (rows x V) logit/gradient block in the input dtype. Its size is a
+fraction of the gradient outputs themselves, so that peak extra memory stays near
+``(1 + fraction) x`` the gradients; larger blocks mean fewer read-modify-writes of the
+weight gradient (one per block), so the fraction trades memory for speed.
+The forward-only pass (no gradient) uses (rows x cols) tiles of a fixed small size.
+"""
+
+from __future__ import annotations
+
+import os
+
+MIB = 1 << 20
+# Fraction of the gradient outputs' size given to the logit block on GPUs (env override for
+# benchmarks: CALIBRATED_LM_LCE_MEMORY_FRACTION).
+DEFAULT_MEMORY_FRACTION = 0.2
+_GPU_MIN_BLOCK = 32 * MIB
+_CPU_BLOCK = 16 * MIB
+_GPU_FORWARD_TILE = 12 * MIB
+_CPU_FORWARD_TILE = 16 * MIB
+
+
+def memory_fraction() -> float:
+    return float(os.environ.get("CALIBRATED_LM_LCE_MEMORY_FRACTION", DEFAULT_MEMORY_FRACTION))
+
+
+def grad_block_rows(
+    n: int, vocab: int, dim: int, elem_bytes: int, on_gpu: bool, weight_grad: bool
+) -> int:
+    """Rows per block of the fused forward+gradient pass (a multiple of 16, at most ``n``)."""
+    if on_gpu:
+        grad_bytes = ((vocab * dim if weight_grad else 0) + n * dim) * elem_bytes
+        budget = max(memory_fraction() * grad_bytes, _GPU_MIN_BLOCK)
+    else:
+        budget = _CPU_BLOCK
+    rows = int(budget // (vocab * elem_bytes)) // 16 * 16
+    return max(1, min(n, max(16, rows)))
+
+
+def forward_tile(n: int, vocab: int, elem_bytes: int, on_gpu: bool) -> tuple[int, int]:
+    """(rows, cols) of the logit tile used when no gradient is needed."""
+    budget = _GPU_FORWARD_TILE if on_gpu else _CPU_FORWARD_TILE
+    rows = max(1, min(n, 4096))
+    cols = int(budget // (rows * elem_bytes)) // 128 * 128
+    return rows, max(1, min(vocab, max(128, cols)))

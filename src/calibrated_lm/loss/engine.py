@@ -1,0 +1,156 @@
+"""The chunked loops shared by the PyTorch and Triton implementations.
+
+Logit blocks come from ordinary matrix products (cuBLAS on GPUs) into one reusable buffer in
+the input dtype; a *backend* turns each block into running per-token statistics and, in the
+gradient pass, overwrites it in place with ``dL/dz`` so that the same buffer feeds the two
+gradient products. Nothing of size N x V is ever allocated.
+
+Running statistics per token (float32, merged across vocabulary tiles like an online softmax):
+``m`` = max_j c_j, ``s`` = sum_j exp(c_j - m), ``t`` = sum_j exp(c_j - m) c_j,
+``sumc`` = sum_j c_j, ``cy`` = c_y and ``idx`` = argmax_j c_j. From these:
+lse = m + log s, entropy = lse - t / s, confidence = exp(m - lse) = 1 / s.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+import torch
+
+from calibrated_lm.loss.config import LossConfig
+
+# Rows of the float32 accumulator tensor.
+M, S, T, SUMC, CY = range(5)
+
+
+class TokenResults(NamedTuple):
+    loss: torch.Tensor  # per token, float32, 0 at ignored positions
+    lse: torch.Tensor
+    entropy: torch.Tensor
+    confidence: torch.Tensor
+    correct: torch.Tensor
+
+
+class Backend(Protocol):
+    def update(
+        self,
+        acc: torch.Tensor,
+        idx: torch.Tensor,
+        block: torch.Tensor,
+        col0: int,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        cfg: LossConfig,
+    ) -> None:
+        """Merge the statistics of ``block`` (rows x cols logits of vocabulary columns
+        ``col0:col0+cols``) into ``acc`` (5 x rows) and ``idx`` (rows) in place."""
+
+    def grad_(
+        self,
+        block: torch.Tensor,
+        lse: torch.Tensor,
+        targets: torch.Tensor,
+        bias: torch.Tensor | None,
+        row_scale: torch.Tensor,
+        cfg: LossConfig,
+    ) -> None:
+        """Overwrite ``block`` (rows x V logits) with ``row_scale[:, None] * dL/dz``."""
+
+
+def new_accumulators(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    acc = torch.zeros(5, n, dtype=torch.float32, device=device)
+    acc[M].fill_(float("-inf"))
+    return acc, torch.zeros(n, dtype=torch.int32, device=device)
+
+
+def finalize(
+    acc: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor, vocab: int, cfg: LossConfig
+) -> TokenResults:
+    """Per-token loss and statistics from the merged accumulators."""
+    eps = cfg.label_smoothing
+    lse = acc[M] + torch.log(acc[S])
+    entropy = lse - acc[T] / acc[S]
+    confidence = torch.exp(acc[M] - lse)
+    valid = targets != cfg.ignore_index
+    loss = lse - (1.0 - eps) * acc[CY] - (eps / vocab) * acc[SUMC]
+    if cfg.z_loss:
+        loss = loss + cfg.z_loss * lse.square()
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    correct = (idx.long() == targets) & valid
+    return TokenResults(loss, lse, entropy, confidence, correct)
+
+
+def forward_only(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    cfg: LossConfig,
+    backend: Backend,
+    tile: tuple[int, int],
+) -> TokenResults:
+    """Loss and statistics without gradients, over (rows x cols) logit tiles."""
+    n = hidden.shape[0]
+    vocab = weight.shape[0]
+    acc, idx = new_accumulators(n, hidden.device)
+    rows, cols = tile
+    buf = torch.empty(rows * cols, dtype=hidden.dtype, device=hidden.device)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        for c0 in range(0, vocab, cols):
+            c1 = min(vocab, c0 + cols)
+            block = buf[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
+            torch.mm(hidden[r0:r1], weight[c0:c1].T, out=block)
+            backend.update(acc[:, r0:r1], idx[r0:r1], block, c0, bias, targets[r0:r1], cfg)
+    return finalize(acc, idx, targets, vocab, cfg)
+
+
+class Grads(NamedTuple):
+    hidden: torch.Tensor | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None  # float32
+
+
+def forward_backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    row_scale: torch.Tensor,
+    cfg: LossConfig,
+    backend: Backend,
+    block_rows: int,
+    need: tuple[bool, bool, bool],
+) -> tuple[TokenResults, Grads]:
+    """Loss, statistics and the gradients of ``sum_i row_scale_i * loss_i``.
+
+    Per block of rows: logits = h_blk @ W.T (one product), statistics, in-place gradient,
+    then grad_h[blk] = G @ W and grad_W += G.T @ h_blk (two products). The weight gradient is
+    accumulated in its own dtype (fp32 accumulation inside each product, one rounding per
+    block), so no extra V x D buffer is needed.
+    """
+    n, dim = hidden.shape
+    vocab = weight.shape[0]
+    acc, idx = new_accumulators(n, hidden.device)
+    grad_h = torch.empty(n, dim, dtype=hidden.dtype, device=hidden.device) if need[0] else None
+    grad_w = torch.zeros_like(weight, memory_format=torch.contiguous_format) if need[1] else None
+    grad_b = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need[2] else None
+    buf = torch.empty(min(block_rows, n) * vocab, dtype=hidden.dtype, device=hidden.device)
+    for i, r0 in enumerate(range(0, n, block_rows)):
+        r1 = min(n, r0 + block_rows)
+        h_blk = hidden[r0:r1]
+        block = buf[: (r1 - r0) * vocab].view(r1 - r0, vocab)
+        torch.mm(h_blk, weight.T, out=block)
+        backend.update(acc[:, r0:r1], idx[r0:r1], block, 0, bias, targets[r0:r1], cfg)
+        lse = acc[M, r0:r1] + torch.log(acc[S, r0:r1])
+        backend.grad_(block, lse, targets[r0:r1], bias, row_scale[r0:r1], cfg)
+        if grad_h is not None:
+            torch.mm(block, weight, out=grad_h[r0:r1])
+        if grad_w is not None:
+            if i == 0:
+                torch.mm(block.T, h_blk, out=grad_w)
+            else:
+                grad_w.addmm_(block.T, h_blk)
+        if grad_b is not None:
+            grad_b += block.sum(0, dtype=torch.float32)
+    return finalize(acc, idx, targets, vocab, cfg), Grads(grad_h, grad_w, grad_b)

@@ -1,0 +1,96 @@
+"""Argument checks for :func:`calibrated_lm.loss.linear_cross_entropy`.
+
+Every failure the caller can fix raises :class:`calibrated_lm.errors.UserError`
+(a ``ValueError``) with one sentence naming the offending argument.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from calibrated_lm.errors import UserError
+
+REDUCTIONS = ("mean", "sum", "none")
+IMPLS = ("auto", "triton", "torch")
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_arguments(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    label_smoothing: float,
+    reduction: str,
+    softcap: float | None,
+    z_loss: float,
+    shift: bool,
+    impl: str,
+) -> None:
+    """Check shapes, dtypes and hyper-parameters; cheap, never synchronises the device."""
+    for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+        if not isinstance(t, torch.Tensor):
+            raise UserError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
+    if hidden.dim() < 1:
+        raise UserError("hidden must have shape (..., D) with at least one dimension.")
+    if weight.dim() != 2:
+        raise UserError(f"weight must have shape (V, D), got {tuple(weight.shape)}.")
+    vocab, dim = weight.shape
+    if vocab < 1 or dim < 1:
+        raise UserError(f"weight must have V >= 1 and D >= 1, got {tuple(weight.shape)}.")
+    if hidden.shape[-1] != dim:
+        raise UserError(
+            f"hidden's last dimension ({hidden.shape[-1]}) must equal weight's D ({dim})."
+        )
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise UserError(
+            f"targets must have shape {tuple(hidden.shape[:-1])} (hidden without its last "
+            f"dimension), got {tuple(targets.shape)}."
+        )
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise UserError(f"targets must be an integer tensor, got {targets.dtype}.")
+    if hidden.dtype not in _FLOAT_DTYPES:
+        raise UserError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}.")
+    if weight.dtype != hidden.dtype:
+        raise UserError(
+            f"weight's dtype ({weight.dtype}) must equal hidden's dtype ({hidden.dtype})."
+        )
+    if hidden.device != weight.device or targets.device != hidden.device:
+        raise UserError("hidden, weight and targets must be on the same device.")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (vocab,):
+            shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise UserError(f"bias must have shape ({vocab},), got {shape}.")
+        if bias.device != hidden.device:
+            raise UserError("bias must be on the same device as hidden.")
+        if not bias.dtype.is_floating_point:
+            raise UserError(f"bias must be a floating-point tensor, got {bias.dtype}.")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise UserError(f"label_smoothing must lie in [0, 1], got {label_smoothing}.")
+    if reduction not in REDUCTIONS:
+        raise UserError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
+    if softcap is not None and not float(softcap) > 0.0:
+        raise UserError(f"softcap must be None or > 0, got {softcap}.")
+    if not float(z_loss) >= 0.0:
+        raise UserError(f"z_loss must be >= 0, got {z_loss}.")
+    if impl not in IMPLS:
+        raise UserError(f"impl must be one of {IMPLS}, got {impl!r}.")
+    if shift and hidden.dim() < 2:
+        raise UserError("shift=True needs hidden of shape (..., T, D) with a sequence dimension.")
+
+
+def check_targets(targets: torch.Tensor, vocab: int, ignore_index: int) -> int:
+    """Raise if a target lies outside [0, V) and is not ``ignore_index``; return #valid.
+
+    One device synchronisation (both numbers come back together).
+    """
+    valid = targets != ignore_index
+    bad = valid & ((targets < 0) | (targets >= vocab))
+    n_bad, n_valid = torch.stack([bad.sum(), valid.sum()]).tolist()
+    if n_bad:
+        first = targets[bad][0].item()
+        raise UserError(
+            f"targets must lie in [0, {vocab}) or equal ignore_index ({ignore_index}); "
+            f"found {n_bad} outside, e.g. {first}."
+        )
+    return int(n_valid)

@@ -1,0 +1,221 @@
+"""Exactness and API tests of linear_cross_entropy's PyTorch path against a float64 oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from calibrated_lm import linear_cross_entropy
+from calibrated_lm.loss import chunking, reference_linear_cross_entropy
+
+IGN = -100
+
+
+def make_problem(n=37, d=24, v=203, dtype=torch.float32, seed=0, bias=False, ignore_frac=0.2):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(v, d, generator=g) / d**0.5 * 3).to(dtype).requires_grad_()
+    y = torch.randint(0, v, (n,), generator=g)
+    y[torch.rand(n, generator=g) < ignore_frac] = IGN
+    b = (torch.randn(v, generator=g)).to(dtype).requires_grad_() if bias else None
+    return h, w, y, b
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+def grads(loss, upstream, params):
+    params = [p for p in params if p is not None]
+    out = loss if upstream is None else (loss * upstream).sum()
+    return torch.autograd.grad(out, params)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Force many row blocks and vocabulary tiles so that every merge path runs."""
+    monkeypatch.setattr(chunking, "_CPU_BLOCK", 16 * 203 * 4)
+    monkeypatch.setattr(chunking, "_CPU_FORWARD_TILE", 8 * 128 * 4)
+
+
+CASES = [
+    dict(label_smoothing=0.0),
+    dict(label_smoothing=0.1),
+    dict(label_smoothing=1.0),
+    dict(label_smoothing=0.1, softcap=2.5),
+    dict(label_smoothing=0.1, z_loss=1e-3, bias=True),
+    dict(label_smoothing=0.3, softcap=4.0, z_loss=1e-2, bias=True),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_matches_float64_oracle_fp32(case, reduction, small_blocks):
+    case = dict(case)
+    h, w, y, b = make_problem(bias=case.pop("bias", False), seed=len(reduction))
+    kw = dict(bias=b, reduction=reduction, **case)
+    loss = linear_cross_entropy(h, w, y, impl="torch", **kw)
+    ref = reference_linear_cross_entropy(h, w, y, **kw)
+    up = torch.randn(loss.shape) if reduction == "none" else None
+    assert rel(loss, ref) < 1e-5
+    for got, want in zip(grads(loss, up, [h, w, b]), grads(ref, up, [h, w, b])):
+        assert rel(got, want) < 1e-5
+
+
+def test_oracle_is_pytorch_cross_entropy():
+    h, w, y, _ = make_problem()
+    for eps in (0.0, 0.1, 1.0):
+        got = linear_cross_entropy(h, w, y, label_smoothing=eps, impl="torch")
+        want = F.cross_entropy(h @ w.T, y, label_smoothing=eps, ignore_index=IGN)
+        assert rel(got, want) < 1e-5
+
+
+def test_shift_and_stats(small_blocks):
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(3, 11, 24, generator=g, requires_grad=True)
+    w = torch.randn(203, 24, generator=g, requires_grad=True)
+    y = torch.randint(0, 203, (3, 11), generator=g)
+    y[1, 4] = IGN
+    kw = dict(label_smoothing=0.1, softcap=5.0, reduction="none", return_stats=True)
+    loss, stats = linear_cross_entropy(h, w, y, shift=True, impl="torch", **kw)
+    # Explicit shift with copies is the oracle.
+    want, wstats = reference_linear_cross_entropy(h[:, :-1], w, y[:, 1:], **kw)
+    assert loss.shape == (3, 10) and stats.lse.shape == (3, 10)
+    assert rel(loss, want) < 1e-5
+    for name in ("lse", "entropy", "confidence"):
+        assert rel(getattr(stats, name), getattr(wstats, name)) < 1e-5, name
+    assert torch.equal(stats.correct, wstats.correct)
+    assert not stats.correct[1, 3]  # ignored target (y[1, 4]) is never "correct"
+    up = torch.randn(3, 10)
+    gh, gw = torch.autograd.grad((loss * up).sum(), [h, w])
+    wh, ww = torch.autograd.grad((want * up).sum(), [h, w])
+    assert rel(gh, wh) < 1e-5 and rel(gw, ww) < 1e-5
+    assert gh[:, -1].abs().max() == 0  # the last position predicts nothing
+
+
+def test_stats_definitions():
+    h, w, y, _ = make_problem(ignore_frac=0.0)
+    # Make some predictions right so that `correct` is exercised both ways.
+    y[:10] = (h[:10] @ w.T).argmax(-1)
+    _, st = linear_cross_entropy(h, w, y, return_stats=True, impl="torch")
+    z = (h @ w.T).double()
+    p = z.softmax(-1)
+    assert rel(st.lse, z.logsumexp(-1)) < 1e-6
+    assert rel(st.entropy, -(p * p.log()).sum(-1)) < 1e-5
+    assert rel(st.confidence, p.max(-1).values) < 1e-6
+    assert torch.equal(st.correct, z.argmax(-1) == y) and st.correct[:10].all()
+
+
+def test_all_ignored_mean_is_zero_with_zero_grads():
+    h, w, y, b = make_problem(bias=True)
+    y[:] = IGN
+    loss = linear_cross_entropy(h, w, y, bias=b, label_smoothing=0.1, impl="torch")
+    assert loss.item() == 0.0 and not torch.isnan(loss)
+    for g in torch.autograd.grad(loss, [h, w, b]):
+        assert torch.count_nonzero(g) == 0
+
+
+def test_no_grad_forward_equals_grad_forward(small_blocks):
+    h, w, y, b = make_problem(bias=True)
+    kw = dict(bias=b, label_smoothing=0.2, softcap=3.0, return_stats=True, impl="torch")
+    with torch.no_grad():
+        l0, s0 = linear_cross_entropy(h, w, y, **kw)
+    l1, s1 = linear_cross_entropy(h, w, y, **kw)
+    assert rel(l0, l1) < 1e-6
+    for a, c in zip(s0, s1):
+        assert torch.allclose(a.float(), c.float(), atol=1e-5)
+
+
+def test_non_contiguous_inputs():
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(24, 40, generator=g)
+    h = base.T[:, ::1].requires_grad_()  # (40, 24) transposed view
+    wbase = torch.randn(24, 203 * 2, generator=g)
+    w = wbase.T[::2].requires_grad_()  # (203, 24), strided
+    y = torch.randint(0, 203, (40, 2), generator=g)[:, 0]
+    assert not h.is_contiguous() and not w.is_contiguous() and not y.is_contiguous()
+    loss = linear_cross_entropy(h, w, y, label_smoothing=0.1, impl="torch")
+    ref = reference_linear_cross_entropy(h, w, y, label_smoothing=0.1)
+    assert rel(loss, ref) < 1e-5
+    for a, c in zip(grads(loss, None, [h, w]), grads(ref, None, [h, w])):
+        assert rel(a, c) < 1e-5
+
+
+def test_grad_scaled_by_upstream_scalar():
+    h, w, y, b = make_problem(bias=True)
+    loss = linear_cross_entropy(h, w, y, bias=b, label_smoothing=0.1, impl="torch")
+    ref = reference_linear_cross_entropy(h, w, y, bias=b, label_smoothing=0.1)
+    for a, c in zip(grads(loss * 0.37, None, [h, w, b]), grads(ref * 0.37, None, [h, w, b])):
+        assert rel(a, c) < 1e-5
+
+
+def test_only_some_inputs_need_grad():
+    h, w, y, _ = make_problem()
+    w.requires_grad_(False)
+    loss = linear_cross_entropy(h, w, y, label_smoothing=0.1, impl="torch")
+    (gh,) = torch.autograd.grad(loss, [h])
+    (wh,) = torch.autograd.grad(reference_linear_cross_entropy(h, w, y, label_smoothing=0.1), [h])
+    assert rel(gh, wh) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_no_worse_than_twice_pytorch(dtype):
+    h, w, y, _ = make_problem(n=64, d=32, v=301, dtype=dtype, seed=7)
+    eps = 0.1
+    ref = reference_linear_cross_entropy(h, w, y, label_smoothing=eps)
+    ref_g = grads(ref, None, [h, w])
+    # PyTorch's own low-precision computation: logits in dtype, upcast, cross_entropy.
+    torch_loss = F.cross_entropy((h @ w.T).float(), y, label_smoothing=eps, ignore_index=IGN)
+    torch_g = grads(torch_loss, None, [h, w])
+    loss = linear_cross_entropy(h, w, y, label_smoothing=eps, impl="torch")
+    ours_g = grads(loss, None, [h, w])
+    assert loss.dtype == torch.float32
+    assert rel(loss, ref) <= 2 * rel(torch_loss, ref) + 1e-6
+    for a, t, r in zip(ours_g, torch_g, ref_g):
+        assert a.dtype == dtype
+        assert rel(a, r) <= 2 * rel(t, r) + 1e-6
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(label_smoothing=1.5), "label_smoothing"),
+        (dict(label_smoothing=-0.1), "label_smoothing"),
+        (dict(reduction="avg"), "reduction"),
+        (dict(softcap=0.0), "softcap"),
+        (dict(softcap=-3.0), "softcap"),
+        (dict(impl="cuda"), "impl"),
+        (dict(bias=torch.zeros(7)), "bias"),
+        (dict(z_loss=-1.0), "z_loss"),
+    ],
+)
+def test_bad_arguments_raise_value_error(kwargs, message):
+    h, w, y, _ = make_problem()
+    with pytest.raises(ValueError, match=message):
+        linear_cross_entropy(h, w, y, **kwargs)
+
+
+def test_bad_shapes_and_targets_raise():
+    h, w, y, _ = make_problem()
+    with pytest.raises(ValueError, match="D"):
+        linear_cross_entropy(h[:, :-1], w, y)
+    with pytest.raises(ValueError, match="targets must have shape"):
+        linear_cross_entropy(h, w, y[:-1])
+    with pytest.raises(ValueError, match="integer"):
+        linear_cross_entropy(h, w, y.float())
+    with pytest.raises(ValueError, match="dtype"):
+        linear_cross_entropy(h, w.double(), y)
+    for bad in (203, -1):
+        y2 = y.clone()
+        y2[3] = bad
+        with pytest.raises(ValueError, match=r"\[0, 203\)"):
+            linear_cross_entropy(h, w, y2)
+
+
+def test_lazy_top_level_import():
+    import calibrated_lm
+    from calibrated_lm.loss import linear_cross_entropy as direct
+
+    assert calibrated_lm.linear_cross_entropy is direct
