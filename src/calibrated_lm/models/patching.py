@@ -244,12 +244,21 @@ def _make_forward(model: nn.Module, original, cfg: PatchConfig):
         if labels is None and kwargs.get("shift_labels") is None:
             return original(**kwargs)
         loss_kwargs = {k: kwargs.pop(k) for k in _LOSS_KWARGS if k in kwargs}
+        # Private switches of calibrated_lm's own training loop (not used by transformers).
+        reduction = kwargs.pop("calibrated_lm_reduction", None)
+        want_stats = bool(kwargs.pop("calibrated_lm_stats", False))
         logits_to_keep = kwargs.pop("logits_to_keep", 0)
         return_dict = kwargs.pop("return_dict", None)
         outputs = base(**kwargs)
         hidden = _slice_positions(outputs.last_hidden_state, logits_to_keep)
-        loss, _ = fused_lm_loss(
-            hidden, model.get_output_embeddings(), cfg, labels=labels, **loss_kwargs
+        loss, stats = fused_lm_loss(
+            hidden,
+            model.get_output_embeddings(),
+            cfg,
+            labels=labels,
+            reduction=reduction,
+            return_stats=want_stats,
+            **loss_kwargs,
         )
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -260,6 +269,8 @@ def _make_forward(model: nn.Module, original, cfg: PatchConfig):
             hidden_states=getattr(outputs, "hidden_states", None),
             attentions=getattr(outputs, "attentions", None),
         )
+        if want_stats:
+            result.loss_stats = stats  # plain attribute: not part of the tuple/dict view
         return result.to_tuple() if return_dict is False else result
 
     forward.__calibrated_lm_original__ = original

@@ -1,0 +1,242 @@
+"""patch_model: the fused loss equals the full-logits loss on every supported architecture."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+import torch.nn.functional as F  # noqa: E402
+
+from calibrated_lm import patch_model, unpatch_model  # noqa: E402
+from calibrated_lm.models.patching import patch_config  # noqa: E402
+
+VOCAB = 61  # not a multiple of any block size
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=8,
+    max_position_embeddings=64,
+)
+ARCHS = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {}),
+    "gemma": ("GemmaConfig", {}),
+    "gemma2": ("Gemma2Config", {"final_logit_softcapping": 0.5}),
+    "gemma3_text": ("Gemma3TextConfig", {"final_logit_softcapping": 0.5}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {}),
+    "phi3": ("Phi3Config", {"pad_token_id": 0}),
+    # Not in the known list: exercises the generic path (Cohere scales its logits).
+    "cohere": ("CohereConfig", {"logit_scale": 0.5}),
+    "olmo": ("OlmoConfig", {}),
+}
+
+
+def tiny(arch: str, seed: int = 0, **overrides):
+    config_name, extra = ARCHS[arch]
+    config = getattr(transformers, config_name)(**{**COMMON, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).float()
+    # Random init gives near-uniform logits; sharpen the head so softcap/smoothing matter.
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20.0)
+    return model
+
+
+def batch(seed: int = 1, b: int = 2, length: int = 9):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (b, length), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = -100  # a masked prompt
+    return ids, labels
+
+
+def reference_loss(logits, labels, eps, temperature=1.0):
+    """The oracle: shifted F.cross_entropy on full fp32 logits (PyTorch's smoothing convention)."""
+    z = logits[:, :-1].float() / temperature
+    y = labels[:, 1:]
+    return temperature * F.cross_entropy(
+        z.reshape(-1, z.shape[-1]), y.reshape(-1), ignore_index=-100, label_smoothing=eps
+    )
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_fused_loss_matches_full_logits(arch):
+    model = tiny(arch).eval()
+    ids, labels = batch()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits  # includes the model's own softcap/scale
+        patch_model(model, label_smoothing=0.1)
+        out = model(input_ids=ids, labels=labels)
+        plain = model(input_ids=ids)
+    assert out.logits is None
+    expected = reference_loss(logits, labels, 0.1)
+    torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
+    # Without labels the patched model is the original model.
+    torch.testing.assert_close(plain.logits, logits, rtol=0, atol=0)
+    assert patch_config(model).path == ("generic" if arch in ("cohere", "olmo") else "known")
+
+
+def test_gemma_softcap_carries_over_and_user_softcap_replaces_it():
+    model = tiny("gemma3_text").eval()
+    ids, labels = batch()
+    with torch.no_grad():
+        logits_capped = model(input_ids=ids).logits
+        raw = model.lm_head(model.model(input_ids=ids).last_hidden_state)
+        patch_model(model, label_smoothing=0.0)
+        capped = model(input_ids=ids, labels=labels).loss
+        patch_model(model, label_smoothing=0.0, softcap=2.0)
+        user = model(input_ids=ids, labels=labels).loss
+    assert raw.abs().max() > 1.0  # the model's cap 0.5 really bites
+    torch.testing.assert_close(capped, reference_loss(logits_capped, labels, 0.0))
+    torch.testing.assert_close(user, reference_loss(2.0 * torch.tanh(raw / 2.0), labels, 0.0))
+
+
+def test_temperature_divides_logits_and_scales_loss():
+    for arch in ("llama", "gemma2"):
+        model = tiny(arch).eval()
+        ids, labels = batch()
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+            patch_model(model, label_smoothing=0.1, temperature=2.5)
+            loss = model(input_ids=ids, labels=labels).loss
+        torch.testing.assert_close(loss, reference_loss(logits, labels, 0.1, temperature=2.5))
+
+
+def test_z_loss_and_tied_embeddings_and_sum_reduction():
+    model = tiny("llama", tie_word_embeddings=True).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids, labels = batch()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+        patch_model(model, label_smoothing=0.2, z_loss=1e-3)
+        loss = model(input_ids=ids, labels=labels).loss
+        summed = model(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(7)).loss
+    z, y = logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1)
+    valid = y != -100
+    per = F.cross_entropy(z, y, ignore_index=-100, label_smoothing=0.2, reduction="none")
+    per = per + 1e-3 * torch.logsumexp(z, -1) ** 2 * valid
+    torch.testing.assert_close(loss, per.sum() / valid.sum())
+    torch.testing.assert_close(summed, per.sum() / 7)
+
+
+def test_tuple_output_positional_input_and_unpatch():
+    model = tiny("qwen2").eval()
+    ids, labels = batch()
+    original = model.forward
+    patch_model(model)
+    with torch.no_grad():
+        out = model(ids, labels=labels, return_dict=False)
+    assert isinstance(out, tuple) and out[0].dim() == 0
+    unpatch_model(model)
+    assert model.forward == original and patch_config(model) is None
+    with torch.no_grad():
+        assert model(ids, labels=labels).logits is not None  # transformers' own loss again
+
+
+def test_unsupported_models_get_a_clear_error():
+    with pytest.raises(ValueError, match="not a decoder-only"):
+        patch_model(torch.nn.Linear(3, 3))
+    t5 = transformers.T5ForConditionalGeneration(
+        transformers.T5Config(vocab_size=32, d_model=8, d_ff=16, num_layers=1, num_heads=1, d_kv=8)
+    )
+    with pytest.raises(ValueError, match="not a decoder-only"):
+        patch_model(t5)
+    bare = transformers.LlamaModel(transformers.LlamaConfig(**COMMON))
+    with pytest.raises(ValueError, match="base decoder|output embedding"):
+        patch_model(bare)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        patch_model(tiny("llama"), label_smoothing=1.5)
+
+
+def test_generic_model_with_unknown_logit_transform_is_refused():
+    class Doubling(transformers.LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2
+            return out
+
+    config = transformers.LlamaConfig(**COMMON)
+    config.model_type = "doubling"
+    with pytest.raises(ValueError, match="post-processes its logits"):
+        patch_model(Doubling(config))
+
+
+def _train(model, steps, eps, patched, lr=1e-2):
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    if patched:
+        patch_model(model, label_smoothing=eps)
+    losses = []
+    for step in range(steps):
+        ids, labels = batch(seed=10 + step)
+        if patched:
+            loss = model(input_ids=ids, labels=labels).loss
+        else:
+            loss = reference_loss(model(input_ids=ids).logits, labels, eps)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_adamw_steps_with_and_without_patch_agree():
+    base = tiny("llama", tie_word_embeddings=True)
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    la = _train(a, 4, 0.1, patched=False)
+    lb = _train(b, 4, 0.1, patched=True)
+    assert la[-1] < la[0]  # it actually trains
+    assert lb == pytest.approx(la, rel=1e-4)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_hf_trainer_runs_patched_model_like_the_unpatched_one(tmp_path):
+    """Under HF Trainer with grad accumulation, eps=0 must reproduce transformers' own loss."""
+    from torch.utils.data import Dataset
+
+    class Data(Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            ids, labels = batch(seed=100 + i, b=1)
+            return {"input_ids": ids[0], "labels": labels[0]}
+
+    def run(patched):
+        model = tiny("llama", seed=3)
+        if patched:
+            patch_model(model, label_smoothing=0.0)
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / f"p{patched}"),
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            max_steps=2,
+            learning_rate=1e-2,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            seed=0,
+            data_seed=0,
+            logging_steps=1,
+            disable_tqdm=True,
+        )
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=Data())
+        trainer.train()
+        logs = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        return model, logs
+
+    ref, ref_logs = run(False)
+    mine, my_logs = run(True)
+    assert len(my_logs) == 2
+    assert my_logs == pytest.approx(ref_logs, rel=1e-4)
+    for pa, pb in zip(ref.parameters(), mine.parameters()):
+        torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-5)
