@@ -1,0 +1,1 @@
+"""Triton kernels, one per file: row statistics update and in-place row gradient."""

@@ -1,0 +1,134 @@
+"""The Triton path of linear_cross_entropy against the float64 oracle.
+
+On the CPU these run only under ``TRITON_INTERPRET=1`` (as ``make test`` sets), at small
+float32 shapes; with CUDA they also check bf16/fp16 and larger, block-straddling shapes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from calibrated_lm import linear_cross_entropy
+from calibrated_lm.loss import chunking, reference_linear_cross_entropy
+
+pytest.importorskip("triton")
+
+CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = pytest.mark.skipif(
+    not (CUDA or INTERPRET), reason="needs CUDA or TRITON_INTERPRET=1 for the Triton path"
+)
+DEVICE = "cuda" if CUDA else "cpu"
+IGN = -100
+
+
+def make_problem(n, d, v, dtype=torch.float32, seed=0, bias=False, ignore_frac=0.2, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g).to(DEVICE, dtype).requires_grad_()
+    w = (torch.randn(v, d, generator=g) * scale / d**0.5).to(DEVICE, dtype).requires_grad_()
+    y = torch.randint(0, v, (n,), generator=g)
+    y[torch.rand(n, generator=g) < ignore_frac] = IGN
+    b = torch.randn(v, generator=g).to(DEVICE, dtype).requires_grad_() if bias else None
+    return h, w, y.to(DEVICE), b
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+def grads(loss, upstream, params):
+    params = [p for p in params if p is not None]
+    return torch.autograd.grad(loss if upstream is None else (loss * upstream).sum(), params)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Several row blocks and vocabulary tiles even at tiny shapes."""
+    monkeypatch.setattr(chunking, "_CPU_BLOCK", 16 * 300 * 4)
+    monkeypatch.setattr(chunking, "_GPU_MIN_BLOCK", 16 * 300 * 4)
+    monkeypatch.setattr(chunking, "DEFAULT_MEMORY_FRACTION", 0.0)
+    monkeypatch.setattr(chunking, "_CPU_FORWARD_TILE", 40 * 128 * 4)
+    monkeypatch.setattr(chunking, "_GPU_FORWARD_TILE", 40 * 128 * 4)
+
+
+CASES = [
+    dict(label_smoothing=0.0),
+    dict(label_smoothing=0.1, softcap=2.5),
+    dict(label_smoothing=1.0, z_loss=1e-2, bias=True),
+    dict(label_smoothing=0.3, softcap=4.0, z_loss=1e-3, bias=True),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_triton_matches_float64_oracle_fp32(case, reduction, small_blocks):
+    case = dict(case)
+    # V = 300: not a multiple of any block size; 40 rows -> 3 row blocks, 3 vocab tiles.
+    h, w, y, b = make_problem(40, 24, 300, bias=case.pop("bias", False), seed=len(case))
+    kw = dict(bias=b, reduction=reduction, return_stats=True, **case)
+    loss, st = linear_cross_entropy(h, w, y, impl="triton", **kw)
+    ref, rst = reference_linear_cross_entropy(h, w, y, **kw)
+    up = torch.randn(loss.shape, device=DEVICE) if reduction == "none" else None
+    assert rel(loss, ref) < 1e-4
+    for got, want in zip(grads(loss, up, [h, w, b]), grads(ref, up, [h, w, b])):
+        assert rel(got, want) < 1e-4
+    for name in ("lse", "entropy", "confidence"):
+        assert rel(getattr(st, name), getattr(rst, name)) < 1e-4, name
+    assert torch.equal(st.correct, rst.correct)
+
+
+def test_triton_no_grad_sum_and_shift(small_blocks):
+    g = torch.Generator().manual_seed(11)
+    h = torch.randn(2, 21, 24, generator=g).to(DEVICE)
+    w = torch.randn(300, 24, generator=g).to(DEVICE)
+    y = torch.randint(0, 300, (2, 21), generator=g).to(DEVICE)
+    kw = dict(label_smoothing=0.1, softcap=6.0, reduction="sum", return_stats=True)
+    with torch.no_grad():
+        loss, st = linear_cross_entropy(h, w, y, shift=True, impl="triton", **kw)
+    ref, rst = reference_linear_cross_entropy(h[:, :-1], w, y[:, 1:], **kw)
+    assert rel(loss, ref) < 1e-4 and st.entropy.shape == (2, 20)
+    assert rel(st.confidence, rst.confidence) < 1e-4
+
+
+def test_triton_all_ignored_is_zero():
+    h, w, y, _ = make_problem(8, 16, 70)
+    y[:] = IGN
+    loss = linear_cross_entropy(h, w, y, label_smoothing=0.1, impl="triton")
+    assert loss.item() == 0.0
+    assert all(torch.count_nonzero(g) == 0 for g in torch.autograd.grad(loss, [h, w]))
+
+
+@pytest.mark.skipif(not CUDA, reason="bf16/fp16 tl.dot is only meaningful on a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("blocks", ["one", "many"])
+def test_low_precision_no_worse_than_twice_pytorch(dtype, blocks, monkeypatch):
+    if blocks == "many":
+        monkeypatch.setattr(chunking, "_GPU_MIN_BLOCK", 256 * 50257 * 2)
+        monkeypatch.setattr(chunking, "DEFAULT_MEMORY_FRACTION", 0.0)
+    h, w, y, _ = make_problem(2048, 256, 50257, dtype=dtype, seed=3, ignore_frac=0.1)
+    eps = 0.1
+    ref = reference_linear_cross_entropy(h, w, y, label_smoothing=eps, dtype=torch.float64)
+    ref_g = grads(ref, None, [h, w])
+    pt = F.cross_entropy((h @ w.T).float(), y, label_smoothing=eps, ignore_index=IGN)
+    pt_g = grads(pt, None, [h, w])
+    loss = linear_cross_entropy(h, w, y, label_smoothing=eps, impl="triton")
+    ours_g = grads(loss, None, [h, w])
+    assert rel(loss, ref) <= 2 * rel(pt, ref) + 1e-6
+    for name, a, t, r in zip(("hidden", "weight"), ours_g, pt_g, ref_g):
+        assert rel(a, r) <= 2 * rel(t, r), (name, rel(a, r), rel(t, r))
+
+
+@pytest.mark.skipif(not CUDA, reason="GPU only")
+def test_gpu_fp32_large_vocab_softcap():
+    h, w, y, b = make_problem(1000, 128, 32064, bias=True, seed=5)
+    kw = dict(bias=b, label_smoothing=0.1, softcap=30.0, z_loss=1e-4)
+    loss = linear_cross_entropy(h, w, y, impl="triton", **kw)
+    ref = reference_linear_cross_entropy(h, w, y, **kw)
+    assert rel(loss, ref) < 1e-4
+    for a, r in zip(grads(loss, None, [h, w, b]), grads(ref, None, [h, w, b])):
+        assert rel(a, r) < 1e-4
