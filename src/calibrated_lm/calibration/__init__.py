@@ -1,0 +1,57 @@
+"""Calibration metrics for multiple-choice language-model outputs.
+
+numpy-only at import time (matplotlib is imported when a diagram is drawn), so the
+``calibrated-lm metrics`` command starts fast.
+"""
+
+from __future__ import annotations
+
+from calibrated_lm.calibration.binning import BinTable, bin_indices, bin_table
+from calibrated_lm.calibration.bootstrap import bootstrap_ci, bootstrap_indices, percentile_interval
+from calibrated_lm.calibration.diagrams import reliability_diagram
+from calibrated_lm.calibration.metrics import (
+    calibration_error,
+    classwise_calibration_error,
+    debiased_calibration_error,
+)
+from calibrated_lm.calibration.report import METRICS, summarize, summarize_tasks
+from calibrated_lm.calibration.scores import (
+    accuracy,
+    brier_score,
+    choice_log_probabilities,
+    choice_probabilities,
+    mean_confidence,
+    nll,
+    top_label,
+    top_label_brier,
+)
+from calibrated_lm.calibration.smooth import smooth_ece, smooth_ece_sigma
+from calibrated_lm.calibration.temperature import apply_temperature, fit_temperature
+
+__all__ = [
+    "METRICS",
+    "BinTable",
+    "accuracy",
+    "apply_temperature",
+    "bin_indices",
+    "bin_table",
+    "bootstrap_ci",
+    "bootstrap_indices",
+    "brier_score",
+    "calibration_error",
+    "choice_log_probabilities",
+    "choice_probabilities",
+    "classwise_calibration_error",
+    "debiased_calibration_error",
+    "fit_temperature",
+    "mean_confidence",
+    "nll",
+    "percentile_interval",
+    "reliability_diagram",
+    "smooth_ece",
+    "smooth_ece_sigma",
+    "summarize",
+    "summarize_tasks",
+    "top_label",
+    "top_label_brier",
+]
