@@ -133,7 +133,9 @@ def forward_backward(
     vocab = weight.shape[0]
     acc, idx = new_accumulators(n, hidden.device)
     grad_h = torch.empty(n, dim, dtype=hidden.dtype, device=hidden.device) if need[0] else None
-    grad_w = torch.zeros_like(weight, memory_format=torch.contiguous_format) if need[1] else None
+    # The first block writes the weight gradient (beta = 0), so only an empty problem needs zeros.
+    new_w = torch.empty if n > 0 else torch.zeros
+    grad_w = new_w(weight.shape, dtype=weight.dtype, device=weight.device) if need[1] else None
     grad_b = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need[2] else None
     buf = torch.empty(min(block_rows, n) * vocab, dtype=hidden.dtype, device=hidden.device)
     for i, r0 in enumerate(range(0, n, block_rows)):
