@@ -1,0 +1,1 @@
+"""Label-smoothed SFT on the fused loss: data formatting, the loop, checkpoints, FSDP2."""

@@ -1,0 +1,123 @@
+"""Atomic training checkpoints: write into a temporary folder, then rename into place.
+
+Layout of ``OUTPUT/checkpoints/step-000123/``:
+
+* ``model.pt``: the full (unsharded) model state dict;
+* ``optimizer.pt``: the full optimizer state dict;
+* ``rng-rank{r}.pt``: Python, NumPy, torch CPU and CUDA generator states of each rank;
+* ``state.json``: step, the arguments that fix the data order, the number of logged lines.
+
+The rename is atomic on POSIX filesystems, so a run killed at any moment leaves either the
+previous complete checkpoint or the new complete one, never a half-written one. The schedule
+has no state of its own: the learning rate is a pure function of the step (see ``schedule``),
+so restoring the step restores it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STATE_FILE = "state.json"
+_PREFIX = "step-"
+
+
+def checkpoint_root(output: Path) -> Path:
+    return Path(output) / "checkpoints"
+
+
+def list_checkpoints(output: Path) -> list[Path]:
+    """Complete checkpoints under ``output``, oldest first (temporary folders excluded)."""
+    root = checkpoint_root(output)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith(_PREFIX) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(_PREFIX) :]))
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        pass
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_checkpoint(
+    output: Path,
+    step: int,
+    *,
+    model_state: dict[str, torch.Tensor] | None,
+    optim_state: dict[str, Any] | None,
+    state: dict[str, Any],
+    rank: int = 0,
+    keep: int = 2,
+    barrier: Any = None,
+) -> Path:
+    """Write checkpoint ``step`` atomically; rank 0 writes model/optimizer/state, every rank its RNG.
+
+    ``barrier`` (a callable) synchronises ranks between writing and renaming. Older
+    checkpoints beyond the newest ``keep`` are removed after the rename.
+    """
+    root = checkpoint_root(output)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{_PREFIX}{step:06d}"
+    tmp = root / f".tmp-{_PREFIX}{step:06d}"
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    if barrier:
+        barrier()
+    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+    if rank == 0:
+        torch.save(model_state, tmp / "model.pt")
+        torch.save(optim_state, tmp / "optimizer.pt")
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+    if barrier:
+        barrier()
+    if rank == 0:
+        if final.exists():  # a resumed run re-reaching a step it had saved
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(output)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    if barrier:
+        barrier()
+    return final
+
+
+def read_checkpoint(path: Path, rank: int = 0) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`write_checkpoint` (tensors on CPU)."""
+    path = Path(path)
+    rng_file = path / f"rng-rank{rank}.pt"
+    if not rng_file.exists():  # resumed on more ranks than saved: reuse rank 0's stream
+        rng_file = path / "rng-rank0.pt"
+    return {
+        "state": json.loads((path / STATE_FILE).read_text()),
+        "model": torch.load(path / "model.pt", map_location="cpu", weights_only=True),
+        "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
+        "rng": torch.load(rng_file, map_location="cpu", weights_only=False),
+    }

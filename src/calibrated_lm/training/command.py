@@ -1,0 +1,93 @@
+"""``calibrated-lm train``: label-smoothed SFT of a causal LM on the fused loss kernel."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="fine-tune a causal LM with label smoothing on the fused loss",
+        description=(
+            "Supervised fine-tuning with label smoothing, computing the loss from the final "
+            "hidden states without materialising the logits. Writes OUTPUT/metrics.jsonl, "
+            "atomic checkpoints under OUTPUT/checkpoints/ and the trained model to OUTPUT/final "
+            "(a save_pretrained folder: pass it to `calibrated-lm eval --model`). Data: JSON or "
+            "JSONL in Alpaca (instruction/input/output[/history]), chat (messages), ShareGPT "
+            "(conversations) or prompt/completion form; loss only on assistant tokens. Under "
+            "torchrun / accelerate launch it trains with FSDP2."
+        ),
+    )
+    p.add_argument("--model", required=True, help="hub id, folder, .gguf or embedded name")
+    p.add_argument("--data", required=True, help="JSON or JSONL training file")
+    p.add_argument("--output", required=True, help="run folder (metrics, checkpoints, final)")
+    p.add_argument("--label-smoothing", type=float, default=0.1, help="eps (default 0.1)")
+    p.add_argument("--epochs", type=float, default=2.0, help="passes over the data (default 2)")
+    p.add_argument("--lr", type=float, default=2e-5, help="peak AdamW learning rate (2e-5)")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch per GPU")
+    p.add_argument("--grad-accum", type=int, default=16, help="micro-batches per optimizer step")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="truncate longer examples")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides epochs)")
+    p.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warmup share (0.03)")
+    p.add_argument(
+        "--reduction",
+        choices=("sum", "mean"),
+        default="sum",
+        help="sum: every target token of a step weighs the same (paper); mean: per micro-batch",
+    )
+    p.add_argument("--temperature", type=float, default=None, help="train on logits / T")
+    p.add_argument("--softcap", type=float, default=None, help="train on c*tanh(z/c)")
+    p.add_argument("--z-loss", type=float, default=0.0, help="z-loss coefficient (0)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip (0 disables)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept")
+    p.add_argument("--log-every", type=int, default=1, help="metrics line every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from calibrated_lm.training.loop import TrainConfig, train
+
+    cfg = TrainConfig(
+        model=args.model,
+        data=args.data,
+        output=args.output,
+        label_smoothing=args.label_smoothing,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        max_seq_len=args.max_seq_len,
+        max_steps=args.max_steps,
+        warmup_ratio=args.warmup_ratio,
+        reduction=args.reduction,
+        temperature=args.temperature,
+        softcap=args.softcap,
+        z_loss=args.z_loss,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm or None,
+        seed=args.seed,
+        device=args.device,
+        resume=args.resume,
+        save_every=args.save_every,
+        keep_checkpoints=args.keep_checkpoints,
+        log_every=args.log_every,
+        progress=not args.no_progress,
+    )
+    result = train(cfg)
+    last = result["last"]
+    if last:
+        print(
+            f"trained {result['steps']} steps: loss {last['loss']:.4f}, confidence "
+            f"{last['confidence']:.3f}, accuracy {last['accuracy']:.3f}; model saved to "
+            f"{result['final']}"
+        )
+    else:
+        print(f"nothing left to train ({result['steps']} steps done); model at {result['final']}")
+    return 0

@@ -1,0 +1,281 @@
+"""SFT data: read JSON/JSONL records, turn each into a conversation, tokenize with a loss mask.
+
+Accepted record layouts (one per record; a file may mix them):
+
+* Alpaca: ``instruction``, optional ``input``, ``output``; optional ``system`` and
+  ``history`` (a list of ``[user, assistant]`` pairs before this turn, as in LIMA).
+* Chat: ``messages``: a list of ``{"role": "system"|"user"|"assistant", "content": str}``,
+  any number of turns.
+* ShareGPT: ``conversations``: a list of ``{"from": "system"|"human"|"gpt", "value": str}``.
+* Prompt/completion: ``prompt`` and ``completion`` strings.
+
+Formatting uses the tokenizer's chat template when it has one. Otherwise it uses this plain
+template (the Tulu format of open-instruct), every message rendered as::
+
+    <|system|>\\n{content}\\n   <|user|>\\n{content}\\n   <|assistant|>\\n{content}{eos}\\n
+
+preceded by the tokenizer's BOS token when it has one. Only assistant tokens (the content
+and, in the plain template, the EOS after it) carry labels; everything else is ``-100``.
+With a chat template the assistant span of turn ``k`` is found as open-instruct does: the
+tokens of ``template(messages[:k+1])`` beyond those of ``template(messages[:k],
+add_generation_prompt=True)``. Sequences longer than ``max_seq_len`` are truncated; an
+example left without any assistant token is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from calibrated_lm.errors import UserError
+
+IGNORE_INDEX = -100
+ACCEPTED_LAYOUTS = (
+    "Alpaca {instruction, input?, output, system?, history?}",
+    "chat {messages: [{role, content}, ...]}",
+    "ShareGPT {conversations: [{from, value}, ...]}",
+    "prompt/completion {prompt, completion}",
+)
+_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant"}
+_SHAREGPT_ROLES["assistant"] = "assistant"
+_ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Example:
+    """One tokenized conversation: ``labels[t]`` is ``input_ids[t]`` or ``-100``."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class Dataset:
+    """Tokenized examples plus what was dropped on the way, by reason."""
+
+    examples: list[Example]
+    n_records: int
+    dropped: Counter = field(default_factory=Counter)
+    template: str = "plain"
+
+    @property
+    def n_target_tokens(self) -> int:
+        return sum(sum(1 for y in ex.labels if y != IGNORE_INDEX) for ex in self.examples)
+
+
+def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """``(line or item number, record)`` pairs from a JSON array/object file or JSONL file.
+
+    A record that is not valid JSON, or not an object, raises :class:`UserError` naming the
+    file and line (JSONL) or item index (JSON array).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if not stripped:
+        raise UserError(f"data file {path} is empty")
+    records: list[tuple[int, Any]] = []
+    if stripped[0] == "[":
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(
+                f"{path}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+            ) from exc
+        records = [(i, item) for i, item in enumerate(items)]
+        where = "item"
+    else:
+        where = "line"
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                # A single pretty-printed object is a JSON file, not JSONL.
+                if lineno == 1 and stripped[0] == "{":
+                    try:
+                        obj = json.loads(text)
+                    except json.JSONDecodeError:
+                        pass
+                    else:
+                        records = [(0, item) for item in ([obj] if isinstance(obj, dict) else obj)]
+                        break
+                raise UserError(
+                    f"{path}: malformed JSON record at line {lineno}: {exc.msg}"
+                ) from exc
+    for number, rec in records:
+        if not isinstance(rec, dict):
+            raise UserError(
+                f"{path}: record at {where} {number} is a {type(rec).__name__}, not a JSON object"
+            )
+    return records
+
+
+def to_messages(record: dict[str, Any]) -> list[dict[str, str]]:
+    """Normalise one record of any accepted layout to ``[{role, content}, ...]``.
+
+    Raises ``ValueError`` naming the problem (unknown layout lists the accepted ones).
+    """
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("'messages' must be a non-empty list")
+        out = []
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError("each message needs 'role' and 'content'")
+            if m["role"] not in _ROLES:
+                raise ValueError(f"unknown role {m['role']!r} (expected one of {_ROLES})")
+            out.append({"role": m["role"], "content": _text(m["content"], "content")})
+        return out
+    if "conversations" in record:
+        turns = record["conversations"]
+        if not isinstance(turns, list) or not turns:
+            raise ValueError("'conversations' must be a non-empty list")
+        out = []
+        for t in turns:
+            if not isinstance(t, dict) or t.get("from") not in _SHAREGPT_ROLES or "value" not in t:
+                raise ValueError(
+                    "each conversation turn needs 'from' (human/gpt/system) and 'value'"
+                )
+            out.append({"role": _SHAREGPT_ROLES[t["from"]], "content": _text(t["value"], "value")})
+        return out
+    if "instruction" in record and "output" in record:
+        out = []
+        if record.get("system"):
+            out.append({"role": "system", "content": _text(record["system"], "system")})
+        for pair in record.get("history") or []:
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise ValueError("'history' must be a list of [user, assistant] pairs")
+            out.append({"role": "user", "content": _text(pair[0], "history")})
+            out.append({"role": "assistant", "content": _text(pair[1], "history")})
+        prompt = _text(record["instruction"], "instruction")
+        extra = record.get("input") or ""
+        if extra:
+            prompt = f"{prompt}\n\n{_text(extra, 'input')}"
+        out.append({"role": "user", "content": prompt})
+        out.append({"role": "assistant", "content": _text(record["output"], "output")})
+        return out
+    if "prompt" in record and "completion" in record:
+        return [
+            {"role": "user", "content": _text(record["prompt"], "prompt")},
+            {"role": "assistant", "content": _text(record["completion"], "completion")},
+        ]
+    raise ValueError(
+        f"unknown record layout with fields {sorted(record)}; accepted layouts: "
+        + "; ".join(ACCEPTED_LAYOUTS)
+    )
+
+
+def _text(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"field {name!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _plain_tokens(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    ids: list[int] = []
+    labels: list[int] = []
+    if tokenizer.bos_token_id is not None:
+        ids.append(tokenizer.bos_token_id)
+        labels.append(IGNORE_INDEX)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for m in messages:
+        head = _encode(tokenizer, f"<|{m['role']}|>\n")
+        ids += head
+        labels += [IGNORE_INDEX] * len(head)
+        if m["role"] == "assistant":
+            body = _encode(tokenizer, m["content"]) + eos
+            ids += body
+            labels += body
+            tail = _encode(tokenizer, "\n")
+        else:
+            tail = _encode(tokenizer, m["content"] + "\n")
+        ids += tail
+        labels += [IGNORE_INDEX] * len(tail)
+    return ids, labels
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=generation_prompt
+    )
+    return _encode(tokenizer, text)
+
+
+def _template_tokens(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    ids = _render(tokenizer, messages, generation_prompt=False)
+    labels = [IGNORE_INDEX] * len(ids)
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(_render(tokenizer, messages[:k], generation_prompt=True)) if k else 0
+        end = len(_render(tokenizer, messages[: k + 1], generation_prompt=False))
+        for t in range(start, min(end, len(ids))):
+            labels[t] = ids[t]
+    return ids, labels
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def tokenize_records(
+    records: list[tuple[int, dict[str, Any]]],
+    tokenizer: Any,
+    *,
+    max_seq_len: int,
+    source: str = "data",
+    progress: bool = False,
+) -> Dataset:
+    """Tokenize records (see module docstring); layout errors name the record's line/item."""
+    from tqdm.auto import tqdm
+
+    use_template = has_chat_template(tokenizer)
+    data = Dataset(
+        examples=[], n_records=len(records), template="chat" if use_template else "plain"
+    )
+    for number, record in tqdm(records, desc="tokenizing", disable=not progress, unit="ex"):
+        try:
+            messages = to_messages(record)
+        except ValueError as exc:
+            raise UserError(f"{source}: record at line/item {number}: {exc}") from exc
+        if not any(m["role"] == "assistant" for m in messages):
+            data.dropped["no assistant turn"] += 1
+            continue
+        if use_template:
+            ids, labels = _template_tokens(tokenizer, messages)
+        else:
+            ids, labels = _plain_tokens(tokenizer, messages)
+        ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+        # Position 0 is never predicted (causal shift), so it cannot count as a target.
+        if all(y == IGNORE_INDEX for y in labels[1:]):
+            data.dropped["no assistant token after truncation"] += 1
+            continue
+        data.examples.append(Example(ids, labels))
+    return data
+
+
+def load_dataset(path: str | Path, tokenizer: Any, *, max_seq_len: int, progress: bool = False):
+    """Read and tokenize ``path``; an empty result raises :class:`UserError` with the counts."""
+    records = read_records(path)
+    data = tokenize_records(
+        records, tokenizer, max_seq_len=max_seq_len, source=str(path), progress=progress
+    )
+    if not data.examples:
+        reasons = ", ".join(f"{n} {why}" for why, n in data.dropped.items()) or "no records"
+        raise UserError(
+            f"{path}: no training example left after filtering ({data.n_records} records: "
+            f"{reasons}); raise --max-seq-len or check the data"
+        )
+    return data

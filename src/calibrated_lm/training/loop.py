@@ -1,0 +1,343 @@
+"""The SFT loop: fused label-smoothed loss, AdamW, warmup/decay, accumulation, checkpoints.
+
+One optimizer step consumes ``grad_accum`` micro-batches of ``batch_size`` examples (per
+rank). Its loss is
+
+* ``reduction="sum"`` (token-summed, the paper's setup): the sum of the per-token losses of
+  every target token in the step divided by their number, so every token weighs the same
+  whatever micro-batch it lands in;
+* ``reduction="mean"``: the mean over each micro-batch's tokens, averaged over micro-batches.
+
+The logged ``loss`` is the token mean over the step in both cases; ``confidence``
+(mean max-probability), ``accuracy`` (argmax == target) and ``entropy`` (nats) are the
+kernel's per-token statistics averaged over the same tokens. On CUDA the forward runs under
+bf16 autocast with fp32 master weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from calibrated_lm.errors import UserError
+from calibrated_lm.training import distributed as D
+from calibrated_lm.training.batching import StepPlan, collate
+from calibrated_lm.training.checkpoint import (
+    list_checkpoints,
+    read_checkpoint,
+    set_rng_state,
+    write_checkpoint,
+)
+from calibrated_lm.training.schedule import learning_rate
+
+METRICS_FILE = "metrics.jsonl"
+FINAL_DIR = "final"
+# Changing any of these between a run and its resume would change which examples a step sees.
+_RESUME_FIXED = ("model", "data", "batch_size", "grad_accum", "max_seq_len", "seed", "world_size")
+
+
+@dataclass
+class TrainConfig:
+    """Arguments of ``calibrated-lm train`` (see its --help)."""
+
+    model: str
+    data: str
+    output: str
+    label_smoothing: float = 0.1
+    epochs: float = 2.0
+    lr: float = 2e-5
+    batch_size: int = 8
+    grad_accum: int = 16
+    max_seq_len: int = 2048
+    max_steps: int | None = None
+    warmup_ratio: float = 0.03
+    reduction: str = "sum"
+    temperature: float | None = None
+    softcap: float | None = None
+    z_loss: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    seed: int = 42
+    device: str = "auto"
+    resume: bool = False
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    progress: bool = True
+    world_size: int = field(default=1, repr=False)
+
+
+def _total_steps(cfg: TrainConfig, plan: StepPlan) -> int:
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * plan.steps_per_epoch))
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _gib(n: float) -> float:
+    return n / 2**30
+
+
+def _oom_error(exc: BaseException, device: torch.device, model: Any, cfg: TrainConfig, where: str):
+    params = sum(p.numel() * p.element_size() for p in model.parameters()) if model else 0
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        peak = torch.cuda.max_memory_allocated(device)
+        figures = (
+            f"the GPU has {_gib(total):.1f} GiB, {_gib(peak):.1f} GiB was allocated at peak, "
+            f"the model's parameters alone take {_gib(params):.2f} GiB"
+        )
+    else:
+        figures = f"the model's parameters take {_gib(params):.2f} GiB of host memory"
+    return UserError(
+        f"out of memory {where} (batch size {cfg.batch_size}, up to {cfg.max_seq_len} tokens "
+        f"per sequence): {figures}; lower --batch-size (raise --grad-accum to keep the "
+        "effective batch) or --max-seq-len, or use more GPUs"
+    )
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep only logged lines of steps <= ``last_step`` (those after it will be redone)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        if line.strip() and json.loads(line)["step"] <= last_step:
+            kept.append(line)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def save_final(model: Any, tokenizer: Any, output: Path, info: D.DistInfo) -> Path:
+    """``save_pretrained`` the model and tokenizer into ``output/final`` atomically."""
+    state = D.full_model_state(model, info)
+    final = output / FINAL_DIR
+    if info.main:
+        tmp = output / f".tmp-{FINAL_DIR}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        model.save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)
+        old = output / f".old-{FINAL_DIR}"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    D.barrier(info)
+    return final
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    model_and_tokenizer: tuple[Any, Any] | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) SFT as configured; returns the last logged record and the final path.
+
+    ``model_and_tokenizer`` skips loading ``cfg.model`` (library use, tests); ``on_step`` is
+    called with each logged record (after it is written).
+    """
+    from tqdm.auto import tqdm
+
+    from calibrated_lm.models.patching import patch_model
+    from calibrated_lm.training.data import load_dataset
+
+    if cfg.reduction not in ("sum", "mean"):
+        raise UserError(f"--reduction must be sum or mean, got {cfg.reduction!r}")
+    if cfg.batch_size < 1 or cfg.grad_accum < 1:
+        raise UserError("--batch-size and --grad-accum must be at least 1")
+    info = D.setup(cfg.device)
+    cfg.world_size = info.world
+    output = Path(cfg.output)
+    checkpoints = list_checkpoints(output)
+    if checkpoints and not cfg.resume:
+        raise UserError(
+            f"{output} already holds a run (checkpoint {checkpoints[-1].name}); pass --resume to "
+            "continue it or choose another --output"
+        )
+    if cfg.resume and not checkpoints:
+        raise UserError(f"--resume: no checkpoint in {output / 'checkpoints'} to resume from")
+    output.mkdir(parents=True, exist_ok=True)
+    _seed_everything(cfg.seed)
+
+    if model_and_tokenizer is None:
+        from calibrated_lm.models.loading import load_model
+
+        model, tokenizer = load_model(cfg.model, dtype="float32", device="cpu")
+    else:
+        model, tokenizer = model_and_tokenizer
+    model.config.use_cache = False
+    data = load_dataset(cfg.data, tokenizer, max_seq_len=cfg.max_seq_len, progress=info.main)
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+    try:
+        model.to(info.device)
+    except torch.OutOfMemoryError as exc:
+        raise _oom_error(exc, info.device, model, cfg, "moving the model to the device") from exc
+    patch_model(
+        model,
+        label_smoothing=cfg.label_smoothing,
+        softcap=cfg.softcap,
+        temperature=cfg.temperature,
+        z_loss=cfg.z_loss,
+    )
+    if info.enabled:
+        D.shard(model, info)
+    model.train()
+    optim = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999)
+    )
+    plan = StepPlan(len(data.examples), cfg.batch_size, cfg.grad_accum, cfg.seed, info.world)
+    total = _total_steps(cfg, plan)
+    metrics_path = output / METRICS_FILE
+    start = 0
+    if cfg.resume:
+        ckpt = read_checkpoint(checkpoints[-1], info.rank)
+        saved = ckpt["state"]["config"]
+        mine = asdict(cfg)
+        diff = [k for k in _RESUME_FIXED if saved.get(k) != mine.get(k)]
+        if diff:
+            raise UserError(
+                "--resume: these settings differ from the checkpointed run and would change the "
+                "data order: " + ", ".join(f"{k} ({saved.get(k)} -> {mine.get(k)})" for k in diff)
+            )
+        D.load_full_states(model, optim, ckpt["model"], ckpt["optimizer"], info)
+        set_rng_state(ckpt["rng"])
+        start = int(ckpt["state"]["step"])
+        if info.main:
+            _truncate_metrics(metrics_path, start)
+        del ckpt
+    elif info.main and metrics_path.exists():
+        metrics_path.unlink()
+    if info.main and start == 0:
+        dropped = dict(data.dropped)
+        print(
+            f"data: {data.n_records} records, {len(data.examples)} examples "
+            f"({data.template} template), {data.n_target_tokens} target tokens, dropped: "
+            f"{sum(dropped.values())} {dropped if dropped else ''}".rstrip()
+        )
+
+    def checkpoint(step: int) -> None:
+        state = {"step": step, "total_steps": total, "config": asdict(cfg)}
+        write_checkpoint(
+            output,
+            step,
+            model_state=D.full_model_state(model, info),
+            optim_state=D.full_optim_state(model, optim, info),
+            state=state,
+            rank=info.rank,
+            keep=cfg.keep_checkpoints,
+            barrier=(lambda: D.barrier(info)) if info.enabled else None,
+        )
+
+    autocast = info.device.type == "cuda"
+    bar = tqdm(
+        total=total,
+        initial=start,
+        desc="train",
+        unit="step",
+        disable=not (cfg.progress and info.main),
+    )
+    record: dict[str, Any] = {}
+    step = start
+    try:
+        for step in range(start, total):
+            t0 = time.perf_counter()
+            lr = learning_rate(step, total, cfg.lr, cfg.warmup_ratio)
+            for group in optim.param_groups:
+                group["lr"] = lr
+            all_batches = plan.step_batches(step)
+            mine_batches = [
+                collate([data.examples[i] for i in b], pad_id)
+                for b in all_batches[info.rank :: info.world]
+            ]
+            local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in mine_batches)
+            step_tokens = D.all_reduce_sum(local_tokens, info)
+            n_micro = len(all_batches)
+            sums = {"loss": 0.0, "confidence": 0.0, "accuracy": 0.0, "entropy": 0.0, "inputs": 0}
+            for b in mine_batches:
+                b = {k: v.to(info.device) for k, v in b.items()}
+                with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=autocast):
+                    out = model(**b, calibrated_lm_reduction="sum", calibrated_lm_stats=True)
+                stats = out.loss_stats
+                if cfg.reduction == "sum":
+                    scaled = out.loss / max(step_tokens, 1)
+                else:
+                    scaled = out.loss / max(stats.n_tokens, 1) / n_micro
+                (scaled * info.world).backward()
+                sums["loss"] += float(out.loss.detach())
+                for key in ("confidence", "accuracy", "entropy"):
+                    sums[key] += getattr(stats, key) * stats.n_tokens
+                sums["inputs"] += int(b["attention_mask"].sum())
+            grad_norm = None
+            if cfg.max_grad_norm:
+                grad_norm = float(
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                )
+            optim.step()
+            optim.zero_grad(set_to_none=True)
+            totals = {k: D.all_reduce_sum(v, info) for k, v in sums.items()}
+            elapsed = time.perf_counter() - t0
+            denom = max(step_tokens, 1)
+            record = {
+                "step": step + 1,
+                "epoch": round(plan.epoch_of(step + 1), 4),
+                "loss": totals["loss"] / denom,
+                "lr": lr,
+                "tokens_per_s": totals["inputs"] / elapsed,
+                "confidence": totals["confidence"] / denom,
+                "accuracy": totals["accuracy"] / denom,
+                "entropy": totals["entropy"] / denom,
+                "target_tokens": int(step_tokens),
+                "grad_norm": grad_norm,
+            }
+            bar.update(1)
+            if (step + 1) % cfg.log_every == 0 or step + 1 == total:
+                if info.main:
+                    with metrics_path.open("a") as fh:
+                        fh.write(json.dumps(record) + "\n")
+                bar.set_postfix(
+                    loss=f"{record['loss']:.4f}",
+                    lr=f"{lr:.2e}",
+                    tok_s=f"{record['tokens_per_s']:.0f}",
+                    conf=f"{record['confidence']:.3f}",
+                    acc=f"{record['accuracy']:.3f}",
+                )
+                if on_step:
+                    on_step(record)
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 != total:
+                checkpoint(step + 1)
+    except torch.OutOfMemoryError as exc:
+        optim.zero_grad(set_to_none=True)
+        raise _oom_error(exc, info.device, model, cfg, f"at step {step + 1}") from exc
+    finally:
+        bar.close()
+    if total > start:
+        checkpoint(total)
+    final = save_final(model, tokenizer, output, info)
+    D.teardown(info)
+    return {"last": record, "final": str(final), "steps": total, "dropped": dict(data.dropped)}

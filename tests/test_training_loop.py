@@ -1,0 +1,268 @@
+"""The train loop: kill-and-resume exactness, extension without repeated steps, outputs, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from helpers_tiny_lm import build_tiny_lm
+
+from calibrated_lm.errors import UserError
+from calibrated_lm.training.loop import TrainConfig, train
+
+RECORDS = [
+    {"instruction": "Which gas do plants take in?", "input": "", "output": "carbon dioxide"},
+    {"prompt": "The capital of France is", "completion": "Paris, on the Seine."},
+    {
+        "messages": [
+            {"role": "user", "content": "Boiling point?"},
+            {"role": "assistant", "content": "100 degrees"},
+        ]
+    },
+    {"instruction": "Name a star.", "output": "the sun is a star", "history": [["Hi", "Hello"]]},
+    {"prompt": "Calibration means", "completion": "confidence matches accuracy"},
+    {"instruction": "A planet?", "input": "A. Mars B. Venus", "output": "A. Mars"},
+    {"prompt": "Multiple choice:", "completion": "Answer: C. Jupiter"},
+] * 2
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    model_dir = build_tiny_lm(root / "model", seed=1)
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    return root, model_dir, data
+
+
+def _cfg(setup, out: str, **kw) -> TrainConfig:
+    root, model_dir, data = setup
+    base = dict(
+        model=str(model_dir),
+        data=str(data),
+        output=str(root / out),
+        batch_size=2,
+        grad_accum=2,
+        max_seq_len=64,
+        max_steps=6,
+        lr=3e-3,
+        warmup_ratio=0.2,
+        save_every=2,
+        progress=False,
+        device="cpu",
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _params(folder: Path) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _logged(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(setup):
+    ref = train(_cfg(setup, "ref"))
+    out = Path(_cfg(setup, "ref").output)
+    rows = _logged(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "lr", "tokens_per_s", "confidence", "accuracy", "entropy"):
+        assert all(isinstance(r[key], float) for r in rows), key
+    assert 0 < rows[-1]["confidence"] <= 1 and 0 <= rows[-1]["accuracy"] <= 1
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_step_5(record):
+        if record["step"] == 5:  # checkpoint 4 exists; step 5 is logged but lost
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(_cfg(setup, "killed"), on_step=kill_after_step_5)
+    killed = Path(_cfg(setup, "killed").output)
+    assert not (killed / "final").exists()
+    resumed = train(_cfg(setup, "killed", resume=True))
+    assert resumed["last"]["loss"] == pytest.approx(ref["last"]["loss"], rel=1e-6)
+    assert [r["step"] for r in _logged(killed)] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in _logged(killed)] == pytest.approx(
+        [r["loss"] for r in rows], rel=1e-6
+    )
+    a, b = _params(out / "final"), _params(killed / "final")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+
+    # A finished run resumed with a larger --max-steps trains on without repeating steps.
+    more = train(_cfg(setup, "ref", resume=True, max_steps=8))
+    assert more["steps"] == 8
+    assert [r["step"] for r in _logged(out)] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000006", "step-000008"]
+    # ... and the final folder is a save_pretrained model that transformers loads.
+    moved = _params(out / "final")
+    assert any(not torch.equal(moved[k], a[k]) for k in a)
+
+
+def test_existing_run_needs_resume_and_resume_needs_same_data_order(setup):
+    cfg = _cfg(setup, "guard", max_steps=2)
+    train(cfg)
+    with pytest.raises(UserError, match="already holds a run"):
+        train(cfg)
+    with pytest.raises(UserError, match="batch_size"):
+        train(replace(cfg, resume=True, batch_size=3))
+    with pytest.raises(UserError, match="no checkpoint"):
+        train(_cfg(setup, "nothing", resume=True))
+
+
+def _manual_grad_norm(setup, reduction: str) -> float:
+    """Gradient norm of step 1's loss, computed here from the definitions in loop.py."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from calibrated_lm import patch_model
+    from calibrated_lm.training.batching import StepPlan, collate
+    from calibrated_lm.training.data import load_dataset
+
+    _, model_dir, data_path = setup
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = patch_model(AutoModelForCausalLM.from_pretrained(model_dir), label_smoothing=0.1)
+    data = load_dataset(data_path, tok, max_seq_len=64)
+    plan = StepPlan(len(data.examples), 2, 2, seed=42)
+    batches = [
+        collate([data.examples[i] for i in b], tok.eos_token_id) for b in plan.step_batches(0)
+    ]
+    counts = [int((b["labels"][:, 1:] != -100).sum()) for b in batches]
+    assert len(set(counts)) > 1  # unequal micro-batches: the two reductions must differ
+    for b, n in zip(batches, counts):
+        total = model(**b, calibrated_lm_reduction="sum").loss
+        (total / sum(counts) if reduction == "sum" else total / n / len(batches)).backward()
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])))
+
+
+def test_sum_and_mean_reductions_follow_their_definitions(setup):
+    """sum: one token mean over the whole step; mean: a mean of micro-batch means."""
+    norms = {}
+    for reduction in ("sum", "mean"):
+        run = train(_cfg(setup, reduction, max_steps=1, reduction=reduction))
+        norms[reduction] = run["last"]["grad_norm"]
+        assert norms[reduction] == pytest.approx(_manual_grad_norm(setup, reduction), rel=1e-4)
+    assert norms["sum"] != pytest.approx(norms["mean"], rel=1e-3)
+    with pytest.raises(UserError, match="reduction"):
+        train(_cfg(setup, "bad", reduction="median"))
+
+
+def test_out_of_memory_is_reported_with_figures(setup, monkeypatch):
+    def boom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    from transformers import LlamaForCausalLM
+
+    monkeypatch.setattr(LlamaForCausalLM, "__call__", boom)
+    with pytest.raises(
+        UserError, match=r"out of memory at step 1 .*batch size 2.*parameters .* GiB"
+    ):
+        train(_cfg(setup, "oom"))
+    out = Path(_cfg(setup, "oom").output)
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
+
+
+def test_cli_train_runs_and_reports(setup, capsys):
+    import argparse
+
+    from calibrated_lm.training import command
+
+    parser = argparse.ArgumentParser()
+    command.add_parser(parser.add_subparsers())
+    root, model_dir, data = setup
+    args = parser.parse_args(
+        [
+            "train",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(data),
+            "--output",
+            str(root / "cli"),
+            "--batch-size",
+            "4",
+            "--grad-accum",
+            "1",
+            "--max-steps",
+            "2",
+            "--max-seq-len",
+            "64",
+            "--label-smoothing",
+            "0.1",
+            "--temperature",
+            "1.5",
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert args.run(args) == 0
+    out = capsys.readouterr().out
+    assert "dropped: 0" in out and "trained 2 steps" in out
+    assert (root / "cli" / "final" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_fsdp2_two_gloo_ranks_match_one_rank(setup, tmp_path):
+    """torchrun with 2 CPU ranks (FSDP2 fully_shard over gloo) vs 1 rank with 2x accumulation."""
+    root, model_dir, data = setup
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys\n"
+        "from calibrated_lm.training.loop import TrainConfig, train\n"
+        f"cfg = TrainConfig(model={str(model_dir)!r}, data={str(data)!r}, output=sys.argv[1],\n"
+        "    batch_size=2, grad_accum=int(sys.argv[2]), max_seq_len=64, max_steps=2, lr=3e-3,\n"
+        "    save_every=1, progress=False, device='cpu')\n"
+        "train(cfg)\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = tmp_path / "two"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        str(script),
+        str(two),
+        "1",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = tmp_path / "one"
+    train(
+        TrainConfig(
+            model=str(model_dir),
+            data=str(data),
+            output=str(one),
+            batch_size=2,
+            grad_accum=2,
+            max_seq_len=64,
+            max_steps=2,
+            lr=3e-3,
+            save_every=1,
+            progress=False,
+            device="cpu",
+        )
+    )
+    assert [r["loss"] for r in _logged(two)] == pytest.approx(
+        [r["loss"] for r in _logged(one)], rel=1e-5
+    )
+    a, b = _params(one / "final"), _params(two / "final")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
