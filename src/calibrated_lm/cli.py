@@ -19,6 +19,7 @@ from calibrated_lm.errors import UserError
 # dependencies (torch, transformers) are imported inside ``run``.
 COMMANDS: list[tuple[str, str]] = [
     ("metrics", "calibrated_lm.calibration.command"),
+    ("train", "calibrated_lm.training.command"),
 ]
 
 
