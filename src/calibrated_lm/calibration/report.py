@@ -7,10 +7,24 @@ from typing import Any
 
 import numpy as np
 
-from calibrated_lm.calibration.binning import bin_sums, bin_table
+from calibrated_lm.calibration.binning import bin_table
 from calibrated_lm.calibration.bootstrap import bootstrap_indices, percentile_interval
-from calibrated_lm.calibration.metrics import _error_from_sums
-from calibrated_lm.calibration.scores import ChoiceScores, choice_log_probabilities
+from calibrated_lm.calibration.metrics import (
+    calibration_error,
+    classwise_calibration_error,
+    debiased_calibration_error,
+    debiased_from_bins,
+)
+from calibrated_lm.calibration.resampled import (
+    errors_from_sums,
+    multiplicities,
+    weighted_bin_sums,
+)
+from calibrated_lm.calibration.scores import (
+    ChoiceScores,
+    choice_log_probabilities,
+    top_label_brier,
+)
 from calibrated_lm.calibration.smooth import smooth_ece, smooth_ece_resampled
 from calibrated_lm.calibration.validation import as_labels, check_bins
 
@@ -30,7 +44,6 @@ METRICS = (
     "top_label_brier",
     "nll",
 )
-DEBIAS_RESAMPLES = 200
 
 
 class _Items:
@@ -46,54 +59,76 @@ class _Items:
         self.confidence = self.probs[rows, self.pred]
         self.correct = (self.pred == labels).astype(np.float64)
         self.gold_logp = logp[rows, labels]
+        py = np.exp(self.gold_logp)
+        self.brier = np.einsum("ij,ij->i", self.probs, self.probs) - 2.0 * py + 1.0
 
 
-def _metrics(items: _Items, idx: np.ndarray | None, n_bins: int, binning: str, seed: int) -> dict:
-    """Every metric except smooth ECE on the items ``idx`` (all items when None)."""
-    take = (lambda a: a) if idx is None else (lambda a: a[idx])
-    conf, corr = take(items.confidence), take(items.correct)
-    probs, labels, k_i = take(items.probs), take(items.labels), take(items.n_choices)
-    _, count, conf_sum, acc_sum = bin_sums(conf, corr, n_bins, binning)
+def _point_metrics(items: _Items, n_bins: int, binning: str) -> dict[str, float]:
+    """Every metric except smooth ECE, through the documented public functions."""
+    c, y = items.confidence, items.correct
     out = {
-        "accuracy": float(corr.mean()),
-        "mean_confidence": float(conf.mean()),
-        "ece": _error_from_sums(count, conf_sum, acc_sum, "l1"),
-        "rms_ce": _error_from_sums(count, conf_sum, acc_sum, "l2"),
-        "mce": _error_from_sums(count, conf_sum, acc_sum, "max"),
+        "accuracy": float(y.mean()),
+        "mean_confidence": float(c.mean()),
+        "ece": calibration_error(c, y, n_bins=n_bins, binning=binning, norm="l1"),
+        "rms_ce": calibration_error(c, y, n_bins=n_bins, binning=binning, norm="l2"),
+        "mce": calibration_error(c, y, n_bins=n_bins, binning=binning, norm="max"),
+        "classwise_ece": classwise_calibration_error(
+            items.probs, items.labels, n_choices=items.n_choices, n_bins=n_bins, binning=binning
+        ),
+        "debiased_ece": debiased_calibration_error(c, y, n_bins=n_bins, binning=binning, norm="l1"),
+        "debiased_rms_ce": debiased_calibration_error(
+            c, y, n_bins=n_bins, binning=binning, norm="l2"
+        ),
+        "brier": float(items.brier.mean()),
+        "top_label_brier": top_label_brier(c, y),
+        "nll": float(-items.gold_logp.mean()),
     }
     out["overconfidence"] = out["mean_confidence"] - out["accuracy"]
-    out.update(_debiased(count, conf_sum, acc_sum, seed))
-    # Classwise ECE over choice positions, each over the items that have that position.
-    errs = []
-    for k in range(probs.shape[1]):
-        has = k_i > k
-        if has.any():
-            yk = (labels[has] == k).astype(np.float64)
-            _, c_k, cs_k, as_k = bin_sums(probs[has, k], yk, n_bins, binning)
-            errs.append(_error_from_sums(c_k, cs_k, as_k, "l1"))
-    out["classwise_ece"] = float(np.mean(errs))
-    py = np.exp(take(items.gold_logp))
-    out["brier"] = float(np.mean(np.einsum("ij,ij->i", probs, probs) - 2.0 * py + 1.0))
-    out["top_label_brier"] = float(np.mean((conf - corr) ** 2))
-    out["nll"] = float(-np.mean(take(items.gold_logp)))
     return out
 
 
-def _debiased(count: np.ndarray, conf_sum: np.ndarray, acc_sum: np.ndarray, seed: int) -> dict:
-    """Kumar et al. (2019) debiased l1 (simulated) and l2 (closed form) errors from bin sums;
-    the same estimators as metrics.debiased_calibration_error."""
-    nonempty = count > 0
-    n_b = count[nonempty]
-    w = n_b / n_b.sum()
-    acc = acc_sum[nonempty] / n_b
-    conf = conf_sum[nonempty] / n_b
-    with np.errstate(divide="ignore", invalid="ignore"):
-        var = np.where(n_b >= 2, acc * (1.0 - acc) / (n_b - 1.0), 0.0)
-    sq = np.where(n_b >= 2, (acc - conf) ** 2 - var, 0.0)
-    rng = np.random.default_rng(seed)
-    draws = rng.normal(acc, np.sqrt(acc * (1.0 - acc) / n_b), size=(DEBIAS_RESAMPLES, acc.size))
-    l1 = 2.0 * float(np.dot(w, np.abs(acc - conf))) - float((np.abs(draws - conf) @ w).mean())
-    return {"debiased_ece": l1, "debiased_rms_ce": float(np.sqrt(max(float(np.dot(w, sq)), 0.0)))}
+def _weighted_mean(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Row-wise weighted means; +inf where a drawn item is infinite (0 * inf must not be NaN)."""
+    finite = np.isfinite(x)
+    out = (w @ np.where(finite, x, 0.0)) / w.sum(axis=1)
+    if not finite.all():
+        hit = w[:, ~finite].sum(axis=1) > 0
+        out = np.where(hit, np.inf, out)
+    return out
+
+
+def _resampled_metrics(
+    items: _Items, weights: np.ndarray, n_bins: int, binning: str
+) -> dict[str, np.ndarray]:
+    """Every metric except smooth ECE for each row of item multiplicities ``weights``."""
+    c, y = items.confidence, items.correct
+    ones = np.ones_like(c)
+    out = {
+        "accuracy": _weighted_mean(weights, y),
+        "mean_confidence": _weighted_mean(weights, c),
+        "brier": _weighted_mean(weights, items.brier),
+        "top_label_brier": _weighted_mean(weights, (c - y) ** 2),
+        "nll": _weighted_mean(weights, -items.gold_logp),
+    }
+    out["overconfidence"] = out["mean_confidence"] - out["accuracy"]
+    sums = weighted_bin_sums(c, np.stack([ones, c, y], axis=1), weights, n_bins, binning)
+    out.update(errors_from_sums(sums))
+    debiased = debiased_from_bins(sums[..., 0], sums[..., 1], sums[..., 2])
+    out["debiased_ece"], out["debiased_rms_ce"] = debiased["l1"], debiased["l2"]
+    per_class = []
+    for k in range(items.probs.shape[1]):
+        has = items.n_choices > k
+        if not has.any():
+            continue
+        pk = items.probs[:, k]
+        yk = (items.labels == k).astype(np.float64)
+        w_k = weights * has[None, :]
+        s_k = weighted_bin_sums(pk, np.stack([ones, pk, yk], axis=1), w_k, n_bins, binning)
+        ece_k = errors_from_sums(s_k)["ece"]
+        # A class absent from a draw has no bins; it is left out of that draw's mean.
+        per_class.append(np.where(w_k.sum(axis=1) > 0, ece_k, np.nan))
+    out["classwise_ece"] = np.nanmean(np.stack(per_class, axis=1), axis=1)
+    return out
 
 
 def summarize(
@@ -115,7 +150,7 @@ def summarize(
     ``METRICS``, ``<metric>_ci95`` = [lo, hi] percentile bootstrap intervals over ``bootstrap``
     seeded item resamples (None when bootstrap = 0), ``smooth_ece_bandwidth``, and the per-bin
     table ``bins``. ``overconfidence`` is mean_confidence - accuracy; ``debiased_ece`` /
-    ``debiased_rms_ce`` are the Kumar et al. (2019) estimators (l1 simulated with a fixed seed,
+    ``debiased_rms_ce`` are the Kumar et al. (2019) estimators (l1 with the exact expectation,
     l2 closed form).
     """
     check_bins(n_bins, binning)
@@ -126,7 +161,7 @@ def summarize(
     )
     y = as_labels(labels, logp.shape[0], n_choices)
     items = _Items(logp, n_choices, y)
-    point = _metrics(items, None, n_bins, binning, seed)
+    point = _point_metrics(items, n_bins, binning)
     point["smooth_ece"], bandwidth = smooth_ece(
         items.confidence, items.correct, return_bandwidth=True
     )
@@ -135,13 +170,16 @@ def summarize(
         out[name] = point[name]
     if bootstrap:
         idx = bootstrap_indices(y.shape[0], int(bootstrap), seed)
-        draws: dict[str, list[float]] = {name: [] for name in METRICS}
-        for b, row in enumerate(idx):
-            for name, value in _metrics(items, row, n_bins, binning, seed + b + 1).items():
-                draws[name].append(value)
-        draws["smooth_ece"] = list(smooth_ece_resampled(items.confidence, items.correct, idx))
+        draws: dict[str, list[np.ndarray]] = {name: [] for name in METRICS}
+        # Chunks keep the (draws x items) multiplicity matrix to a few million entries.
+        chunk = max(1, 4_000_000 // (y.shape[0] * max(1, items.probs.shape[1] // 2)))
+        for start in range(0, idx.shape[0], chunk):
+            weights = multiplicities(idx[start : start + chunk], y.shape[0])
+            for name, values in _resampled_metrics(items, weights, n_bins, binning).items():
+                draws[name].append(values)
+        draws["smooth_ece"] = [smooth_ece_resampled(items.confidence, items.correct, idx)]
         for name in METRICS:
-            out[f"{name}_ci95"] = percentile_interval(np.asarray(draws[name]))
+            out[f"{name}_ci95"] = percentile_interval(np.concatenate(draws[name]))
     else:
         for name in METRICS:
             out[f"{name}_ci95"] = None

@@ -23,7 +23,7 @@ from numpy.typing import ArrayLike
 from calibrated_lm.calibration.validation import as_confidence, as_correct
 
 GRID = 2048
-BISECTION_STEPS = 30
+BISECTION_STEPS = 24
 
 
 def _deposit(c: np.ndarray, grid: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,198 @@
+"""``calibrated-lm metrics FILE...``: calibration summary of existing model outputs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from calibrated_lm.errors import UserError
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "metrics",
+        help="calibration metrics and reliability diagrams from per-choice log-likelihoods",
+        description=(
+            "Read per-question choice log-likelihoods (our samples JSONL, or lm-evaluation-"
+            "harness --log_samples files, detected automatically), print a calibration table, "
+            "and write DIR/summary.json and one reliability diagram (PNG and SVG) per task."
+        ),
+    )
+    p.add_argument("files", nargs="*", metavar="FILE", help="samples files (.jsonl)")
+    p.add_argument(
+        "--normalization",
+        choices=("none", "chars"),
+        default="none",
+        help="score per choice: summed log-likelihood (none) or divided by the choice's "
+        "character length (chars, lm-eval's acc_norm); default none",
+    )
+    p.add_argument("--n-bins", type=int, default=15, help="confidence bins (default 15)")
+    p.add_argument(
+        "--binning",
+        choices=("width", "mass"),
+        default="width",
+        help="equal-width or equal-mass bins (default width)",
+    )
+    p.add_argument(
+        "--bootstrap", type=int, default=1000, metavar="N", help="bootstrap draws (default 1000)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=Path("runs/metrics"),
+        metavar="DIR",
+        help="where summary.json and the diagrams go (default runs/metrics)",
+    )
+    p.add_argument(
+        "--example",
+        type=Path,
+        metavar="PATH",
+        help="first write a synthetic samples file (simulated over-confident model) to PATH, "
+        "then include it in the report",
+    )
+    p.set_defaults(run=run)
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "task"
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.{digits}f}"
+
+
+def format_table(tasks: dict[str, dict]) -> str:
+    """Plain-text table: one row per task, ``all`` last."""
+    header = ["task", "n", "acc", "conf", "ECE [95% CI]", "RMS-CE", "MCE", "smECE", "Brier", "NLL"]
+    rows = []
+    for name, s in tasks.items():
+        ci = s.get("ece_ci95")
+        ece = _fmt(s["ece"]) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
+        rows.append(
+            [
+                name,
+                str(s["n"]),
+                _fmt(s["accuracy"]),
+                _fmt(s["mean_confidence"]),
+                ece,
+                _fmt(s["rms_ce"]),
+                _fmt(s["mce"]),
+                _fmt(s["smooth_ece"]),
+                _fmt(s["brier"]),
+                _fmt(s["nll"]),
+            ]
+        )
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = []
+    for r in [header, *rows]:
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
+        lines.append("  ".join(cells))
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from calibrated_lm import __version__
+    from calibrated_lm.calibration.diagrams import reliability_diagram
+    from calibrated_lm.calibration.example import write_example
+    from calibrated_lm.calibration.report import summarize_tasks
+    from calibrated_lm.calibration.samples import read_samples, task_groups
+    from calibrated_lm.calibration.scores import choice_log_probabilities
+
+    if args.n_bins < 1:
+        raise UserError(f"--n-bins must be at least 1, got {args.n_bins}")
+    if args.bootstrap < 0:
+        raise UserError(f"--bootstrap must be 0 or more, got {args.bootstrap}")
+    files = [Path(f) for f in args.files]
+    if args.example is not None:
+        files.insert(0, write_example(args.example, seed=0))
+        print(f"wrote synthetic example samples (simulated over-confident model) to {args.example}")
+    if not files:
+        raise UserError("give at least one samples FILE (or --example PATH for a synthetic one)")
+
+    samples = read_samples(files, normalization=args.normalization)
+    groups = task_groups(samples)
+    tasks = {name: (t.choice_scores, t.labels) for name, t in samples.items()}
+    lengths = None
+    if args.normalization == "chars":
+        lengths = {name: t.choice_char_lengths for name, t in samples.items()}
+    protocol = {
+        "tool": f"calibrated-lm {__version__} metrics",
+        "files": [str(f) for f in files],
+        "confidence": "softmax over each item's choices of the per-choice scores "
+        "(summed log-likelihoods; divided by choice character length when normalization=chars)",
+        "ci": "95% percentile bootstrap over items",
+    }
+    try:
+        summary = summarize_tasks(
+            tasks,
+            protocol=protocol,
+            choice_char_lengths=lengths,
+            normalization=args.normalization,
+            n_bins=args.n_bins,
+            binning=args.binning,
+            bootstrap=args.bootstrap,
+            seed=args.seed,
+            groups=groups,
+            progress=True,
+        )
+    except UserError:
+        raise
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+    out = Path(args.output)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n", encoding="utf-8")
+        tmp.replace(out / "summary.json")
+    except OSError as exc:
+        raise UserError(f"cannot write to {out}: {exc.strerror}") from None
+
+    print(format_table(summary["tasks"]))
+    print(f"\nwrote {out / 'summary.json'}")
+
+    # Diagrams: each task, each group and the pooled entry; plus the tasks overlaid when few.
+    def series_of(names: list[str]) -> tuple:
+        import numpy as np
+
+        scores = [s for n in names for s in samples[n].choice_scores]
+        lens = None
+        if args.normalization == "chars":
+            lens = [x for n in names for x in samples[n].choice_char_lengths]
+        logp, _ = choice_log_probabilities(
+            scores, choice_char_lengths=lens, normalization=args.normalization
+        )
+        labels = np.concatenate([np.asarray(samples[n].labels) for n in names])
+        conf = np.exp(logp.max(axis=1))
+        return conf, (logp.argmax(axis=1) == labels)
+
+    figures: list[tuple[str, dict]] = [(name, {name: series_of([name])}) for name in samples]
+    figures += [(g, {g: series_of(members)}) for g, members in groups.items()]
+    if len(samples) > 1:
+        figures.append(("all", {"all": series_of(list(samples))}))
+    leaves = [n for n in samples if samples[n].group is None] + list(groups)
+    if 2 <= len(leaves) <= 6:
+        overlay = {}
+        for n in leaves:
+            overlay[n] = series_of(groups.get(n, [n]))
+        figures.append(("tasks_overlaid", overlay))
+    written = []
+    for stem, series in tqdm(figures, desc="diagrams", unit="fig"):
+        title = f"Reliability: {stem}" if stem != "tasks_overlaid" else "Reliability by task"
+        written += reliability_diagram(
+            series, out / f"reliability_{_safe_name(stem)}", n_bins=args.n_bins,
+            binning=args.binning, title=title,
+        )  # fmt: skip
+    print(f"wrote {len(written)} diagram files under {out}/")
+    return 0

@@ -1,0 +1,71 @@
+"""Binned sums for many bootstrap resamples at once.
+
+A resample is a row of item multiplicities W[b, i] (how often item i was drawn). Any sum over
+the resampled items is then W @ x, so all draws of a metric come from a few matrix products
+instead of a Python loop. Equal-mass bins depend on the resample: items are sorted once by
+confidence and each draw's groups are cut at ranks ceil(g * N_b / n_bins) of its own copies
+(copies of one item may straddle a cut, as ties do in ``binning.bin_indices``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from calibrated_lm.calibration.binning import bin_indices
+
+
+def multiplicities(indices: np.ndarray, n: int) -> np.ndarray:
+    """(B, n) counts of each item in each row of resampled ``indices`` (B, n_draw)."""
+    rows = indices.shape[0]
+    flat = (indices + (np.arange(rows, dtype=np.int64) * n)[:, None]).ravel()
+    return np.bincount(flat, minlength=rows * n).reshape(rows, n).astype(np.float64)
+
+
+def weighted_bin_sums(
+    key: np.ndarray, values: np.ndarray, weights: np.ndarray, n_bins: int, binning: str
+) -> np.ndarray:
+    """(B, n_bins, V) sums of ``values`` (n, V) over each draw's bins of ``key`` (n,).
+
+    Include a column of ones in ``values`` to get the bin counts. Items with weight 0 (not
+    drawn, or masked out) take no part, also not in the equal-mass cuts.
+    """
+    n, v = values.shape
+    if binning == "width":
+        idx = bin_indices(key, n_bins, "width")
+        onehot = np.zeros((n, n_bins, v))
+        onehot[np.arange(n), idx, :] = values
+        return (weights @ onehot.reshape(n, n_bins * v)).reshape(-1, n_bins, v)
+    order = np.argsort(key, kind="stable")
+    ws = weights[:, order]
+    vs = values[order]
+    copies = np.cumsum(ws, axis=1)  # (B, n): copies among the first j+1 sorted items
+    total = copies[:, -1]
+    # prefix[b, j] = sum of values over the first j sorted items (j = 0..n)
+    prefix = np.zeros((weights.shape[0], n + 1, v))
+    np.cumsum(ws[:, :, None] * vs[None, :, :], axis=1, out=prefix[:, 1:, :])
+    copies0 = np.concatenate([np.zeros((weights.shape[0], 1)), copies], axis=1)
+    cuts = []
+    for g in range(n_bins + 1):
+        r = np.ceil(g * total / n_bins)  # (B,)
+        full = (copies <= r[:, None]).sum(axis=1)  # items entirely below rank r
+        partial = r - np.take_along_axis(copies0, full[:, None], axis=1)[:, 0]
+        nxt = np.minimum(full, n - 1)
+        s = np.take_along_axis(prefix, full[:, None, None], axis=1)[:, 0, :]
+        s = s + partial[:, None] * vs[nxt]
+        cuts.append(s)
+    cuts = np.stack(cuts, axis=1)  # (B, n_bins + 1, V)
+    return np.diff(cuts, axis=1)
+
+
+def errors_from_sums(sums: np.ndarray) -> dict[str, np.ndarray]:
+    """ECE, RMS-CE and MCE per draw from (B, n_bins, 3) [count, confidence, correct] sums."""
+    cnt, cs, ys = sums[..., 0], sums[..., 1], sums[..., 2]
+    nonempty = cnt > 0
+    safe = np.where(nonempty, cnt, 1.0)
+    gap = np.where(nonempty, np.abs(ys - cs) / safe, 0.0)
+    w = cnt / cnt.sum(axis=1, keepdims=True)
+    return {
+        "ece": (w * gap).sum(axis=1),
+        "rms_ce": np.sqrt((w * gap * gap).sum(axis=1)),
+        "mce": np.where(nonempty, gap, -np.inf).max(axis=1),
+    }
