@@ -60,6 +60,7 @@ def reliability_diagram(
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.colors
     import matplotlib.pyplot as plt
 
     fig, (ax, hx) = plt.subplots(
@@ -77,20 +78,10 @@ def reliability_diagram(
         edges = _edges(c, n_bins, binning)
         nonempty = table.count > 0
         lower, upper = edges[:-1], edges[1:]
-        if binning == "mass":
-            lower, upper = lower, upper  # one drawn interval per non-empty group
-            acc, conf, cnt = (
-                table.accuracy[nonempty],
-                table.confidence[nonempty],
-                table.count[nonempty],
-            )
-        else:
+        if binning == "width":
             lower, upper = lower[nonempty], upper[nonempty]
-            acc, conf, cnt = (
-                table.accuracy[nonempty],
-                table.confidence[nonempty],
-                table.count[nonempty],
-            )
+        # (equal-mass edges are already one interval per non-empty group)
+        acc, conf, cnt = table.accuracy[nonempty], table.confidence[nonempty], table.count[nonempty]
         width = (upper - lower) / n_series
         left = lower + s * width
         ece = calibration_error(c, y, n_bins=n_bins, binning=binning)
@@ -100,9 +91,12 @@ def reliability_diagram(
             edgecolor="white", linewidth=0.6, zorder=2, label=label,
         )  # fmt: skip
         gap_bottom = np.minimum(acc, conf)
+        # The gap box is translucent so an under-confident bin (accuracy above confidence)
+        # still shows its solid accuracy bar underneath.
         ax.bar(
             left, np.abs(conf - acc), bottom=gap_bottom, width=width, align="edge",
-            facecolor="none", edgecolor=color, hatch="///", linewidth=0.8, zorder=3,
+            facecolor=(*matplotlib.colors.to_rgb(color), 0.12), edgecolor="0.2", hatch="///",
+            linewidth=0.6, zorder=3,
         )  # fmt: skip
         ax.plot(
             left + width / 2, conf, ls="none", marker="_", ms=8, mew=1.6, color="0.15", zorder=4
@@ -137,6 +131,8 @@ def reliability_diagram(
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".svg")]
     fig.savefig(paths[0], dpi=150, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight")
+    # Text stays text in the SVG (searchable, editable) instead of outlines.
+    with plt.rc_context({"svg.fonttype": "none"}):
+        fig.savefig(paths[1], bbox_inches="tight")
     plt.close(fig)
     return paths
