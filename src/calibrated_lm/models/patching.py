@@ -63,6 +63,7 @@ class PatchConfig:
     z_loss: float
     logit_scale: float
     path: str  # "known" (architecture in SUPPORTED_MODEL_TYPES) or "generic"
+    impl: str = "auto"  # linear_cross_entropy's implementation switch
 
 
 @dataclass
@@ -88,7 +89,9 @@ def _output_head(model: nn.Module) -> nn.Module:
     return head
 
 
-def _resolve(model: nn.Module, label_smoothing, softcap, temperature, z_loss) -> PatchConfig:
+def _resolve(
+    model: nn.Module, label_smoothing, softcap, temperature, z_loss, impl="auto"
+) -> PatchConfig:
     config = getattr(model, "config", None)
     if config is None or getattr(config, "is_encoder_decoder", False):
         raise ValueError(
@@ -126,6 +129,7 @@ def _resolve(model: nn.Module, label_smoothing, softcap, temperature, z_loss) ->
         z_loss=float(z_loss),
         logit_scale=scale,
         path=path,
+        impl=impl,
     )
 
 
@@ -190,6 +194,7 @@ def fused_lm_loss(
         z_loss=cfg.z_loss,
         shift=shift,
         return_stats=return_stats,
+        impl=cfg.impl,
     )
     loss, stats = out if return_stats else (out, None)
     if num_items_in_batch is not None and reduction == "sum":
@@ -311,15 +316,18 @@ def patch_model(
     softcap: float | None = None,
     temperature: float | None = None,
     z_loss: float = 0.0,
+    *,
+    impl: str = "auto",
 ) -> nn.Module:
     """Make ``model(…, labels=…)`` return the fused label-smoothed loss (see module docstring).
 
     ``softcap=None`` keeps the model's own ``final_logit_softcapping`` (Gemma 2/3); a value
-    replaces it for the loss. Re-patching replaces the previous settings. Returns ``model``.
+    replaces it for the loss. ``impl`` is passed to ``linear_cross_entropy`` (auto: Triton on
+    CUDA, chunked PyTorch elsewhere). Re-patching replaces the previous settings. Returns ``model``.
     Raises ``ValueError`` for models without a linear output head or base decoder, or whose
     logits are not ``head(hidden)`` up to the known scalings.
     """
-    cfg = _resolve(model, label_smoothing, softcap, temperature, z_loss)
+    cfg = _resolve(model, label_smoothing, softcap, temperature, z_loss, impl)
     unpatch_model(model)
     if cfg.path == "generic":
         _check_generic(model, cfg)
