@@ -12,7 +12,9 @@ sigma* = smECE_sigma*, found by bisection on [0, 1].
 Computation: the items are deposited on a grid of M + 1 points by linear interpolation; the
 reflected kernel is exactly a convolution of the even, period-2 extension of that grid, which
 is a product with exp(-(pi k sigma)^2 / 2) in Fourier space. Several resamples (bootstrap)
-share one FFT and bisect their own bandwidths in parallel.
+share one FFT and bisect their own bandwidths in parallel. With M = 2048 the result agrees
+with direct evaluation of the integral to about 1e-6 for bandwidths of 0.001 and more; smaller
+bandwidths are evaluated at 2 / M.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ def _spectra(c: np.ndarray, resid: np.ndarray, idx: np.ndarray | None, grid: int
 
 def _smece_at(spectra: np.ndarray, sigma: np.ndarray, n: int, grid: int) -> np.ndarray:
     k = np.arange(spectra.shape[1], dtype=np.float64)
+    # Below two grid steps the sampled kernel would ring (negative lobes inflate |S|), so the
+    # smallest bandwidth evaluated is 2 / M; only smECE values under ~0.001 are affected.
+    sigma = np.maximum(sigma, 2.0 / grid)
     transfer = np.exp(-0.5 * (np.pi * sigma[:, None] * k[None, :]) ** 2)
     smoothed = np.fft.irfft(spectra * transfer, n=2 * grid, axis=1)[:, : grid + 1]
     # The transfer function is the Fourier series of the period-2 Gaussian, so irfft returns

@@ -1,0 +1,70 @@
+"""Bootstrap intervals: the vectorised draws equal a plain loop over resamples."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from calibrated_lm.calibration import (
+    METRICS,
+    bootstrap_ci,
+    bootstrap_indices,
+    percentile_interval,
+    summarize,
+)
+
+
+def _data(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    k = rng.integers(3, 6, n)
+    scores = [rng.normal(size=int(m)) * 2.5 for m in k]
+    labels = [int(rng.integers(0, m)) for m in k]
+    return scores, labels
+
+
+@pytest.mark.parametrize("binning", ["width", "mass"])
+def test_vectorised_bootstrap_equals_loop_over_resamples(binning):
+    scores, labels = _data(150)
+    s = summarize(scores, labels, bootstrap=60, seed=5, binning=binning, n_bins=6)
+    idx = bootstrap_indices(150, 60, 5)
+    per_draw = [
+        summarize([scores[i] for i in row], [labels[i] for i in row], bootstrap=0, binning=binning,
+                  n_bins=6)
+        for row in idx
+    ]  # fmt: skip
+    # Continuous scores: no tied confidences, so equal-mass cuts agree exactly too.
+    for name in METRICS:
+        expected = percentile_interval(np.array([d[name] for d in per_draw]))
+        assert s[f"{name}_ci95"] == pytest.approx(expected, abs=1e-9), name
+
+
+def test_intervals_are_seeded_and_contain_the_point_estimate():
+    scores, labels = _data(400, seed=1)
+    a = summarize(scores, labels, bootstrap=200, seed=0)
+    b = summarize(scores, labels, bootstrap=200, seed=0)
+    c = summarize(scores, labels, bootstrap=200, seed=1)
+    assert a == b
+    assert a["ece_ci95"] != c["ece_ci95"]
+    for name in ("accuracy", "mean_confidence", "brier", "nll"):
+        lo, hi = a[f"{name}_ci95"]
+        assert lo < a[name] < hi
+    none = summarize(scores, labels, bootstrap=0)
+    assert none["ece_ci95"] is None and none["ece"] == a["ece"]
+
+
+def test_interval_width_shrinks_like_one_over_root_n():
+    small = summarize(*_data(250, seed=2), bootstrap=300)
+    large = summarize(*_data(4000, seed=2), bootstrap=300)
+    w_small = np.diff(small["accuracy_ci95"])[0]
+    w_large = np.diff(large["accuracy_ci95"])[0]
+    assert 2.5 < w_small / w_large < 6.0  # sqrt(16) = 4
+
+
+def test_percentile_interval_and_generic_bootstrap():
+    assert percentile_interval(np.arange(101.0)) == pytest.approx([2.5, 97.5])
+    x = np.arange(10.0)
+    lo, hi = bootstrap_ci(lambda rows: float(x[rows].mean()), 10, draws=500, seed=0)
+    assert lo < 4.5 < hi and hi - lo < 5
+    assert bootstrap_indices(7, 3, 0).shape == (3, 7)
+    with pytest.raises(ValueError, match="at least 1"):
+        bootstrap_indices(7, 0, 0)
