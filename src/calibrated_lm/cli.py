@@ -20,6 +20,8 @@ from calibrated_lm.errors import UserError
 COMMANDS: list[tuple[str, str]] = [
     ("metrics", "calibrated_lm.calibration.command"),
     ("train", "calibrated_lm.training.command"),
+    ("eval", "calibrated_lm.evaluation.command"),
+    ("compare", "calibrated_lm.evaluation.compare"),
 ]
 
 

@@ -1,0 +1,214 @@
+"""From scored questions to ``summary.json``, reliability diagrams and ``report.md``.
+
+Metrics come from :mod:`calibrated_lm.calibration` (``summarize_tasks``), with the same task
+naming as ``calibrated-lm metrics``: a question with a subject belongs to task
+``<task>_<subject>`` and to the group ``<task>`` pooling its subjects (MMLU), so the summary
+has the same schema whichever command wrote it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TABLE_METRICS = ("accuracy", "mean_confidence", "ece", "rms_ce", "brier", "nll")
+
+
+def group_records(
+    records: Sequence[dict[str, Any]],
+) -> tuple[dict[str, tuple[list[list[float]], list[int]]], dict[str, list[list[int]]], dict]:
+    """(tasks -> (scores, labels), tasks -> char lengths, groups -> member tasks)."""
+    tasks: dict[str, tuple[list[list[float]], list[int]]] = {}
+    lengths: dict[str, list[list[int]]] = {}
+    groups: dict[str, list[str]] = {}
+    for r in records:
+        name = f"{r['task']}_{r['subject']}" if r.get("subject") else r["task"]
+        if r.get("subject"):
+            members = groups.setdefault(r["task"], [])
+            if name not in members:
+                members.append(name)
+        scores, labels = tasks.setdefault(name, ([], []))
+        scores.append(list(r["choice_logprobs"]))
+        labels.append(int(r["label"]))
+        lengths.setdefault(name, []).append(list(r["choice_char_lengths"]))
+    return tasks, lengths, groups
+
+
+def top_level_tasks(records: Sequence[dict[str, Any]]) -> list[str]:
+    """Task names as the user gave them (a group counts once), in first-seen order."""
+    seen: list[str] = []
+    for r in records:
+        if r["task"] not in seen:
+            seen.append(r["task"])
+    return seen
+
+
+def confidence_correct(
+    records: Sequence[dict[str, Any]], normalization: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-label confidence (softmax over the choices' scores) and correctness per question."""
+    from calibrated_lm.calibration import choice_probabilities, top_label
+
+    probs, _ = choice_probabilities(
+        [r["choice_logprobs"] for r in records],
+        choice_char_lengths=[r["choice_char_lengths"] for r in records],
+        normalization=normalization,
+    )
+    conf, pred = top_label(probs)
+    labels = np.array([int(r["label"]) for r in records])
+    return conf, (pred == labels).astype(np.float64)
+
+
+def build_summary(
+    records: Sequence[dict[str, Any]],
+    *,
+    protocol: dict[str, Any],
+    normalization: str,
+    n_bins: int,
+    binning: str,
+    bootstrap: int,
+    seed: int = 0,
+) -> dict[str, Any]:
+    from calibrated_lm.calibration import summarize_tasks
+
+    tasks, lengths, groups = group_records(records)
+    return summarize_tasks(
+        tasks,
+        protocol=protocol,
+        choice_char_lengths=lengths,
+        normalization=normalization,
+        n_bins=n_bins,
+        binning=binning,
+        bootstrap=bootstrap,
+        seed=seed,
+        groups=groups,
+    )
+
+
+def write_diagrams(
+    records: Sequence[dict[str, Any]],
+    out_dir: Path,
+    *,
+    label: str,
+    normalization: str,
+    n_bins: int,
+    binning: str,
+) -> dict[str, list[Path]]:
+    """One reliability diagram per top-level task: ``reliability_<task>.png`` and ``.svg``."""
+    from calibrated_lm.calibration import reliability_diagram
+
+    paths: dict[str, list[Path]] = {}
+    for task in top_level_tasks(records):
+        sub = [r for r in records if r["task"] == task]
+        conf, correct = confidence_correct(sub, normalization)
+        paths[task] = reliability_diagram(
+            {label: (conf, correct)},
+            out_dir / f"reliability_{task}",
+            n_bins=n_bins,
+            binning=binning,
+            title=f"{task} (n={len(sub)}): {label}",
+        )
+    return paths
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _ci(entry: dict[str, Any], name: str) -> str:
+    ci = entry.get(f"{name}_ci95")
+    value = _fmt(entry.get(name))
+    if not ci:
+        return value
+    return f"{value} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def table_rows(summary: dict[str, Any], order: Sequence[str]) -> list[list[str]]:
+    rows = []
+    for name in order:
+        e = summary["tasks"].get(name)
+        if e is None:
+            continue
+        rows.append(
+            [
+                name,
+                str(e["n"]),
+                _ci(e, "accuracy"),
+                _fmt(e["mean_confidence"]),
+                _ci(e, "ece"),
+                _ci(e, "rms_ce"),
+                _fmt(e["brier"]),
+                _fmt(e["nll"]),
+            ]
+        )
+    return rows
+
+
+HEADER = ["task", "n", "accuracy [95% CI]", "mean conf", "ECE [95% CI]", "RMS-CE [95% CI]"]
+HEADER += ["Brier", "NLL"]
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def summary_order(summary: dict[str, Any], records: Sequence[dict[str, Any]]) -> list[str]:
+    """Top-level tasks (groups pooled) then ``all``; subjects stay in summary.json only."""
+    order = top_level_tasks(records)
+    if len(order) > 1:
+        order.append("all")
+    return order
+
+
+def write_report(
+    out_dir: Path,
+    summary: dict[str, Any],
+    records: Sequence[dict[str, Any]],
+    diagrams: dict[str, list[Path]],
+) -> Path:
+    proto = summary["protocol"]
+    rows = table_rows(summary, summary_order(summary, records))
+    lines = [
+        f"# Calibration report: {proto.get('model')}",
+        "",
+        markdown_table(HEADER, rows),
+        "",
+        "## Protocol",
+        "",
+    ]
+    for key in sorted(proto):
+        if key in ("timing", "tasks"):
+            continue
+        lines.append(f"- {key}: {json.dumps(proto[key])}")
+    for task, spec in sorted(proto.get("tasks", {}).items()):
+        lines.append(f"- task {task}: {json.dumps(spec)}")
+    timing = proto.get("timing", {})
+    if timing:
+        lines += ["", "## Timing", ""]
+        lines += [f"- {k}: {v}" for k, v in timing.items()]
+    if diagrams:
+        lines += ["", "## Reliability diagrams", ""]
+        for task, paths in diagrams.items():
+            png = [p for p in paths if p.suffix == ".png"][0]
+            lines.append(f"![{task}]({png.name})")
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,296 @@
+"""The one scoring path: summed log-likelihood of each choice's continuation tokens.
+
+For a request ``(context, continuation)`` (lm-evaluation-harness ``HFLM._encode_pair``):
+trailing whitespace of the context moves to the front of the continuation; ``context +
+continuation`` and ``context`` are tokenised separately and the continuation tokens are the
+whole encoding past the context's length. The model reads ``(ctx + cont)[:-1]`` (left-truncated
+to the model's window) and
+
+    score = Σ_{t in cont} log p(t | tokens before t).
+
+Two things make it fast without changing any score:
+
+* requests whose input is a prefix of another request's input of the same question share that
+  row (a causal LM's logits at position i depend only on tokens <= i); MMLU's four one-letter
+  answers thus cost one forward pass;
+* rows are sorted by length and right-padded; causal attention never lets a real position see
+  the padding that follows it, and only the positions that predict continuation tokens go
+  through the output layer (``logits_to_keep``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from calibrated_lm.errors import UserError
+from calibrated_lm.evaluation.items import Item
+
+
+@dataclass
+class Encoder:
+    """Tokenises requests the way the harness' HF backend does.
+
+    ``add_bos``: prepend the tokenizer's special tokens (the harness does so only for Gemma
+    models, whose tokenizer adds ``<bos>``). ``prefix_id`` stands in for an empty context.
+    """
+
+    tokenizer: Any
+    add_bos: bool
+    prefix_id: int
+
+    def encode_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+        moved: list[tuple[str, str]] = []
+        for context, continuation in pairs:
+            n = len(context) - len(context.rstrip())
+            if n:
+                continuation = context[-n:] + continuation
+                context = context[:-n]
+            moved.append((context, continuation))
+        tok = self.tokenizer
+        wholes = tok([c + k for c, k in moved], add_special_tokens=self.add_bos)["input_ids"]
+        ctxs = tok([c for c, _ in moved], add_special_tokens=self.add_bos)["input_ids"]
+        out: list[tuple[list[int], list[int]]] = []
+        for (context, continuation), whole, ctx in zip(moved, wholes, ctxs):
+            if context == "":
+                cont = tok(continuation, add_special_tokens=False)["input_ids"]
+                out.append(([self.prefix_id], list(cont)))
+            else:
+                out.append((list(ctx), list(whole[len(ctx) :])))
+        return out
+
+
+def make_encoder(tokenizer: Any, model: Any, *, chat: bool) -> Encoder:
+    """The harness' rule: BOS only for Gemma (and never on chat-rendered prompts, which carry
+    their own); empty contexts become the BOS token, else end-of-text."""
+    model_type = str(getattr(getattr(model, "config", None), "model_type", ""))
+    add_bos = "gemma" in model_type and not chat
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else None
+    if prefix is None:
+        prefix = tokenizer.eos_token_id
+    if prefix is None:
+        raise UserError(
+            "the tokenizer has neither a BOS nor an EOS token to stand for an empty context"
+        )
+    return Encoder(tokenizer=tokenizer, add_bos=add_bos, prefix_id=int(prefix))
+
+
+@dataclass
+class _Row:
+    """One sequence of a forward pass.
+
+    ``prefix`` tokens are causal; each ``segments`` block [start, end) attends to the prefix
+    and causally to itself only (a packed continuation). ``targets`` lists, per request, the
+    row positions whose logits predict its continuation tokens, and those tokens.
+    """
+
+    tokens: list[int]
+    prefix: int
+    segments: list[tuple[int, int]] = field(default_factory=list)
+    targets: list[tuple[int, list[int], list[int]]] = field(default_factory=list)
+
+    def position_ids(self) -> list[int]:
+        pos = list(range(self.prefix))
+        for start, end in self.segments:
+            pos += list(range(self.prefix, self.prefix + end - start))
+        return pos
+
+
+def _plain_rows(inputs: list[tuple[int, list[int], list[int]]]) -> list[_Row]:
+    """Unpacked rows; an input that is a prefix of a longer one shares its row (causal LMs'
+    logits at position i depend only on tokens <= i)."""
+    item_rows: list[_Row] = []
+    for r, x, cont in sorted(inputs, key=lambda t: -len(t[1])):
+        positions = list(range(len(x) - len(cont), len(x)))
+        for row in item_rows:
+            if len(x) <= len(row.tokens) and row.tokens[: len(x)] == x:
+                row.targets.append((r, positions, cont))
+                break
+        else:
+            item_rows.append(_Row(tokens=x, prefix=len(x), targets=[(r, positions, cont)]))
+    return item_rows
+
+
+def _packed_row(reqs: list[int], ctx: list[int], conts: list[list[int]]) -> _Row:
+    """Context once, then each continuation (minus its last token) as its own segment.
+
+    The last context position predicts every continuation's first token; position j of
+    segment i predicts token j+1 of continuation i. Position ids restart at len(ctx) in each
+    segment, so every continuation sees exactly the positions and keys it would unpacked.
+    """
+    tokens = list(ctx)
+    row = _Row(tokens=tokens, prefix=len(ctx))
+    for r, cont in zip(reqs, conts):
+        start = len(tokens)
+        tokens.extend(cont[:-1])
+        if len(cont) > 1:
+            row.segments.append((start, len(tokens)))
+        positions = [len(ctx) - 1] + list(range(start, start + len(cont) - 1))
+        row.targets.append((r, positions, cont))
+    return row
+
+
+def plan_rows(
+    encoded: Sequence[Sequence[tuple[list[int], list[int]]]],
+    max_len: int,
+    pack: bool = False,
+    pack_len: int | None = None,
+) -> list[_Row]:
+    """Forward-pass rows for the encoded requests of several items.
+
+    ``encoded[i][j]`` is ``(ctx_ids, cont_ids)`` of choice j of item i; request indices in the
+    returned targets run over all choices of all items in order. With ``pack``, the choices of
+    a question sharing one context go into one row (when it fits in ``pack_len``, default
+    ``max_len``); other rows are left-truncated to ``max_len`` + 1 tokens as the harness does.
+    """
+    pack_len = max_len if pack_len is None else pack_len
+    rows: list[_Row] = []
+    req = 0
+    for item in encoded:
+        first = req
+        for _, cont in item:
+            if not cont:
+                raise UserError("a choice encodes to zero tokens; it cannot be scored")
+        ctx0 = item[0][0]
+        packed_len = len(ctx0) + sum(len(c) - 1 for _, c in item)
+        if pack and all(ctx == ctx0 for ctx, _ in item) and packed_len <= pack_len and ctx0:
+            reqs = list(range(first, first + len(item)))
+            rows.append(_packed_row(reqs, ctx0, [c for _, c in item]))
+            req += len(item)
+            continue
+        inputs: list[tuple[int, list[int], list[int]]] = []
+        for ctx, cont in item:
+            full = (ctx + cont)[-(max_len + 1) :]
+            n = min(len(cont), len(full) - 1)
+            inputs.append((req, full[:-1], cont[-n:]))
+            req += 1
+        rows.extend(_plain_rows(inputs))
+    return rows
+
+
+def _batches(rows: list[_Row], batch_size: int, max_tokens: int | None) -> Iterator[list[_Row]]:
+    """Consecutive rows (sorted longest first), at most ``batch_size`` rows and, when set,
+    at most ``max_tokens`` padded tokens per batch (the first row sets the width)."""
+    start = 0
+    while start < len(rows):
+        n = batch_size
+        if max_tokens is not None:
+            n = max(1, min(n, max_tokens // max(1, len(rows[start].tokens))))
+        yield rows[start : start + n]
+        start += n
+
+
+def _block_mask(batch: list[_Row], width: int, dtype: Any) -> Any:
+    """Additive (B, 1, T, T) mask: causal prefix, segments see the prefix and themselves
+    causally, padding sees only itself (so no softmax row is empty)."""
+    import torch
+
+    allowed = torch.zeros((len(batch), width, width), dtype=torch.bool)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    for b, r in enumerate(batch):
+        p = r.prefix
+        allowed[b, :p, :p] = causal[:p, :p]
+        for start, end in r.segments:
+            allowed[b, start:end, :p] = True
+            allowed[b, start:end, start:end] = causal[: end - start, : end - start]
+        idx = torch.arange(len(r.tokens), width)
+        allowed[b, idx, idx] = True
+    mask = torch.zeros((len(batch), 1, width, width), dtype=dtype)
+    return mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+
+
+def supports_packing(model: Any) -> bool:
+    """Packed rows need a custom 4D mask: fine for eager and SDPA attention, not for kernels
+    that only know causal/padding masks. Sliding-window layers would ignore their window under a
+    custom mask, so such models pack only rows shorter than the window (see score_items)."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return impl in ("eager", "sdpa")
+
+
+def score_rows(
+    model: Any,
+    rows: list[_Row],
+    n_requests: int,
+    batch_size: int,
+    max_tokens: int | None = None,
+) -> list[float]:
+    """Summed continuation log-likelihood per request (float64 sums of fp32 log-softmax)."""
+    import torch
+
+    param = next(model.parameters())
+    device = param.device
+    scores = [float("nan")] * n_requests
+    order = sorted(rows, key=lambda r: -len(r.tokens))
+    for batch in _batches(order, batch_size, max_tokens):
+        width = max(len(r.tokens) for r in batch)
+        # First position whose logits any request needs; only those go through the output layer.
+        first = min(min(pos) for r in batch for _, pos, _ in r.targets)
+        keep = width - first
+        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        for b, r in enumerate(batch):
+            ids[b, : len(r.tokens)] = torch.tensor(r.tokens, dtype=torch.long)
+        kwargs: dict[str, Any] = {}
+        if any(r.segments for r in batch):
+            pos_ids = torch.zeros((len(batch), width), dtype=torch.long)
+            for b, r in enumerate(batch):
+                pos_ids[b, : len(r.tokens)] = torch.tensor(r.position_ids(), dtype=torch.long)
+            kwargs["position_ids"] = pos_ids.to(device)
+            kwargs["attention_mask"] = _block_mask(batch, width, param.dtype).to(device)
+        else:
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for b, r in enumerate(batch):
+                mask[b, : len(r.tokens)] = 1
+            kwargs["attention_mask"] = mask.to(device)
+        with torch.inference_mode():
+            out = model(input_ids=ids.to(device), logits_to_keep=keep, **kwargs)
+            logp = torch.log_softmax(out.logits[:, -keep:, :].float(), dim=-1)
+        for b, r in enumerate(batch):
+            for req, positions, cont in r.targets:
+                pos = torch.tensor(positions, dtype=torch.long, device=logp.device) - first
+                tgt = torch.tensor(cont, dtype=torch.long, device=logp.device)
+                scores[req] = float(logp[b, pos, tgt].double().sum().item())
+    return scores
+
+
+def model_max_length(model: Any, tokenizer: Any) -> int:
+    """Context window: the model's position limit, capped by the tokenizer's where set."""
+    cfg = getattr(model, "config", None)
+    n = getattr(cfg, "max_position_embeddings", None) or 2048
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_max, int) and 0 < tok_max < 10**7:
+        n = min(n, tok_max)
+    return int(n)
+
+
+def score_items(
+    model: Any,
+    encoder: Encoder,
+    items: Sequence[Item],
+    *,
+    batch_size: int,
+    max_len: int,
+    max_tokens: int | None = None,
+    pack: bool | None = None,
+) -> list[list[float]]:
+    """Per item, per choice: the summed continuation log-likelihood.
+
+    ``pack`` (default: when the attention implementation allows it) scores a question's
+    choices that share a context in one packed row; the scores are the same as unpacked.
+    """
+    if pack is None:
+        pack = supports_packing(model)
+    pack_len = max_len
+    window = getattr(getattr(model, "config", None), "sliding_window", None)
+    if pack and isinstance(window, int) and window > 0:
+        pack_len = min(max_len, window)
+    encoded = [encoder.encode_pairs(item.requests) for item in items]
+    rows = plan_rows(encoded, max_len, pack=pack, pack_len=pack_len)
+    n_req = sum(len(i.requests) for i in items)
+    flat = score_rows(model, rows, n_req, batch_size, max_tokens)
+    out: list[list[float]] = []
+    pos = 0
+    for item in items:
+        out.append(flat[pos : pos + len(item.requests)])
+        pos += len(item.requests)
+    return out

@@ -1,0 +1,115 @@
+"""eval end to end on a tiny model: outputs, resume after a crash, refusals that keep data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers_tiny_lm import build_tiny_lm
+
+from calibrated_lm.errors import UserError
+from calibrated_lm.evaluation.runner import EvalConfig, run_eval
+
+WORDS = ["carbon dioxide", "water", "the sun", "Paris", "France", "a star", "accuracy"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("run")
+    model = build_tiny_lm(root / "model", chat_template=True)
+    task = root / "quiz.jsonl"
+    lines = []
+    for i in range(23):
+        k = 2 + i % 4  # 2 to 5 choices: variable choice counts everywhere
+        choices = [WORDS[(i + j) % len(WORDS)] for j in range(k)]
+        lines.append(
+            json.dumps(
+                {
+                    "context": f"Question {i}: which one?\nAnswer:",
+                    "choices": choices,
+                    "label": i % k,
+                    "id": f"q{i}",
+                }
+            )
+        )
+    task.write_text("\n".join(lines) + "\n")
+    return model, task
+
+
+def _cfg(setup, out: Path, **kw) -> EvalConfig:
+    model, task = setup
+    base = dict(
+        model=str(model),
+        tasks=[str(task)],
+        output=out,
+        bootstrap=50,
+        progress=False,
+        device="cpu",
+        chat_template="off",
+        batch_size=4,
+    )
+    base.update(kw)
+    return EvalConfig(**base)
+
+
+def _records(path: Path) -> dict[str, dict]:
+    return {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
+def test_outputs_and_resume_after_crash(setup, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    summary = run_eval(_cfg(setup, out))
+    full = _records(out / "samples.jsonl")
+    assert len(full) == 23
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["tasks"]["quiz"]["n"] == 23 and "ece_ci95" in saved["tasks"]["quiz"]
+    assert saved["protocol"]["chat_template_used"] is False
+    assert saved["protocol"]["model"] == str(setup[0])
+    assert (out / "reliability_quiz.png").stat().st_size > 1000
+    assert "| quiz | 23 |" in (out / "report.md").read_text()
+    assert summary["tasks"]["quiz"]["accuracy"] == pytest.approx(
+        sum(
+            max(range(len(r["choice_logprobs"])), key=r["choice_logprobs"].__getitem__)
+            == r["label"]
+            for r in full.values()
+        )
+        / 23
+    )
+    # Simulate a crash: 10 records kept, the 11th cut mid-line.
+    lines = (out / "samples.jsonl").read_text().splitlines(keepends=True)
+    (out / "samples.jsonl").write_text("".join(lines[:10]) + lines[10][:25])
+    run_eval(_cfg(setup, out))
+    text = (out / "samples.jsonl").read_text()
+    again = [json.loads(x) for x in text.splitlines()]
+    assert len(again) == 23 and len({r["id"] for r in again}) == 23  # none lost, none duplicated
+    for r in again:
+        assert r["choice_logprobs"] == pytest.approx(full[r["id"]]["choice_logprobs"], abs=1e-5)
+    # Nothing left to do: a rerun scores zero questions and rewrites the same summary.
+    third = run_eval(_cfg(setup, out))
+    assert third["protocol"]["timing"]["questions_scored_this_run"] == 0
+    assert third["tasks"]["quiz"]["ece"] == pytest.approx(summary["tasks"]["quiz"]["ece"])
+
+
+def test_batch_size_does_not_change_scores(setup, tmp_path: Path) -> None:
+    run_eval(_cfg(setup, tmp_path / "a", batch_size=1))
+    run_eval(_cfg(setup, tmp_path / "b", batch_size="auto"))
+    a, b = _records(tmp_path / "a/samples.jsonl"), _records(tmp_path / "b/samples.jsonl")
+    for k in a:
+        assert a[k]["choice_logprobs"] == pytest.approx(b[k]["choice_logprobs"], abs=2e-5)
+
+
+def test_refusals_keep_results(setup, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run_eval(_cfg(setup, out, chat_template="on"))
+    before = (out / "samples.jsonl").read_bytes()
+    assert json.loads(before.splitlines()[0])["prompt"].startswith("<|endoftext|>user\n")
+    with pytest.raises(UserError, match="different protocol.*chat_template_used"):
+        run_eval(_cfg(setup, out, chat_template="off"))
+    lines = before.splitlines(keepends=True)
+    (out / "samples.jsonl").write_bytes(b"".join(lines[:3]) + b"{oops\n" + b"".join(lines[3:]))
+    with pytest.raises(UserError, match=r"samples.jsonl:4: damaged line"):
+        run_eval(_cfg(setup, out, chat_template="on"))
+    assert (out / "samples.jsonl").read_bytes().count(b"\n") == 24  # nothing deleted
+    with pytest.raises(UserError, match="model path .*missing.gguf does not exist"):
+        run_eval(_cfg(setup, tmp_path / "x", model=str(tmp_path / "missing.gguf")))

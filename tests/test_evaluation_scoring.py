@@ -1,0 +1,129 @@
+"""The scoring path: harness tokenisation split, and batching/packing that change no score."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers_tiny_lm import build_tiny_lm
+
+from calibrated_lm.evaluation.items import Item
+from calibrated_lm.evaluation.scoring import Encoder, plan_rows, score_items
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = build_tiny_lm(tmp_path_factory.mktemp("tiny") / "m")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def _encoder(tok) -> Encoder:
+    return Encoder(tokenizer=tok, add_bos=False, prefix_id=tok.eos_token_id)
+
+
+def test_trailing_space_moves_to_continuation(tiny) -> None:
+    _, tok = tiny
+    enc = _encoder(tok)
+    [(ctx, cont)] = enc.encode_pairs([("Question: Paris?\nAnswer: ", "carbon dioxide")])
+    whole = tok("Question: Paris?\nAnswer: carbon dioxide", add_special_tokens=False).input_ids
+    assert ctx == tok("Question: Paris?\nAnswer:", add_special_tokens=False).input_ids
+    assert ctx + cont == whole
+    assert tok.decode(cont) == " carbon dioxide"
+
+
+def test_split_is_whole_minus_context_length(tiny) -> None:
+    """Continuation = tokens of context+continuation past len(tokens of context), even
+    where a merge crosses the boundary (the harness' rule, not separate encoding)."""
+    _, tok = tiny
+    enc = _encoder(tok)
+    context, continuation = "Answer: the su", "n is a star"
+    [(ctx, cont)] = enc.encode_pairs([(context, continuation)])
+    whole = tok(context + continuation, add_special_tokens=False).input_ids
+    assert ctx == tok(context, add_special_tokens=False).input_ids
+    assert cont == whole[len(ctx) :]
+
+
+def test_empty_context_uses_prefix_token(tiny) -> None:
+    _, tok = tiny
+    [(ctx, cont)] = _encoder(tok).encode_pairs([("", "Paris is")])
+    assert ctx == [tok.eos_token_id]
+    assert cont == tok("Paris is", add_special_tokens=False).input_ids
+
+
+def _oracle(model, ctx: list[int], cont: list[int]) -> float:
+    """Full forward of ctx+cont[:-1], plain log-softmax, sum over the continuation."""
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].double(), -1)
+    return float(sum(logp[len(ctx) - 1 + j, t] for j, t in enumerate(cont)))
+
+
+def _items() -> list[Item]:
+    qs = [
+        ("Question: Which gas do plants take in?\nAnswer:", ["carbon dioxide", "water", "sun"]),
+        ("The following are multiple choice questions.\n\nA. Mars\nAnswer:", list("ABCD")),
+        ("Paris is the capital of", [" France", " the sun is a star and more words", " it"]),
+        ("Calibration means", ["confidence", "accuracy on average", "x", "y", "water boils"]),
+    ]
+    items = []
+    for i, (ctx, choices) in enumerate(qs):
+        reqs = tuple((ctx, " " + c) for c in choices)
+        items.append(Item(task="t", id=str(i), requests=reqs, label=0, choices=tuple(choices)))
+    # Winogrande-like: different contexts, one continuation.
+    wino = (
+        ("Sarah was better than Maria so Sarah", " got it."),
+        ("Sarah was better so Maria", " got it."),
+    )
+    items.append(Item(task="t", id="w", requests=wino, label=1, choices=("a", "b")))
+    return items
+
+
+@pytest.mark.parametrize("pack", [False, True])
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
+def test_scores_match_oracle_for_any_batching(tiny, pack: bool, batch_size: int) -> None:
+    model, tok = tiny
+    enc = _encoder(tok)
+    items = _items()
+    got = score_items(model, enc, items, batch_size=batch_size, max_len=512, pack=pack)
+    for item, scores in zip(items, got):
+        for (c, k), s in zip(enc.encode_pairs(item.requests), scores):
+            assert s == pytest.approx(_oracle(model, c, k), abs=2e-5)
+
+
+def test_letters_share_one_row_and_choices_pack_into_one(tiny) -> None:
+    _, tok = tiny
+    enc = _encoder(tok)
+    items = _items()
+    encoded = [enc.encode_pairs(i.requests) for i in items]
+    plain = plan_rows(encoded[1:2], 512)
+    assert len(plain) == 1 and len(plain[0].targets) == 4  # MMLU letters: one forward row
+    packed = plan_rows(encoded[:1], 512, pack=True)
+    assert len(packed) == 1 and len(packed[0].segments) == 3
+    unpacked = plan_rows(encoded[:1], 512, pack=False)
+    assert len(unpacked) == 3
+    assert len(plan_rows(encoded[4:], 512, pack=True)) == 2  # different contexts: no packing
+
+
+def test_truncation_keeps_the_last_tokens(tiny) -> None:
+    model, tok = tiny
+    enc = _encoder(tok)
+    items = _items()[:1]
+    got = score_items(model, enc, items, batch_size=4, max_len=6, pack=True)
+    for (c, k), s in zip(enc.encode_pairs(items[0].requests), got[0]):
+        full = (c + k)[-7:]
+        n = min(len(k), len(full) - 1)
+        assert s == pytest.approx(
+            _oracle(model, full[: len(full) - n], full[len(full) - n :]), abs=2e-5
+        )
+
+
+def test_packing_respects_sliding_window(tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, tok = tiny
+    enc = _encoder(tok)
+    items = _items()[:1]
+    monkeypatch.setattr(model.config, "sliding_window", 4, raising=False)
+    got = score_items(model, enc, items, batch_size=4, max_len=512)
+    for (c, k), s in zip(enc.encode_pairs(items[0].requests), got[0]):
+        assert s == pytest.approx(_oracle(model, c, k), abs=2e-5)
