@@ -33,6 +33,8 @@ from tqdm import tqdm
 IGN = -100
 EPS = 0.1
 MIB = 1 << 20
+FRACTION = "CALIBRATED_LM_LCE_MEMORY_FRACTION"
+STREAMS = "CALIBRATED_LM_LCE_STREAMS"
 
 SHAPES = {
     # name: (N, D, V, softcap)
@@ -110,18 +112,22 @@ def cce_loss(softcap, eps):
     return lambda h, w, y: cce(h, w, y, ignore_index=IGN, softcap=softcap)
 
 
-def ours_loss(softcap, eps, fraction=None):
+def ours_loss(softcap, eps, env=None):
     from calibrated_lm import linear_cross_entropy
 
     def fn(h, w, y):
-        if fraction is not None:
-            os.environ["CALIBRATED_LM_LCE_MEMORY_FRACTION"] = str(fraction)
+        saved = {k: os.environ.get(k) for k in env or {}}
+        os.environ.update(env or {})
         try:
             return linear_cross_entropy(
                 h, w, y, label_smoothing=eps, softcap=softcap, ignore_index=IGN, impl="triton"
             )
         finally:
-            os.environ.pop("CALIBRATED_LM_LCE_MEMORY_FRACTION", None)
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
     return fn
 
@@ -134,8 +140,9 @@ def methods(softcap):
         ("Liger fused linear CE", EPS, lambda: liger_loss(softcap, EPS)),
         ("Cut Cross-Entropy (eps=0)", 0.0, lambda: cce_loss(softcap, 0.0)),
         ("ours", EPS, lambda: ours_loss(softcap, EPS)),
-        ("ours, memory fraction 0.1", EPS, lambda: ours_loss(softcap, EPS, 0.1)),
-        ("ours, memory fraction 0.3", EPS, lambda: ours_loss(softcap, EPS, 0.3)),
+        ("ours, memory fraction 0.1", EPS, lambda: ours_loss(softcap, EPS, {FRACTION: "0.1"})),
+        ("ours, memory fraction 0.3", EPS, lambda: ours_loss(softcap, EPS, {FRACTION: "0.3"})),
+        ("ours, one stream", EPS, lambda: ours_loss(softcap, EPS, {STREAMS: "0"})),
     ]
 
 
@@ -281,16 +288,15 @@ def breakdown(n, d, v, log):
         "grad_h mm": lambda: torch.mm(blk, w, out=gh),
         "grad_w addmm": lambda: gw.addmm_(blk.T, hb),
     }
-    tr, tc = chunking.forward_tile(n, v, 2, True)
-    tile = torch.empty(tr, tc, dtype=h.dtype, device="cuda")
-    acc2, idx2 = new_accumulators(tr, h.device)
-    steps["fwd tile mm"] = lambda: torch.mm(h[:tr], w[:tc].T, out=tile)
-    steps["fwd tile row_update"] = lambda: be.update(acc2, idx2, tile, 0, None, y[:tr], cfg)
-    out = {"shape": [n, d, v], "block_rows": rows, "tile": [tr, tc]}
+    steps["fused forward (no grad)"] = lambda: be.forward_stats(h, w, None, y, cfg)
+    out = {"shape": [n, d, v], "block_rows": rows}
     for k, fn in steps.items():
         out[k + " ms"] = timed(fn, budget_s=0.3)[0]
     out["blocks"] = math.ceil(n / rows)
-    out["tiles"] = math.ceil(n / tr) * math.ceil(v / tc)
+    from calibrated_lm.loss import triton_backend
+
+    best = getattr(triton_backend._fused_forward_tuned, "best_config", None)
+    out["fused forward config"] = str(best)
     print(json.dumps(out), file=log, flush=True)
     return out
 

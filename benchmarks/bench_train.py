@@ -165,7 +165,7 @@ def measure(model: Any, method: str, impl: str, device: torch.device, args) -> d
 def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
-    from calibrated_lm.models.loading import load_model
+    from calibrated_lm.models.loading import load_model, resolve_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="gemma-3-270m")
@@ -185,7 +185,18 @@ def main(argv: list[str] | None = None) -> int:
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
     t_load = time.perf_counter()
-    model, _ = load_model(args.model, dtype="float32", device=str(device))
+    resolved = resolve_model(args.model)
+    if str(resolved).endswith(".gguf"):
+        # Straight from the GGUF (dequantised to fp32): the benchmark needs no tokenizer and
+        # no converted cache folder.
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(
+            str(resolved.parent), gguf_file=resolved.name, dtype=torch.float32
+        ).to(device)
+    else:
+        model, _ = load_model(args.model, dtype="float32", device=str(device))
+    model.requires_grad_(True)
     load_s = time.perf_counter() - t_load
     n_params = sum(p.numel() for p in model.parameters())
     vocab = model.get_output_embeddings().weight.shape[0]

@@ -95,6 +95,21 @@ def test_triton_no_grad_sum_and_shift(small_blocks):
     assert rel(st.confidence, rst.confidence) < 1e-4
 
 
+def test_triton_fused_forward_strided_inputs_with_bias():
+    g = torch.Generator().manual_seed(13)
+    h = torch.randn(24, 45, generator=g).to(DEVICE).T  # (45, 24), column-major
+    w = torch.randn(24, 2 * 333, generator=g).to(DEVICE).T[::2]  # (333, 24), strided
+    b = torch.randn(333, generator=g).to(DEVICE)
+    y = torch.randint(0, 333, (45,), generator=g).to(DEVICE)
+    y[::7] = IGN
+    kw = dict(bias=b, label_smoothing=0.2, z_loss=1e-3, reduction="none", return_stats=True)
+    with torch.no_grad():
+        loss, st = linear_cross_entropy(h, w, y, impl="triton", **kw)
+    ref, rst = reference_linear_cross_entropy(h, w, y, **kw)
+    assert rel(loss, ref) < 1e-4 and rel(st.entropy, rst.entropy) < 1e-4
+    assert rel(st.lse, rst.lse) < 1e-4 and torch.equal(st.correct, rst.correct)
+
+
 def test_triton_all_ignored_is_zero():
     h, w, y, _ = make_problem(8, 16, 70)
     y[:] = IGN

@@ -13,6 +13,8 @@ lse = m + log s, entropy = lse - t / s, confidence = exp(m - lse) = 1 / s.
 
 from __future__ import annotations
 
+import os
+from contextlib import nullcontext as _nullcontext
 from typing import NamedTuple, Protocol
 
 import torch
@@ -63,6 +65,25 @@ def new_accumulators(n: int, device: torch.device) -> tuple[torch.Tensor, torch.
     return acc, torch.zeros(n, dtype=torch.int32, device=device)
 
 
+def merge_partials(
+    acc: torch.Tensor, idx: torch.Tensor, part: torch.Tensor, part_idx: torch.Tensor
+) -> None:
+    """Merge per-split statistics ``part`` (S, 5, R) and argmaxes ``part_idx`` (S, R), whose
+    splits cover later and later vocabulary columns, into ``acc`` (5, R) and ``idx`` (R)."""
+    parts = torch.cat([acc[None], part], 0)
+    m = parts[:, M].max(0).values
+    w = torch.exp(parts[:, M] - m)  # -inf partials (nothing seen yet) get weight 0
+    acc[S] = (parts[:, S] * w).sum(0)
+    acc[T] = (parts[:, T] * w).sum(0)
+    acc[SUMC] = parts[:, SUMC].sum(0)
+    acc[CY] = parts[:, CY].sum(0)
+    # The first split reaching the max holds the first argmax (torch.argmax's tie rule).
+    first = (parts[:, M] == m).int().argmax(0)
+    idxs = torch.cat([idx[None], part_idx.to(idx.dtype)], 0)
+    idx.copy_(idxs.gather(0, first[None])[0])
+    acc[M] = m
+
+
 def finalize(
     acc: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor, vocab: int, cfg: LossConfig
 ) -> TokenResults:
@@ -92,6 +113,10 @@ def forward_only(
     """Loss and statistics without gradients, over (rows x cols) logit tiles."""
     n = hidden.shape[0]
     vocab = weight.shape[0]
+    fused = getattr(backend, "forward_stats", None)
+    if fused is not None:  # on-chip logits, no tiles in memory
+        acc, idx = fused(hidden, weight, bias, targets, cfg)
+        return finalize(acc, idx, targets, vocab, cfg)
     acc, idx = new_accumulators(n, hidden.device)
     rows, cols = tile
     buf = torch.empty(rows * cols, dtype=hidden.dtype, device=hidden.device)
@@ -138,6 +163,10 @@ def forward_backward(
     grad_w = new_w(weight.shape, dtype=weight.dtype, device=weight.device) if need[1] else None
     grad_b = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need[2] else None
     buf = torch.empty(min(block_rows, n) * vocab, dtype=hidden.dtype, device=hidden.device)
+    # The weight-gradient update (memory-bound at small blocks) and the hidden-gradient product
+    # (compute-bound) only read the gradient block: run them concurrently on two streams.
+    side = _side_stream(hidden.device) if grad_w is not None and grad_h is not None else None
+    main = torch.cuda.current_stream(hidden.device) if side is not None else None
     for i, r0 in enumerate(range(0, n, block_rows)):
         r1 = min(n, r0 + block_rows)
         h_blk = hidden[r0:r1]
@@ -146,13 +175,25 @@ def forward_backward(
         backend.update(acc[:, r0:r1], idx[r0:r1], block, 0, bias, targets[r0:r1], cfg)
         lse = acc[M, r0:r1] + torch.log(acc[S, r0:r1])
         backend.grad_(block, lse, targets[r0:r1], bias, row_scale[r0:r1], cfg)
+        if side is not None:
+            side.wait_stream(main)
+        with torch.cuda.stream(side) if side is not None else _nullcontext():
+            if grad_w is not None:
+                if i == 0:
+                    torch.mm(block.T, h_blk, out=grad_w)
+                else:
+                    grad_w.addmm_(block.T, h_blk)
         if grad_h is not None:
             torch.mm(block, weight, out=grad_h[r0:r1])
-        if grad_w is not None:
-            if i == 0:
-                torch.mm(block.T, h_blk, out=grad_w)
-            else:
-                grad_w.addmm_(block.T, h_blk)
         if grad_b is not None:
             grad_b += block.sum(0, dtype=torch.float32)
+        if side is not None:
+            main.wait_stream(side)  # the next block overwrites the buffer
     return finalize(acc, idx, targets, vocab, cfg), Grads(grad_h, grad_w, grad_b)
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
+    """A second CUDA stream, unless disabled (CALIBRATED_LM_LCE_STREAMS=0) or not on CUDA."""
+    if device.type != "cuda" or os.environ.get("CALIBRATED_LM_LCE_STREAMS", "1") == "0":
+        return None
+    return torch.cuda.Stream(device)

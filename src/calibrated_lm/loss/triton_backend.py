@@ -1,7 +1,9 @@
-"""Triton backend: launches the per-row kernels of ``kernels/`` on logit blocks.
+"""Triton backend: launches the kernels of ``kernels/``.
 
-The logit blocks themselves come from cuBLAS products (see ``engine.py``); these kernels are
-the fused epilogues (statistics, in-place gradient), each reading the block once.
+In the gradient pass the logit blocks come from cuBLAS products (see ``engine.py``) and two
+Triton kernels are their fused epilogues (statistics, then the in-place gradient), each
+streaming the block once. Without gradients, one fused kernel computes logit tiles on chip
+and reduces them directly (``forward_stats``).
 """
 
 from __future__ import annotations
@@ -12,19 +14,59 @@ import torch
 import triton
 
 from calibrated_lm.loss.config import LossConfig
+from calibrated_lm.loss.engine import merge_partials, new_accumulators
+from calibrated_lm.loss.kernels.fused_forward import fused_forward_kernel
 from calibrated_lm.loss.kernels.row_grad import row_grad_kernel
-from calibrated_lm.loss.kernels.row_update import row_update_kernel
+from calibrated_lm.loss.kernels.row_update import row_partial_stats_kernel
+
+# Aim for this many programs per launch of the row kernels (several per SM, so that enough
+# loads are in flight to approach the memory bandwidth).
+_ROW_PROGRAMS = 2048
+# Vocabulary splits of the fused forward kernel: fixed, so that its compile-time tile count
+# depends on V only (no recompilation when N changes); partials cost 24 bytes x splits x N.
+_FWD_SPLITS = 8
 
 
-def _block_and_warps(n_cols: int) -> tuple[int, int]:
-    block = min(4096, triton.next_power_of_2(max(n_cols, 16)))
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return block, 1
-    return block, 8 if block >= 2048 else 4
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _row_launch(rows: int, cols: int) -> tuple[int, int, int, int]:
+    """(BLOCK, num_warps, columns per program, splits) for the per-row kernels."""
+    # Small blocks in the interpreter so that tests exercise several splits per row.
+    block = min(64 if _interpret() else 4096, triton.next_power_of_2(max(cols, 16)))
+    warps = 1 if _interpret() else (8 if block >= 2048 else 4)
+    splits = max(1, min(triton.cdiv(_ROW_PROGRAMS, rows), triton.cdiv(cols, block)))
+    per_prog = triton.cdiv(triton.cdiv(cols, splits), block) * block
+    return block, warps, per_prog, triton.cdiv(cols, per_prog)
+
+
+def _forward_tiles(vocab: int, bn: int) -> int:
+    """BN-wide tiles per split."""
+    return triton.cdiv(triton.cdiv(vocab, bn), _FWD_SPLITS)
+
+
+def _forward_splits(vocab: int, bn: int) -> int:
+    return triton.cdiv(triton.cdiv(vocab, bn), _forward_tiles(vocab, bn))
+
+
+# Hopper-friendly tile shapes; the fastest is picked once per (V, D) on first use.
+_FWD_CONFIGS = [
+    triton.Config({"BM": 128, "BN": 128, "BK": 64}, num_warps=8, num_stages=4),
+    triton.Config({"BM": 128, "BN": 256, "BK": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BM": 128, "BN": 128, "BK": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BM": 64, "BN": 256, "BK": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BM": 128, "BN": 64, "BK": 64}, num_warps=4, num_stages=5),
+]
+_fused_forward_tuned = triton.autotune(_FWD_CONFIGS, key=["N_COLS", "D"])(
+    triton.heuristics({"TILES": lambda a: _forward_tiles(a["N_COLS"], a["BN"])})(
+        fused_forward_kernel
+    )
+)
 
 
 class TritonBackend:
-    """Epilogues as Triton kernels (CUDA, or the CPU under ``TRITON_INTERPRET=1``)."""
+    """Epilogues and the fused forward as Triton kernels (CUDA, or ``TRITON_INTERPRET=1``)."""
 
     def update(
         self,
@@ -39,25 +81,30 @@ class TritonBackend:
         rows, cols = block.shape
         if rows == 0:
             return
-        assert block.stride(1) == 1 and acc.stride(1) == 1 and targets.stride(0) == 1
-        size, warps = _block_and_warps(cols)
-        row_update_kernel[(rows,)](
+        assert block.stride(1) == 1 and targets.stride(0) == 1
+        size, warps, per_prog, splits = _row_launch(rows, cols)
+        part = torch.empty(splits, 5, rows, dtype=torch.float32, device=block.device)
+        part_idx = torch.empty(splits, rows, dtype=torch.int32, device=block.device)
+        row_partial_stats_kernel[(rows, splits)](
             block,
             block.stride(0),
-            col0,
-            bias if bias is not None else block,
-            targets,
-            acc,
-            acc.stride(0),
-            idx,
-            cfg.ignore_index,
+            cols,
+            bias[col0:] if bias is not None else block,
+            targets - col0 if col0 else targets,
+            part,
+            part_idx,
+            rows,
+            cfg.ignore_index - col0,
             cfg.softcap or 1.0,
-            N_COLS=cols,
+            COLS_PER_PROG=per_prog,
             HAS_BIAS=bias is not None,
             HAS_SOFTCAP=cfg.softcap is not None,
             BLOCK=size,
             num_warps=warps,
         )
+        if col0:
+            part_idx += col0
+        merge_partials(acc, idx, part, part_idx)
 
     def grad_(
         self,
@@ -72,10 +119,11 @@ class TritonBackend:
         if rows == 0:
             return
         eps = cfg.label_smoothing
-        size, warps = _block_and_warps(cols)
-        row_grad_kernel[(rows,)](
+        size, warps, per_prog, splits = _row_launch(rows, cols)
+        row_grad_kernel[(rows, splits)](
             block,
             block.stride(0),
+            cols,
             bias if bias is not None else block,
             targets,
             lse.contiguous(),
@@ -85,9 +133,67 @@ class TritonBackend:
             1.0 - eps,
             2.0 * cfg.z_loss,
             cfg.softcap or 1.0,
-            N_COLS=cols,
+            COLS_PER_PROG=per_prog,
             HAS_BIAS=bias is not None,
             HAS_SOFTCAP=cfg.softcap is not None,
             BLOCK=size,
             num_warps=warps,
         )
+
+    def forward_stats(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        cfg: LossConfig,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Merged accumulators (5, N) and argmax (N) without materialising logits."""
+        n, dim = hidden.shape
+        vocab = weight.shape[0]
+        acc, idx = new_accumulators(n, hidden.device)
+        if n == 0:
+            return acc, idx
+        # Unused splits (when the chosen BN gives fewer) stay neutral: m = -inf, sums 0.
+        part = torch.zeros(_FWD_SPLITS, 5, n, dtype=torch.float32, device=hidden.device)
+        part[:, 0].fill_(float("-inf"))
+        part_idx = torch.zeros(_FWD_SPLITS, n, dtype=torch.int32, device=hidden.device)
+        args = (
+            hidden,
+            weight,
+            bias if bias is not None else weight,
+            targets,
+            part,
+            part_idx,
+            n,
+            hidden.stride(0),
+            hidden.stride(1),
+            weight.stride(0),
+            weight.stride(1),
+            cfg.ignore_index,
+            cfg.softcap or 1.0,
+        )
+        consts = dict(
+            N_COLS=vocab,
+            D=dim,
+            SPLITS=_FWD_SPLITS,
+            HAS_BIAS=bias is not None,
+            HAS_SOFTCAP=cfg.softcap is not None,
+            IEEE_FP32=hidden.dtype == torch.float32,
+            CAST_FP32=_interpret() and hidden.dtype != torch.float32,
+        )
+        if _interpret():
+            bm, bn = 16, 32
+            grid = (triton.cdiv(n, bm), _forward_splits(vocab, bn))
+            tiles = _forward_tiles(vocab, bn)
+            fused_forward_kernel[grid](
+                *args, **consts, TILES=tiles, BM=bm, BN=bn, BK=16, num_warps=1
+            )
+        else:
+
+            def grid(meta: dict) -> tuple[int, int]:
+                return (triton.cdiv(n, meta["BM"]), _forward_splits(vocab, meta["BN"]))
+
+            _fused_forward_tuned[grid](*args, **consts)
+        merge_partials(acc, idx, part, part_idx)
+        return acc, idx

@@ -1,9 +1,10 @@
-"""Kernel: overwrite a row of logits with its scaled loss gradient, in place.
+"""Kernel: overwrite a block of logits with its scaled loss gradient, in place.
 
     g_j = scale * (p_j (1 + 2 z_loss lse) - eps / V - (1 - eps) [j == y]) * (1 - (c_j / s)^2)
 
 with p_j = exp(c_j - lse), c the (softcapped) logits and the last factor only with a softcap.
 ``scale`` is 0 at ignored rows (zero gradient) and e.g. 1 / n_valid for a mean.
+Grid (rows, splits): program (r, k) handles columns [k * COLS_PER_PROG, ...) of row r.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from calibrated_lm.loss.kernels.math import capped_logits
 def row_grad_kernel(
     block_ptr,
     stride_row,
+    n_cols,
     bias_ptr,
     targets_ptr,
     lse_ptr,
@@ -27,13 +29,13 @@ def row_grad_kernel(
     one_minus_eps,
     two_z_loss,
     softcap,
-    N_COLS: tl.constexpr,
+    COLS_PER_PROG: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    n_cols = N_COLS
     r = tl.program_id(0)
+    first = tl.program_id(1) * COLS_PER_PROG
     row_ptr = block_ptr + r.to(tl.int64) * stride_row
     lse = tl.load(lse_ptr + r)
     scale = tl.load(scale_ptr + r)
@@ -41,8 +43,8 @@ def row_grad_kernel(
     y = tl.where(y == ignore_index, -1, y)
     p_factor = 1.0 + two_z_loss * lse
     offs = tl.arange(0, BLOCK)
-    for start in range(0, N_COLS, BLOCK):
-        cols = start + offs
+    for start in range(0, COLS_PER_PROG, BLOCK):
+        cols = first + start + offs
         mask = cols < n_cols
         c = capped_logits(row_ptr, cols, mask, bias_ptr, softcap, HAS_BIAS, HAS_SOFTCAP)
         g = tl.exp(c - lse) * p_factor - eps_over_v

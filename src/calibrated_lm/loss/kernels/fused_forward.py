@@ -1,0 +1,112 @@
+"""Kernel: logits tiles computed on chip and reduced at once (forward without gradient).
+
+Grid (token blocks, vocabulary splits). Program (i, k) owns BM tokens and the vocabulary
+columns [k * TILES * BN, (k + 1) * TILES * BN), TILES = ceil(ceil(V / BN) / SPLITS), so every
+split starts with a non-empty tile. For each BN-wide tile it computes the
+BM x BN logits with ``tl.dot`` over D in BK steps (float32 accumulation), adds the bias,
+applies the softcap, and folds the tile into per-token online-softmax state (max m,
+sum exp(c - m), sum exp(c - m) c, sum c, first argmax, target logit). One partial per
+(split, token) is written; ``engine.merge_partials`` combines the splits. Nothing of size
+N x V touches memory: this is the evaluation path (<= a few MiB of partials).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from calibrated_lm.loss.kernels.math import tanh
+
+
+@triton.jit
+def fused_forward_kernel(
+    h_ptr,
+    w_ptr,
+    bias_ptr,
+    targets_ptr,
+    part_ptr,
+    part_idx_ptr,
+    n_rows,
+    stride_hn,
+    stride_hd,
+    stride_wv,
+    stride_wd,
+    ignore_index,
+    softcap,
+    N_COLS: tl.constexpr,
+    D: tl.constexpr,
+    SPLITS: tl.constexpr,
+    TILES: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    IEEE_FP32: tl.constexpr,
+    CAST_FP32: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    n_cols = N_COLS
+    i = tl.program_id(0)
+    k = tl.program_id(1)
+    rows = i * BM + tl.arange(0, BM)
+    row_mask = rows < n_rows
+    y = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
+    y = tl.where(y == ignore_index, -1, y)
+    ks = tl.arange(0, BK)
+    h_base = h_ptr + rows.to(tl.int64)[:, None] * stride_hn
+    m = tl.full([BM], float("-inf"), tl.float32)
+    s = tl.zeros([BM], tl.float32)
+    t = tl.zeros([BM], tl.float32)
+    sumc = tl.zeros([BM], tl.float32)
+    cy = tl.zeros([BM], tl.float32)
+    arg = tl.zeros([BM], tl.int32)
+    for j in range(TILES):
+        v0 = (k * TILES + j) * BN
+        cols = v0 + tl.arange(0, BN)
+        col_mask = cols < n_cols
+        w_base = w_ptr + cols.to(tl.int64)[None, :] * stride_wv
+        acc = tl.zeros([BM, BN], tl.float32)
+        for d0 in range(0, D, BK):
+            kk = d0 + ks
+            a = tl.load(
+                h_base + kk[None, :] * stride_hd,
+                mask=row_mask[:, None] & (kk < D)[None, :],
+                other=0.0,
+            )
+            b = tl.load(
+                w_base + kk[:, None] * stride_wd,
+                mask=col_mask[None, :] & (kk < D)[:, None],
+                other=0.0,
+            )
+            if CAST_FP32:  # the interpreter's low-precision dot is unreliable
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            if IEEE_FP32:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+        z = acc
+        if HAS_BIAS:
+            z += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_SOFTCAP:
+            z = softcap * tanh(z / softcap)
+        zz = tl.where(col_mask[None, :], z, 0.0)
+        c = tl.where(col_mask[None, :], z, float("-inf"))
+        tile_max = tl.max(c, axis=1)
+        tile_arg = tl.argmax(c, axis=1, tie_break_left=True)
+        m_new = tl.maximum(m, tile_max)
+        alpha = tl.exp(m - m_new)  # 0 on the first tile (m = -inf); m_new is finite
+        e = tl.exp(c - m_new[:, None])
+        s = s * alpha + tl.sum(e, axis=1)
+        t = t * alpha + tl.sum(e * zz, axis=1)
+        sumc += tl.sum(zz, axis=1)
+        cy += tl.sum(tl.where(cols[None, :] == y[:, None], zz, 0.0), axis=1)
+        arg = tl.where(tile_max > m, tile_arg + v0, arg)
+        m = m_new
+    out = part_ptr + k * 5 * n_rows + rows
+    tl.store(out, m, mask=row_mask)
+    tl.store(out + n_rows, s, mask=row_mask)
+    tl.store(out + 2 * n_rows, t, mask=row_mask)
+    tl.store(out + 3 * n_rows, sumc, mask=row_mask)
+    tl.store(out + 4 * n_rows, cy, mask=row_mask)
+    tl.store(part_idx_ptr + k * n_rows + rows, arg, mask=row_mask)
