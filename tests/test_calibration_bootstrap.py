@@ -68,3 +68,11 @@ def test_percentile_interval_and_generic_bootstrap():
     assert bootstrap_indices(7, 3, 0).shape == (3, 7)
     with pytest.raises(ValueError, match="at least 1"):
         bootstrap_indices(7, 0, 0)
+
+
+def test_zero_probability_gold_gives_infinite_nll_and_interval():
+    # -inf marks a choice the model cannot produce; when it is the gold one, NLL is infinite.
+    s = summarize([[0.0, -np.inf, 1.0], [0.0, 1.0]] * 5, [1, 0] * 5, bootstrap=50)
+    assert s["nll"] == np.inf and s["nll_ci95"] == [np.inf, np.inf]
+    assert np.isfinite(s["brier_ci95"]).all()
+    assert percentile_interval(np.array([1.0] * 90 + [np.inf] * 10)) == [1.0, np.inf]

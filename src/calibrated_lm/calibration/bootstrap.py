@@ -30,8 +30,12 @@ def percentile_interval(values: np.ndarray, level: float = 0.95) -> list[float]:
     if v.size == 0:
         return [float("nan"), float("nan")]
     alpha = 1.0 - level
-    lo, hi = np.quantile(v, [alpha / 2.0, 1.0 - alpha / 2.0])
-    return [float(lo), float(hi)]
+    # Infinite draws (an NLL with a zero-probability gold answer) would make the linear
+    # interpolation inf - inf = NaN; clamp them to the largest float and map back.
+    big = np.finfo(np.float64).max
+    q = np.quantile(np.clip(v, -big, big), [alpha / 2.0, 1.0 - alpha / 2.0])
+    q = np.where(q >= big, np.inf, np.where(q <= -big, -np.inf, q))
+    return [float(q[0]), float(q[1])]
 
 
 def bootstrap_ci(

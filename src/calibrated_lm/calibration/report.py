@@ -87,14 +87,16 @@ def _point_metrics(items: _Items, n_bins: int, binning: str) -> dict[str, float]
     return out
 
 
-def _weighted_mean(w: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Row-wise weighted means; +inf where a drawn item is infinite (0 * inf must not be NaN)."""
+def _weighted_means(w: np.ndarray, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Row-wise weighted means of per-item columns in one product; +inf where a drawn item
+    is infinite (a plain product would turn 0 * inf into NaN)."""
+    x = np.stack(list(columns.values()), axis=1)
     finite = np.isfinite(x)
-    out = (w @ np.where(finite, x, 0.0)) / w.sum(axis=1)
-    if not finite.all():
-        hit = w[:, ~finite].sum(axis=1) > 0
-        out = np.where(hit, np.inf, out)
-    return out
+    means = (w @ np.where(finite, x, 0.0)) / w.sum(axis=1)[:, None]
+    for j in np.flatnonzero(~finite.all(axis=0)):
+        hit = w[:, ~finite[:, j]].sum(axis=1) > 0
+        means[:, j] = np.where(hit, np.inf, means[:, j])
+    return {name: means[:, j] for j, name in enumerate(columns)}
 
 
 def _resampled_metrics(
@@ -103,13 +105,16 @@ def _resampled_metrics(
     """Every metric except smooth ECE for each row of item multiplicities ``weights``."""
     c, y = items.confidence, items.correct
     ones = np.ones_like(c)
-    out = {
-        "accuracy": _weighted_mean(weights, y),
-        "mean_confidence": _weighted_mean(weights, c),
-        "brier": _weighted_mean(weights, items.brier),
-        "top_label_brier": _weighted_mean(weights, (c - y) ** 2),
-        "nll": _weighted_mean(weights, -items.gold_logp),
-    }
+    out = _weighted_means(
+        weights,
+        {
+            "accuracy": y,
+            "mean_confidence": c,
+            "brier": items.brier,
+            "top_label_brier": (c - y) ** 2,
+            "nll": -items.gold_logp,
+        },
+    )
     out["overconfidence"] = out["mean_confidence"] - out["accuracy"]
     sums = weighted_bin_sums(c, np.stack([ones, c, y], axis=1), weights, n_bins, binning)
     out.update(errors_from_sums(sums))

@@ -32,9 +32,18 @@ def weighted_bin_sums(
     n, v = values.shape
     if binning == "width":
         idx = bin_indices(key, n_bins, "width")
-        onehot = np.zeros((n, n_bins, v))
-        onehot[np.arange(n), idx, :] = values
-        return (weights @ onehot.reshape(n, n_bins * v)).reshape(-1, n_bins, v)
+        # Columns grouped by bin: each bin's sums are one small product over a contiguous
+        # slice (n x V work per draw instead of n x n_bins x V for a one-hot product).
+        order = np.argsort(idx, kind="stable")
+        ws = weights[:, order]
+        vs = values[order]
+        bounds = np.searchsorted(idx[order], np.arange(n_bins + 1))
+        out = np.zeros((weights.shape[0], n_bins, v))
+        for b in range(n_bins):
+            lo, hi = bounds[b], bounds[b + 1]
+            if hi > lo:
+                out[:, b, :] = ws[:, lo:hi] @ vs[lo:hi]
+        return out
     order = np.argsort(key, kind="stable")
     ws = weights[:, order]
     vs = values[order]
