@@ -220,3 +220,37 @@ def test_lm_eval_errors_are_line_numbered(tmp_path):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(UserError, match=r":2: target '7' is outside the \d choices"):
         read_samples([path])
+
+
+def test_pre_0_4_3_unsanitised_records_are_read(tmp_path):
+    # Before lm-eval 0.4.3 responses were JSON numbers/booleans and arguments a list of pairs.
+    rec = {
+        "doc_id": 0, "doc": {"label": 1}, "target": 1,
+        "arguments": [["ctx", " yes"], ["ctx", " no"]],
+        "resps": [[[-2.5, False]], [[-0.5, True]]],
+        "filtered_resps": [[-2.5, False], [-0.5, True]],
+    }  # fmt: skip
+    path = tmp_path / "samples_boolq_2024-01-01T00-00-00.jsonl"
+    path.write_text(json.dumps(rec) + "\n")
+    t = read_samples([path], normalization="chars")["boolq"]
+    assert t.choice_scores[0].tolist() == [-2.5, -0.5]
+    assert t.labels == [1] and t.choice_char_lengths[0].tolist() == [3, 2]
+
+
+def test_command_pools_mmlu_subjects(tmp_path):
+    from calibrated_lm.cli import main
+
+    a = tmp_path / "samples_mmlu_anatomy_2024-06-01T10-11-12.123456.jsonl"
+    b = tmp_path / "samples_mmlu_virology_2024-06-01T10-11-12.123456.jsonl"
+    c = tmp_path / "samples_arc_easy_2024-06-01T10-11-12.123456.jsonl"
+    write_lm_eval_samples(a, _mmlu_docs("anatomy", 25, seed=3))
+    write_lm_eval_samples(b, _mmlu_docs("virology", 15, seed=4))
+    write_lm_eval_samples(c, _arc_docs(30, seed=5))
+    out = tmp_path / "out"
+    assert main(["metrics", str(a), str(b), str(c), "--output", str(out), "--bootstrap", "20"]) == 0
+    tasks = json.loads((out / "summary.json").read_text())["tasks"]
+    assert list(tasks) == ["mmlu_anatomy", "mmlu_virology", "arc_easy", "mmlu", "all"]
+    assert tasks["mmlu"]["n"] == 40 and tasks["all"]["n"] == 70
+    pooled = (25 * tasks["mmlu_anatomy"]["accuracy"] + 15 * tasks["mmlu_virology"]["accuracy"]) / 40
+    assert tasks["mmlu"]["accuracy"] == pytest.approx(pooled)
+    assert (out / "reliability_mmlu.png").exists()

@@ -72,7 +72,9 @@ def errors_from_sums(sums: np.ndarray) -> dict[str, np.ndarray]:
     nonempty = cnt > 0
     safe = np.where(nonempty, cnt, 1.0)
     gap = np.where(nonempty, np.abs(ys - cs) / safe, 0.0)
-    w = cnt / cnt.sum(axis=1, keepdims=True)
+    total = cnt.sum(axis=1, keepdims=True)
+    # A draw without items (a choice position nobody drew) gets weight 0, not 0/0.
+    w = cnt / np.where(total > 0, total, 1.0)
     return {
         "ece": (w * gap).sum(axis=1),
         "rms_ce": np.sqrt((w * gap * gap).sum(axis=1)),
