@@ -254,3 +254,14 @@ def test_command_pools_mmlu_subjects(tmp_path):
     pooled = (25 * tasks["mmlu_anatomy"]["accuracy"] + 15 * tasks["mmlu_virology"]["accuracy"]) / 40
     assert tasks["mmlu"]["accuracy"] == pytest.approx(pooled)
     assert (out / "reliability_mmlu.png").exists()
+
+
+def test_multiple_input_tasks_are_refused_with_a_reason(tmp_path):
+    docs = [
+        {"doc": {"sentence": "The trophy _ ..."}, "context": "The trophy", "choices": ["fit."] * 2,
+         "lls": [-3.0, -2.0], "target": "fit.", "gold_index": 0},
+    ]  # fmt: skip
+    path = tmp_path / "samples_winogrande_2024-01-01T00-00-00.000001.jsonl"
+    write_lm_eval_samples(path, docs)
+    with pytest.raises(UserError, match=r":1: every choice has the same continuation"):
+        read_samples([path])

@@ -114,7 +114,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--bootstrap must be 0 or more, got {args.bootstrap}")
     files = [Path(f) for f in args.files]
     if args.example is not None:
-        files.insert(0, write_example(args.example, seed=0))
+        try:
+            files.insert(0, write_example(args.example, seed=0))
+        except OSError as exc:
+            raise UserError(f"cannot write the example to {args.example}: {exc.strerror}") from None
         print(f"wrote synthetic example samples (simulated over-confident model) to {args.example}")
     if not files:
         raise UserError("give at least one samples FILE (or --example PATH for a synthetic one)")
@@ -190,9 +193,14 @@ def run(args: argparse.Namespace) -> int:
     written = []
     for stem, series in tqdm(figures, desc="diagrams", unit="fig"):
         title = f"Reliability: {stem}" if stem != "tasks_overlaid" else "Reliability by task"
-        written += reliability_diagram(
-            series, out / f"reliability_{_safe_name(stem)}", n_bins=args.n_bins,
-            binning=args.binning, title=title,
-        )  # fmt: skip
+        try:
+            written += reliability_diagram(
+                series, out / f"reliability_{_safe_name(stem)}", n_bins=args.n_bins,
+                binning=args.binning, title=title,
+            )  # fmt: skip
+        except OSError as exc:
+            raise UserError(
+                f"cannot write diagrams to {out} ({exc.strerror}); summary.json is written"
+            ) from None
     print(f"wrote {len(written)} diagram files under {out}/")
     return 0

@@ -277,6 +277,15 @@ def _read_lm_eval(path: Path, records, tasks, seen) -> None:
                 path, line, "one response per document: not a multiple-choice task's samples"
             )
         choices = _continuations(obj.get("arguments"), scores.shape[0])
+        if choices is not None and len(set(choices)) == 1:
+            # Multiple-input tasks (winogrande) put the choices in the contexts and log the
+            # shared continuation as target, so the file does not say which index is gold.
+            raise _fail(
+                path,
+                line,
+                "every choice has the same continuation (a multiple-input task such as "
+                "winogrande): the gold choice cannot be read from this file",
+            )
         label = _gold(obj, scores, choices, path, line)
         lengths = None
         if choices is not None and all(choices):
