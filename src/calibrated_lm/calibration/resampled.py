@@ -47,22 +47,23 @@ def weighted_bin_sums(
     order = np.argsort(key, kind="stable")
     ws = weights[:, order]
     vs = values[order]
+    rows = weights.shape[0]
     copies = np.cumsum(ws, axis=1)  # (B, n): copies among the first j+1 sorted items
     total = copies[:, -1]
-    # prefix[b, j] = sum of values over the first j sorted items (j = 0..n)
-    prefix = np.zeros((weights.shape[0], n + 1, v))
-    np.cumsum(ws[:, :, None] * vs[None, :, :], axis=1, out=prefix[:, 1:, :])
-    copies0 = np.concatenate([np.zeros((weights.shape[0], 1)), copies], axis=1)
-    cuts = []
-    for g in range(n_bins + 1):
-        r = np.ceil(g * total / n_bins)  # (B,)
-        full = (copies <= r[:, None]).sum(axis=1)  # items entirely below rank r
-        partial = r - np.take_along_axis(copies0, full[:, None], axis=1)[:, 0]
-        nxt = np.minimum(full, n - 1)
-        s = np.take_along_axis(prefix, full[:, None, None], axis=1)[:, 0, :]
-        s = s + partial[:, None] * vs[nxt]
-        cuts.append(s)
-    cuts = np.stack(cuts, axis=1)  # (B, n_bins + 1, V)
+    cut_ranks = np.ceil(np.arange(n_bins + 1)[None, :] * total[:, None] / n_bins)  # (B, G)
+    # Items entirely below each cut: one searchsorted over all rows, each row shifted into
+    # its own range so the flattened cumulative counts stay sorted.
+    shift = (np.arange(rows) * (float(total.max()) + 1.0))[:, None]
+    full = np.searchsorted((copies + shift).ravel(), (cut_ranks + shift).ravel(), side="right")
+    full = full.reshape(rows, n_bins + 1) - (np.arange(rows) * n)[:, None]
+    copies0 = np.concatenate([np.zeros((rows, 1)), copies], axis=1)
+    partial = cut_ranks - np.take_along_axis(copies0, full, axis=1)  # copies of the next item
+    nxt = np.minimum(full, n - 1)
+    cuts = np.empty((rows, n_bins + 1, v))
+    for j in range(v):
+        prefix = np.zeros((rows, n + 1))
+        np.cumsum(ws * vs[:, j], axis=1, out=prefix[:, 1:])
+        cuts[:, :, j] = np.take_along_axis(prefix, full, axis=1) + partial * vs[nxt, j]
     return np.diff(cuts, axis=1)
 
 
