@@ -76,3 +76,27 @@ def test_zero_probability_gold_gives_infinite_nll_and_interval():
     assert s["nll"] == np.inf and s["nll_ci95"] == [np.inf, np.inf]
     assert np.isfinite(s["brier_ci95"]).all()
     assert percentile_interval(np.array([1.0] * 90 + [np.inf] * 10)) == [1.0, np.inf]
+
+
+@pytest.mark.parametrize("binning", ["width", "mass"])
+def test_weighted_bin_sums_match_direct_binning_with_ties_and_masks(binning):
+    from calibrated_lm.calibration.binning import bin_sums
+    from calibrated_lm.calibration.resampled import multiplicities, weighted_bin_sums
+
+    rng = np.random.default_rng(1)
+    n = 101
+    c = np.round(rng.uniform(size=n), 1)  # many ties
+    y = (rng.uniform(size=n) < c).astype(float)
+    values = np.stack([np.ones(n), c, y], axis=1)
+    idx = rng.integers(0, n, (6, n))
+    weights = multiplicities(idx, n)
+    weights[:, :10] = 0.0  # masked items take no part, also not in the equal-mass cuts
+    for n_bins in (1, 3, 15, 200):
+        got = weighted_bin_sums(c, values, weights, n_bins, binning)
+        for b in range(6):
+            kept = idx[b][idx[b] >= 10]
+            _, count, conf_sum, acc_sum = bin_sums(c[kept], y[kept], n_bins, binning)
+            # Between tied copies the outcome sum may differ; counts and confidences may not.
+            assert np.allclose(got[b, :, :2], np.stack([count, conf_sum], axis=1))
+            if binning == "width":
+                assert np.allclose(got[b, :, 2], acc_sum)
