@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import ArrayLike
 
-from calibrated_lm.calibration.binning import bin_indices, bin_table
+from calibrated_lm.calibration.binning import bin_table
 from calibrated_lm.calibration.metrics import calibration_error
 from calibrated_lm.calibration.validation import as_confidence, as_correct, check_bins
 
@@ -19,19 +19,41 @@ from calibrated_lm.calibration.validation import as_confidence, as_correct, chec
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")
 
 
-def _edges(confidence: np.ndarray, n_bins: int, binning: str) -> np.ndarray:
-    """Bin boundaries to draw: fixed for equal width, midpoints between groups for equal mass."""
-    if binning == "width":
-        return np.linspace(0.0, 1.0, n_bins + 1)
-    idx = bin_indices(confidence, n_bins, binning)
-    lo = np.full(n_bins, np.nan)
-    hi = np.full(n_bins, np.nan)
-    np.fmin.at(lo, idx, confidence)
-    np.fmax.at(hi, idx, confidence)
-    keep = ~np.isnan(lo)
-    lo, hi = lo[keep], hi[keep]
-    inner = 0.5 * (hi[:-1] + lo[1:])
-    return np.concatenate([[0.0], inner, [1.0]])
+def _bars(ax, hx, s, n_series, color, label, table, nonempty, acc, conf, cnt, n) -> None:
+    """Equal-width bins: series side by side inside each bin, accuracy bar plus gap box."""
+    lower, upper = table.lower[nonempty], table.upper[nonempty]
+    width = (upper - lower) / n_series
+    left = lower + s * width
+    ax.bar(
+        left, acc, width=width, align="edge", color=color, alpha=0.85,
+        edgecolor="white", linewidth=0.6, zorder=2, label=label,
+    )  # fmt: skip
+    # The gap box is translucent so an under-confident bin (accuracy above confidence)
+    # still shows its solid accuracy bar underneath.
+    import matplotlib.colors
+
+    ax.bar(
+        left, np.abs(conf - acc), bottom=np.minimum(acc, conf), width=width, align="edge",
+        facecolor=(*matplotlib.colors.to_rgb(color), 0.12), edgecolor="0.2", hatch="///",
+        linewidth=0.6, zorder=3,
+    )  # fmt: skip
+    ax.plot(left + width / 2, conf, ls="none", marker="_", ms=8, mew=1.6, color="0.15", zorder=4)
+    hx.bar(
+        left, cnt / n, width=width, align="edge", color=color, alpha=0.85,
+        edgecolor="white", linewidth=0.6,
+    )  # fmt: skip
+
+
+def _points(ax, hx, color, label, acc, conf, c) -> None:
+    """Equal-mass bins differ per series and crowd near 1, so each bin is a point at (mean
+    confidence, accuracy) with a dotted gap to the diagonal; the histogram below is a
+    density over 20 equal-width bins (equal-mass counts would be flat by construction)."""
+    ax.plot(conf, acc, marker="o", ms=4.5, lw=1.4, color=color, zorder=3, label=label)
+    ax.vlines(conf, np.minimum(acc, conf), np.maximum(acc, conf), colors=color, linestyles=":",
+              lw=1.2, zorder=2)  # fmt: skip
+    hx.hist(c, bins=20, range=(0.0, 1.0), density=True, histtype="stepfilled", alpha=0.3,
+            color=color)  # fmt: skip
+    hx.hist(c, bins=20, range=(0.0, 1.0), density=True, histtype="step", lw=1.2, color=color)
 
 
 def reliability_diagram(
@@ -48,6 +70,8 @@ def reliability_diagram(
     bar up to the accuracy and a hatched bar spanning the gap to the mean confidence, for each
     series side by side; the dashed diagonal is perfect calibration; the legend gives each
     series' ECE (same bins) and item count. Bottom panel: share of items per confidence bin.
+    With equal-mass bins (which differ per series) each bin is drawn as a point at its mean
+    confidence with a dotted gap to the diagonal, over a density histogram of confidences.
     """
     if not series:
         raise ValueError("reliability_diagram needs at least one series")
@@ -75,45 +99,28 @@ def reliability_diagram(
     for s, (name, (c, y)) in enumerate(data.items()):
         color = PALETTE[s % len(PALETTE)]
         table = bin_table(c, y, n_bins=n_bins, binning=binning)
-        edges = _edges(c, n_bins, binning)
         nonempty = table.count > 0
-        lower, upper = edges[:-1], edges[1:]
-        if binning == "width":
-            lower, upper = lower[nonempty], upper[nonempty]
-        # (equal-mass edges are already one interval per non-empty group)
         acc, conf, cnt = table.accuracy[nonempty], table.confidence[nonempty], table.count[nonempty]
-        width = (upper - lower) / n_series
-        left = lower + s * width
         ece = calibration_error(c, y, n_bins=n_bins, binning=binning)
         label = f"{name}: ECE {ece:.3f} (n={c.shape[0]:,})"
-        ax.bar(
-            left, acc, width=width, align="edge", color=color, alpha=0.85,
-            edgecolor="white", linewidth=0.6, zorder=2, label=label,
-        )  # fmt: skip
-        gap_bottom = np.minimum(acc, conf)
-        # The gap box is translucent so an under-confident bin (accuracy above confidence)
-        # still shows its solid accuracy bar underneath.
-        ax.bar(
-            left, np.abs(conf - acc), bottom=gap_bottom, width=width, align="edge",
-            facecolor=(*matplotlib.colors.to_rgb(color), 0.12), edgecolor="0.2", hatch="///",
-            linewidth=0.6, zorder=3,
-        )  # fmt: skip
-        ax.plot(
-            left + width / 2, conf, ls="none", marker="_", ms=8, mew=1.6, color="0.15", zorder=4
-        )
-        hx.bar(
-            left, cnt / c.shape[0], width=width, align="edge", color=color, alpha=0.85,
-            edgecolor="white", linewidth=0.6,
-        )  # fmt: skip
-    # One legend entry explains the hatched gap and the confidence tick for every series.
+        if binning == "width":
+            _bars(ax, hx, s, n_series, color, label, table, nonempty, acc, conf, cnt, c.shape[0])
+        else:
+            _points(ax, hx, color, label, acc, conf, c)
+    # One legend entry explains the gap marks and the confidence tick for every series.
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     handles, labels = ax.get_legend_handles_labels()
-    handles += [
-        Patch(facecolor="none", edgecolor="0.3", hatch="///", label="gap to mean confidence"),
-        Line2D([], [], ls="none", marker="_", ms=8, mew=1.6, color="0.15", label="mean confidence"),
-    ]
+    if binning == "width":
+        handles += [
+            Patch(facecolor="none", edgecolor="0.3", hatch="///", label="gap to mean confidence"),
+            Line2D(
+                [], [], ls="none", marker="_", ms=8, mew=1.6, color="0.15", label="mean confidence"
+            ),
+        ]
+    else:
+        handles += [Line2D([], [], ls=":", color="0.3", label="gap to the diagonal")]
     ax.legend(handles=handles, loc="upper left", fontsize=8.5, frameon=True, framealpha=0.92)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
@@ -123,7 +130,7 @@ def reliability_diagram(
     bins_text = "equal-width" if binning == "width" else "equal-mass"
     ax.set_title(title or "Reliability diagram", fontsize=11.5)
     hx.set_xlabel(f"confidence (top-label probability; {n_bins} {bins_text} bins)")
-    hx.set_ylabel("share of items")
+    hx.set_ylabel("share of items" if binning == "width" else "density")
     hx.grid(alpha=0.25, lw=0.6)
     for a in (ax, hx):
         a.spines[["top", "right"]].set_visible(False)
