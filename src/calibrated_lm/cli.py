@@ -22,6 +22,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("train", "calibrated_lm.training.command"),
     ("eval", "calibrated_lm.evaluation.command"),
     ("compare", "calibrated_lm.evaluation.compare"),
+    ("capacity", "calibrated_lm.analysis.command"),
 ]
 
 
