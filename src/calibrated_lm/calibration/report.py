@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from calibrated_lm.calibration.binning import bin_table
-from calibrated_lm.calibration.bootstrap import bootstrap_indices, percentile_interval
+from calibrated_lm.calibration.bootstrap import percentile_interval
 from calibrated_lm.calibration.metrics import (
     calibration_error,
     classwise_calibration_error,
@@ -174,15 +174,19 @@ def summarize(
     for name in METRICS:
         out[name] = point[name]
     if bootstrap:
-        idx = bootstrap_indices(y.shape[0], int(bootstrap), seed)
+        n = y.shape[0]
         draws: dict[str, list[np.ndarray]] = {name: [] for name in METRICS}
-        # Chunks keep the (draws x items) multiplicity matrix to a few million entries.
-        chunk = max(1, 4_000_000 // (y.shape[0] * max(1, items.probs.shape[1] // 2)))
-        for start in range(0, idx.shape[0], chunk):
-            weights = multiplicities(idx[start : start + chunk], y.shape[0])
+        # Draws are made chunk by chunk, keeping (draws x items) arrays to a few million
+        # entries; consecutive calls on one generator give the same indices as a single
+        # bootstrap_indices(n, bootstrap, seed) call.
+        rng = np.random.default_rng(seed)
+        chunk = max(1, 4_000_000 // (n * max(1, items.probs.shape[1] // 2)))
+        for start in range(0, int(bootstrap), chunk):
+            idx = rng.integers(0, n, size=(min(chunk, int(bootstrap) - start), n), dtype=np.int64)
+            weights = multiplicities(idx, n)
             for name, values in _resampled_metrics(items, weights, n_bins, binning).items():
                 draws[name].append(values)
-        draws["smooth_ece"] = [smooth_ece_resampled(items.confidence, items.correct, idx)]
+            draws["smooth_ece"].append(smooth_ece_resampled(items.confidence, items.correct, idx))
         for name in METRICS:
             out[f"{name}_ci95"] = percentile_interval(np.concatenate(draws[name]))
     else:
