@@ -103,12 +103,12 @@ def test_weighted_bin_sums_match_direct_binning_with_ties_and_masks(binning):
 
 
 def test_chunked_draws_are_the_seeded_bootstrap_indices():
-    # 5,000 items x 4 choices are drawn in chunks of 400 resamples; the draws must still be
-    # exactly bootstrap_indices(n, draws, seed).
+    # 5,000 items x 4 choices are drawn in chunks of 400 resamples (here 400 + 50); still
+    # exactly the draws of bootstrap_indices(n, draws, seed).
     rng = np.random.default_rng(9)
     scores = rng.normal(size=(5000, 4))
     labels = rng.integers(0, 4, 5000)
-    s = summarize(scores, labels, bootstrap=1000, seed=4)
+    s = summarize(scores, labels, bootstrap=450, seed=4)
     correct = (scores.argmax(axis=1) == labels).astype(float)
-    idx = bootstrap_indices(5000, 1000, 4)
+    idx = bootstrap_indices(5000, 450, 4)
     assert s["accuracy_ci95"] == pytest.approx(percentile_interval(correct[idx].mean(axis=1)))
