@@ -15,6 +15,7 @@ from calibrated_lm.calibration.metrics import (
     debiased_calibration_error,
 )
 from calibrated_lm.calibration.report import METRICS, summarize, summarize_tasks
+from calibrated_lm.calibration.samples import TaskSamples, read_samples, task_groups
 from calibrated_lm.calibration.scores import (
     accuracy,
     brier_score,
@@ -31,6 +32,7 @@ from calibrated_lm.calibration.temperature import apply_temperature, fit_tempera
 __all__ = [
     "METRICS",
     "BinTable",
+    "TaskSamples",
     "accuracy",
     "apply_temperature",
     "bin_indices",
@@ -47,11 +49,13 @@ __all__ = [
     "mean_confidence",
     "nll",
     "percentile_interval",
+    "read_samples",
     "reliability_diagram",
     "smooth_ece",
     "smooth_ece_sigma",
     "summarize",
     "summarize_tasks",
+    "task_groups",
     "top_label",
     "top_label_brier",
 ]
