@@ -51,6 +51,8 @@ def test_example_is_over_confident_as_simulated(example_run):
     for s in tasks.values():
         assert s["overconfidence"] > 0.1 and s["ece_ci95"][0] > 0.1
     # The simulation divides calibrated logits by tau: scaling recovers T near 1 / tau.
+    first = json.loads(path.read_text().splitlines()[0])
+    assert first["prompt"].startswith("[synthetic]") and "not real model output" in first["prompt"]
     t = read_samples([path])["synthetic_4choice"]
     assert fit_temperature(t.choice_scores, t.labels) == pytest.approx(1 / TAU, rel=0.15)
 
