@@ -110,6 +110,14 @@ def test_triton_fused_forward_strided_inputs_with_bias():
     assert rel(st.lse, rst.lse) < 1e-4 and torch.equal(st.correct, rst.correct)
 
 
+def test_triton_fused_forward_without_stats():
+    h, w, y, b = make_problem(50, 24, 300, bias=True, seed=21)
+    kw = dict(bias=b, label_smoothing=0.1, softcap=3.0, reduction="none")
+    with torch.no_grad():
+        loss = linear_cross_entropy(h, w, y, impl="triton", **kw)
+    assert rel(loss, reference_linear_cross_entropy(h, w, y, **kw)) < 1e-4
+
+
 def test_triton_all_ignored_is_zero():
     h, w, y, _ = make_problem(8, 16, 70)
     y[:] = IGN
@@ -136,6 +144,21 @@ def test_low_precision_no_worse_than_twice_pytorch(dtype, blocks, monkeypatch):
     assert rel(loss, ref) <= 2 * rel(pt, ref) + 1e-6
     for name, a, t, r in zip(("hidden", "weight"), ours_g, pt_g, ref_g):
         assert rel(a, r) <= 2 * rel(t, r), (name, rel(a, r), rel(t, r))
+
+
+@pytest.mark.skipif(not CUDA, reason="GPU only")
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_gpu_bf16_forward_no_worse_than_twice_pytorch(softcap):
+    h, w, y, _ = make_problem(1024, 256, 50257, dtype=torch.bfloat16, seed=8, scale=8.0)
+    kw = dict(label_smoothing=0.1, softcap=softcap, reduction="none")
+    ref = reference_linear_cross_entropy(h, w, y, **kw)
+    with torch.no_grad():
+        ours = linear_cross_entropy(h, w, y, impl="triton", **kw)
+        z = (h @ w.T).float()
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+        pt = F.cross_entropy(z, y, label_smoothing=0.1, ignore_index=IGN, reduction="none")
+    assert rel(ours, ref) <= 2 * rel(pt, ref), (rel(ours, ref), rel(pt, ref))
 
 
 @pytest.mark.skipif(not CUDA, reason="GPU only")

@@ -111,6 +111,7 @@ def linear_cross_entropy(
         ignore_index=int(ignore_index),
         softcap=None if softcap is None else float(softcap),
         z_loss=float(z_loss),
+        stats=bool(return_stats),
     )
     backend = _backend(impl, hidden.device)
     needs_grad = torch.is_grad_enabled() and any(

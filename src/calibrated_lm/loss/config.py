@@ -20,3 +20,5 @@ class LossConfig:
     ignore_index: int = -100
     softcap: float | None = None
     z_loss: float = 0.0
+    # Whether the caller wants per-token statistics (entropy, argmax); kernels may skip them.
+    stats: bool = True

@@ -14,10 +14,10 @@ import torch
 import triton
 
 from calibrated_lm.loss.config import LossConfig
-from calibrated_lm.loss.engine import merge_partials, new_accumulators
+from calibrated_lm.loss.engine import CY, S, T, merge_partials, new_accumulators
 from calibrated_lm.loss.kernels.fused_forward import fused_forward_kernel
 from calibrated_lm.loss.kernels.row_grad import row_grad_kernel
-from calibrated_lm.loss.kernels.row_update import row_partial_stats_kernel
+from calibrated_lm.loss.kernels.row_update import row_update_kernel
 
 # Aim for this many programs per launch of the row kernels (several per SM, so that enough
 # loads are in flight to approach the memory bandwidth).
@@ -54,6 +54,8 @@ def _forward_splits(vocab: int, bn: int) -> int:
 _FWD_CONFIGS = [
     triton.Config({"BM": 128, "BN": 128, "BK": 64}, num_warps=8, num_stages=4),
     triton.Config({"BM": 128, "BN": 256, "BK": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BM": 128, "BN": 256, "BK": 64}, num_warps=8, num_stages=4),
+    triton.Config({"BM": 256, "BN": 128, "BK": 64}, num_warps=8, num_stages=3),
     triton.Config({"BM": 128, "BN": 128, "BK": 64}, num_warps=4, num_stages=4),
     triton.Config({"BM": 64, "BN": 256, "BK": 64}, num_warps=4, num_stages=4),
     triton.Config({"BM": 128, "BN": 64, "BK": 64}, num_warps=4, num_stages=5),
@@ -63,6 +65,29 @@ _fused_forward_tuned = triton.autotune(_FWD_CONFIGS, key=["N_COLS", "D"])(
         fused_forward_kernel
     )
 )
+
+
+def _target_logits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    cfg: LossConfig,
+    rows: int = 256,
+) -> torch.Tensor:
+    """c_y = softcap(h . w_y + b_y) per token (0 where ignored), in row chunks (a few MiB)."""
+    out = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    valid = targets != cfg.ignore_index
+    safe = torch.where(valid, targets, torch.zeros_like(targets))
+    for r0 in range(0, hidden.shape[0], rows):
+        y = safe[r0 : r0 + rows]
+        z = (hidden[r0 : r0 + rows].float() * weight[y].float()).sum(-1)
+        if bias is not None:
+            z += bias[y].float()
+        if cfg.softcap is not None:
+            z = cfg.softcap * torch.tanh(z / cfg.softcap)
+        out[r0 : r0 + rows] = z
+    return out.masked_fill_(~valid, 0.0)
 
 
 class TritonBackend:
@@ -81,30 +106,26 @@ class TritonBackend:
         rows, cols = block.shape
         if rows == 0:
             return
-        assert block.stride(1) == 1 and targets.stride(0) == 1
-        size, warps, per_prog, splits = _row_launch(rows, cols)
-        part = torch.empty(splits, 5, rows, dtype=torch.float32, device=block.device)
-        part_idx = torch.empty(splits, rows, dtype=torch.int32, device=block.device)
-        row_partial_stats_kernel[(rows, splits)](
+        assert block.stride(1) == 1 and acc.stride(1) == 1 and targets.stride(0) == 1
+        size, warps, _, _ = _row_launch(rows, cols)
+        # One program per row (measured faster than splitting rows and merging partials).
+        row_update_kernel[(rows,)](
             block,
             block.stride(0),
-            cols,
-            bias[col0:] if bias is not None else block,
-            targets - col0 if col0 else targets,
-            part,
-            part_idx,
-            rows,
-            cfg.ignore_index - col0,
+            col0,
+            bias if bias is not None else block,
+            targets,
+            acc,
+            acc.stride(0),
+            idx,
+            cfg.ignore_index,
             cfg.softcap or 1.0,
-            COLS_PER_PROG=per_prog,
+            N_COLS=cols,
             HAS_BIAS=bias is not None,
             HAS_SOFTCAP=cfg.softcap is not None,
             BLOCK=size,
             num_warps=warps,
         )
-        if col0:
-            part_idx += col0
-        merge_partials(acc, idx, part, part_idx)
 
     def grad_(
         self,
@@ -179,6 +200,8 @@ class TritonBackend:
             SPLITS=_FWD_SPLITS,
             HAS_BIAS=bias is not None,
             HAS_SOFTCAP=cfg.softcap is not None,
+            FAST_TANH=not _interpret() and hidden.dtype != torch.float32,
+            STATS=cfg.stats,
             IEEE_FP32=hidden.dtype == torch.float32,
             CAST_FP32=_interpret() and hidden.dtype != torch.float32,
         )
@@ -196,4 +219,7 @@ class TritonBackend:
 
             _fused_forward_tuned[grid](*args, **consts)
         merge_partials(acc, idx, part, part_idx)
+        acc[CY] = _target_logits(hidden, weight, bias, targets, cfg)
+        if not cfg.stats:  # not computed: make entropy lse - 1 rather than garbage
+            acc[T] = acc[S]
         return acc, idx

@@ -5,7 +5,8 @@ columns [k * TILES * BN, (k + 1) * TILES * BN), TILES = ceil(ceil(V / BN) / SPLI
 split starts with a non-empty tile. For each BN-wide tile it computes the
 BM x BN logits with ``tl.dot`` over D in BK steps (float32 accumulation), adds the bias,
 applies the softcap, and folds the tile into per-token online-softmax state (max m,
-sum exp(c - m), sum exp(c - m) c, sum c, first argmax, target logit). One partial per
+sum exp(c - m), sum c, and with STATS also sum exp(c - m) c and the first argmax; the target
+logit is a cheap gather done by the caller). One partial per
 (split, token) is written; ``engine.merge_partials`` combines the splits. Nothing of size
 N x V touches memory: this is the evaluation path (<= a few MiB of partials).
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from calibrated_lm.loss.kernels.math import tanh
+from calibrated_lm.loss.kernels.math import tanh, tanh_approx
 
 
 @triton.jit
@@ -39,6 +40,8 @@ def fused_forward_kernel(
     TILES: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    FAST_TANH: tl.constexpr,
+    STATS: tl.constexpr,
     IEEE_FP32: tl.constexpr,
     CAST_FP32: tl.constexpr,
     BM: tl.constexpr,
@@ -50,15 +53,12 @@ def fused_forward_kernel(
     k = tl.program_id(1)
     rows = i * BM + tl.arange(0, BM)
     row_mask = rows < n_rows
-    y = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
-    y = tl.where(y == ignore_index, -1, y)
     ks = tl.arange(0, BK)
     h_base = h_ptr + rows.to(tl.int64)[:, None] * stride_hn
     m = tl.full([BM], float("-inf"), tl.float32)
     s = tl.zeros([BM], tl.float32)
     t = tl.zeros([BM], tl.float32)
     sumc = tl.zeros([BM], tl.float32)
-    cy = tl.zeros([BM], tl.float32)
     arg = tl.zeros([BM], tl.int32)
     for j in range(TILES):
         v0 = (k * TILES + j) * BN
@@ -89,24 +89,26 @@ def fused_forward_kernel(
         if HAS_BIAS:
             z += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         if HAS_SOFTCAP:
-            z = softcap * tanh(z / softcap)
+            if FAST_TANH:
+                z = softcap * tanh_approx(z / softcap)
+            else:
+                z = softcap * tanh(z / softcap)
         zz = tl.where(col_mask[None, :], z, 0.0)
         c = tl.where(col_mask[None, :], z, float("-inf"))
         tile_max = tl.max(c, axis=1)
-        tile_arg = tl.argmax(c, axis=1, tie_break_left=True)
         m_new = tl.maximum(m, tile_max)
         alpha = tl.exp(m - m_new)  # 0 on the first tile (m = -inf); m_new is finite
         e = tl.exp(c - m_new[:, None])
         s = s * alpha + tl.sum(e, axis=1)
-        t = t * alpha + tl.sum(e * zz, axis=1)
         sumc += tl.sum(zz, axis=1)
-        cy += tl.sum(tl.where(cols[None, :] == y[:, None], zz, 0.0), axis=1)
-        arg = tl.where(tile_max > m, tile_arg + v0, arg)
+        if STATS:
+            t = t * alpha + tl.sum(e * zz, axis=1)
+            tile_arg = tl.argmax(c, axis=1, tie_break_left=True)
+            arg = tl.where(tile_max > m, tile_arg + v0, arg)
         m = m_new
     out = part_ptr + k * 5 * n_rows + rows
     tl.store(out, m, mask=row_mask)
     tl.store(out + n_rows, s, mask=row_mask)
     tl.store(out + 2 * n_rows, t, mask=row_mask)
     tl.store(out + 3 * n_rows, sumc, mask=row_mask)
-    tl.store(out + 4 * n_rows, cy, mask=row_mask)
     tl.store(part_idx_ptr + k * n_rows + rows, arg, mask=row_mask)

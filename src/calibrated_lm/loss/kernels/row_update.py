@@ -1,14 +1,10 @@
-"""Kernel: per-row softmax statistics of one slice of a logit block (partials).
+"""Kernel: merge one logit tile's per-row statistics into running accumulators.
 
-Grid (rows, splits): program (r, k) streams columns [k * COLS_PER_PROG, (k + 1) * COLS_PER_PROG)
-of row r once, keeping per-lane online-softmax state (max m, sum exp(c - m),
-sum exp(c - m) c, sum c, first argmax), reduces the lanes and writes one partial per
-(split, row); ``engine.merge_partials`` combines them:
+One program per row of the tile. It streams the row once, keeping per-lane online-softmax
+state (max m, sum exp(c - m), sum exp(c - m) c, sum c, first argmax), reduces the lanes,
+then merges with the row's accumulators from earlier vocabulary tiles:
 
     m = max(m1, m2),  s = s1 e^(m1 - m) + s2 e^(m2 - m),  t likewise,  sumc = sumc1 + sumc2.
-
-Splitting a row over several programs keeps enough loads in flight to approach the memory
-bandwidth when there are only a few hundred rows.
 """
 
 from __future__ import annotations
@@ -20,34 +16,34 @@ from calibrated_lm.loss.kernels.math import capped_logits
 
 
 @triton.jit
-def row_partial_stats_kernel(
+def row_update_kernel(
     block_ptr,
     stride_row,
-    n_cols,
+    col0,
     bias_ptr,
     targets_ptr,
-    part_ptr,
-    part_idx_ptr,
-    n_rows,
+    acc_ptr,
+    stride_acc,
+    idx_ptr,
     ignore_index,
     softcap,
-    COLS_PER_PROG: tl.constexpr,
+    N_COLS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    n_cols = N_COLS
     r = tl.program_id(0)
-    k = tl.program_id(1)
     row_ptr = block_ptr + r.to(tl.int64) * stride_row
-    first = k * COLS_PER_PROG
+    bias_ptr = bias_ptr + col0
     offs = tl.arange(0, BLOCK)
     m_vec = tl.full([BLOCK], float("-inf"), tl.float32)
     s_vec = tl.zeros([BLOCK], tl.float32)
     t_vec = tl.zeros([BLOCK], tl.float32)
     sum_vec = tl.zeros([BLOCK], tl.float32)
     arg_vec = tl.zeros([BLOCK], tl.int32)
-    for start in range(0, COLS_PER_PROG, BLOCK):
-        cols = first + start + offs
+    for start in range(0, N_COLS, BLOCK):
+        cols = start + offs
         mask = cols < n_cols
         z = capped_logits(row_ptr, cols, mask, bias_ptr, softcap, HAS_BIAS, HAS_SOFTCAP)
         z = tl.where(mask, z, 0.0)
@@ -64,26 +60,36 @@ def row_partial_stats_kernel(
         t_vec = t_vec * alpha + e * z
         m_vec = m_new
     m_blk = tl.max(m_vec, axis=0)
-    m_blk_safe = tl.where(m_blk == float("-inf"), 0.0, m_blk)
-    lane = tl.exp(m_vec - m_blk_safe)
+    lane = tl.exp(m_vec - m_blk)
     s_blk = tl.sum(s_vec * lane, axis=0)
     t_blk = tl.sum(t_vec * lane, axis=0)
     arg_blk = tl.min(tl.where(m_vec == m_blk, arg_vec, 2147483647), axis=0)
     sum_blk = tl.sum(sum_vec, axis=0)
 
     y = tl.load(targets_ptr + r)
-    inside = (y != ignore_index) & (y >= first) & (y < first + COLS_PER_PROG) & (y < n_cols)
-    safe = tl.where(inside, y, 0)
+    local = y - col0
+    inside = (y != ignore_index) & (local >= 0) & (local < n_cols)
+    safe = tl.where(inside, local, 0)
     zy = tl.sum(
         capped_logits(
             row_ptr, safe + tl.arange(0, 1), inside, bias_ptr, softcap, HAS_BIAS, HAS_SOFTCAP
         ),
         axis=0,
     )
-    out = part_ptr + k * 5 * n_rows + r
-    tl.store(out, m_blk)
-    tl.store(out + n_rows, s_blk)
-    tl.store(out + 2 * n_rows, t_blk)
-    tl.store(out + 3 * n_rows, sum_blk)
-    tl.store(out + 4 * n_rows, tl.where(inside, zy, 0.0))
-    tl.store(part_idx_ptr + k * n_rows + r, arg_blk)
+    cy_blk = tl.where(inside, zy, 0.0)
+
+    m_old = tl.load(acc_ptr + r)
+    s_old = tl.load(acc_ptr + stride_acc + r)
+    t_old = tl.load(acc_ptr + 2 * stride_acc + r)
+    sum_old = tl.load(acc_ptr + 3 * stride_acc + r)
+    cy_old = tl.load(acc_ptr + 4 * stride_acc + r)
+    idx_old = tl.load(idx_ptr + r)
+    m = tl.maximum(m_old, m_blk)
+    a_old = tl.exp(m_old - m)  # 0 on the first tile (m_old = -inf)
+    a_blk = tl.exp(m_blk - m)
+    tl.store(acc_ptr + r, m)
+    tl.store(acc_ptr + stride_acc + r, s_old * a_old + s_blk * a_blk)
+    tl.store(acc_ptr + 2 * stride_acc + r, t_old * a_old + t_blk * a_blk)
+    tl.store(acc_ptr + 3 * stride_acc + r, sum_old + sum_blk)
+    tl.store(acc_ptr + 4 * stride_acc + r, cy_old + cy_blk)
+    tl.store(idx_ptr + r, tl.where(m_blk > m_old, arg_blk + col0, idx_old))
