@@ -34,8 +34,12 @@ $(ASSETS_STAMP): | $(DEPS_STAMP)
 	$(BIN)/python -m pip install -q --disable-pip-version-check $(MODEL_PKGS)
 	@touch $@
 
-demo: install
-	$(BIN)/calibrated-lm metrics --example $(DEMO_OUT)/example_samples.jsonl --output $(DEMO_OUT)
+# The main job: calibration of the embedded SmolLM2-135M-Instruct on the first DEMO_LIMIT
+# ARC-Easy test questions (first run converts the GGUF once into the user cache). Rerunning
+# resumes: finished questions are not scored again.
+demo: install assets
+	$(BIN)/calibrated-lm eval --model smollm2-135m-instruct --tasks arc_easy \
+		--limit $(DEMO_LIMIT) --output $(DEMO_OUT)
 
 test: install assets
 	$(BIN)/ruff check .

@@ -1,0 +1,62 @@
+"""compare: overlaid diagrams, table with CIs, temperature fitted on the validation split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from calibrated_lm.calibration import fit_temperature
+from calibrated_lm.evaluation.compare import compare_runs
+
+
+def _write(path: Path, scores: np.ndarray, labels: np.ndarray, task: str = "quiz") -> None:
+    with path.open("w") as fh:
+        for i, (s, y) in enumerate(zip(scores, labels)):
+            rec = {
+                "task": task,
+                "id": str(i),
+                "choice_logprobs": s.tolist(),
+                "label": int(y),
+                "choice_char_lengths": [3] * len(s),
+            }
+            fh.write(json.dumps(rec) + "\n")
+
+
+def _run(folder: Path, sharpness: float, seed: int, with_val: bool) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    folder.mkdir()
+
+    def draw(n):
+        y = rng.integers(0, 4, n)
+        s = rng.normal(size=(n, 4))
+        s[np.arange(n), y] += 1.0
+        return s * sharpness, y
+
+    s, y = draw(300)
+    _write(folder / "samples.jsonl", s, y)
+    (folder / "summary.json").write_text(json.dumps({"protocol": {"model": folder.name}}))
+    if with_val:
+        vs, vy = draw(200)
+        _write(folder / "samples_validation.jsonl", vs, vy)
+        return fit_temperature(vs, vy)
+    return None
+
+
+def test_compare_fits_temperature_on_validation(tmp_path: Path) -> None:
+    t_sharp = _run(tmp_path / "sharp", 4.0, 0, True)
+    _run(tmp_path / "base", 1.0, 1, False)
+    out = tmp_path / "cmp"
+    result = compare_runs([tmp_path / "sharp", tmp_path / "base"], out, bootstrap=30)
+    rows = result["tasks"]["quiz"]["runs"]
+    sharp, base = rows["sharp (sharp)"], rows["base (base)"]
+    assert sharp["temperature"] == pytest.approx(t_sharp)
+    assert sharp["temperature"] > 2.0  # over-sharp logits need T > 1
+    assert sharp["ece_after_T"] < sharp["ece"]  # scaling fitted on held-out data helps here
+    assert "temperature" not in base
+    assert len(sharp["ece_ci95"]) == 2
+    assert (out / "compare_quiz.png").stat().st_size > 1000
+    md = (out / "compare.md").read_text()
+    assert "| base (base) | 300 |" in md and "(n=200)" in md

@@ -1,0 +1,117 @@
+"""Sharded eval: two gloo ranks on CPU split the questions and rank 0 merges, matching one
+process exactly (item set) and numerically (scores)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers_tiny_lm import build_tiny_lm
+
+from calibrated_lm.evaluation.distributed import DistInfo, merge_rank_files, rank_file, shard
+from calibrated_lm.evaluation.runner import EvalConfig, run_eval
+
+SCRIPT = """
+import sys
+from pathlib import Path
+from calibrated_lm.evaluation.runner import EvalConfig, run_eval
+run_eval(EvalConfig(model=sys.argv[1], tasks=[sys.argv[2]], output=Path(sys.argv[3]),
+                    bootstrap=20, progress=False, device="cpu", chat_template="off",
+                    batch_size=3))
+"""
+
+
+def test_shard_is_a_partition() -> None:
+    items = list(range(11))
+    parts = [shard(items, DistInfo(rank=r, world=3, local_rank=r)) for r in range(3)]
+    assert sorted(x for p in parts for x in p) == items
+    assert parts[1] == [1, 4, 7, 10]
+
+
+def test_merge_skips_duplicates_and_partial_lines(tmp_path: Path) -> None:
+    main = tmp_path / "samples.jsonl"
+    main.write_text(json.dumps({"task": "t", "id": "a"}) + "\n")
+    rank_file(main, 0).write_text(
+        json.dumps({"task": "t", "id": "a"}) + "\n" + json.dumps({"task": "t", "id": "b"}) + "\n"
+    )
+    rank_file(main, 1).write_text(json.dumps({"task": "t", "id": "c"}) + "\n" + '{"task": "t", "i')
+    assert merge_rank_files(main) == 2
+    ids = [json.loads(x)["id"] for x in main.read_text().splitlines()]
+    assert ids == ["a", "b", "c"]
+    assert not rank_file(main, 0).exists() and not rank_file(main, 1).exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
+    model = build_tiny_lm(tmp_path / "model")
+    task = tmp_path / "quiz.jsonl"
+    lines = [
+        json.dumps(
+            {
+                "context": f"Question {i}:\nAnswer:",
+                "choices": ["water", "the sun", "Paris"][: 2 + i % 2],
+                "label": i % 2,
+                "id": f"q{i}",
+            }
+        )
+        for i in range(13)
+    ]
+    task.write_text("\n".join(lines) + "\n")
+    single = tmp_path / "single"
+    run_eval(
+        EvalConfig(
+            model=str(model),
+            tasks=[str(task)],
+            output=single,
+            bootstrap=20,
+            progress=False,
+            device="cpu",
+            chat_template="off",
+            batch_size=3,
+        )
+    )
+    multi = tmp_path / "multi"
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_RANK=str(rank),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            OMP_NUM_THREADS="1",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", SCRIPT, str(model), str(task), str(multi)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+        )
+    for p in procs:
+        out, _ = p.communicate(timeout=240)
+        assert p.returncode == 0, out.decode()[-2000:]
+    one = {r["id"]: r for r in map(json.loads, (single / "samples.jsonl").read_text().splitlines())}
+    two = [json.loads(x) for x in (multi / "samples.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in two) == sorted(one)  # every item once, none twice
+    for r in two:
+        assert r["choice_logprobs"] == pytest.approx(one[r["id"]]["choice_logprobs"], abs=2e-5)
+    assert not list(multi.glob("samples.rank*.jsonl"))
+    s1 = json.loads((single / "summary.json").read_text())["tasks"]["quiz"]
+    s2 = json.loads((multi / "summary.json").read_text())
+    assert s2["tasks"]["quiz"]["ece"] == pytest.approx(s1["ece"], abs=1e-6)
+    assert s2["protocol"]["world_size"] == 2
