@@ -22,13 +22,18 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
+# The search leaves the caching allocator fragmented after each OOM probe; expandable segments
+# let a later step reuse that memory (the committed H100 run used this setting).
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -156,7 +161,11 @@ def measure(model: Any, method: str, impl: str, device: torch.device, args) -> d
     row["max_batch"], row["max_tokens"], row["max_peak_bytes"] = b, b * args.seq_len, peak
     row["max_bound_hit"] = b == args.max_batch
     if b:
-        row["at_max"] = timed(stepper, b, max(2, args.steps // 2))
+        try:
+            row["at_max"] = timed(stepper, b, max(2, args.steps // 2))
+        except torch.OutOfMemoryError:
+            row["at_max"] = None  # fitted once, but not again after the search's fragmentation
+        _free(device)
     print(f"{method}: largest batch {b} x {args.seq_len} = {b * args.seq_len} tokens")
     stepper.close()
     return row

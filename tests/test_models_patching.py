@@ -240,3 +240,62 @@ def test_hf_trainer_runs_patched_model_like_the_unpatched_one(tmp_path):
     assert my_logs == pytest.approx(ref_logs, rel=1e-4)
     for pa, pb in zip(ref.parameters(), mine.parameters()):
         torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-5)
+
+
+def test_trl_sft_trainer_with_fused_subclass_matches_plain(tmp_path):
+    """The README's FusedSFTTrainer recipe (runs only where trl is installed)."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from helpers_tiny_lm import build_tiny_lm
+
+    class FusedSFTTrainer(trl.SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs["use_cache"] = False
+            return transformers.Trainer.compute_loss(
+                self, model, inputs, return_outputs, num_items_in_batch
+            )
+
+    folder = build_tiny_lm(tmp_path / "m", chat_template=True)
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"Which gas {i}?"}],
+            "completion": [{"role": "assistant", "content": "carbon dioxide" * (1 + i % 3)}],
+        }
+        for i in range(8)
+    ]
+    data = datasets.Dataset.from_list(rows)
+
+    def run(patched):
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+        # TRL 1.x computes its own loss through a fused head of its own; the subclass routes the
+        # loss through Trainer.compute_loss, i.e. through the model's forward (ours when patched).
+        cls = FusedSFTTrainer if patched is not None else trl.SFTTrainer
+        if patched:
+            patch_model(model, label_smoothing=0.0)
+        args = trl.SFTConfig(
+            output_dir=str(tmp_path / f"o{patched}"),
+            max_steps=2,
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            learning_rate=0.1,
+            optim="sgd",  # AdamW's first step is sign-like: tiny gradient noise flips entries
+            bf16=False,  # SFTConfig defaults to bf16 autocast, whose rounding differs by path
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            logging_steps=1,
+            disable_tqdm=True,
+            seed=0,
+        )
+        trainer = cls(model=model, args=args, train_dataset=data, processing_class=tok)
+        trainer.train()
+        return model, [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    ref, ref_logs = run(False)  # subclass, transformers' own loss
+    mine, my_logs = run(True)  # subclass, fused loss
+    _, trl_logs = run(None)  # stock SFTTrainer, TRL's own loss
+    assert my_logs == pytest.approx(ref_logs, rel=1e-5)
+    assert my_logs == pytest.approx(trl_logs, rel=1e-3)
+    for pa, pb in zip(ref.parameters(), mine.parameters()):
+        torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-6)
