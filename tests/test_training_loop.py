@@ -204,6 +204,7 @@ def test_cli_train_runs_and_reports(setup, capsys):
             "0.1",
             "--temperature",
             "1.5",
+            "--gradient-checkpointing",
             "--no-progress",
             "--device",
             "cpu",

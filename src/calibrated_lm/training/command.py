@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def add_parser(subparsers) -> None:
@@ -47,6 +48,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept")
     p.add_argument("--log-every", type=int, default=1, help="metrics line every N steps")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute decoder activations in backward (less memory, ~30%% more compute)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(run=run)
 
@@ -79,8 +85,11 @@ def run(args: argparse.Namespace) -> int:
         keep_checkpoints=args.keep_checkpoints,
         log_every=args.log_every,
         progress=not args.no_progress,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     result = train(cfg)
+    if os.environ.get("RANK", "0") != "0":  # one summary per run, not per rank
+        return 0
     last = result["last"]
     if last:
         print(

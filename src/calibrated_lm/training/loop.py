@@ -74,6 +74,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 1
     progress: bool = True
+    gradient_checkpointing: bool = False
     world_size: int = field(default=1, repr=False)
 
 
@@ -189,6 +190,12 @@ def train(
     else:
         model, tokenizer = model_and_tokenizer
     model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     data = load_dataset(cfg.data, tokenizer, max_seq_len=cfg.max_seq_len, progress=info.main)
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
