@@ -299,3 +299,16 @@ def test_trl_sft_trainer_with_fused_subclass_matches_plain(tmp_path):
     assert my_logs == pytest.approx(trl_logs, rel=1e-3)
     for pa, pb in zip(ref.parameters(), mine.parameters()):
         torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-6)
+
+
+def test_activation_checkpointing_through_the_patch_keeps_gradients():
+    a = tiny("gemma3_text")
+    b = copy.deepcopy(a)
+    b.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids, labels = batch()
+    for m in (a, b):
+        patch_model(m, label_smoothing=0.1)
+        m.train()
+        m(input_ids=ids, labels=labels).loss.backward()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-5, atol=1e-7)
