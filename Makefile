@@ -56,3 +56,12 @@ format:
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+
+# Issue 6: does SFT hurt calibration, and does label smoothing keep it? (docs/results.md)
+# Budget profile by default; SFT_PROFILE=full runs the issue's whole grid. Resumable: rerun to go on.
+SFT_DATA ?= $(wildcard ../shared/data/instruct/alpaca_en_demo.json ../shared/data/instruct/lima.json ../shared/data/instruct/alpaca_eval_gpt4_outputs.json)
+SFT_PROFILE ?= budget
+.PHONY: experiment-sft
+experiment-sft: install assets
+	$(BIN)/python experiments/sft_calibration.py run --profile $(SFT_PROFILE) --data $(SFT_DATA) --work runs/sft_calibration_$(SFT_PROFILE)
+	$(BIN)/python experiments/sft_calibration.py report --work runs/sft_calibration_$(SFT_PROFILE)

@@ -1,0 +1,657 @@
+"""Experiment (issue 6): does SFT hurt calibration, and does label smoothing keep it?
+
+Claims tested, on the embedded ``gemma-3-270m`` base (V = 262,144, D = 640):
+
+1. SFT degrades calibration relative to the base model;
+2. label smoothing (eps 0.1, 0.2) during SFT keeps calibration without costing accuracy;
+3. for a large-vocabulary / small-hidden model, training-time temperature (T = 0.5) or logit
+   softcapping (C = 32) recovers some of the benefit.
+
+The experiment is a list of *units*, run in priority order: evaluate the base model, (full
+profile) pick the learning rate on a held-out slice, then for every SFT setting train it and
+evaluate it, and finally evaluate the off-the-shelf instruct reference ``smollm2-135m-instruct``.
+Every unit writes its own folder under ``--work`` and a ``done.json`` marker, so a rerun skips
+finished units (and an interrupted evaluation resumes from its samples journal).
+``--time-limit S`` stops before a unit that would not end within S seconds (estimates come from
+the units already timed, else the profile's defaults), so the grid runs in chunks of < 10 min.
+
+Each unit is exactly a ``calibrated-lm train`` / ``calibrated-lm eval`` command, called
+in-process (one Python start, one CUDA context per chunk); the equivalent command line is
+written to ``command.txt`` in the unit's folder.
+
+Profiles:
+
+* ``full``: the issue's protocol: lr in {5e-6, 2e-5, 8e-5} picked by held-out NLL of eps = 0
+  runs (seed 1), eps in {0, 0.1, 0.2} x seeds {1, 2}, T = 0.5 and C = 32 with eps in {0, 0.1} x
+  seeds {1, 2}; 2 epochs, max length 2048; MMLU test, ARC-Easy test, HellaSwag validation.
+* ``budget``: what fits the ~15 GPU-minutes this project had: lr fixed at 2e-5 (the paper's
+  middle value, no selection), eps {0, 0.1} x seeds {1, 2}, eps 0.2 (seed 1), T = 0.5 and C = 32
+  with eps 0.1 (seed 1); 2 epochs, max length 1024; same evaluation as ``full``.
+* ``smoke``: CPU check of the whole pipeline: smollm2-135m-instruct as the "base", 3 steps,
+  5 questions per task (per subject for MMLU).
+
+Subcommands::
+
+    python experiments/sft_calibration.py run --profile budget --data A.json B.json ... \\
+        [--work runs/sft_calibration] [--time-limit 480] [--plan]
+    python experiments/sft_calibration.py bundle --work DIR --out results.tar.gz
+    python experiments/sft_calibration.py unbundle results.tar.gz --work DIR
+    python experiments/sft_calibration.py report --work DIR [--results DIR]
+
+``report`` (CPU, seconds) runs ``calibrated-lm compare`` over the evaluations and writes the
+tables, overlaid reliability diagrams and training curves to ``--results``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    Clock,
+    bundle,
+    mix_instruction_data,
+    read_json,
+    unbundle,
+    write_json,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_WORK = ROOT / "runs" / "sft_calibration"
+DEFAULT_RESULTS = ROOT / "experiments" / "results" / "sft_calibration"
+DONE = "done.json"
+
+
+@dataclass(frozen=True)
+class SFTRun:
+    """One SFT setting: label smoothing eps, optional training temperature/softcap, seed."""
+
+    eps: float
+    seed: int
+    lr: float | None = None  # None: the selected learning rate
+    temperature: float | None = None
+    softcap: float | None = None
+
+    def name(self, lr: float | None) -> str:
+        """Folder name, e.g. ``sft_lr2e-05_eps0.1_T0.5_s1`` (``lr?`` before selection)."""
+        parts = ["sft_lr?" if lr is None else f"sft_lr{lr:g}", f"eps{self.eps:g}"]
+        if self.temperature is not None:
+            parts.append(f"T{self.temperature:g}")
+        if self.softcap is not None:
+            parts.append(f"C{self.softcap:g}")
+        parts.append(f"s{self.seed}")
+        return "_".join(parts)
+
+    def setting(self) -> str:
+        """Seed-free label used to group seeds in tables."""
+        s = "SFT" if self.eps == 0 else f"SFT+LS {self.eps:g}"
+        if self.temperature is not None:
+            s += f", T={self.temperature:g}"
+        if self.softcap is not None:
+            s += f", C={self.softcap:g}"
+        return s
+
+
+@dataclass(frozen=True)
+class Profile:
+    base: str
+    reference: str | None
+    lrs: tuple[float, ...]
+    runs: tuple[SFTRun, ...]  # in priority order
+    epochs: float
+    max_steps: int | None
+    max_seq_len: int
+    batch_size: int
+    grad_accum: int
+    holdout_frac: float
+    tasks: str
+    limit: int | None
+    fit_split: bool
+    bootstrap: int
+    eval_batch: str
+    # Seconds per unit before any unit of this kind was timed (see ESTIMATES in the docs).
+    est: dict[str, float] = field(default_factory=dict)
+
+
+_MAIN_FULL = tuple(SFTRun(e, s) for s in (1, 2) for e in (0.0, 0.1, 0.2))
+_REMEDY_FULL = tuple(
+    SFTRun(e, s, temperature=t, softcap=c)
+    for s in (1, 2)
+    for e in (0.0, 0.1)
+    for t, c in ((0.5, None), (None, 32.0))
+)
+_BUDGET_RUNS = (
+    SFTRun(0.0, 1),
+    SFTRun(0.1, 1),
+    SFTRun(0.2, 1),
+    SFTRun(0.1, 1, temperature=0.5),
+    SFTRun(0.1, 1, softcap=32.0),
+    SFTRun(0.0, 2),
+    SFTRun(0.1, 2),
+)
+
+# Pre-run estimates for one H100 (seconds), from token counts measured on the CPU with the Gemma
+# tokenizer: one evaluation scores ~3.7 M tokens (MMLU test 1.74 M + validation 0.19 M, ARC-Easy
+# 0.11 M, HellaSwag 1.68 M packed) and ~114 k per-choice sums (one host sync each); one budget SFT
+# run is 2 x 22 steps over ~2.2 M padded tokens per epoch (max length 1024, micro-batch 8).
+PROFILES: dict[str, Profile] = {
+    "full": Profile(
+        base="gemma-3-270m",
+        reference="smollm2-135m-instruct",
+        lrs=(5e-6, 2e-5, 8e-5),
+        runs=_MAIN_FULL + _REMEDY_FULL,
+        epochs=2.0,
+        max_steps=None,
+        max_seq_len=2048,
+        batch_size=8,
+        grad_accum=16,
+        holdout_frac=0.05,
+        tasks="mmlu,arc_easy,hellaswag",
+        limit=None,
+        fit_split=True,
+        bootstrap=1000,
+        eval_batch="auto",
+        est={"prepare": 90, "train": 75, "eval": 60, "eval_ref": 45, "select": 1},
+    ),
+    "budget": Profile(
+        base="gemma-3-270m",
+        reference="smollm2-135m-instruct",
+        lrs=(2e-5,),
+        runs=_BUDGET_RUNS,
+        epochs=2.0,
+        max_steps=None,
+        max_seq_len=1024,
+        batch_size=8,
+        grad_accum=16,
+        holdout_frac=0.05,
+        tasks="mmlu,arc_easy,hellaswag",
+        limit=None,
+        fit_split=True,
+        bootstrap=1000,
+        eval_batch="auto",
+        est={"prepare": 90, "train": 45, "eval": 50, "eval_ref": 35, "select": 1},
+    ),
+    "smoke": Profile(
+        base="smollm2-135m-instruct",
+        reference=None,
+        lrs=(2e-5, 8e-5),
+        runs=(SFTRun(0.0, 1), SFTRun(0.1, 1), SFTRun(0.1, 1, temperature=0.5)),
+        epochs=2.0,
+        max_steps=3,
+        max_seq_len=128,
+        batch_size=2,
+        grad_accum=1,
+        holdout_frac=0.01,
+        tasks="mmlu,arc_easy,hellaswag",
+        limit=2,
+        fit_split=False,
+        bootstrap=200,
+        eval_batch="auto",
+        est={"prepare": 10, "train": 30, "eval": 60, "eval_ref": 30, "select": 1},
+    ),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Units
+
+
+@dataclass
+class Unit:
+    """One resumable piece of work: ``folder/done.json`` marks it finished."""
+
+    name: str
+    kind: str  # prepare | train | select | eval | eval_ref
+    folder: Path
+    action: Callable[[], dict[str, Any]]
+    needs: tuple[str, ...] = ()
+
+    def done(self) -> bool:
+        return (self.folder / DONE).exists()
+
+
+class Experiment:
+    """The unit list of one profile over one work folder."""
+
+    def __init__(self, profile: Profile, work: Path, data: list[Path], device: str) -> None:
+        self.p = profile
+        self.work = work
+        self.data = data
+        self.device = device
+
+    # -- learning rate ------------------------------------------------------------------------
+    def selected_lr(self) -> float | None:
+        if len(self.p.lrs) == 1:
+            return self.p.lrs[0]
+        path = self.work / "select_lr" / DONE
+        return read_json(path)["lr"] if path.exists() else None
+
+    def units(self) -> list[Unit]:
+        p, w = self.p, self.work
+        units = [Unit("prepare", "prepare", w / "data", self._prepare)]
+        units.append(
+            Unit("eval/base", "eval", w / "evals" / "base", lambda: self._eval("base", p.base))
+        )
+        lr_sel = len(p.lrs) > 1
+        if lr_sel:
+            names = []
+            for lr in p.lrs:
+                run = SFTRun(0.0, 1, lr=lr)
+                names.append(f"train/{run.name(lr)}")
+                units.append(self._train_unit(run, lr))
+            units.append(
+                Unit("select_lr", "select", w / "select_lr", self._select, needs=tuple(names))
+            )
+        lr = self.selected_lr()
+        for run in p.runs:
+            if lr is None:  # not selected yet: placeholders so --plan can count them
+                plain = run.temperature is None and run.softcap is None
+                if not (plain and run.eps == 0.0 and run.seed == 1):  # reuses a selection run
+                    units.append(Unit(f"train/{run.name(None)}", "train", w / "pending", _never))
+                units.append(Unit(f"eval/{run.name(None)}", "eval", w / "pending", _never))
+                continue
+            name = run.name(lr)
+            t = self._train_unit(run, lr)
+            if all(u.name != t.name for u in units):
+                units.append(t)
+            units.append(
+                Unit(
+                    f"eval/{name}",
+                    "eval",
+                    w / "evals" / name,
+                    lambda n=name: self._eval(n, str(w / "runs" / n / "final")),
+                    needs=(t.name,),
+                )
+            )
+        if p.reference:
+            units.append(
+                Unit(
+                    "eval/reference",
+                    "eval_ref",
+                    w / "evals" / "reference",
+                    lambda: self._eval("reference", p.reference),
+                )
+            )
+        return units
+
+    def _train_unit(self, run: SFTRun, lr: float) -> Unit:
+        name = run.name(lr)
+        return Unit(
+            f"train/{name}",
+            "train",
+            self.work / "runs" / name,
+            lambda: self._train(run, lr),
+            needs=("prepare",),
+        )
+
+    # -- actions ------------------------------------------------------------------------------
+    def _prepare(self) -> dict[str, Any]:
+        if not self.data:
+            raise SystemExit("error: --data FILE... is required to prepare the SFT data")
+        for f in self.data:
+            if not f.exists():
+                raise SystemExit(f"error: data file {f} does not exist")
+        info = mix_instruction_data(
+            self.data, self.work / "data", holdout_frac=self.p.holdout_frac, seed=0
+        )
+        # Convert the GGUF models once now, so later units' timings exclude the conversion.
+        from calibrated_lm.models.loading import convert_gguf, resolve_model
+
+        for m in (self.p.base, self.p.reference):
+            if m:
+                resolved = resolve_model(m)
+                if isinstance(resolved, Path) and resolved.suffix == ".gguf":
+                    convert_gguf(resolved)
+        return info
+
+    def _train(self, run: SFTRun, lr: float) -> dict[str, Any]:
+        from calibrated_lm.training.loop import TrainConfig, train
+
+        out = self.work / "runs" / run.name(lr)
+        p = self.p
+        cfg = TrainConfig(
+            model=p.base,
+            data=str(self.work / "data" / "train.json"),
+            output=str(out),
+            label_smoothing=run.eps,
+            epochs=p.epochs,
+            lr=lr,
+            batch_size=p.batch_size,
+            grad_accum=p.grad_accum,
+            max_seq_len=p.max_seq_len,
+            max_steps=p.max_steps,
+            temperature=run.temperature,
+            softcap=run.softcap,
+            seed=run.seed,
+            device=self.device,
+            # No intermediate checkpoints (a budget run lasts under a minute): a run killed midway
+            # restarts; one killed after its final checkpoint only re-saves final/.
+            resume=(out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()),
+            save_every=0,
+            progress=True,
+        )
+        _write_command(out, _train_cli(cfg))
+        t0 = time.monotonic()
+        result = train(cfg)
+        train_s = time.monotonic() - t0
+        # The optimizer state is only needed to resume; the evaluation reads final/.
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        held = heldout_stats(
+            str(out / "final"),
+            self.work / "data" / "heldout.json",
+            p.max_seq_len,
+            self.device,
+        )
+        write_json(out / "heldout.json", held)
+        return {
+            "train_s": round(train_s, 1),
+            "steps": result["steps"],
+            "last": result["last"],
+            "heldout": held,
+            "setting": run.setting(),
+            "eps": run.eps,
+            "seed": run.seed,
+            "lr": lr,
+            "temperature": run.temperature,
+            "softcap": run.softcap,
+        }
+
+    def _select(self) -> dict[str, Any]:
+        scores = {}
+        for lr in self.p.lrs:
+            d = self.work / "runs" / SFTRun(0.0, 1, lr=lr).name(lr)
+            scores[f"{lr:g}"] = read_json(d / "heldout.json")["nll"]
+        best = min(self.p.lrs, key=lambda lr: scores[f"{lr:g}"])
+        return {"lr": best, "heldout_nll": scores, "rule": "lowest held-out NLL, eps=0, seed 1"}
+
+    def _eval(self, name: str, model: str) -> dict[str, Any]:
+        from calibrated_lm.evaluation.runner import EvalConfig, run_eval
+
+        out = self.work / "evals" / name
+        p = self.p
+        cfg = EvalConfig(
+            model=model,
+            tasks=[p.tasks],
+            output=out,
+            limit=p.limit,
+            num_fewshot=0,
+            chat_template="off",
+            normalization="none",
+            bootstrap=p.bootstrap,
+            batch_size=p.eval_batch,
+            device=self.device,
+            fit_split=p.fit_split,
+        )
+        _write_command(out, _eval_cli(cfg))
+        t0 = time.monotonic()
+        summary = run_eval(cfg)
+        info: dict[str, Any] = {"eval_s": round(time.monotonic() - t0, 1), "model": model}
+        info["timing"] = summary["protocol"]["timing"]
+        if name == "base":
+            info["heldout"] = heldout_stats(
+                model, self.work / "data" / "heldout.json", p.max_seq_len, self.device
+            )
+            write_json(out / "heldout.json", info["heldout"])
+        return info
+
+
+def _never() -> dict[str, Any]:
+    raise RuntimeError("unit waits for the learning-rate selection")
+
+
+def _write_command(folder: Path, command: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "command.txt").write_text(command + "\n", encoding="utf-8")
+
+
+def _train_cli(cfg: Any) -> str:
+    parts = [
+        "calibrated-lm train",
+        f"--model {cfg.model}",
+        f"--data {cfg.data}",
+        f"--output {cfg.output}",
+        f"--label-smoothing {cfg.label_smoothing:g}",
+        f"--epochs {cfg.epochs:g}",
+        f"--lr {cfg.lr:g}",
+        f"--batch-size {cfg.batch_size}",
+        f"--grad-accum {cfg.grad_accum}",
+        f"--max-seq-len {cfg.max_seq_len}",
+        f"--seed {cfg.seed}",
+        f"--save-every {cfg.save_every}",
+    ]
+    if cfg.max_steps is not None:
+        parts.append(f"--max-steps {cfg.max_steps}")
+    if cfg.temperature is not None:
+        parts.append(f"--temperature {cfg.temperature:g}")
+    if cfg.softcap is not None:
+        parts.append(f"--softcap {cfg.softcap:g}")
+    return " ".join(parts)
+
+
+def _eval_cli(cfg: Any) -> str:
+    parts = [
+        "calibrated-lm eval",
+        f"--model {cfg.model}",
+        f"--tasks {','.join(cfg.tasks)}",
+        f"--output {cfg.output}",
+        f"--num-fewshot {cfg.num_fewshot}",
+        f"--chat-template {cfg.chat_template}",
+        f"--normalization {cfg.normalization}",
+        f"--bootstrap {cfg.bootstrap}",
+        f"--batch-size {cfg.batch_size}",
+    ]
+    if cfg.limit is not None:
+        parts.append(f"--limit {cfg.limit}")
+    if cfg.fit_split:
+        parts.append("--fit-split")
+    return " ".join(parts)
+
+
+def heldout_stats(model: str, heldout: Path, max_seq_len: int, device: str) -> dict[str, Any]:
+    """Token-level NLL, accuracy and mean confidence of ``model`` on the held-out SFT slice.
+
+    Plain cross-entropy (eps = 0, no temperature or softcap) on the assistant tokens of the
+    held-out records, formatted exactly as for training; token-mean over all of them.
+    ``overconfidence`` = mean confidence - accuracy.
+    """
+    import torch
+
+    from calibrated_lm.models import patch_model
+    from calibrated_lm.models.loading import load_model
+    from calibrated_lm.training.batching import collate
+    from calibrated_lm.training.data import load_dataset
+
+    model_obj, tok = load_model(model, dtype="float32", device=device)
+    patch_model(model_obj, label_smoothing=0.0)
+    data = load_dataset(heldout, tok, max_seq_len=max_seq_len)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    dev = next(model_obj.parameters()).device
+    sums = {"loss": 0.0, "confidence": 0.0, "accuracy": 0.0, "entropy": 0.0, "n": 0}
+    examples = sorted(data.examples, key=lambda e: len(e.input_ids))
+    with torch.no_grad():
+        for i in range(0, len(examples), 8):
+            b = {k: v.to(dev) for k, v in collate(examples[i : i + 8], pad).items()}
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                out = model_obj(**b, calibrated_lm_reduction="sum", calibrated_lm_stats=True)
+            st = out.loss_stats
+            sums["loss"] += float(out.loss)
+            for k in ("confidence", "accuracy", "entropy"):
+                sums[k] += getattr(st, k) * st.n_tokens
+            sums["n"] += st.n_tokens
+    n = max(sums["n"], 1)
+    res = {
+        "nll": sums["loss"] / n,
+        "accuracy": sums["accuracy"] / n,
+        "mean_confidence": sums["confidence"] / n,
+        "entropy": sums["entropy"] / n,
+        "tokens": sums["n"],
+        "examples": len(examples),
+    }
+    res["overconfidence"] = res["mean_confidence"] - res["accuracy"]
+    del model_obj
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+
+
+def _estimate(unit: Unit, timed: dict[str, list[float]], profile: Profile) -> float:
+    seen = timed.get(unit.kind)
+    if seen:
+        return max(seen) * 1.1
+    return float(profile.est.get(unit.kind, 60))
+
+
+def _past_timings(units: list[Unit]) -> dict[str, list[float]]:
+    timed: dict[str, list[float]] = {}
+    for u in units:
+        if u.done():
+            d = read_json(u.folder / DONE)
+            if "unit_s" in d:
+                timed.setdefault(u.kind, []).append(d["unit_s"])
+    return timed
+
+
+def plan(exp: Experiment, limit_s: float | None) -> None:
+    """Print every unit, whether it is done, its estimate, and the chunk it would run in."""
+    units = exp.units()
+    timed = _past_timings(units)
+    chunk, used, total = 1, 0.0, 0.0
+    print(f"{'unit':48s} {'status':8s} {'est s':>6s}  chunk")
+    for u in units:
+        if u.done():
+            print(f"{u.name:48s} {'done':8s} {'':>6s}")
+            continue
+        est = _estimate(u, timed, exp.p)
+        if limit_s is not None and used + est > limit_s and used > 0:
+            chunk, used = chunk + 1, 0.0
+        used += est
+        total += est
+        print(f"{u.name:48s} {'pending':8s} {est:6.0f}  {chunk}")
+    print(
+        f"pending: ~{total:.0f} s"
+        + (f" in {chunk} chunk(s) of <= {limit_s:.0f} s" if limit_s else "")
+    )
+
+
+def run_units(exp: Experiment, limit_s: float | None) -> int:
+    """Run pending units in order until done or the time limit; return the count left."""
+    clock = Clock(limit_s)
+    units = exp.units()
+    timed = _past_timings(units)
+    i = 0
+    while i < len(units):
+        u = units[i]
+        i += 1
+        if u.done():
+            continue
+        if any(not _done_by_name(units, n) for n in u.needs) or u.folder.name == "pending":
+            if u.kind == "select" or u.folder.name == "pending":
+                continue
+            print(f"[skip] {u.name}: waits for {', '.join(u.needs)}", flush=True)
+            continue
+        est = _estimate(u, timed, exp.p)
+        if not clock.fits(est):
+            print(
+                f"[stop] {u.name} (~{est:.0f} s) would pass the {limit_s:.0f} s limit at "
+                f"{clock.elapsed():.0f} s; rerun to continue",
+                flush=True,
+            )
+            break
+        print(f"[unit] {u.name} (est {est:.0f} s, at {clock.elapsed():.0f} s)", flush=True)
+        t0 = time.monotonic()
+        result = u.action()
+        dt = time.monotonic() - t0
+        result["unit_s"] = round(dt, 1)
+        write_json(u.folder / DONE, result)
+        timed.setdefault(u.kind, []).append(dt)
+        print(f"[done] {u.name} in {dt:.0f} s", flush=True)
+        if u.kind == "select":  # the SFT units depend on the chosen lr: rebuild the list
+            units = exp.units()
+            i = 0
+    left = [u.name for u in exp.units() if not u.done()]
+    print(f"finished units: {sum(u.done() for u in exp.units())}, left: {len(left)}")
+    for name in left:
+        print(f"  left: {name}")
+    return len(left)
+
+
+def _check_profile(work: Path, profile: str) -> None:
+    """Pin the work folder to one profile: mixing profiles would mix protocols."""
+    path = work / "profile.json"
+    if path.exists():
+        old = read_json(path)["profile"]
+        if old != profile:
+            raise SystemExit(
+                f"error: {work} holds a {old!r} run; use another --work for profile {profile!r}"
+            )
+    else:
+        write_json(path, {"profile": profile})
+
+
+def _done_by_name(units: list[Unit], name: str) -> bool:
+    return any(u.name == name and u.done() for u in units)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run (or resume) the experiment's units")
+    r.add_argument("--profile", choices=sorted(PROFILES), default="budget")
+    r.add_argument("--data", type=Path, nargs="*", default=[], help="instruction JSON files")
+    r.add_argument("--work", type=Path, default=DEFAULT_WORK)
+    r.add_argument("--device", default="auto")
+    r.add_argument("--time-limit", type=float, default=None, help="seconds for this chunk")
+    r.add_argument("--plan", action="store_true", help="print the units and chunks, run nothing")
+    b = sub.add_parser("bundle", help="pack the small results for transport")
+    b.add_argument("--work", type=Path, default=DEFAULT_WORK)
+    b.add_argument("--out", type=Path, required=True)
+    u = sub.add_parser("unbundle", help="unpack a bundle into the work folder")
+    u.add_argument("archive", type=Path)
+    u.add_argument("--work", type=Path, default=DEFAULT_WORK)
+    rep = sub.add_parser("report", help="tables, overlaid diagrams and curves from the work folder")
+    rep.add_argument("--work", type=Path, default=DEFAULT_WORK)
+    rep.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    rep.add_argument("--bootstrap", type=int, default=1000)
+    args = ap.parse_args(argv)
+
+    if args.cmd == "run":
+        exp = Experiment(PROFILES[args.profile], args.work, list(args.data), args.device)
+        if args.plan:
+            plan(exp, args.time_limit)
+            return 0
+        _check_profile(args.work, args.profile)
+        run_units(exp, args.time_limit)
+        return 0
+    if args.cmd == "bundle":
+        names = bundle(args.work, args.out)
+        print(f"bundled {len(names)} files into {args.out} ({args.out.stat().st_size} bytes)")
+        return 0
+    if args.cmd == "unbundle":
+        names = unbundle(args.archive, args.work)
+        print(f"unpacked {len(names)} files into {args.work}")
+        return 0
+    if args.cmd == "report":
+        from sft_report import write_report
+
+        write_report(args.work, args.results, bootstrap=args.bootstrap)
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

