@@ -312,3 +312,27 @@ def test_activation_checkpointing_through_the_patch_keeps_gradients():
         m(input_ids=ids, labels=labels).loss.backward()
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_separately_sharded_head_is_gathered(tmp_path):
+    """fully_shard(lm_head) leaves a DTensor the head's hooks never gather: the patch must."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    if dist.is_initialized():
+        pytest.skip("a process group already exists")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        a = tiny("llama")
+        b = copy.deepcopy(a)
+        fully_shard(b.lm_head)
+        fully_shard(b)
+        assert isinstance(b.lm_head.weight, DTensor)
+        ids, labels = batch()
+        for m in (a, b):
+            patch_model(m, label_smoothing=0.1)
+            m(input_ids=ids, labels=labels).loss.backward()
+        torch.testing.assert_close(b.lm_head.weight.grad.full_tensor(), a.lm_head.weight.grad)
+    finally:
+        dist.destroy_process_group()

@@ -162,6 +162,11 @@ def fused_lm_loss(
 
     weight = head.weight
     bias = getattr(head, "bias", None)
+    # A head sharded on its own (FSDP2 fully_shard(lm_head), tensor parallel) is not gathered
+    # by its module hooks here, since the head module is never called: gather it explicitly.
+    # full_tensor() is differentiable; its backward hands each rank its shard's gradient.
+    weight = _full(weight)
+    bias = _full(bias) if bias is not None else None
     # Autocast does not reach into a custom autograd function: cast as F.linear would.
     if torch.is_autocast_enabled(hidden.device.type):
         dtype = torch.get_autocast_dtype(hidden.device.type)
@@ -205,6 +210,14 @@ def fused_lm_loss(
         loss = loss * cfg.temperature
     summary = _summarise(stats, targets, shift, ignore_index) if return_stats else None
     return loss, summary
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return t
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _summarise(stats: Any, targets: torch.Tensor, shift: bool, ignore_index: int) -> LossStats:
