@@ -131,7 +131,7 @@ def test_unknown_layout_lists_accepted_ones(tmp_path: Path, tokenizers):
     path = tmp_path / "d.jsonl"
     path.write_text('{"prompt": "a", "completion": "b"}\n{"question": "a", "answer": "b"}\n')
     with pytest.raises(
-        UserError, match=r"line/item 2: unknown record layout .*'answer', 'question'"
+        UserError, match=r"record at line 2: unknown record layout .*'answer', 'question'"
     ):
         load_dataset(path, tokenizers[0], max_seq_len=64)
     with pytest.raises(UserError, match="Alpaca .*chat .*ShareGPT .*prompt/completion"):

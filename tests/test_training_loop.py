@@ -267,3 +267,17 @@ def test_fsdp2_two_gloo_ranks_match_one_rank(setup, tmp_path):
     a, b = _params(one / "final"), _params(two / "final")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_bad_data_fails_before_the_model_is_loaded(tmp_path):
+    bad = tmp_path / "d.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"question": 1}\n')
+    cfg = TrainConfig(
+        model=str(tmp_path / "no-such-model"),
+        data=str(bad),
+        output=str(tmp_path / "o"),
+        progress=False,
+        device="cpu",
+    )
+    with pytest.raises(UserError, match="record at line 2: unknown record layout"):
+        train(cfg)

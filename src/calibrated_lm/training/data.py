@@ -66,8 +66,8 @@ class Dataset:
         return sum(sum(1 for y in ex.labels if y != IGNORE_INDEX) for ex in self.examples)
 
 
-def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
-    """``(line or item number, record)`` pairs from a JSON array/object file or JSONL file.
+def read_records(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
+    """``(where, record)`` pairs (``where`` = "line 3" or "item 2") from JSON or JSONL.
 
     A record that is not valid JSON, or not an object, raises :class:`UserError` naming the
     file and line (JSONL) or item index (JSON array).
@@ -105,6 +105,7 @@ def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
                         pass
                     else:
                         records = [(0, item) for item in ([obj] if isinstance(obj, dict) else obj)]
+                        where = "item"
                         break
                 raise UserError(
                     f"{path}: malformed JSON record at line {lineno}: {exc.msg}"
@@ -114,7 +115,20 @@ def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
             raise UserError(
                 f"{path}: record at {where} {number} is a {type(rec).__name__}, not a JSON object"
             )
-    return records
+    return [(f"{where} {number}", rec) for number, rec in records]
+
+
+def check_layouts(records: list[tuple[Any, dict[str, Any]]], source: str = "data") -> None:
+    """Raise :class:`UserError` naming the first record whose layout is not accepted."""
+    for where, record in records:
+        try:
+            to_messages(record)
+        except ValueError as exc:
+            raise UserError(f"{source}: record at {_where(where)}: {exc}") from exc
+
+
+def _where(where: Any) -> str:
+    return where if isinstance(where, str) else f"line/item {where}"
 
 
 def to_messages(record: dict[str, Any]) -> list[dict[str, str]]:
@@ -249,7 +263,7 @@ def tokenize_records(
         try:
             messages = to_messages(record)
         except ValueError as exc:
-            raise UserError(f"{source}: record at line/item {number}: {exc}") from exc
+            raise UserError(f"{source}: record at {_where(number)}: {exc}") from exc
         if not any(m["role"] == "assistant" for m in messages):
             data.dropped["no assistant turn"] += 1
             continue

@@ -163,7 +163,7 @@ def train(
     from tqdm.auto import tqdm
 
     from calibrated_lm.models.patching import patch_model
-    from calibrated_lm.training.data import load_dataset
+    from calibrated_lm.training.data import check_layouts, load_dataset, read_records
 
     if cfg.reduction not in ("sum", "mean"):
         raise UserError(f"--reduction must be sum or mean, got {cfg.reduction!r}")
@@ -180,6 +180,8 @@ def train(
         )
     if cfg.resume and not checkpoints:
         raise UserError(f"--resume: no checkpoint in {output / 'checkpoints'} to resume from")
+    # Bad data fails here, before minutes of model loading.
+    check_layouts(read_records(cfg.data), str(cfg.data))
     output.mkdir(parents=True, exist_ok=True)
     _seed_everything(cfg.seed)
 
