@@ -34,7 +34,6 @@ IGN = -100
 EPS = 0.1
 MIB = 1 << 20
 FRACTION = "CALIBRATED_LM_LCE_MEMORY_FRACTION"
-STREAMS = "CALIBRATED_LM_LCE_STREAMS"
 
 SHAPES = {
     # name: (N, D, V, softcap)
@@ -150,7 +149,6 @@ def methods(softcap):
         ("ours", EPS, lambda: ours_loss(softcap, EPS)),
         ("ours, memory fraction 0.1", EPS, lambda: ours_loss(softcap, EPS, {FRACTION: "0.1"})),
         ("ours, memory fraction 0.3", EPS, lambda: ours_loss(softcap, EPS, {FRACTION: "0.3"})),
-        ("ours, one stream", EPS, lambda: ours_loss(softcap, EPS, {STREAMS: "0"})),
     ]
 
 

@@ -14,7 +14,7 @@ import torch
 import triton
 
 from calibrated_lm.loss.config import LossConfig
-from calibrated_lm.loss.engine import CY, S, T, merge_partials, new_accumulators
+from calibrated_lm.loss.engine import S, T, merge_partials, new_accumulators
 from calibrated_lm.loss.kernels.fused_forward import fused_forward_kernel
 from calibrated_lm.loss.kernels.row_grad import row_grad_kernel
 from calibrated_lm.loss.kernels.row_update import row_update_kernel
@@ -46,10 +46,6 @@ def _forward_tiles(vocab: int, bn: int) -> int:
     return triton.cdiv(triton.cdiv(vocab, bn), _FWD_SPLITS)
 
 
-def _forward_splits(vocab: int, bn: int) -> int:
-    return triton.cdiv(triton.cdiv(vocab, bn), _forward_tiles(vocab, bn))
-
-
 # Hopper-friendly tile shapes; the fastest is picked once per (V, D) on first use.
 _FWD_CONFIGS = [
     triton.Config({"BM": 128, "BN": 128, "BK": 64}, num_warps=8, num_stages=4),
@@ -65,29 +61,6 @@ _fused_forward_tuned = triton.autotune(_FWD_CONFIGS, key=["N_COLS", "D"])(
         fused_forward_kernel
     )
 )
-
-
-def _target_logits(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    cfg: LossConfig,
-    rows: int = 256,
-) -> torch.Tensor:
-    """c_y = softcap(h . w_y + b_y) per token (0 where ignored), in row chunks (a few MiB)."""
-    out = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-    valid = targets != cfg.ignore_index
-    safe = torch.where(valid, targets, torch.zeros_like(targets))
-    for r0 in range(0, hidden.shape[0], rows):
-        y = safe[r0 : r0 + rows]
-        z = (hidden[r0 : r0 + rows].float() * weight[y].float()).sum(-1)
-        if bias is not None:
-            z += bias[y].float()
-        if cfg.softcap is not None:
-            z = cfg.softcap * torch.tanh(z / cfg.softcap)
-        out[r0 : r0 + rows] = z
-    return out.masked_fill_(~valid, 0.0)
 
 
 class TritonBackend:
@@ -175,10 +148,10 @@ class TritonBackend:
         acc, idx = new_accumulators(n, hidden.device)
         if n == 0:
             return acc, idx
-        # Unused splits (when the chosen BN gives fewer) stay neutral: m = -inf, sums 0.
-        part = torch.zeros(_FWD_SPLITS, 5, n, dtype=torch.float32, device=hidden.device)
-        part[:, 0].fill_(float("-inf"))
-        part_idx = torch.zeros(_FWD_SPLITS, n, dtype=torch.int32, device=hidden.device)
+        # Every program writes its partial (neutral for a split past V), so any tile config,
+        # e.g. each one the autotuner tries, fills all SPLITS slots.
+        part = torch.empty(_FWD_SPLITS, 5, n, dtype=torch.float32, device=hidden.device)
+        part_idx = torch.empty(_FWD_SPLITS, n, dtype=torch.int32, device=hidden.device)
         args = (
             hidden,
             weight,
@@ -207,19 +180,18 @@ class TritonBackend:
         )
         if _interpret():
             bm, bn = 16, 32
-            grid = (triton.cdiv(n, bm), _forward_splits(vocab, bn))
+            grid = (triton.cdiv(n, bm) * _FWD_SPLITS,)
             tiles = _forward_tiles(vocab, bn)
             fused_forward_kernel[grid](
                 *args, **consts, TILES=tiles, BM=bm, BN=bn, BK=16, num_warps=1
             )
         else:
 
-            def grid(meta: dict) -> tuple[int, int]:
-                return (triton.cdiv(n, meta["BM"]), _forward_splits(vocab, meta["BN"]))
+            def grid(meta: dict) -> tuple[int]:
+                return (triton.cdiv(n, meta["BM"]) * _FWD_SPLITS,)
 
             _fused_forward_tuned[grid](*args, **consts)
         merge_partials(acc, idx, part, part_idx)
-        acc[CY] = _target_logits(hidden, weight, bias, targets, cfg)
         if not cfg.stats:  # not computed: make entropy lse - 1 rather than garbage
             acc[T] = acc[S]
         return acc, idx
