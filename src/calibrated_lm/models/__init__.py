@@ -1,19 +1,26 @@
-"""Models: resolving a MODEL argument (``loading``) and fused-loss patching (``patching``)."""
+"""Models: resolving a MODEL argument (``loading``) and fused-loss patching (``patching``).
+
+Both submodules pull in torch/transformers, so names are resolved on first access.
+"""
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-from calibrated_lm.models.patching import patch_config, patch_model, unpatch_model
+_LAZY = {
+    "load_model": "calibrated_lm.models.loading",
+    "patch_model": "calibrated_lm.models.patching",
+    "unpatch_model": "calibrated_lm.models.patching",
+    "patch_config": "calibrated_lm.models.patching",
+}
 
 
 def __getattr__(name: str) -> Any:
-    # loading pulls in gguf/transformers machinery: import it only when asked for.
-    if name == "load_model":
-        from calibrated_lm.models.loading import load_model
-
-        return load_model
-    raise AttributeError(f"module 'calibrated_lm.models' has no attribute {name!r}")
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'calibrated_lm.models' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
 
 
-__all__ = ["load_model", "patch_config", "patch_model", "unpatch_model"]
+__all__ = list(_LAZY)
