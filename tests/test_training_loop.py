@@ -216,6 +216,14 @@ def test_cli_train_runs_and_reports(setup, capsys):
     assert (root / "cli" / "final" / "config.json").exists()
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_fsdp2_two_gloo_ranks_match_one_rank(setup, tmp_path):
     """torchrun with 2 CPU ranks (FSDP2 fully_shard over gloo) vs 1 rank with 2x accumulation."""
@@ -238,7 +246,7 @@ def test_fsdp2_two_gloo_ranks_match_one_rank(setup, tmp_path):
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29533",
+        str(_free_port()),
         str(script),
         str(two),
         "1",
