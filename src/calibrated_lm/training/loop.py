@@ -343,6 +343,12 @@ def train(
     except torch.OutOfMemoryError as exc:
         optim.zero_grad(set_to_none=True)
         raise _oom_error(exc, info.device, model, cfg, f"at step {step + 1}") from exc
+    except RuntimeError as exc:
+        # The CPU allocator reports exhaustion as a plain RuntimeError.
+        if "can't allocate memory" not in str(exc):
+            raise
+        optim.zero_grad(set_to_none=True)
+        raise _oom_error(exc, info.device, model, cfg, f"at step {step + 1}") from exc
     finally:
         bar.close()
     if total > start:
