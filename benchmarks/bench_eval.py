@@ -46,7 +46,7 @@ def _cli(args: list[str]) -> tuple[float, dict]:
 
 
 def _records(folder: Path) -> dict:
-    lines = (folder / "samples.jsonl").read_text().splitlines()
+    lines = (folder / "samples.jsonl").read_text().split("\n")[:-1]
     return {(r["task"], r["id"]): r for r in map(json.loads, lines)}
 
 
@@ -81,7 +81,9 @@ def cpu(model: str, limit: int, tmp: Path) -> dict:
     enc = make_encoder(tok, m, chat=False)
     for pack in (False, True):
         t0 = time.perf_counter()
-        scores = score_items(m, enc, items, batch_size=8, max_len=model_max_length(m, tok), pack=pack)
+        scores = score_items(
+            m, enc, items, batch_size=8, max_len=model_max_length(m, tok), pack=pack
+        )
         dt = time.perf_counter() - t0
         res[f"scoring_qps_batch8_{'packed' if pack else 'unpacked'}"] = round(len(items) / dt, 3)
         res.setdefault("_scores", []).append(scores)
@@ -125,7 +127,9 @@ def gpu(model: str, tmp: Path, limit: int | None) -> dict:
             "rms_ce": e["rms_ce"],
         }
     a, b = _records(tmp / "bfloat16"), _records(tmp / "float32")
-    diffs = [abs(x - y) for k in a for x, y in zip(a[k]["choice_logprobs"], b[k]["choice_logprobs"])]
+    diffs = [
+        abs(x - y) for k in a for x, y in zip(a[k]["choice_logprobs"], b[k]["choice_logprobs"])
+    ]
     res["bf16_vs_fp32_max_abs_logprob_diff"] = max(diffs)
     res["bf16_vs_fp32_mean_abs_logprob_diff"] = sum(diffs) / len(diffs)
     res["runs"] = runs

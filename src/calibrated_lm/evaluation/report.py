@@ -72,6 +72,7 @@ def build_summary(
     binning: str,
     bootstrap: int,
     seed: int = 0,
+    progress: bool = False,
 ) -> dict[str, Any]:
     from calibrated_lm.calibration import summarize_tasks
 
@@ -86,6 +87,7 @@ def build_summary(
         bootstrap=bootstrap,
         seed=seed,
         groups=groups,
+        progress=progress,
     )
 
 

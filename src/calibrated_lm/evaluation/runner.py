@@ -351,6 +351,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         binning=cfg.binning,
         bootstrap=cfg.bootstrap,
         seed=cfg.seed,
+        progress=cfg.progress,
     )
     summary["protocol"]["timing"]["total_s"] = round(time.perf_counter() - t_start, 2)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")

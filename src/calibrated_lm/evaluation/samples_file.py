@@ -77,7 +77,9 @@ class SamplesWriter:
         self._fh = path.open("a", encoding="utf-8")
 
     def write(self, records: Iterable[dict[str, Any]]) -> None:
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        # ASCII escapes keep every record on one line for any reader (U+2028 and friends are
+        # line breaks to str.splitlines).
+        text = "".join(json.dumps(r) + "\n" for r in records)
         if not text:
             return
         self._fh.write(text)
