@@ -174,6 +174,13 @@ def test_out_of_memory_is_reported_with_figures(setup, monkeypatch):
     out = Path(_cfg(setup, "oom").output)
     assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
 
+    def host_boom(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 GB")
+
+    monkeypatch.setattr(LlamaForCausalLM, "__call__", host_boom)
+    with pytest.raises(UserError, match=r"out of memory at step 1 .*host memory"):
+        train(_cfg(setup, "oom-host"))
+
 
 def test_cli_train_runs_and_reports(setup, capsys):
     import argparse
