@@ -104,12 +104,17 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def shard(model: nn.Module, info: DistInfo) -> nn.Module:
-    """Apply FSDP2 ``fully_shard`` to each decoder layer, then to the whole model."""
+    """Apply FSDP2 ``fully_shard`` to each decoder layer, then to the whole model.
+
+    Parameters still on the CPU are moved to ``info.device`` by ``fully_shard`` unit by unit.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    mesh = init_device_mesh(info.device.type, (info.world,))
     for layer in decoder_layers(model):
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 

@@ -203,10 +203,6 @@ def train(
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
 
-    try:
-        model.to(info.device)
-    except torch.OutOfMemoryError as exc:
-        raise _oom_error(exc, info.device, model, cfg, "moving the model to the device") from exc
     patch_model(
         model,
         label_smoothing=cfg.label_smoothing,
@@ -214,8 +210,15 @@ def train(
         temperature=cfg.temperature,
         z_loss=cfg.z_loss,
     )
-    if info.enabled:
-        D.shard(model, info)
+    try:
+        if info.enabled:
+            # fully_shard moves each unit to the device as it shards it, so no GPU ever
+            # holds the whole model.
+            D.shard(model, info)
+        else:
+            model.to(info.device)
+    except torch.OutOfMemoryError as exc:
+        raise _oom_error(exc, info.device, model, cfg, "moving the model to the device") from exc
     model.train()
     optim = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999)
