@@ -49,7 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: results written so far are kept; rerun the same command to resume.", file=sys.stderr)
+        print(
+            "interrupted: results written so far are kept; rerun the same command to resume.",
+            file=sys.stderr,
+        )
         return 130
 
 
