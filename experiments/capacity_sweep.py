@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--max-minutes", type=float, default=None, help="stop starting new configs after"
     )
-    p.add_argument("--capacity-samples", type=int, default=256)
+    p.add_argument("--capacity-samples", type=int, default=128)
     p.add_argument("--summarize", action="store_true", help="only gather results and plot")
     return p.parse_args(argv)
 
@@ -209,19 +209,10 @@ def token_stats(model, ids: np.ndarray, seq_len: int, vocab: int) -> dict[str, n
 
 
 def ece(conf: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
-    """Expected calibration error, equal-width bins: sum_b |B_b|/N * |acc(B_b) - conf(B_b)|."""
-    try:  # the project's metric, when the calibration package provides it
-        from calibrated_lm.calibration import expected_calibration_error  # type: ignore
+    """Next-token ECE: the project's ``calibration_error`` (equal-width bins, L1)."""
+    from calibrated_lm.calibration import calibration_error
 
-        return float(expected_calibration_error(conf, correct, n_bins=bins))
-    except Exception:  # noqa: BLE001 - fall back to the same formula written out here
-        idx = np.minimum((conf * bins).astype(int), bins - 1)
-        total = 0.0
-        for b in range(bins):
-            m = idx == b
-            if m.any():
-                total += m.sum() * abs(correct[m].mean() - conf[m].mean())
-        return float(total / len(conf))
+    return float(calibration_error(conf, correct, n_bins=bins))
 
 
 def summarize_stats(s: dict[str, np.ndarray], vocab: int) -> dict[str, float]:
@@ -246,25 +237,40 @@ def summarize_stats(s: dict[str, np.ndarray], vocab: int) -> dict[str, float]:
     }
 
 
-def head_capacity(head_file: Path, samples: int, seed: int) -> dict:
+def head_capacity(head_file: Path, samples: int, seed: int, train_ids: np.ndarray) -> dict:
     """The ``capacity`` tool's numbers for a trained head (ceiling, reachability of the LS gap).
 
     The head is a Llama one: logits = W (g * u) with ||u|| = sqrt(D) after the final RMSNorm.
+    Two samples: ``samples`` token ids drawn uniformly from the vocabulary (what the command
+    does), and the ``samples`` most frequent target tokens of the training slice, whose
+    occurrence-weighted fractions say how much of the *text* the head could make LS-confident.
     """
     import torch
 
     from calibrated_lm.analysis.capacity import analyze_head
 
     saved = torch.load(head_file)
-    report = analyze_head(
-        saved["lm_head"],
-        saved["norm"],
-        samples=samples,
-        eps=(0.05, 0.1, 0.2),
-        seed=seed,
-        progress=False,
-    )
-    return report.summary()
+    kw = {"eps": (0.05, 0.1, 0.2), "seed": seed, "progress": False}
+    summary = analyze_head(saved["lm_head"], saved["norm"], samples=samples, **kw).summary()
+    counts = np.bincount(train_ids[1:], minlength=saved["lm_head"].shape[0])
+    top = np.argsort(-counts, kind="stable")[:samples]
+    top = top[counts[top] > 0]
+    rep = analyze_head(saved["lm_head"], saved["norm"], token_ids=np.sort(top), **kw)
+    w = counts[rep.token_ids].astype(np.float64)
+    frequent = {"tokens": int(len(top)), "coverage": float(w.sum() / counts.sum())}
+    for e in (0.05, 0.1, 0.2):
+        lp = math.log(1 - e + e / len(counts))
+        frequent[f"weighted_reach_ls_{e:g}"] = float((w * (rep.log_ceiling >= lp)).sum() / w.sum())
+    frequent["weighted_median_ceiling"] = _weighted_median(np.exp(rep.log_ceiling), w)
+    frequent["weighted_frac_can_be_argmax"] = float((w * (rep.gap_lower > 0)).sum() / w.sum())
+    summary["frequent_tokens"] = frequent
+    return summary
+
+
+def _weighted_median(x: np.ndarray, w: np.ndarray) -> float:
+    order = np.argsort(x)
+    cum = np.cumsum(w[order])
+    return float(x[order][np.searchsorted(cum, cum[-1] / 2)])
 
 
 def run_config(name: str, vocab: int, dim: int, eps: float, args, texts, out_dir: Path) -> None:
@@ -315,13 +321,30 @@ def run_config(name: str, vocab: int, dim: int, eps: float, args, texts, out_dir
 # ------------------------------------------------------------------------------------ summarise
 
 
-def summarize(out: Path, work: Path, samples: int, seed: int) -> dict:
+def summarize(args: argparse.Namespace) -> dict:
     """Gather finished configurations (adding each trained head's capacity once) and plot."""
+    out, work = args.output, args.work
+    texts = load_texts(args.corpus, args.train_chars, args.heldout_chars)
     rows = []
     for path in sorted((out / "configs").glob("*.json")):
         row = json.loads(path.read_text())
-        if "capacity" not in row:
-            row["capacity"] = head_capacity(work / "heads" / f"{row['name']}.pt", samples, seed)
+        before = json.dumps(row)
+        held = work / "heads" / f"{row['name']}_heldout.npz"
+        if held.exists():  # recompute with the project's metric (rows may predate it)
+            arrays = np.load(held)
+            row["heldout"]["ece"] = ece(arrays["conf"], arrays["correct"])
+            row["heldout"]["ece_metric"] = "calibrated_lm.calibration.calibration_error, 15 bins"
+        if "capacity" not in row or "frequent_tokens" not in row["capacity"]:
+            tok = build_tokenizer(
+                texts[0], row["vocab"], work / "tokenizers" / f"bpe{row['vocab']}.json"
+            )
+            row["capacity"] = head_capacity(
+                work / "heads" / f"{row['name']}.pt",
+                args.capacity_samples,
+                args.seed,
+                encode(tok, texts[1]),
+            )
+        if json.dumps(row) != before:
             tmp = path.with_name(f".{path.name}.tmp")
             tmp.write_text(json.dumps(row, indent=1))
             tmp.rename(path)
@@ -357,6 +380,15 @@ def summarize(out: Path, work: Path, samples: int, seed: int) -> dict:
                 ],
                 "cap_frac_argmax_model_eps0": r["capacity"]["frac_can_be_argmax"],
                 "cap_median_ceiling_model_eps0": r["capacity"]["ceiling"]["median"],
+                "cap_weighted_reach_ls_0.1_eps0": r["capacity"]["frequent_tokens"][
+                    "weighted_reach_ls_0.1"
+                ],
+                "cap_weighted_reach_ls_0.1_eps0.1": s["capacity"]["frequent_tokens"][
+                    "weighted_reach_ls_0.1"
+                ],
+                "cap_frequent_coverage": r["capacity"]["frequent_tokens"]["coverage"],
+                "train_conf_eps0": r["train"]["mean_confidence"],
+                "train_conf_eps0.1": s["train"]["mean_confidence"],
             }
         )
     summary = {"configs": len(rows), "pairs": pairs}
@@ -460,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.output / "configs"
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.summarize:
-        summary = summarize(args.output, args.work, args.capacity_samples, args.seed)
+        summary = summarize(args)
         print(json.dumps(summary, indent=1))
         return 0
     if not (args.corpus / "wikitext2_test.raw").exists():
@@ -485,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         bar.set_postfix(config=name)
         run_config(name, v, d, e, args, texts, out_dir)
     try:
-        summarize(args.output, args.work, args.capacity_samples, args.seed)
+        summarize(args)
     except ImportError as exc:  # the analysis package is missing: results are kept, plot later
         print(f"trained configurations kept; summary skipped ({exc})", file=sys.stderr)
     return 0

@@ -426,7 +426,7 @@ def analyze_head(
             logp = torch.log_softmax(z, dim=1)
             lc = logp[torch.arange(len(ys)), ys]
             p = logp.exp()
-            ent = -(p * logp).sum(1)
+            ent = (-(p * logp).sum(1)).clamp_min(0)
             others = z.clone()
             others[torch.arange(len(ys)), ys] = -math.inf
             l1m = torch.logsumexp(others, dim=1) - torch.logsumexp(z, dim=1)
