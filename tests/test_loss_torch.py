@@ -219,3 +219,13 @@ def test_lazy_top_level_import():
     from calibrated_lm.loss import linear_cross_entropy as direct
 
     assert calibrated_lm.linear_cross_entropy is direct
+
+
+def test_autocast_does_not_retype_the_computation():
+    h, w, y, _ = make_problem()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, w, y, label_smoothing=0.1, impl="torch")
+    ref = reference_linear_cross_entropy(h, w, y, label_smoothing=0.1)
+    assert loss.dtype == torch.float32 and rel(loss, ref) < 1e-5
+    for a, c in zip(grads(loss, None, [h, w]), grads(ref, None, [h, w])):
+        assert a.dtype == torch.float32 and rel(a, c) < 1e-5

@@ -9,12 +9,23 @@ weight gradient cannot be rescaled afterwards, so the backward pass recomputes t
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from calibrated_lm.loss import chunking, engine
 from calibrated_lm.loss.config import LossConfig
+
+
+def _no_autocast(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _reduce(per_token: torch.Tensor, reduction: str, n_valid: int) -> torch.Tensor:
@@ -25,6 +36,7 @@ def _reduce(per_token: torch.Tensor, reduction: str, n_valid: int) -> torch.Tens
     return per_token
 
 
+@_no_autocast
 def run_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -54,7 +66,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """Inputs: hidden (N, D), weight (V, D), bias (V,) or None, targets (N,), then settings.
     Outputs: reduced loss, then per-token lse, entropy, confidence, correct (no gradient)."""
 
+    # Autocast must not re-type the products into the preallocated buffers: the inputs
+    # arrive in the dtype to compute in (callers cast first, as F.linear would under autocast).
     @staticmethod
+    @_no_autocast
     def forward(  # type: ignore[override]
         ctx: Any,
         hidden: torch.Tensor,
@@ -104,6 +119,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return loss, res.lse, res.entropy, res.confidence, res.correct
 
     @staticmethod
+    @_no_autocast
     def backward(ctx: Any, grad_loss: torch.Tensor, *unused: Any) -> tuple[Any, ...]:
         if ctx.reduction == "none":
             hidden, weight, bias, targets = ctx.saved_tensors
