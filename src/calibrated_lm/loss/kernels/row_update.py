@@ -70,9 +70,18 @@ def row_update_kernel(
     local = y - col0
     inside = (y != ignore_index) & (local >= 0) & (local < n_cols)
     safe = tl.where(inside, local, 0)
+    # A one-element vector mask built by comparison: some Triton interpreters (3.9) reject a
+    # broadcast scalar predicate as a load mask.
+    lane0 = tl.arange(0, 1)
     zy = tl.sum(
         capped_logits(
-            row_ptr, safe + tl.arange(0, 1), inside, bias_ptr, softcap, HAS_BIAS, HAS_SOFTCAP
+            row_ptr,
+            safe + lane0,
+            lane0 < inside.to(tl.int32),
+            bias_ptr,
+            softcap,
+            HAS_BIAS,
+            HAS_SOFTCAP,
         ),
         axis=0,
     )
