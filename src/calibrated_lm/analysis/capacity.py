@@ -406,9 +406,9 @@ def analyze_head(
     ids = np.asarray(token_ids, dtype=np.int64)
     if ids.size == 0 or ids.min() < 0 or ids.max() >= vocab:
         raise ValueError(f"token ids must lie in [0, {vocab})")
-    # small heads: optimise over every token (the active set only pays off for large V x D,
-    # and spread-out optima, e.g. ceilings far below 1, need many competitors)
-    if min(batch, len(ids)) * vocab * dim * 4 <= 512 * 2**20:
+    # small vocabularies: optimise over every token (spread-out optima, e.g. ceilings far
+    # below 1, need many competitors; beyond a few thousand the active set is much faster)
+    if vocab <= 2048:
         active = vocab - 1
 
     row_sq = (a * a).sum(1)
