@@ -113,3 +113,25 @@ def test_refusals_keep_results(setup, tmp_path: Path) -> None:
     assert (out / "samples.jsonl").read_bytes().count(b"\n") == 24  # nothing deleted
     with pytest.raises(UserError, match="model path .*missing.gguf does not exist"):
         run_eval(_cfg(setup, tmp_path / "x", model=str(tmp_path / "missing.gguf")))
+
+
+def test_out_of_memory_backs_off_or_suggests_smaller_batch(
+    setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from calibrated_lm.evaluation import scoring
+
+    real = scoring.score_items
+
+    def tight(model, encoder, items, *, batch_size, **kw):
+        if batch_size > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, encoder, items, batch_size=batch_size, **kw)
+
+    monkeypatch.setattr(scoring, "score_items", tight)
+    summary = run_eval(_cfg(setup, tmp_path / "auto", batch_size="auto"))
+    assert summary["protocol"]["timing"]["batch_size"] == 2
+    assert summary["tasks"]["quiz"]["n"] == 23
+    with pytest.raises(UserError, match=r"out of memory at batch size 4.*--batch-size \(e.g. 2\)"):
+        run_eval(_cfg(setup, tmp_path / "fixed", batch_size=4))

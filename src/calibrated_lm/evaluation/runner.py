@@ -356,6 +356,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     summary["protocol"]["timing"]["total_s"] = round(time.perf_counter() - t_start, 2)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     label = Path(cfg.model).name if cfg.model.endswith(".gguf") else cfg.model
+    label += ", chat template" if chat else ""
     diagrams = write_diagrams(
         records,
         out,
