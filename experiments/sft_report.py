@@ -127,6 +127,16 @@ def write_report(work: Path, results: Path, *, bootstrap: int = 1000) -> dict[st
     comp = compare_runs(
         [e["path"] for e in evals], results / "compare_all", labels=labels, bootstrap=bootstrap
     )
+    # The harness' acc_norm view: scores divided by the choice's length in characters. Same
+    # samples, no new scoring; shown because summed log-probs of choices of different lengths
+    # (HellaSwag) make the softmax over choices extreme whatever the model's knowledge.
+    comp_norm = compare_runs(
+        [e["path"] for e in evals],
+        results / "compare_all_acc_norm",
+        labels=labels,
+        normalization="chars",
+        bootstrap=bootstrap,
+    )
     by_name = {e["name"]: e for e in evals}
     head = [n for n in ("base", _first(evals, 0.0), _first(evals, 0.1)) if n in by_name]
     if len(head) >= 2:
@@ -193,6 +203,28 @@ def write_report(work: Path, results: Path, *, bootstrap: int = 1000) -> dict[st
                     }
         out["settings"].append(s)
 
+    out["acc_norm"] = {
+        t: {
+            label: {
+                k: e.get(k)
+                for k in (
+                    "n",
+                    "accuracy",
+                    "accuracy_ci95",
+                    "ece",
+                    "ece_ci95",
+                    "rms_ce",
+                    "rms_ce_ci95",
+                    "mean_confidence",
+                    "temperature",
+                    "ece_after_T",
+                )
+            }
+            for label, e in comp_norm["tasks"][t]["runs"].items()
+        }
+        for t in tasks
+        if t in comp_norm["tasks"]
+    }
     out["claims"] = _claims(work, evals, tasks, draws=bootstrap)
     out["curves"] = _curves(work, evals, results / "training_curves.png")
     out["bundle_profile"] = (
@@ -270,7 +302,9 @@ def _claims(
 
 
 def _curves(work: Path, evals: list[dict[str, Any]], png: Path) -> dict[str, Any]:
-    runs = [e for e in evals if (work / "runs" / e["name"] / "metrics.jsonl").exists()]
+    """Per-step training curves of every SFT run with a metrics log, finished or not."""
+    labels = {e["name"]: e["label"] for e in evals}
+    runs = sorted(d for d in (work / "runs").glob("*") if (d / "metrics.jsonl").exists())
     if not runs:
         return {}
     import matplotlib
@@ -280,15 +314,37 @@ def _curves(work: Path, evals: list[dict[str, Any]], png: Path) -> dict[str, Any
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     last: dict[str, Any] = {}
-    for e in runs:
-        lines = (work / "runs" / e["name"] / "metrics.jsonl").read_text().splitlines()
+    for d in runs:
+        lines = (d / "metrics.jsonl").read_text().splitlines()
         recs = [json.loads(x) for x in lines if x.strip()]
+        if not recs:
+            continue
+        finished = (d / "done.json").exists()
+        label = labels.get(d.name, d.name + ("" if finished else " (unfinished)"))
         steps = [r["step"] for r in recs]
         for ax, key in zip(axes, ("loss", "confidence", "accuracy")):
-            ax.plot(steps, [r[key] for r in recs], label=e["label"], lw=1.2)
-        last[e["name"]] = {k: recs[-1][k] for k in ("loss", "confidence", "accuracy", "entropy")}
-        last[e["name"]]["steps"] = recs[-1]["step"]
-        last[e["name"]]["median_tokens_per_s"] = float(np.median([r["tokens_per_s"] for r in recs]))
+            ax.plot(steps, [r[key] for r in recs], label=label, lw=1.2)
+        finite = [
+            r for r in recs if r["loss"] == r["loss"] and r.get("grad_norm") == r.get("grad_norm")
+        ]
+        first_nan = next(
+            (
+                r["step"]
+                for r in recs
+                if not (r["loss"] == r["loss"] and r.get("grad_norm") == r.get("grad_norm"))
+            ),
+            None,
+        )
+        last[d.name] = {
+            "finished": finished,
+            "steps_logged": recs[-1]["step"],
+            "first_nonfinite_step": first_nan,
+            "last_finite": {k: finite[-1][k] for k in ("step", "loss", "confidence", "accuracy")}
+            if finite
+            else None,
+            "median_tokens_per_s": float(np.median([r["tokens_per_s"] for r in recs])),
+            "median_target_tokens_per_step": float(np.median([r["target_tokens"] for r in recs])),
+        }
     for ax, title in zip(
         axes,
         ("training loss (with its eps/T/C)", "mean token confidence", "token accuracy"),
@@ -344,6 +400,29 @@ def _tables_md(out: dict[str, Any]) -> str:
                     _fmt(e.get("ece_after_T") or None),
                 ]
             )
+        lines += [markdown_table(header, rows), ""]
+
+    if out.get("acc_norm"):
+        lines += [
+            "## Length-normalised scores (acc_norm: log-likelihood / characters), same samples",
+            "",
+        ]
+        header = ["task", "model", "accuracy", "ECE", "RMS-CE", "conf", "T", "ECE after T"]
+        rows = []
+        for t, runs in out["acc_norm"].items():
+            for label, e in runs.items():
+                rows.append(
+                    [
+                        t,
+                        label,
+                        _ci(e, "accuracy"),
+                        _ci(e, "ece"),
+                        _ci(e, "rms_ce"),
+                        _fmt(e.get("mean_confidence")),
+                        _fmt(e.get("temperature")),
+                        _fmt(e.get("ece_after_T") or None),
+                    ]
+                )
         lines += [markdown_table(header, rows), ""]
 
     pairs = out["claims"].get("pairs", [])

@@ -61,8 +61,12 @@ def test_bundle_slims_samples_skips_weights_and_round_trips(tmp_path):
     final.mkdir(parents=True)
     (final / "model.safetensors").write_bytes(b"\0" * 100)
     (work / "runs" / "r1" / "metrics.jsonl").write_text('{"step": 1}\n')
+    (work / "data").mkdir()
+    (work / "data" / "train.json").write_text("[]")
+    (work / "data" / "data.json").write_text("{}")
     names = common.bundle(work, tmp_path / "b.tgz")
     assert sorted(names) == [
+        "data/data.json",
         "evals/base/samples.jsonl",
         "evals/base/summary.json",
         "runs/r1/metrics.jsonl",
