@@ -187,6 +187,9 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.normalization not in ("none", "chars"):
         raise UserError(f"--normalization must be none or chars, not {cfg.normalization!r}")
     info = D.dist_info()
+    from calibrated_lm.models.loading import resolve_model
+
+    resolve_model(cfg.model)  # a missing model fails before any folder is created
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
 
