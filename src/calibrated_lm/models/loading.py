@@ -117,6 +117,12 @@ def _gguf_cache_entry(gguf: Path) -> Path:
     return cache_dir() / "converted" / f"{gguf.stem}-{key[:12]}"
 
 
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
 def _probe_logits(model: Any, tokenizer: Any) -> Any:
     import torch
 
@@ -161,6 +167,13 @@ def convert_gguf(gguf: Path) -> Path:
         del model
         saved = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32).eval()
         saved_tok = AutoTokenizer.from_pretrained(str(tmp))
+        # Some transformers versions re-save a GGUF tokenizer differently (seen with Gemma on
+        # 5.17): say so rather than report a logit mismatch.
+        if saved_tok(_PROBE_TEXT).input_ids != tokenizer(_PROBE_TEXT).input_ids:
+            raise RuntimeError(
+                f"the tokenizer saved from {gguf} encodes text differently from the GGUF's "
+                f"(transformers {_transformers_version()}); the cache entry was not written"
+            )
         again = _probe_logits(saved, saved_tok)
         if again.shape != reference.shape or not torch.allclose(
             again, reference, atol=_LOGIT_ATOL, rtol=0
