@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -296,3 +297,50 @@ def test_bad_data_fails_before_the_model_is_loaded(tmp_path):
     )
     with pytest.raises(UserError, match="record at line 2: unknown record layout"):
         train(cfg)
+
+
+class _NanGrad(torch.autograd.Function):
+    """Identity in forward, NaN gradient in backward: a finite loss whose gradient is not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+def _poison_calls(monkeypatch, poisoned):
+    """Make the model's loss have a NaN gradient on the given (0-based) forward calls."""
+    from transformers import LlamaForCausalLM
+
+    real = LlamaForCausalLM.__call__
+    calls = {"n": 0}
+
+    def call(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        if calls["n"] in poisoned:
+            out.loss = _NanGrad.apply(out.loss)
+        calls["n"] += 1
+        return out
+
+    monkeypatch.setattr(LlamaForCausalLM, "__call__", call)
+
+
+def test_non_finite_gradient_skips_the_step_and_keeps_parameters_finite(setup, monkeypatch):
+    # grad_accum=2: calls 2 and 3 are the two micro-batches of step 2.
+    _poison_calls(monkeypatch, {2})
+    train(_cfg(setup, "nan-once", save_every=0))
+    out = Path(_cfg(setup, "nan-once").output)
+    rows = _logged(out)
+    assert [r["skipped"] for r in rows] == [False, True, False, False, False, False]
+    assert rows[1]["grad_norm"] is None and all(math.isfinite(r["loss"]) for r in rows)
+    params = _params(out / "final")
+    assert all(torch.isfinite(v).all() for v in params.values())
+
+
+def test_repeated_non_finite_gradients_abort_with_a_sentence(setup, monkeypatch):
+    _poison_calls(monkeypatch, set(range(100)))
+    with pytest.raises(UserError, match=r"training diverged: .* 5 optimizer steps in a row"):
+        train(_cfg(setup, "nan-always", max_steps=8, save_every=0))

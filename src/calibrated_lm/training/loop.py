@@ -67,6 +67,8 @@ class TrainConfig:
     z_loss: float = 0.0
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
+    # Optimizer steps with a non-finite gradient norm are skipped; this many in a row abort.
+    max_skipped_steps: int = 5
     seed: int = 42
     device: str = "auto"
     resume: bool = False
@@ -276,6 +278,8 @@ def train(
     )
     record: dict[str, Any] = {}
     step = start
+    consecutive_skips = 0
+    skipped_steps = 0
     try:
         for step in range(start, total):
             t0 = time.perf_counter()
@@ -305,12 +309,24 @@ def train(
                 for key in ("confidence", "accuracy", "entropy"):
                     sums[key] += getattr(stats, key) * stats.n_tokens
                 sums["inputs"] += int(b["attention_mask"].sum())
-            grad_norm = None
-            if cfg.max_grad_norm:
-                grad_norm = float(
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            # The norm is always measured (clipping at +inf changes nothing) so that a
+            # non-finite gradient is caught before AdamW turns every parameter into NaN.
+            grad_norm = float(
+                torch.nn.utils.clip_grad_norm_(
+                    model.parameters(), cfg.max_grad_norm or float("inf")
                 )
-            optim.step()
+            )
+            finite = math.isfinite(grad_norm)
+            if finite:
+                optim.step()
+                consecutive_skips = 0
+            else:
+                consecutive_skips += 1
+                skipped_steps += 1
+                bar.write(
+                    f"step {step + 1}: gradient norm is {grad_norm}; optimizer step skipped "
+                    f"({consecutive_skips} in a row)"
+                )
             optim.zero_grad(set_to_none=True)
             totals = {k: D.all_reduce_sum(v, info) for k, v in sums.items()}
             elapsed = time.perf_counter() - t0
@@ -325,7 +341,8 @@ def train(
                 "accuracy": totals["accuracy"] / denom,
                 "entropy": totals["entropy"] / denom,
                 "target_tokens": int(step_tokens),
-                "grad_norm": grad_norm,
+                "grad_norm": grad_norm if finite else None,
+                "skipped": not finite,
             }
             bar.update(1)
             if (step + 1) % cfg.log_every == 0 or step + 1 == total:
@@ -341,6 +358,13 @@ def train(
                 )
                 if on_step:
                     on_step(record)
+            if consecutive_skips >= cfg.max_skipped_steps:
+                raise UserError(
+                    f"training diverged: the gradient norm was not finite for "
+                    f"{consecutive_skips} optimizer steps in a row (up to step {step + 1}); "
+                    f"parameters were left as they were before them. Lower --lr, check the "
+                    f"data, or resume from the last checkpoint in {output / 'checkpoints'}"
+                )
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 != total:
                 checkpoint(step + 1)
     except torch.OutOfMemoryError as exc:
