@@ -7,12 +7,12 @@ reflected at 0 and 1, K_sigma(t, c) = sum_m [phi_sigma(t - c - 2m) + phi_sigma(t
     smECE_sigma = (1/n) * integral_0^1 | sum_i K_sigma(t, c_i) r_i | dt.
 
 smECE_sigma does not increase with sigma, and smECE is its value at the unique fixed point
-sigma* = smECE_sigma*, found by bisection on [0, 1].
+sigma* = smECE_sigma*, found by a bracketing root search (Illinois) on [0, 1].
 
 Computation: the items are deposited on a grid of M + 1 points by linear interpolation; the
 reflected kernel is exactly a convolution of the even, period-2 extension of that grid, which
 is a product with exp(-(pi k sigma)^2 / 2) in Fourier space. Several resamples (bootstrap)
-share one FFT and bisect their own bandwidths in parallel. With M = 2048 the result agrees
+share one FFT and search their own bandwidths in parallel. With M = 2048 the result agrees
 with direct evaluation of the integral to about 1e-6 for bandwidths of 0.001 and more; smaller
 bandwidths are evaluated at 2 / M.
 """
@@ -25,7 +25,8 @@ from numpy.typing import ArrayLike
 from calibrated_lm.calibration.validation import as_confidence, as_correct
 
 GRID = 2048
-BISECTION_STEPS = 24
+ROOT_TOL = 1e-10
+ROOT_MAX_STEPS = 60
 
 
 def _deposit(c: np.ndarray, grid: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,14 +75,35 @@ def _smece_at(spectra: np.ndarray, sigma: np.ndarray, n: int, grid: int) -> np.n
 
 
 def _fixed_point(spectra: np.ndarray, n: int, grid: int) -> tuple[np.ndarray, np.ndarray]:
-    lo = np.zeros(spectra.shape[0])
-    hi = np.ones(spectra.shape[0])
-    for _ in range(BISECTION_STEPS):
-        mid = 0.5 * (lo + hi)
-        above = _smece_at(spectra, mid, n, grid) > mid
-        lo = np.where(above, mid, lo)
-        hi = np.where(above, hi, mid)
-    sigma = 0.5 * (lo + hi)
+    """Root of f(sigma) = smECE_sigma - sigma on [0, 1], one per resample.
+
+    f is continuous and strictly decreasing with f(0) >= 0 >= f(1), so a bracketing method is
+    safe; the Illinois variant of regula falsi keeps the bracket and converges superlinearly
+    (about 8 evaluations of f instead of bisection's 24 for the same 1e-9 tolerance), which
+    matters because each evaluation is an inverse FFT per resample.
+    """
+    rows = spectra.shape[0]
+    lo, hi = np.zeros(rows), np.ones(rows)
+    f_lo = _smece_at(spectra, lo, n, grid) - lo
+    f_hi = _smece_at(spectra, hi, n, grid) - hi
+    side = np.zeros(rows, dtype=np.int8)  # which end was kept last time (-1 lo, +1 hi)
+    x = lo.copy()
+    for _ in range(ROOT_MAX_STEPS):
+        denom = f_lo - f_hi
+        x = np.where(denom > 0, (lo * (-f_hi) + hi * f_lo) / np.where(denom > 0, denom, 1), lo)
+        fx = _smece_at(spectra, x, n, grid) - x
+        up = fx > 0  # root lies above x
+        if np.all((np.abs(fx) <= ROOT_TOL) | (hi - lo <= ROOT_TOL)):
+            break
+        # Illinois: when the same end survives twice, halve its function value so the next
+        # secant point moves past the root instead of creeping towards it.
+        keep_hi = up
+        f_hi = np.where(keep_hi & (side == 1), 0.5 * f_hi, f_hi)
+        f_lo = np.where(~keep_hi & (side == -1), 0.5 * f_lo, f_lo)
+        lo, f_lo = np.where(up, x, lo), np.where(up, fx, f_lo)
+        hi, f_hi = np.where(up, hi, x), np.where(up, f_hi, fx)
+        side = np.where(up, 1, -1).astype(np.int8)
+    sigma = x
     return _smece_at(spectra, sigma, n, grid), sigma
 
 
