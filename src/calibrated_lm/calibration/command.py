@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 from pathlib import Path
 from typing import Any
 
+from calibrated_lm.calibration.jsonfile import write_json
 from calibrated_lm.errors import UserError
 
 
@@ -156,9 +156,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n", encoding="utf-8")
-        tmp.replace(out / "summary.json")
+        write_json(out / "summary.json", summary, indent=2)
     except OSError as exc:
         raise UserError(f"cannot write to {out}: {exc.strerror}") from None
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from calibrated_lm.calibration.jsonfile import write_json
 from calibrated_lm.errors import UserError
 
 
@@ -141,7 +142,7 @@ def compare_runs(
             series, output / f"compare_{task}", n_bins=n_bins, binning=binning, title=task
         )
         result["tasks"][task] = {"runs": rows, "diagram": [str(p) for p in paths_out]}
-    (output / "compare.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    write_json(output / "compare.json", result)
     (output / "compare.md").write_text(_markdown(result), encoding="utf-8")
     return result
 

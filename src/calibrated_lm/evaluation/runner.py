@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from calibrated_lm.calibration.jsonfile import write_json
 from calibrated_lm.errors import UserError
 from calibrated_lm.evaluation import distributed as D
 from calibrated_lm.evaluation.items import Item
@@ -357,7 +358,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         progress=cfg.progress,
     )
     summary["protocol"]["timing"]["total_s"] = round(time.perf_counter() - t_start, 2)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    write_json(out / "summary.json", summary)
     label = Path(cfg.model).name if cfg.model.endswith(".gguf") else cfg.model
     label += ", chat template" if chat else ""
     diagrams = write_diagrams(
