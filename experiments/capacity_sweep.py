@@ -505,7 +505,7 @@ def plot(pairs: list[dict], out: Path) -> None:
     ax.set_xlabel("V / D")
     ax.set_ylabel("fraction whose ceiling >= 1 - eps + eps/V (eps=0 head)")
     ax.set_title("head can reach the LS target (eps=0.1)? (tool)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center right")
     fig.tight_layout()
     for ext in ("png", "svg"):
         fig.savefig(out / f"capacity_sweep.{ext}", dpi=130)
