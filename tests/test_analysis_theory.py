@@ -153,3 +153,11 @@ def test_temperature_scales_the_needed_raw_gap():
     z[0] = t * ls_target_gap(eps, vocab)
     p = np.exp(z / t) / np.exp(z / t).sum()
     assert p[0] == pytest.approx(ls_target_prob(eps, vocab), rel=1e-12)
+
+
+def test_logit_range_needed_for_ls_target_is_exactly_the_ls_gap():
+    # p_max <= e^R / (e^R + V - 1) reaches 1 - eps + eps/V exactly at R = G_eps (theory 2.2)
+    for vocab, eps in [(32_000, 0.1), (262_144, 0.05), (50, 0.2)]:
+        g = ls_target_gap(eps, vocab)
+        assert max_prob_from_range(g, vocab) == pytest.approx(ls_target_prob(eps, vocab), rel=1e-12)
+        assert max_prob_from_range(g - 1e-3, vocab) < ls_target_prob(eps, vocab)
