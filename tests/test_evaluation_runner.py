@@ -135,3 +135,19 @@ def test_out_of_memory_backs_off_or_suggests_smaller_batch(
     assert summary["tasks"]["quiz"]["n"] == 23
     with pytest.raises(UserError, match=r"out of memory at batch size 4.*--batch-size \(e.g. 2\)"):
         run_eval(_cfg(setup, tmp_path / "fixed", batch_size=4))
+
+
+def test_bad_task_file_fails_before_the_model_loads(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        json.dumps({"context": "Q?", "choices": ["a", "b"], "label": 0})
+        + "\n"
+        + json.dumps({"context": "Q?", "choices": ["a"], "label": 0})
+        + "\n"
+    )
+    out = tmp_path / "out"
+    # The model name is never resolved: data errors come first, and nothing is created.
+    cfg = EvalConfig(model="no-such-model", tasks=[str(bad)], output=str(out), progress=False)
+    with pytest.raises(UserError, match=r"bad\.jsonl:2: needs at least 2 choices"):
+        run_eval(cfg)
+    assert not out.exists()

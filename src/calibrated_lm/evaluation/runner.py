@@ -178,9 +178,14 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate, write ``samples.jsonl``, ``summary.json``, diagrams and ``report.md``;
     return the summary (rank 0; other ranks return an empty dict)."""
     t_start = time.perf_counter()
-    from calibrated_lm.evaluation.tasks import TASKS, build_items, parse_task_list
+    from calibrated_lm.evaluation.tasks import TASKS, build_items, load_docs, parse_task_list
 
     tasks = parse_task_list(",".join(cfg.tasks))
+    # Read every task's data once up front: a bad or empty task file fails in a second,
+    # before a model is loaded or any output folder is created.
+    for task in tasks:
+        spec = TASKS.get(task)
+        load_docs(task, cfg.split or (spec.eval_split if spec else "test"), cfg.limit)
     if cfg.limit is not None and cfg.limit < 1:
         raise UserError(f"--limit must be positive, got {cfg.limit}")
     if cfg.num_fewshot < 0:
