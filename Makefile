@@ -44,7 +44,7 @@ demo: install assets
 test: install assets
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
+	CALIBRATED_LM_REQUIRE_ASSETS=1 TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
 
 lint:
 	$(BIN)/ruff check .

@@ -138,7 +138,11 @@ def test_tuple_output_positional_input_and_unpatch():
     unpatch_model(model)
     assert model.forward == original and patch_config(model) is None
     with torch.no_grad():
-        assert model(ids, labels=labels).logits is not None  # transformers' own loss again
+        out = model(ids, labels=labels)  # transformers' own loss again, from full logits
+        expected = torch.nn.functional.cross_entropy(
+            out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten()
+        )
+    torch.testing.assert_close(out.loss, expected)
 
 
 def test_unsupported_models_get_a_clear_error():

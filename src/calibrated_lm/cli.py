@@ -26,6 +26,13 @@ COMMANDS: list[tuple[str, str]] = [
 ]
 
 
+# What an interrupted command leaves behind, for the message after Ctrl-C.
+RESUME_HINTS: dict[str, str] = {
+    "eval": "scored questions are kept in samples.jsonl; rerun the same command to resume.",
+    "train": "checkpoints already written are kept; rerun with --resume to continue.",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="calibrated-lm",
@@ -48,9 +55,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        # Unwritable output folders, full disks, vanished files: the user can fix these, so
+        # they get a sentence (what and where) instead of a traceback.
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(
-            "interrupted: results written so far are kept; rerun the same command to resume.",
+            f"interrupted: {RESUME_HINTS.get(args.command, 'files already written are kept.')}",
             file=sys.stderr,
         )
         return 130
