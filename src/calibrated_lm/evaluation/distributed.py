@@ -8,34 +8,19 @@ question into its own ``samples.rank<r>.jsonl`` and rank 0 merges those journals
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 from calibrated_lm.evaluation.samples_file import SamplesWriter, read_records, record_key
+from calibrated_lm.launcher import LaunchEnv, launch_env
 
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int
-    world: int
-    local_rank: int
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def dist_info() -> DistInfo:
-    """Rank layout from the launcher's environment (a single process when unset)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    return DistInfo(rank=rank, world=world, local_rank=local)
+# One rank layout for the whole package (evaluation and training read the same variables).
+DistInfo = LaunchEnv
+dist_info = launch_env
 
 
 def init_process_group(info: DistInfo, use_cuda: bool) -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
+
+from calibrated_lm.launcher import launch_env
 
 
 def add_parser(subparsers) -> None:
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         gradient_checkpointing=args.gradient_checkpointing,
     )
     result = train(cfg)
-    if os.environ.get("RANK", "0") != "0":  # one summary per run, not per rank
+    if not launch_env().is_main:  # one summary per run, not per rank
         return 0
     last = result["last"]
     if last:

@@ -16,12 +16,13 @@ on the same examples.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from calibrated_lm.launcher import launch_env
 
 
 @dataclass
@@ -42,9 +43,8 @@ class DistInfo:
 
 def setup(device: str) -> DistInfo:
     """Read the launcher's environment; initialise the process group when WORLD_SIZE > 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    env = launch_env()
+    world, rank, local_rank = env.world, env.rank, env.local_rank
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if world > 1:

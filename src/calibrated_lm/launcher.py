@@ -1,0 +1,39 @@
+"""Where this process stands in a multi-process launch (``torchrun``, ``accelerate launch``).
+
+The launchers' ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` environment variables are read in
+this one place, so evaluation and training agree on them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """``rank`` of ``world`` processes; ``local_rank`` picks the GPU on this host."""
+
+    rank: int
+    world: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launch_env() -> LaunchEnv:
+    """Read the launcher's environment; a plain single process when it is unset.
+
+    ``LOCAL_RANK`` falls back to ``RANK`` (one host), which is what launchers that set only
+    the global rank mean.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    if not 0 <= rank < max(world, 1):
+        from calibrated_lm.errors import UserError
+
+        raise UserError(f"RANK={rank} is outside WORLD_SIZE={world} set by the launcher")
+    return LaunchEnv(rank=rank, world=world, local_rank=local)
