@@ -180,6 +180,9 @@ def test_capacity_command_end_to_end(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["vocab"] > 256 and summary["dim"] == 32 and summary["samples"] == 8
     assert set(summary["reach_ls"]) == {"0.05", "0.1", "0.2"}
+    assert summary["timing"]["load_s"] >= 0 and summary["timing"]["analysis_s"] > 0
+    tokens = json.loads((out / "tokens.json").read_text())
+    assert len(tokens["token_ids"]) == len(tokens["gap_lower"]) == 8
     assert (out / "capacity.png").stat().st_size > 1000 and (out / "capacity.svg").exists()
     text = capsys.readouterr().out
     assert "V/D" in text and "LS gap" in text

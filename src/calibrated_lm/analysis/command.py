@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
+from calibrated_lm.calibration.jsonfile import write_json
 from calibrated_lm.errors import UserError
 
 
@@ -93,15 +94,19 @@ def run(args: argparse.Namespace) -> int:
     if args.samples < 1:
         raise UserError(f"--samples must be at least 1, got {args.samples}")
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(str(args.model)).name or str(args.model))
-    out = args.output or Path("runs") / "capacity" / name
+    out = Path(args.output or Path("runs") / "capacity" / name)
+    # Create the output folder first: an unwritable path fails before minutes of analysis.
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
     model, _ = load_model(args.model, dtype="float32", device=args.device)
+    t1 = time.perf_counter()
     with torch.no_grad():
         report = analyze_model(
             model, samples=args.samples, eps=eps, seed=args.seed, batch=args.batch
         )
-    summary = report.summary() | {"model": str(args.model), "seed": args.seed}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    timing = {"load_s": round(t1 - t0, 2), "analysis_s": round(time.perf_counter() - t1, 2)}
+    summary = report.summary() | {"model": str(args.model), "seed": args.seed, "timing": timing}
+    write_json(out / "summary.json", summary)
     per_token = {
         "token_ids": report.token_ids.tolist(),
         "log_ceiling": report.log_ceiling.tolist(),
@@ -111,10 +116,11 @@ def run(args: argparse.Namespace) -> int:
         "gap_lower": report.gap_lower.tolist(),
         "gap_upper": report.gap_upper.tolist(),
     }
-    (out / "tokens.json").write_text(json.dumps(per_token))
+    write_json(out / "tokens.json", per_token, indent=None)
     paths = plot_capacity(
         report, out / "capacity", title=f"{args.model}: V={report.vocab}, D={report.dim}"
     )
     print(format_report(summary))
+    print(f"time: model load {timing['load_s']} s, analysis {timing['analysis_s']} s")
     print(f"wrote {out / 'summary.json'}, {out / 'tokens.json'}, {', '.join(map(str, paths))}")
     return 0
