@@ -46,6 +46,7 @@ tables, overlaid reliability diagrams and training curves to ``--results``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import sys
 import time
@@ -145,43 +146,35 @@ _BUDGET_RUNS = (
 # summaries (now skipped on the device: bootstrap=0, the report recomputes every CI), and SFT ran
 # at 3.3-3.7 s per step of ~40 k target tokens (~13 k input tokens/s), ~160 s for 44 steps.
 # ``bootstrap`` is the evaluation's own summary.json bootstrap; the report's CIs use 1000 draws.
+_FULL = Profile(
+    base="gemma-3-270m",
+    reference="smollm2-135m-instruct",
+    lrs=(5e-6, 2e-5, 8e-5),
+    runs=_MAIN_FULL + _REMEDY_FULL,
+    epochs=2.0,
+    max_steps=None,
+    max_seq_len=2048,
+    batch_size=8,
+    grad_accum=16,
+    holdout_frac=0.05,
+    tasks="mmlu,arc_easy,hellaswag",
+    limit=None,
+    fit_split=True,
+    bootstrap=0,
+    eval_batch="auto",
+    est={"prepare": 15, "train": 330, "eval": 120, "eval_ref": 90, "select": 1},
+)
+# The budget grid differs from the full one only in these fields.
+_BUDGET = dataclasses.replace(
+    _FULL,
+    lrs=(2e-5,),
+    runs=_BUDGET_RUNS,
+    max_seq_len=1024,
+    est={"prepare": 15, "train": 180, "eval": 120, "eval_ref": 90, "select": 1},
+)
 PROFILES: dict[str, Profile] = {
-    "full": Profile(
-        base="gemma-3-270m",
-        reference="smollm2-135m-instruct",
-        lrs=(5e-6, 2e-5, 8e-5),
-        runs=_MAIN_FULL + _REMEDY_FULL,
-        epochs=2.0,
-        max_steps=None,
-        max_seq_len=2048,
-        batch_size=8,
-        grad_accum=16,
-        holdout_frac=0.05,
-        tasks="mmlu,arc_easy,hellaswag",
-        limit=None,
-        fit_split=True,
-        bootstrap=0,
-        eval_batch="auto",
-        est={"prepare": 15, "train": 330, "eval": 120, "eval_ref": 90, "select": 1},
-    ),
-    "budget": Profile(
-        base="gemma-3-270m",
-        reference="smollm2-135m-instruct",
-        lrs=(2e-5,),
-        runs=_BUDGET_RUNS,
-        epochs=2.0,
-        max_steps=None,
-        max_seq_len=1024,
-        batch_size=8,
-        grad_accum=16,
-        holdout_frac=0.05,
-        tasks="mmlu,arc_easy,hellaswag",
-        limit=None,
-        fit_split=True,
-        bootstrap=0,
-        eval_batch="auto",
-        est={"prepare": 15, "train": 180, "eval": 120, "eval_ref": 90, "select": 1},
-    ),
+    "full": _FULL,
+    "budget": _BUDGET,
     "smoke": Profile(
         base="smollm2-135m-instruct",
         reference=None,
