@@ -344,3 +344,15 @@ def test_repeated_non_finite_gradients_abort_with_a_sentence(setup, monkeypatch)
     _poison_calls(monkeypatch, set(range(100)))
     with pytest.raises(UserError, match=r"training diverged: .* 5 optimizer steps in a row"):
         train(_cfg(setup, "nan-always", max_steps=8, save_every=0))
+
+
+def test_swap_in_replaces_a_folder_and_leaves_nothing_aside(tmp_path):
+    from calibrated_lm.training.checkpoint import swap_in
+
+    final, tmp = tmp_path / "final", tmp_path / ".tmp-final"
+    for folder, text in ((final, "old"), (tmp, "new")):
+        folder.mkdir()
+        (folder / "weights").write_text(text)
+    swap_in(tmp, final)
+    assert (final / "weights").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]

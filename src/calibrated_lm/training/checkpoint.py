@@ -32,6 +32,21 @@ def checkpoint_root(output: Path) -> Path:
     return Path(output) / "checkpoints"
 
 
+def swap_in(tmp: Path, final: Path) -> None:
+    """Make the finished folder ``tmp`` become ``final``, replacing any previous ``final``.
+
+    The old folder is renamed aside before the new one is renamed in, so at every instant a
+    complete ``final`` (old or new) exists, or the old one survives as ``.old-<name>``; a crash
+    never leaves only a half-deleted folder behind.
+    """
+    old = final.with_name(f".old-{final.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def list_checkpoints(output: Path) -> list[Path]:
     """Complete checkpoints under ``output``, oldest first (temporary folders excluded)."""
     root = checkpoint_root(output)
@@ -99,9 +114,7 @@ def write_checkpoint(
     if barrier:
         barrier()
     if rank == 0:
-        if final.exists():  # a resumed run re-reaching a step it had saved
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        swap_in(tmp, final)  # a resumed run may re-reach a step it had saved
         for old in list_checkpoints(output)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     if barrier:

@@ -36,6 +36,7 @@ from calibrated_lm.training.checkpoint import (
     list_checkpoints,
     read_checkpoint,
     set_rng_state,
+    swap_in,
     write_checkpoint,
 )
 from calibrated_lm.training.schedule import learning_rate
@@ -142,11 +143,7 @@ def save_final(model: Any, tokenizer: Any, output: Path, info: D.DistInfo) -> Pa
             shutil.rmtree(tmp)
         model.save_pretrained(tmp, state_dict=state)
         tokenizer.save_pretrained(tmp)
-        old = output / f".old-{FINAL_DIR}"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, final)
     D.barrier(info)
     return final
 
