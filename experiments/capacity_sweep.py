@@ -31,6 +31,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -423,6 +424,23 @@ def summarize(args: argparse.Namespace) -> dict:
     return summary
 
 
+def _paired_lines(
+    ax: Any,
+    pairs: list[dict],
+    dims: list[int],
+    colors: dict[int, Any],
+    keys: tuple[str, str],
+    labels: tuple[str, str],
+) -> None:
+    """Per D, two series against V/D: ``keys[0]`` solid with circles, ``keys[1]`` dashed with
+    squares (labels are format strings of ``d``)."""
+    for d in dims:
+        ps = sorted((p for p in pairs if p["dim"] == d), key=lambda p: p["v_over_d"])
+        x = [p["v_over_d"] for p in ps]
+        for key, label, style in zip(keys, labels, ("o-", "s--")):
+            ax.plot(x, [p[key] for p in ps], style, color=colors[d], label=label.format(d=d))
+
+
 def plot(pairs: list[dict], out: Path) -> None:
     import matplotlib
 
@@ -461,22 +479,14 @@ def plot(pairs: list[dict], out: Path) -> None:
     ax.set_title("calibration benefit of label smoothing")
     ax.legend()
     ax = axes[1]
-    for d in dims:
-        ps = sorted((p for p in pairs if p["dim"] == d), key=lambda p: p["v_over_d"])
-        ax.plot(
-            [p["v_over_d"] for p in ps],
-            [p["overconf_eps0"] for p in ps],
-            "o-",
-            color=colors[d],
-            label=f"D={d}, eps=0",
-        )
-        ax.plot(
-            [p["v_over_d"] for p in ps],
-            [p["overconf_eps0.1"] for p in ps],
-            "s--",
-            color=colors[d],
-            label=f"D={d}, eps=0.1",
-        )
+    _paired_lines(
+        ax,
+        pairs,
+        dims,
+        colors,
+        ("overconf_eps0", "overconf_eps0.1"),
+        ("D={d}, eps=0", "D={d}, eps=0.1"),
+    )
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("V / D")
@@ -484,22 +494,17 @@ def plot(pairs: list[dict], out: Path) -> None:
     ax.set_title("over-confidence")
     ax.legend(fontsize=7)
     ax = axes[2]
-    for d in dims:
-        ps = sorted((p for p in pairs if p["dim"] == d), key=lambda p: p["v_over_d"])
-        ax.plot(
-            [p["v_over_d"] for p in ps],
-            [p["cap_frac_reach_ls_eps0.1_model_eps0"] for p in ps],
-            "o-",
-            color=colors[d],
-            label=f"D={d}: tool, uniform vocabulary sample",
-        )
-        ax.plot(
-            [p["v_over_d"] for p in ps],
-            [p["cap_weighted_reach_ls_0.1_eps0"] for p in ps],
-            "s--",
-            color=colors[d],
-            label=f"D={d}: tool, frequent tokens, occurrence-weighted",
-        )
+    _paired_lines(
+        ax,
+        pairs,
+        dims,
+        colors,
+        ("cap_frac_reach_ls_eps0.1_model_eps0", "cap_weighted_reach_ls_0.1_eps0"),
+        (
+            "D={d}: tool, uniform vocabulary sample",
+            "D={d}: tool, frequent tokens, occurrence-weighted",
+        ),
+    )
     ax.set_xscale("log")
     ax.set_ylim(-0.03, 1.03)
     ax.set_xlabel("V / D")

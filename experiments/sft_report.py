@@ -27,6 +27,21 @@ from common import read_json, write_json
 
 TASKS = ("mmlu", "arc_easy", "hellaswag")
 METRIC_KEYS = ("accuracy", "ece", "rms_ce")
+# Per-run fields of `calibrated-lm compare` that the report tables carry.
+RUN_FIELDS = (
+    "n",
+    "accuracy",
+    "accuracy_ci95",
+    "ece",
+    "ece_ci95",
+    "rms_ce",
+    "rms_ce_ci95",
+    "mean_confidence",
+    "nll",
+    "temperature",
+    "ece_after_T",
+    "rms_ce_after_T",
+)
 METRIC_NAMES = {"accuracy": "acc", "ece": "ECE", "rms_ce": "RMS-CE"}
 
 
@@ -161,23 +176,7 @@ def write_report(work: Path, results: Path, *, bootstrap: int = 1000) -> dict[st
         for t in tasks:
             entry = comp["tasks"][t]["runs"].get(e["label"])
             if entry:
-                row[t] = {
-                    k: entry.get(k)
-                    for k in (
-                        "n",
-                        "accuracy",
-                        "accuracy_ci95",
-                        "ece",
-                        "ece_ci95",
-                        "rms_ce",
-                        "rms_ce_ci95",
-                        "mean_confidence",
-                        "nll",
-                        "temperature",
-                        "ece_after_T",
-                        "rms_ce_after_T",
-                    )
-                }
+                row[t] = {k: entry.get(k) for k in RUN_FIELDS}
         held = e.get("heldout")
         if held is None and (e["path"] / "heldout.json").exists():
             held = read_json(e["path"] / "heldout.json")
@@ -205,21 +204,7 @@ def write_report(work: Path, results: Path, *, bootstrap: int = 1000) -> dict[st
 
     out["acc_norm"] = {
         t: {
-            label: {
-                k: e.get(k)
-                for k in (
-                    "n",
-                    "accuracy",
-                    "accuracy_ci95",
-                    "ece",
-                    "ece_ci95",
-                    "rms_ce",
-                    "rms_ce_ci95",
-                    "mean_confidence",
-                    "temperature",
-                    "ece_after_T",
-                )
-            }
+            label: {k: e.get(k) for k in RUN_FIELDS if k not in ("nll", "rms_ce_after_T")}
             for label, e in comp_norm["tasks"][t]["runs"].items()
         }
         for t in tasks
