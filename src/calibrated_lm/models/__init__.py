@@ -1,4 +1,5 @@
-"""Models: resolving a MODEL argument (``loading``) and fused-loss patching (``patching``).
+"""Models: resolving a MODEL argument (``loading``), fused-loss patching (``patching``) and
+the attention backends safe for training (``attention``).
 
 Both submodules pull in torch/transformers, so names are resolved on first access.
 """
@@ -13,6 +14,7 @@ _LAZY = {
     "patch_model": "calibrated_lm.models.patching",
     "unpatch_model": "calibrated_lm.models.patching",
     "patch_config": "calibrated_lm.models.patching",
+    "training_attention": "calibrated_lm.models.attention",
 }
 
 
