@@ -137,7 +137,8 @@ def _manual_grad_norm(setup, reduction: str) -> float:
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = patch_model(AutoModelForCausalLM.from_pretrained(model_dir), label_smoothing=0.1)
     data = load_dataset(data_path, tok, max_seq_len=64)
-    plan = StepPlan(len(data.examples), 2, 2, seed=42)
+    lengths = [len(ex.input_ids) for ex in data.examples]
+    plan = StepPlan(len(data.examples), 2, 2, seed=42, lengths=lengths)  # train()'s default
     batches = [
         collate([data.examples[i] for i in b], tok.eos_token_id) for b in plan.step_batches(0)
     ]
@@ -336,7 +337,11 @@ def test_non_finite_gradient_skips_the_step_and_keeps_parameters_finite(setup, m
     rows = _logged(out)
     assert [r["skipped"] for r in rows] == [False, True, False, False, False, False]
     assert rows[1]["grad_norm"] is None and all(math.isfinite(r["loss"]) for r in rows)
+    # The skipped step names where the non-finite gradients are (here: everywhere, capped at 5).
     params = _params(out / "final")
+    assert len(rows[1]["nonfinite_grads"]) == 5
+    assert set(rows[1]["nonfinite_grads"]) <= set(params)
+    assert not any("nonfinite_grads" in r for i, r in enumerate(rows) if i != 1)
     assert all(torch.isfinite(v).all() for v in params.values())
 
 
@@ -356,3 +361,12 @@ def test_swap_in_replaces_a_folder_and_leaves_nothing_aside(tmp_path):
     swap_in(tmp, final)
     assert (final / "weights").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
+def test_length_grouping_changes_micro_batches_not_the_sum_reduced_training(setup):
+    """Same examples per step and a token-summed loss: the same parameters either way."""
+    a = train(_cfg(setup, "grouped", max_steps=3, save_every=0))
+    b = train(_cfg(setup, "drawn", max_steps=3, save_every=0, group_by_length=False))
+    pa, pb = _params(Path(a["final"])), _params(Path(b["final"]))
+    assert max(float((pa[k] - pb[k]).abs().max()) for k in pa) < 1e-5
+    assert a["last"]["loss"] == pytest.approx(b["last"]["loss"], rel=1e-5)

@@ -54,6 +54,12 @@ def add_parser(subparsers) -> None:
         action="store_true",
         help="recompute decoder activations in backward (less memory, ~30%% more compute)",
     )
+    p.add_argument(
+        "--no-group-by-length",
+        action="store_true",
+        help="keep the shuffled micro-batches as drawn (default: each step's examples are "
+        "re-cut into micro-batches of similar length, which cuts padding)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(run=run)
 
@@ -87,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         log_every=args.log_every,
         progress=not args.no_progress,
         gradient_checkpointing=args.gradient_checkpointing,
+        group_by_length=not args.no_group_by_length,
     )
     result = train(cfg)
     if not launch_env().is_main:  # one summary per run, not per rank

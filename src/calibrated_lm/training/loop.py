@@ -44,7 +44,16 @@ from calibrated_lm.training.schedule import learning_rate
 METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "final"
 # Changing any of these between a run and its resume would change which examples a step sees.
-_RESUME_FIXED = ("model", "data", "batch_size", "grad_accum", "max_seq_len", "seed", "world_size")
+_RESUME_FIXED = (
+    "model",
+    "data",
+    "batch_size",
+    "grad_accum",
+    "max_seq_len",
+    "seed",
+    "world_size",
+    "group_by_length",
+)
 
 
 @dataclass
@@ -78,6 +87,8 @@ class TrainConfig:
     log_every: int = 1
     progress: bool = True
     gradient_checkpointing: bool = False
+    # Cut each step's examples into micro-batches of similar length (same step, less padding).
+    group_by_length: bool = True
     world_size: int = field(default=1, repr=False)
 
 
@@ -118,6 +129,24 @@ def _oom_error(exc: BaseException, device: torch.device, model: Any, cfg: TrainC
         f"per sequence): {figures}; lower --batch-size (raise --grad-accum to keep the "
         "effective batch) or --max-seq-len, or use more GPUs"
     )
+
+
+def _nonfinite_grads(model: Any, limit: int = 5) -> list[str]:
+    """Names of (up to ``limit``) parameters whose local gradient holds a NaN or Inf.
+
+    Only called after a non-finite norm, so its cost does not matter; the names say where a
+    divergence starts (attention projections, embeddings, the head...)."""
+    names = []
+    for name, p in model.named_parameters():
+        g = p.grad
+        if g is None:
+            continue
+        g = g.to_local() if hasattr(g, "to_local") else g  # FSDP2 DTensor: this rank's shard
+        if not bool(torch.isfinite(g).all()):
+            names.append(name)
+            if len(names) >= limit:
+                break
+    return names
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -161,6 +190,7 @@ def train(
     """
     from tqdm.auto import tqdm
 
+    from calibrated_lm.models.attention import training_attention
     from calibrated_lm.models.patching import patch_model
     from calibrated_lm.training.data import check_layouts, load_dataset, read_records
 
@@ -222,7 +252,14 @@ def train(
     optim = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999)
     )
-    plan = StepPlan(len(data.examples), cfg.batch_size, cfg.grad_accum, cfg.seed, info.world)
+    plan = StepPlan(
+        len(data.examples),
+        cfg.batch_size,
+        cfg.grad_accum,
+        cfg.seed,
+        info.world,
+        lengths=[len(ex.input_ids) for ex in data.examples] if cfg.group_by_length else None,
+    )
     total = _total_steps(cfg, plan)
     metrics_path = output / METRICS_FILE
     start = 0
@@ -294,7 +331,10 @@ def train(
             sums = {"loss": 0.0, "confidence": 0.0, "accuracy": 0.0, "entropy": 0.0, "inputs": 0}
             for b in mine_batches:
                 b = {k: v.to(info.device) for k, v in b.items()}
-                with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=autocast):
+                with (
+                    torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=autocast),
+                    training_attention(info.device),
+                ):
                     out = model(**b, calibrated_lm_reduction="sum", calibrated_lm_stats=True)
                 stats = out.loss_stats
                 if cfg.reduction == "sum":
@@ -314,15 +354,18 @@ def train(
                 )
             )
             finite = math.isfinite(grad_norm)
+            bad_params: list[str] = []
             if finite:
                 optim.step()
                 consecutive_skips = 0
             else:
                 consecutive_skips += 1
                 skipped_steps += 1
+                bad_params = _nonfinite_grads(model)
                 bar.write(
                     f"step {step + 1}: gradient norm is {grad_norm}; optimizer step skipped "
-                    f"({consecutive_skips} in a row)"
+                    f"({consecutive_skips} in a row); non-finite gradients in: "
+                    f"{', '.join(bad_params) or '(none on this rank)'}"
                 )
             optim.zero_grad(set_to_none=True)
             totals = {k: D.all_reduce_sum(v, info) for k, v in sums.items()}
@@ -341,6 +384,8 @@ def train(
                 "grad_norm": grad_norm if finite else None,
                 "skipped": not finite,
             }
+            if bad_params:
+                record["nonfinite_grads"] = bad_params
             bar.update(1)
             if (step + 1) % cfg.log_every == 0 or step + 1 == total:
                 if info.main:
@@ -379,4 +424,10 @@ def train(
         checkpoint(total)
     final = save_final(model, tokenizer, output, info)
     D.teardown(info)
-    return {"last": record, "final": str(final), "steps": total, "dropped": dict(data.dropped)}
+    return {
+        "last": record,
+        "final": str(final),
+        "steps": total,
+        "dropped": dict(data.dropped),
+        "skipped_steps": skipped_steps,
+    }
