@@ -98,11 +98,13 @@ _SKIP_DATA = {"train.json", "heldout.json"}  # copies of the instruction data (n
 _SKIP_SUFFIXES = {".safetensors", ".bin", ".pt", ".svg"}
 
 
-def bundle(work: Path, out_file: Path) -> list[str]:
+def bundle(work: Path, out_file: Path, newer_than: float | None = None) -> list[str]:
     """Pack the transportable results under ``work`` into ``out_file`` (tar.gz).
 
     Samples files are slimmed (:func:`slim_samples`); weights, checkpoints, SVGs and the
-    copies of the training data (``data/train.json``, ``data/heldout.json``) are left out. Returns the archived member names.
+    copies of the training data (``data/train.json``, ``data/heldout.json``) are left out;
+    with ``newer_than`` (a POSIX time) so are files last modified before it (results that
+    came from here and need not travel back). Returns the archived member names.
     """
     names: list[str] = []
     out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -114,6 +116,8 @@ def bundle(work: Path, out_file: Path) -> list[str]:
             if rel.parts[0] == "data" and path.name in _SKIP_DATA:
                 continue
             if path.suffix in _SKIP_SUFFIXES:
+                continue
+            if newer_than is not None and path.stat().st_mtime < newer_than:
                 continue
             if path.name.startswith("samples") and path.suffix == ".jsonl":
                 data = slim_samples(path)

