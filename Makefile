@@ -66,8 +66,10 @@ experiment-sft: install assets
 	$(BIN)/python experiments/sft_calibration.py run --profile $(SFT_PROFILE) --data $(SFT_DATA) --work runs/sft_calibration_$(SFT_PROFILE)
 	$(BIN)/python experiments/sft_calibration.py report --work runs/sft_calibration_$(SFT_PROFILE)
 
-# Issue 6, claim 3, second regime (CPU, ~30-45 min): two tiny models pretrained from scratch with
-# the same D and V = 512 / 16,384, then SFT with eps {0, 0.1} and T = 0.5 / C = 32. Resumable.
+# Issue 6, claim 3, second regime (CPU, ~1 h for both profiles): two tiny models pretrained from
+# scratch with the same D and V = 512 / 16,384, then SFT with eps {0, 0.1} and T = 0.5 / C = 32
+# (planned: 1,200 records x 3 epochs; long: 400 x 12). Resumable: rerun to go on.
 .PHONY: experiment-vocab
 experiment-vocab: install
-	$(BIN)/python experiments/sft_vocab_regimes.py
+	$(BIN)/python experiments/sft_vocab_regimes.py --profile planned
+	$(BIN)/python experiments/sft_vocab_regimes.py --profile long

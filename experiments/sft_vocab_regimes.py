@@ -630,12 +630,13 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
     regimes: list[dict[str, Any]] = []
     runs = planned_runs(_ints(args.seeds), _ints(args.remedy_seeds))
     total_s = data_info.get("unit_s", 0.0)
+    pretrain_s = 0.0
     for v in [int(x) for x in args.vocabs.split(",")]:
         r = w / regime_name(v, args.dim)
         if not (r / "evals" / "pretrained" / DONE).exists():
             continue
         pre = read_json(args.pretrained / r.name / DONE)
-        total_s += pre["unit_s"]
+        pretrain_s += pre["unit_s"]
         evals: dict[str, dict] = {}
         arrays: dict[str, dict[str, np.ndarray]] = {}
         for name, run in [("pretrained", None)] + [(x.name(), x) for x in runs]:
@@ -716,13 +717,14 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
                 "remedy_seeds",
                 "temperature_tokens",
                 "bootstrap",
-                "threads",
             )
         },
         "metrics": "next-token on held-out assistant tokens; ECE/RMS-CE: 15 equal-width bins "
         "(calibrated_lm.calibration); CIs: 95% percentile bootstrap over held-out examples, "
         "paired across runs",
-        "total_unit_seconds": round(total_s, 1),
+        "pretrain_unit_seconds": round(pretrain_s, 1),
+        "sft_eval_unit_seconds": round(total_s, 1),
+        "wall_minutes": _wall_minutes(w),
         "regimes": regimes,
     }
     write_json(res_dir / "summary.json", summary)
@@ -730,6 +732,14 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
     if regimes:
         plot(summary, res_dir / FIGURE)
     return summary
+
+
+def _wall_minutes(work: Path) -> float:
+    """Minutes from the start of the ``prepare`` unit to the last marker written under ``work``
+    (pretraining is included only where it ran inside that span)."""
+    marks = [p.stat().st_mtime for p in work.rglob(DONE)]
+    start = (work / "data" / DONE).stat().st_mtime - read_json(work / "data" / DONE)["unit_s"]
+    return round((max(marks) - start) / 60, 1)
 
 
 def _settings(evals: dict, rs: Resampler, arrays: dict) -> list[dict[str, Any]]:
@@ -878,7 +888,13 @@ def tables(summary: dict[str, Any]) -> str:
                     f"| {s['setting']} | {s['train_transform_ece']:.3f} | "
                     f"{s['train_transform_mean_confidence']:.3f} |"
                 )
-    lines += ["", f"Total compute time of all units: {summary['total_unit_seconds'] / 60:.1f} min."]
+    lines += [
+        "",
+        f"Time: pretraining {summary['pretrain_unit_seconds'] / 60:.1f} min (both regimes; "
+        "shared by the profiles), SFT + evaluations of this profile "
+        f"{summary['sft_eval_unit_seconds'] / 60:.1f} min; wall time from the first to the last "
+        f"marker of this profile's folder: {summary['wall_minutes']:.1f} min.",
+    ]
     return "\n".join(lines) + "\n"
 
 
