@@ -523,8 +523,8 @@ def heldout_stats(model: str, heldout: Path, max_seq_len: int, device: str) -> d
 
 def _estimate(unit: Unit, timed: dict[str, list[float]], profile: Profile) -> float:
     seen = timed.get(unit.kind)
-    if seen:
-        return max(seen) * 1.1
+    if seen:  # the latest few: earlier units may have run under other settings
+        return max(seen[-3:]) * 1.1
     return float(profile.est.get(unit.kind, 60))
 
 
