@@ -11,8 +11,8 @@ a run on ``W`` ranks with ``grad_accum=K`` sees the same examples per step as on
 With ``lengths`` given (group by length), each step's examples are re-cut, longest first,
 into micro-batches of similar lengths. The step still holds the same examples, so a
 token-summed step loss and its gradient are unchanged up to float rounding, but right
-padding shrinks: 2.3x fewer padded tokens on the SFT experiment's data (43% -> 93% of the
-positions real at batch 8 x 16). Longest first also makes an out-of-memory show at a step's
+padding shrinks: on the SFT experiment's data (batch 8 x 16) 2.1x fewer positions are
+processed, 93% of them real instead of 43% (``experiments/sft_step_widths.py``). Longest first also makes an out-of-memory show at a step's
 first micro-batch.
 """
 
