@@ -51,13 +51,21 @@ class Stepper:
     """One model + AdamW; ``step(B)`` runs one training step on B random sequences."""
 
     def __init__(
-        self, model: Any, method: str, seq_len: int, device: torch.device, eps: float, impl: str
+        self,
+        model: Any,
+        method: str,
+        seq_len: int,
+        device: torch.device,
+        eps: float,
+        impl: str,
     ):
         from calibrated_lm import patch_model, unpatch_model
 
         unpatch_model(model)
-        if method == "patched":
-            patch_model(model, label_smoothing=eps, impl=impl)
+        if method.startswith("patched"):
+            # "patched:K" sets patch_model's min_block_rows to K; "patched" keeps its default.
+            extra = {"min_block_rows": int(method.split(":")[1])} if ":" in method else {}
+            patch_model(model, label_smoothing=eps, impl=impl, **extra)
         self.model, self.method, self.seq_len, self.device = model, method, seq_len, device
         self.vocab = model.get_output_embeddings().weight.shape[0]
         model.train()
@@ -186,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--methods", default="default,patched")
     ap.add_argument("--impl", default="auto", help="linear_cross_entropy impl of the patched run")
+
     ap.add_argument("--out", type=Path, default=None, help="Markdown table")
     ap.add_argument("--json", type=Path, default=None, help="raw results")
     args = ap.parse_args(argv)
@@ -238,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # a kernel failure must not cost the whole device run
                 print(f"{method} (impl {impl}) failed: {type(exc).__name__}: {exc}")
                 _free(device)
-                if method != "patched" or impl == "torch":
+                if not method.startswith("patched") or impl == "torch":
                     row = {"error": f"{type(exc).__name__}: {exc}"}
                     break
                 impl = "torch"
@@ -268,7 +277,9 @@ def render(r: dict[str, Any]) -> str:
         f"sequences of {r['seq_len']} random tokens, all positions targets, fp32 weights + AdamW, "
         f"bf16 autocast, torch {r['torch']}; GPU memory {_gib(r['gpu_total_bytes'])} GiB. "
         f"`patched` = `patch_model(model, label_smoothing={r['eps']})`; `default` = transformers' "
-        "own loss on materialised logits (no smoothing). Produced by `benchmarks/bench_train.py`.",
+        "own loss on materialised logits (no smoothing); `patched:K` = the same with "
+        "`min_block_rows=K` (tokens per logit block of the loss's gradient pass; `patched` uses "
+        "patch_model's default). Produced by `benchmarks/bench_train.py`.",
         "",
         "| method | largest tokens/step that fit | peak GiB there | tokens/s there "
         f"| peak GiB at {r['fixed_batch']}x{r['seq_len']} | tokens/s at {r['fixed_batch']}x{r['seq_len']} |",

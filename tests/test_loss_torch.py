@@ -189,6 +189,8 @@ def test_low_precision_no_worse_than_twice_pytorch(dtype):
         (dict(impl="cuda"), "impl"),
         (dict(bias=torch.zeros(7)), "bias"),
         (dict(z_loss=-1.0), "z_loss"),
+        (dict(min_block_rows=-1), "min_block_rows"),
+        (dict(min_block_rows=2.5), "min_block_rows"),
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, message):
@@ -229,3 +231,27 @@ def test_autocast_does_not_retype_the_computation():
     assert loss.dtype == torch.float32 and rel(loss, ref) < 1e-5
     for a, c in zip(grads(loss, None, [h, w]), grads(ref, None, [h, w])):
         assert a.dtype == torch.float32 and rel(a, c) < 1e-5
+
+
+def test_min_block_rows_floors_the_gradient_block():
+    # gemma-3-270m's head in bf16 at 8192 tokens: the memory-fraction rule gives 128 rows.
+    args = dict(n=8192, vocab=262144, dim=640, elem_bytes=2, on_gpu=True, weight_grad=True)
+    assert chunking.grad_block_rows(**args) == 128
+    assert chunking.grad_block_rows(**args, min_rows=1024) == 1024
+    assert chunking.grad_block_rows(**args, min_rows=1000) == 1008  # multiples of 16
+    assert chunking.grad_block_rows(**{**args, "n": 300}, min_rows=1024) == 300
+    assert chunking.grad_block_rows(**{**args, "dim": 8192}, min_rows=1024) > 1024  # no cap
+
+
+def test_min_block_rows_changes_blocks_not_results(small_blocks):
+    """One block of all rows against many: same loss, statistics and gradients."""
+    h, w, y, b = make_problem(n=61, bias=True)
+    out = {}
+    for rows in (0, 64):
+        loss, stats = linear_cross_entropy(
+            h, w, y, bias=b, label_smoothing=0.1, return_stats=True, min_block_rows=rows
+        )
+        out[rows] = (loss, stats.entropy, *grads(loss, None, (h, w, b)))
+    assert chunking.grad_block_rows(61, 203, 24, 4, False, True) < 61  # several blocks at 0
+    for a, c in zip(out[0], out[64]):
+        assert rel(a, c) < 1e-6

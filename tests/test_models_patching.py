@@ -340,3 +340,22 @@ def test_separately_sharded_head_is_gathered(tmp_path):
         torch.testing.assert_close(b.lm_head.weight.grad.full_tensor(), a.lm_head.weight.grad)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(("kwargs", "expected"), [({}, 1024), ({"min_block_rows": 0}, 0)])
+def test_patch_passes_its_block_floor_to_the_loss(monkeypatch, kwargs, expected):
+    from calibrated_lm.loss import chunking
+
+    seen = []
+    real = chunking.grad_block_rows
+
+    def spy(*args, **kw):
+        seen.append(kw.get("min_rows"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(chunking, "grad_block_rows", spy)
+    model = tiny("llama")
+    patch_model(model, **kwargs)
+    ids, labels = batch()
+    model(input_ids=ids, labels=labels).loss.backward()
+    assert patch_config(model).min_block_rows == expected and seen == [expected]

@@ -54,6 +54,7 @@ def linear_cross_entropy(
     shift: bool = False,
     return_stats: bool = False,
     impl: str = "auto",
+    min_block_rows: int = 0,
 ) -> torch.Tensor | tuple[torch.Tensor, LinearCrossEntropyStats]:
     """Cross-entropy of ``hidden @ weight.T + bias`` against ``targets`` without materialising
     the N x V logits.
@@ -81,6 +82,11 @@ def linear_cross_entropy(
             pass, shaped like the per-position loss.
         impl: ``"auto"`` (Triton epilogues on CUDA, PyTorch elsewhere), ``"triton"`` or
             ``"torch"``.
+        min_block_rows: gradient pass only: at least this many tokens per (rows x V) logit
+            block (default 0: the block is ~20% of the gradients' size). Larger blocks cost
+            rows x V elements of memory and re-read the weight gradient less often, which
+            matters when D is small (see ``chunking.grad_block_rows``). Results do not depend
+            on it beyond float rounding.
 
     Returns:
         The float32 loss, or ``(loss, stats)`` when ``return_stats`` is set. Gradients flow to
@@ -89,11 +95,17 @@ def linear_cross_entropy(
     Raises:
         ValueError (:class:`calibrated_lm.errors.UserError`): bad shapes, dtypes, devices,
         targets outside [0, V), ``label_smoothing`` outside [0, 1], unknown ``reduction`` or
-        ``impl``, ``softcap <= 0``, ``z_loss < 0``.
+        ``impl``, ``softcap <= 0``, ``z_loss < 0``, ``min_block_rows < 0``.
     """
     check_arguments(
         hidden, weight, targets, bias, label_smoothing, reduction, softcap, z_loss, shift, impl
     )
+    if (
+        isinstance(min_block_rows, bool)
+        or not isinstance(min_block_rows, int)
+        or min_block_rows < 0
+    ):
+        raise UserError(f"min_block_rows must be an integer >= 0, got {min_block_rows!r}.")
     vocab, dim = weight.shape
     if shift:
         # Position t is scored against targets[t + 1]; the last position gets ignore_index.
@@ -112,6 +124,7 @@ def linear_cross_entropy(
         softcap=None if softcap is None else float(softcap),
         z_loss=float(z_loss),
         stats=bool(return_stats),
+        min_block_rows=min_block_rows,
     )
     backend = _backend(impl, hidden.device)
     needs_grad = torch.is_grad_enabled() and any(

@@ -55,10 +55,18 @@ def run_forward(
     return _reduce(res.loss, reduction, n_valid), res
 
 
-def _block_rows(hidden: torch.Tensor, weight: torch.Tensor, weight_grad: bool) -> int:
+def _block_rows(
+    hidden: torch.Tensor, weight: torch.Tensor, weight_grad: bool, cfg: LossConfig
+) -> int:
     n, dim = hidden.shape
     return chunking.grad_block_rows(
-        n, weight.shape[0], dim, hidden.element_size(), hidden.is_cuda, weight_grad
+        n,
+        weight.shape[0],
+        dim,
+        hidden.element_size(),
+        hidden.is_cuda,
+        weight_grad,
+        min_rows=cfg.min_block_rows,
     )
 
 
@@ -110,7 +118,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 row_scale,
                 cfg,
                 backend,
-                _block_rows(hidden, weight, need[1]),
+                _block_rows(hidden, weight, need[1], cfg),
                 need,
             )
             ctx.grads = grads
@@ -134,7 +142,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 row_scale,
                 ctx.cfg,
                 ctx.backend,
-                _block_rows(hidden, weight, ctx.need[1]),
+                _block_rows(hidden, weight, ctx.need[1], ctx.cfg),
                 ctx.need,
             )
         else:

@@ -26,15 +26,32 @@ def memory_fraction() -> float:
 
 
 def grad_block_rows(
-    n: int, vocab: int, dim: int, elem_bytes: int, on_gpu: bool, weight_grad: bool
+    n: int,
+    vocab: int,
+    dim: int,
+    elem_bytes: int,
+    on_gpu: bool,
+    weight_grad: bool,
+    min_rows: int = 0,
 ) -> int:
-    """Rows per block of the fused forward+gradient pass (a multiple of 16, at most ``n``)."""
+    """Rows per block of the fused forward+gradient pass (a multiple of 16, at most ``n``).
+
+    The memory-fraction rule makes blocks of rows ~ fraction x D, so a small hidden size
+    gives small blocks, and the weight gradient's read-modify-write (2 x V x D elements per
+    block) then outweighs the block's three products. In bf16 that traffic takes
+    ``(4 V D / bandwidth) / (6 rows V D / flops)`` = ``2 flops / (3 bandwidth rows)`` of the
+    products' time, about 190 / rows at ~700 TFLOP/s and ~2.5 TB/s (an H100): a ratio set by
+    the rows alone, not by V or D. ``min_rows`` puts a floor on the rows (memory
+    grows by rows x V elements) for callers that can spare it, such as a training step whose
+    activations dwarf the block.
+    """
     if on_gpu:
         grad_bytes = ((vocab * dim if weight_grad else 0) + n * dim) * elem_bytes
         budget = max(memory_fraction() * grad_bytes, _GPU_MIN_BLOCK)
     else:
         budget = _CPU_BLOCK
     rows = int(budget // (vocab * elem_bytes)) // 16 * 16
+    rows = max(rows, -(-min_rows // 16) * 16)
     return max(1, min(n, max(16, rows)))
 
 

@@ -22,3 +22,5 @@ class LossConfig:
     z_loss: float = 0.0
     # Whether the caller wants per-token statistics (entropy, argmax); kernels may skip them.
     stats: bool = True
+    # Floor on the token rows per logit block of the gradient pass (see chunking).
+    min_block_rows: int = 0

@@ -26,6 +26,7 @@ the loss is then token-summed and divided by it, exactly as transformers' own lo
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from dataclasses import dataclass
@@ -35,6 +36,10 @@ import torch
 from torch import nn
 
 _PATCH_ATTR = "_calibrated_lm_patch"
+# A training step's activations dwarf a (1024 x V) logit block (512 MiB at V = 262,144 in
+# bf16), and blocks of 1024 tokens keep the weight gradient's read-modify-write to ~20% of the
+# products' time even for small hidden sizes (loss.chunking.grad_block_rows).
+DEFAULT_MIN_BLOCK_ROWS = 1024
 
 # model_type values whose *ForCausalLM.forward is exactly
 # ``lm_head(base(...).last_hidden_state)`` (+ Gemma 2/3's final softcap, read from config).
@@ -64,6 +69,7 @@ class PatchConfig:
     logit_scale: float
     path: str  # "known" (architecture in SUPPORTED_MODEL_TYPES) or "generic"
     impl: str = "auto"  # linear_cross_entropy's implementation switch
+    min_block_rows: int = 0  # linear_cross_entropy's gradient-block floor
 
 
 @dataclass
@@ -200,6 +206,7 @@ def fused_lm_loss(
         shift=shift,
         return_stats=return_stats,
         impl=cfg.impl,
+        min_block_rows=cfg.min_block_rows,
     )
     loss, stats = out if return_stats else (out, None)
     if num_items_in_batch is not None and reduction == "sum":
@@ -331,16 +338,21 @@ def patch_model(
     z_loss: float = 0.0,
     *,
     impl: str = "auto",
+    min_block_rows: int = DEFAULT_MIN_BLOCK_ROWS,
 ) -> nn.Module:
     """Make ``model(…, labels=…)`` return the fused label-smoothed loss (see module docstring).
 
     ``softcap=None`` keeps the model's own ``final_logit_softcapping`` (Gemma 2/3); a value
     replaces it for the loss. ``impl`` is passed to ``linear_cross_entropy`` (auto: Triton on
-    CUDA, chunked PyTorch elsewhere). Re-patching replaces the previous settings. Returns ``model``.
+    CUDA, chunked PyTorch elsewhere), and so is ``min_block_rows`` (tokens per logit block in
+    the gradient pass: more memory, fewer weight-gradient read-modify-writes; 0 keeps the
+    loss's own memory-fraction rule). Re-patching replaces the previous settings. Returns
+    ``model``.
     Raises ``ValueError`` for models without a linear output head or base decoder, or whose
     logits are not ``head(hidden)`` up to the known scalings.
     """
     cfg = _resolve(model, label_smoothing, softcap, temperature, z_loss, impl)
+    cfg = dataclasses.replace(cfg, min_block_rows=min_block_rows)
     unpatch_model(model)
     if cfg.path == "generic":
         _check_generic(model, cfg)
