@@ -32,11 +32,15 @@ unit once that much time has passed (rerun to continue). The report (``summary.j
 ``tables.md``, ``sft_vocab_regimes.png``) is written to ``--results`` whenever all units are
 done, or with ``--report``.
 
+Profiles (``--profile``, see PROFILES): ``planned`` (1,200 SFT records x 3 epochs) and ``long``
+(400 x 12), each in its own ``--work``/``--results`` subfolder; both reuse the pretrained models
+in ``--pretrained`` (refused if these were made with other pretraining settings).
+
 Usage::
 
-    python experiments/sft_vocab_regimes.py                    # run (or resume) everything
-    python experiments/sft_vocab_regimes.py --max-minutes 10   # one chunk
-    python experiments/sft_vocab_regimes.py --report           # only (re)write the report
+    python experiments/sft_vocab_regimes.py --profile planned   # run (or resume) everything
+    python experiments/sft_vocab_regimes.py --profile long --max-minutes 10   # one chunk
+    python experiments/sft_vocab_regimes.py --profile long --report   # only (re)write the report
 """
 
 from __future__ import annotations
@@ -833,6 +837,7 @@ def tables(summary: dict[str, Any]) -> str:
         "brackets: 95% bootstrap CI over held-out examples (paired across runs). "
         "T fit: NLL-fitted temperature on a token sample (> 1 = over-confident)."
     )
+    lines += _overview(summary)
     for reg in summary["regimes"]:
         pre = reg["pretrain"]
         lines += [
@@ -896,6 +901,33 @@ def tables(summary: dict[str, Any]) -> str:
         f"marker of this profile's folder: {summary['wall_minutes']:.1f} min.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _overview(summary: dict[str, Any]) -> list[str]:
+    """One row per regime: over-confidence after SFT and the LS benefit per transform."""
+    keys = ["plain", "T0.5", "T0.5 as trained", "C32", "C32 as trained"]
+    lines = [
+        "",
+        "## Overview",
+        "",
+        "conf - acc: mean confidence minus accuracy (seed mean). LS benefit: ECE(eps=0) - "
+        "ECE(eps=0.1), paired 95% CI; 'as trained': scored with z/T or C tanh(z/C).",
+        "",
+        "| regime | V/D | conf - acc: pretrained | SFT eps=0 | SFT eps=0.1 | "
+        + " | ".join(f"LS benefit, {k}" for k in keys)
+        + " |",
+        "|---" * (5 + len(keys)) + "|",
+    ]
+    for reg in summary["regimes"]:
+        by = {s["setting"]: s for s in reg["settings"]}
+        oc = [by[k]["overconfidence"] if k in by else None for k in ("pretrained", "SFT eps=0")]
+        oc.append(by["SFT eps=0.1"]["overconfidence"] if "SFT eps=0.1" in by else None)
+        cells = [f"{x:+.3f}" if x is not None else "-" for x in oc]
+        for k in keys:
+            b = reg["ls_benefit"].get(k)
+            cells.append(_fmt_ci(b["ece"], b["ece_ci95"]) if b else "-")
+        lines.append(f"| {reg['name']} | {reg['v_over_d']:.0f} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
