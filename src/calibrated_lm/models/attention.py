@@ -5,7 +5,8 @@ Right-padded batches give some query rows no visible key: padding positions more
 Gemma 2/3 (and Mistral-style models). Their output is never used, but the backward pass
 still runs through them. PyTorch 2.11's default SDPA backend on Hopper, cuDNN attention,
 returns NaN in ``grad_q`` when an explicit mask is passed, the key length is 64 mod 128
-and a row's log-sum-exp is below ln(FLT_MAX) ~ -88.7 (a fully masked row qualifies):
+and a row's log-sum-exp is below about -88.7 = -ln(FLT_MAX), where exp(-lse) overflows
+float32 (a fully masked row qualifies):
 pytorch/pytorch#196678. One such row poisons every gradient through the shared
 projections, while the loss stays finite. That is what stopped our first Gemma-3 SFT run
 at step 20 (the first step whose micro-batches included a width of 832 = 6 x 128 + 64
