@@ -125,6 +125,20 @@ def test_existing_run_needs_resume_and_resume_needs_same_data_order(setup):
         train(_cfg(setup, "nothing", resume=True))
 
 
+def test_checkpoint_from_before_length_grouping_resumes_ungrouped(setup):
+    from calibrated_lm.training.checkpoint import STATE_FILE, list_checkpoints
+
+    cfg = _cfg(setup, "legacy", max_steps=2, save_every=1, group_by_length=False)
+    train(cfg)
+    state_file = list_checkpoints(Path(cfg.output))[-1] / STATE_FILE
+    state = json.loads(state_file.read_text())
+    del state["config"]["group_by_length"]  # as written before the option existed
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(UserError, match=r"group_by_length \(False -> True\)"):
+        train(replace(cfg, resume=True, max_steps=3, group_by_length=True))
+    assert train(replace(cfg, resume=True, max_steps=3))["steps"] == 3
+
+
 def _manual_grad_norm(setup, reduction: str) -> float:
     """Gradient norm of step 1's loss, computed here from the definitions in loop.py."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

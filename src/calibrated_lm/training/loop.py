@@ -54,6 +54,8 @@ _RESUME_FIXED = (
     "world_size",
     "group_by_length",
 )
+# Values of settings added later, as checkpoints written before them were trained.
+_RESUME_LEGACY = {"group_by_length": False}
 
 
 @dataclass
@@ -267,6 +269,7 @@ def train(
         ckpt = read_checkpoint(checkpoints[-1], info.rank)
         saved = ckpt["state"]["config"]
         mine = asdict(cfg)
+        saved = {**_RESUME_LEGACY, **saved}
         diff = [k for k in _RESUME_FIXED if saved.get(k) != mine.get(k)]
         if diff:
             raise UserError(
