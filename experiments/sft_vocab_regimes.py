@@ -684,6 +684,7 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
                 "evals": evals,
                 "settings": settings,
                 "ls_benefit": benefits,
+                "recovery": _recovery(evals, rs, arrays),
                 "reliability": {
                     k: _reliability(arrays[k])
                     for k in ("pretrained", "eps0_s1", "eps0.1_s1")
@@ -815,6 +816,57 @@ def _benefits(evals: dict, rs: Resampler, arrays: dict) -> dict[str, dict[str, A
     return out
 
 
+def _recovery(evals: dict, rs: Resampler, arrays: dict) -> dict[str, dict[str, Any]]:
+    """Per transform view: its LS benefit minus the plain LS benefit, seed by seed over the
+    seeds both have (remedy seeds), with a paired CI: what T or C adds to label smoothing.
+
+    benefit = ECE(eps=0) - ECE(eps=0.1); recovery = benefit(transform) - benefit(plain)."""
+    out: dict[str, dict[str, Any]] = {}
+    for remedy, tag, suffix in (
+        ("T0.5", "T0.5", ""),
+        ("C32", "C32", ""),
+        ("T0.5", "T0.5 as trained", "_train"),
+        ("C32", "C32 as trained", "_train"),
+    ):
+        seeds = [
+            e["seed"]
+            for n, e in evals.items()
+            if e.get("remedy") == remedy
+            and e["eps"] == 0.0
+            and all(
+                x in evals
+                for x in (
+                    n.replace("eps0_", "eps0.1_", 1),
+                    f"eps0_s{e['seed']}",
+                    f"eps0.1_s{e['seed']}",
+                )
+            )
+        ]
+        if not seeds:
+            continue
+        vals, draws = [], []
+        for sd in seeds:
+            names = {
+                "t0": (f"eps0_{remedy}_s{sd}", suffix),
+                "t1": (f"eps0.1_{remedy}_s{sd}", suffix),
+                "p0": (f"eps0_s{sd}", ""),
+                "p1": (f"eps0.1_s{sd}", ""),
+            }
+            pt = {
+                k: (evals[n]["train_transform"] if sf else evals[n])["ece"]
+                for k, (n, sf) in names.items()
+            }
+            dr = {k: rs.draws(n + sf, _view(arrays[n], sf))["ece"] for k, (n, sf) in names.items()}
+            vals.append((pt["t0"] - pt["t1"]) - (pt["p0"] - pt["p1"]))
+            draws.append((dr["t0"] - dr["t1"]) - (dr["p0"] - dr["p1"]))
+        out[tag] = {
+            "seeds": seeds,
+            "ece_recovery": float(np.mean(vals)),
+            "ece_recovery_ci95": _ci(np.mean(draws, axis=0)),
+        }
+    return out
+
+
 def _reliability(a: dict[str, np.ndarray]) -> dict[str, list]:
     from calibrated_lm.calibration import bin_table
 
@@ -927,6 +979,23 @@ def _overview(summary: dict[str, Any]) -> list[str]:
             b = reg["ls_benefit"].get(k)
             cells.append(_fmt_ci(b["ece"], b["ece_ci95"]) if b else "-")
         lines.append(f"| {reg['name']} | {reg['v_over_d']:.0f} | " + " | ".join(cells) + " |")
+    rec_keys = ["T0.5", "T0.5 as trained", "C32", "C32 as trained"]
+    lines += [
+        "",
+        "Recovery: LS benefit with the transform minus the plain LS benefit, on the same seeds "
+        "(the remedy seeds), paired 95% CI (positive: the transform adds to LS's benefit):",
+        "",
+        "| regime | seeds | " + " | ".join(f"recovery, {k}" for k in rec_keys) + " |",
+        "|---" * (2 + len(rec_keys)) + "|",
+    ]
+    for reg in summary["regimes"]:
+        rec = reg.get("recovery", {})
+        seeds = next(iter(rec.values()))["seeds"] if rec else []
+        cells = [
+            _fmt_ci(rec[k]["ece_recovery"], rec[k]["ece_recovery_ci95"]) if k in rec else "-"
+            for k in rec_keys
+        ]
+        lines.append(f"| {reg['name']} | {','.join(map(str, seeds))} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -117,6 +117,10 @@ def test_end_to_end_writes_a_consistent_report(tiny_run):
         assert b["T0.5"]["ece"] == pytest.approx(want_t)
         tt = [evals[f"eps{e}_C32_s1"]["train_transform"]["ece"] for e in ("0", "0.1")]
         assert b["C32 as trained"]["ece"] == pytest.approx(tt[0] - tt[1])
+        rec = reg["recovery"]
+        for k in ("T0.5", "C32 as trained"):
+            assert rec[k]["seeds"] == [1]
+            assert rec[k]["ece_recovery"] == pytest.approx(b[k]["ece"] - b["plain"]["ece"])
         settings = {s["setting"]: s for s in reg["settings"]}
         assert settings["SFT eps=0.1"]["ece"] == pytest.approx(evals["eps0.1_s1"]["ece"])
         assert settings["SFT eps=0, T=0.5"]["train_transform_ece"] == pytest.approx(
