@@ -112,3 +112,62 @@ def test_zero3_two_gloo_ranks_match_one_process(tmp_path: Path, tied: bool) -> N
     head_ref, head_ds = torch.load(tmp_path / "ref.pt"), torch.load(tmp_path / "ds.pt")
     assert head_ds.shape == head_ref.shape == (61, 16)
     torch.testing.assert_close(head_ds, head_ref, rtol=1e-3, atol=1e-4)
+
+
+TRAIN_SCRIPT = r"""
+import sys
+from calibrated_lm.training.loop import TrainConfig, train
+
+model, data, out, config, steps = sys.argv[1:6]
+train(TrainConfig(model=model, data=data, output=out, batch_size=2, grad_accum=1,
+                  max_seq_len=64, max_steps=int(steps), lr=3e-3, warmup_ratio=0.2,
+                  save_every=2, progress=False, device="cpu", deepspeed=config,
+                  resume=len(sys.argv) > 6))
+"""
+
+
+def test_train_command_under_zero3_matches_one_rank_and_resumes(tmp_path: Path) -> None:
+    """`calibrated-lm train --deepspeed` on 2 gloo ranks: the 1-rank run's losses and weights,
+    including an epoch's last step (one micro-batch: the second rank runs a weight-0 copy),
+    and a run stopped at step 2 and resumed ends like the uninterrupted one."""
+    from helpers_tiny_lm import build_tiny_lm
+    from test_training_loop import RECORDS, _logged, _params
+
+    from calibrated_lm.training.loop import TrainConfig, train
+
+    model_dir = build_tiny_lm(tmp_path / "model", seed=1)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
+    script = tmp_path / "run.py"
+    script.write_text(TRAIN_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+
+    def launch(out: Path, steps: int, *resume: str) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(_free_port()), str(script), str(model_dir), str(data),
+               str(out), str(config), str(steps), *resume]  # fmt: skip
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    # 14 records in micro-batches of 2: 7 per epoch, 2 per step, so step 4 has only one.
+    launch(tmp_path / "ds", 4)
+    one = tmp_path / "one"
+    train(TrainConfig(model=str(model_dir), data=str(data), output=str(one), batch_size=2,
+                      grad_accum=2, max_seq_len=64, max_steps=4, lr=3e-3, warmup_ratio=0.2,
+                      save_every=2, progress=False, device="cpu"))  # fmt: skip
+    got, want = _logged(tmp_path / "ds"), _logged(one)
+    assert [r["target_tokens"] for r in got] == [r["target_tokens"] for r in want]
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-4)
+    a, b = _params(one / "final"), _params(tmp_path / "ds" / "final")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=k)
+
+    launch(tmp_path / "split", 2)
+    assert (tmp_path / "split" / "checkpoints" / "step-000002" / "zero3").is_dir()
+    launch(tmp_path / "split", 4, "--resume")
+    assert [r["step"] for r in _logged(tmp_path / "split")] == [1, 2, 3, 4]
+    c = _params(tmp_path / "split" / "final")
+    for k in b:
+        torch.testing.assert_close(c[k], b[k], rtol=1e-5, atol=1e-6, msg=k)

@@ -249,14 +249,16 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_fsdp2_two_gloo_ranks_match_one_rank(setup, tmp_path):
-    """torchrun with 2 CPU ranks (FSDP2 fully_shard over gloo) vs 1 rank with 2x accumulation."""
+    """torchrun with 2 CPU ranks (FSDP2 fully_shard over gloo) vs 1 rank with 2x accumulation,
+    through an epoch's last step (7 micro-batches, 2 per step: step 4 has one, and the second
+    rank runs a weight-0 copy so that both ranks join FSDP's collectives)."""
     root, model_dir, data = setup
     script = tmp_path / "run.py"
     script.write_text(
         "import sys\n"
         "from calibrated_lm.training.loop import TrainConfig, train\n"
         f"cfg = TrainConfig(model={str(model_dir)!r}, data={str(data)!r}, output=sys.argv[1],\n"
-        "    batch_size=2, grad_accum=int(sys.argv[2]), max_seq_len=64, max_steps=2, lr=3e-3,\n"
+        "    batch_size=2, grad_accum=int(sys.argv[2]), max_seq_len=64, max_steps=4, lr=3e-3,\n"
         "    save_every=1, progress=False, device='cpu')\n"
         "train(cfg)\n"
     )
@@ -285,7 +287,7 @@ def test_fsdp2_two_gloo_ranks_match_one_rank(setup, tmp_path):
             batch_size=2,
             grad_accum=2,
             max_seq_len=64,
-            max_steps=2,
+            max_steps=4,
             lr=3e-3,
             save_every=1,
             progress=False,

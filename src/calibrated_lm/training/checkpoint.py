@@ -90,11 +90,14 @@ def write_checkpoint(
     rank: int = 0,
     keep: int = 2,
     barrier: Any = None,
+    extra: Any = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically; rank 0 writes model/optimizer/state, every rank its RNG.
 
-    ``barrier`` (a callable) synchronises ranks between writing and renaming. Older
-    checkpoints beyond the newest ``keep`` are removed after the rename.
+    ``barrier`` (a callable) synchronises ranks between writing and renaming. ``extra`` (a
+    callable, run on every rank) writes more into the temporary folder, e.g. DeepSpeed's
+    partitions; ``None`` states are not written. Older checkpoints beyond the newest ``keep``
+    are removed after the rename.
     """
     root = checkpoint_root(output)
     root.mkdir(parents=True, exist_ok=True)
@@ -107,9 +110,13 @@ def write_checkpoint(
     if barrier:
         barrier()
     torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+    if extra:
+        extra(tmp)
     if rank == 0:
-        torch.save(model_state, tmp / "model.pt")
-        torch.save(optim_state, tmp / "optimizer.pt")
+        if model_state is not None:
+            torch.save(model_state, tmp / "model.pt")
+        if optim_state is not None:
+            torch.save(optim_state, tmp / "optimizer.pt")
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
     if barrier:
         barrier()
@@ -122,15 +129,18 @@ def write_checkpoint(
     return final
 
 
-def read_checkpoint(path: Path, rank: int = 0) -> dict[str, Any]:
-    """Load a checkpoint written by :func:`write_checkpoint` (tensors on CPU)."""
+def read_checkpoint(path: Path, rank: int = 0, weights: bool = True) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`write_checkpoint` (tensors on CPU); without
+    ``weights``, only its state and this rank's RNG (the rest is restored elsewhere)."""
     path = Path(path)
     rng_file = path / f"rng-rank{rank}.pt"
     if not rng_file.exists():  # resumed on more ranks than saved: reuse rank 0's stream
         rng_file = path / "rng-rank0.pt"
-    return {
+    out = {
         "state": json.loads((path / STATE_FILE).read_text()),
-        "model": torch.load(path / "model.pt", map_location="cpu", weights_only=True),
-        "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
         "rng": torch.load(rng_file, map_location="cpu", weights_only=False),
     }
+    if weights:
+        out["model"] = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+        out["optimizer"] = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    return out

@@ -60,6 +60,13 @@ def add_parser(subparsers) -> None:
         help="keep the shuffled micro-batches as drawn (default: each step's examples are "
         "re-cut into micro-batches of similar length, which cuts padding)",
     )
+    p.add_argument(
+        "--deepspeed",
+        default=None,
+        metavar="CONFIG",
+        help="DeepSpeed JSON config: shard with a ZeRO-3 engine instead of FSDP2 (several "
+        "processes; the run sets batch sizes, clipping, bf16 and the optimizer)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(run=run)
 
@@ -94,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         gradient_checkpointing=args.gradient_checkpointing,
         group_by_length=not args.no_group_by_length,
+        deepspeed=args.deepspeed,
     )
     result = train(cfg)
     if not launch_env().is_main:  # one summary per run, not per rank

@@ -53,9 +53,10 @@ _RESUME_FIXED = (
     "seed",
     "world_size",
     "group_by_length",
+    "deepspeed",
 )
 # Values of settings added later, as checkpoints written before them were trained.
-_RESUME_LEGACY = {"group_by_length": False}
+_RESUME_LEGACY = {"group_by_length": False, "deepspeed": None}
 
 
 @dataclass
@@ -91,6 +92,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     # Cut each step's examples into micro-batches of similar length (same step, less padding).
     group_by_length: bool = True
+    # DeepSpeed JSON config: shard with a ZeRO-3 engine instead of FSDP2 (see zero3.py).
+    deepspeed: str | None = None
     world_size: int = field(default=1, repr=False)
 
 
@@ -164,9 +167,16 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     os.replace(tmp, path)
 
 
-def save_final(model: Any, tokenizer: Any, output: Path, info: D.DistInfo) -> Path:
+def save_final(
+    model: Any, tokenizer: Any, output: Path, info: D.DistInfo, zero3: bool = False
+) -> Path:
     """``save_pretrained`` the model and tokenizer into ``output/final`` atomically."""
-    state = D.full_model_state(model, info)
+    if zero3:
+        from calibrated_lm.training import zero3 as Z
+
+        state = Z.full_model_state(model, info.main)
+    else:
+        state = D.full_model_state(model, info)
     final = output / FINAL_DIR
     if info.main:
         tmp = output / f".tmp-{FINAL_DIR}"
@@ -202,6 +212,11 @@ def train(
         raise UserError("--batch-size and --grad-accum must be at least 1")
     info = D.setup(cfg.device)
     cfg.world_size = info.world
+    if cfg.deepspeed and not info.enabled:
+        raise UserError(
+            "--deepspeed shards over several processes: launch with torchrun, deepspeed or "
+            "accelerate launch (WORLD_SIZE > 1)"
+        )
     output = Path(cfg.output)
     checkpoints = list_checkpoints(output)
     if checkpoints and not cfg.resume:
@@ -242,7 +257,7 @@ def train(
         z_loss=cfg.z_loss,
     )
     try:
-        if info.enabled:
+        if info.enabled and not cfg.deepspeed:
             # fully_shard moves each unit to the device as it shards it, so no GPU ever
             # holds the whole model.
             D.shard(model, info)
@@ -254,6 +269,20 @@ def train(
     optim = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999)
     )
+    engine = None  # the DeepSpeed engine, with --deepspeed
+    if cfg.deepspeed:
+        from calibrated_lm.training import zero3 as Z
+
+        ds_config = Z.engine_config(
+            cfg.deepspeed,
+            micro_batch=cfg.batch_size,
+            grad_accum=cfg.grad_accum,
+            world=info.world,
+            clip=cfg.max_grad_norm,
+            bf16=info.device.type == "cuda",
+        )
+        # ZeRO wraps ``optim`` and steps it, so setting its learning rate below still works.
+        engine = Z.initialize(model, optim, ds_config)
     plan = StepPlan(
         len(data.examples),
         cfg.batch_size,
@@ -266,7 +295,7 @@ def train(
     metrics_path = output / METRICS_FILE
     start = 0
     if cfg.resume:
-        ckpt = read_checkpoint(checkpoints[-1], info.rank)
+        ckpt = read_checkpoint(checkpoints[-1], info.rank, weights=engine is None)
         saved = ckpt["state"]["config"]
         mine = asdict(cfg)
         saved = {**_RESUME_LEGACY, **saved}
@@ -276,7 +305,10 @@ def train(
                 "--resume: these settings differ from the checkpointed run and would change the "
                 "data order: " + ", ".join(f"{k} ({saved.get(k)} -> {mine.get(k)})" for k in diff)
             )
-        D.load_full_states(model, optim, ckpt["model"], ckpt["optimizer"], info)
+        if engine is not None:
+            Z.load(engine, checkpoints[-1])
+        else:
+            D.load_full_states(model, optim, ckpt["model"], ckpt["optimizer"], info)
         set_rng_state(ckpt["rng"])
         start = int(ckpt["state"]["step"])
         if info.main:
@@ -297,12 +329,14 @@ def train(
         write_checkpoint(
             output,
             step,
-            model_state=D.full_model_state(model, info),
-            optim_state=D.full_optim_state(model, optim, info),
+            model_state=None if engine else D.full_model_state(model, info),
+            optim_state=None if engine else D.full_optim_state(model, optim, info),
             state=state,
             rank=info.rank,
             keep=cfg.keep_checkpoints,
             barrier=(lambda: D.barrier(info)) if info.enabled else None,
+            # DeepSpeed writes its partitions (a collective) into the temporary folder.
+            extra=(lambda folder: Z.save(engine, folder)) if engine else None,
         )
 
     autocast = info.device.type == "cuda"
@@ -329,38 +363,71 @@ def train(
                 for b in all_batches[info.rank :: info.world]
             ]
             local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in mine_batches)
+            # Every rank must run as many forwards as the others (FSDP2 and ZeRO-3 gather
+            # parameters inside them): a rank short of micro-batches at an epoch's end repeats
+            # the step's first one with weight 0.
+            n_real = len(mine_batches)
+            per_rank = -(-len(all_batches) // info.world)
+            mine_batches += [
+                collate([data.examples[i] for i in all_batches[0]], pad_id)
+                for _ in range(per_rank - n_real)
+            ]
             step_tokens = D.all_reduce_sum(local_tokens, info)
             n_micro = len(all_batches)
             sums = {"loss": 0.0, "confidence": 0.0, "accuracy": 0.0, "entropy": 0.0, "inputs": 0}
-            for b in mine_batches:
+            forward = engine if engine is not None else model
+            for j, b in enumerate(mine_batches):
                 b = {k: v.to(info.device) for k, v in b.items()}
                 with (
                     torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=autocast),
                     training_attention(info.device),
                 ):
-                    out = model(**b, calibrated_lm_reduction="sum", calibrated_lm_stats=True)
+                    out = forward(**b, calibrated_lm_reduction="sum", calibrated_lm_stats=True)
                 stats = out.loss_stats
                 if cfg.reduction == "sum":
                     scaled = out.loss / max(step_tokens, 1)
                 else:
                     scaled = out.loss / max(stats.n_tokens, 1) / n_micro
-                (scaled * info.world).backward()
+                if j >= n_real:  # a padding forward: gradients of zero
+                    scaled = scaled * 0.0
+                if engine is not None:
+                    engine.set_gradient_accumulation_boundary(j == len(mine_batches) - 1)
+                    engine.backward(scaled * info.world, scale_wrt_gas=False)
+                    engine.step()  # ZeRO's optimizer step (with clipping) at the boundary only
+                else:
+                    (scaled * info.world).backward()
+                if j >= n_real:
+                    continue
                 sums["loss"] += float(out.loss.detach())
                 for key in ("confidence", "accuracy", "entropy"):
                     sums[key] += getattr(stats, key) * stats.n_tokens
                 sums["inputs"] += int(b["attention_mask"].sum())
-            # The norm is always measured (clipping at +inf changes nothing) so that a
-            # non-finite gradient is caught before AdamW turns every parameter into NaN.
-            grad_norm = float(
-                torch.nn.utils.clip_grad_norm_(
-                    model.parameters(), cfg.max_grad_norm or float("inf")
-                )
-            )
-            finite = math.isfinite(grad_norm)
             bad_params: list[str] = []
+            grad_norm: float | None
+            if engine is not None:
+                # Already applied by engine.step(); a non-finite norm can only be reported.
+                # (DeepSpeed measures it only when it clips: None without --max-grad-norm.)
+                norm = engine.get_global_grad_norm()
+                grad_norm = float(norm) if norm is not None else None
+            else:
+                # The norm is always measured (clipping at +inf changes nothing) so that a
+                # non-finite gradient is caught before AdamW turns every parameter into NaN.
+                grad_norm = float(
+                    torch.nn.utils.clip_grad_norm_(
+                        model.parameters(), cfg.max_grad_norm or float("inf")
+                    )
+                )
+            finite = grad_norm is None or math.isfinite(grad_norm)
             if finite:
-                optim.step()
+                if engine is None:
+                    optim.step()
                 consecutive_skips = 0
+            elif engine is not None:
+                consecutive_skips += 1
+                bar.write(
+                    f"step {step + 1}: gradient norm is {grad_norm}; DeepSpeed has applied the "
+                    f"step ({consecutive_skips} in a row)"
+                )
             else:
                 consecutive_skips += 1
                 skipped_steps += 1
@@ -370,7 +437,8 @@ def train(
                     f"({consecutive_skips} in a row); non-finite gradients in: "
                     f"{', '.join(bad_params) or '(none on this rank)'}"
                 )
-            optim.zero_grad(set_to_none=True)
+            if engine is None:
+                optim.zero_grad(set_to_none=True)
             totals = {k: D.all_reduce_sum(v, info) for k, v in sums.items()}
             elapsed = time.perf_counter() - t0
             denom = max(step_tokens, 1)
@@ -385,7 +453,7 @@ def train(
                 "entropy": totals["entropy"] / denom,
                 "target_tokens": int(step_tokens),
                 "grad_norm": grad_norm if finite else None,
-                "skipped": not finite,
+                "skipped": not finite and engine is None,
             }
             if bad_params:
                 record["nonfinite_grads"] = bad_params
@@ -425,7 +493,7 @@ def train(
         bar.close()
     if total > start:
         checkpoint(total)
-    final = save_final(model, tokenizer, output, info)
+    final = save_final(model, tokenizer, output, info, zero3=engine is not None)
     D.teardown(info)
     return {
         "last": record,
