@@ -171,3 +171,29 @@ def test_train_command_under_zero3_matches_one_rank_and_resumes(tmp_path: Path) 
     c = _params(tmp_path / "split" / "final")
     for k in b:
         torch.testing.assert_close(c[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_bad_deepspeed_configs_are_sentences(tmp_path: Path) -> None:
+    from calibrated_lm.errors import UserError
+    from calibrated_lm.training.zero3 import engine_config
+
+    def cfg(text: str | None) -> dict:
+        path = tmp_path / "ds.json"
+        if text is not None:
+            path.write_text(text)
+        return engine_config(str(path), micro_batch=2, grad_accum=3, world=2, clip=1.0, bf16=False)
+
+    for text, message in [
+        ('{"zero_optimization": {"stage": 2}}', "only ZeRO stage 3"),
+        ('{"optimizer": {"type": "Adam"}}', "remove 'optimizer'"),
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "must hold a JSON object"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            cfg(text)
+    merged = cfg('{"zero_optimization": {"reduce_bucket_size": 1000}}')
+    assert merged["zero_optimization"] == {"reduce_bucket_size": 1000, "stage": 3}
+    assert merged["train_batch_size"] == 12 and merged["gradient_clipping"] == 1.0
+    (tmp_path / "ds.json").unlink()
+    with pytest.raises(UserError, match="cannot read"):
+        cfg(None)

@@ -212,10 +212,23 @@ def train(
         raise UserError("--batch-size and --grad-accum must be at least 1")
     info = D.setup(cfg.device)
     cfg.world_size = info.world
-    if cfg.deepspeed and not info.enabled:
-        raise UserError(
-            "--deepspeed shards over several processes: launch with torchrun, deepspeed or "
-            "accelerate launch (WORLD_SIZE > 1)"
+    ds_config = None
+    if cfg.deepspeed:
+        from calibrated_lm.training import zero3 as Z
+
+        if not info.enabled:
+            raise UserError(
+                "--deepspeed shards over several processes: launch with torchrun, deepspeed or "
+                "accelerate launch (WORLD_SIZE > 1)"
+            )
+        # A bad config fails here, before minutes of model loading.
+        ds_config = Z.engine_config(
+            cfg.deepspeed,
+            micro_batch=cfg.batch_size,
+            grad_accum=cfg.grad_accum,
+            world=info.world,
+            clip=cfg.max_grad_norm,
+            bf16=info.device.type == "cuda",
         )
     output = Path(cfg.output)
     checkpoints = list_checkpoints(output)
@@ -270,17 +283,7 @@ def train(
         model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999)
     )
     engine = None  # the DeepSpeed engine, with --deepspeed
-    if cfg.deepspeed:
-        from calibrated_lm.training import zero3 as Z
-
-        ds_config = Z.engine_config(
-            cfg.deepspeed,
-            micro_batch=cfg.batch_size,
-            grad_accum=cfg.grad_accum,
-            world=info.world,
-            clip=cfg.max_grad_norm,
-            bf16=info.device.type == "cuda",
-        )
+    if ds_config is not None:
         # ZeRO wraps ``optim`` and steps it, so setting its learning rate below still works.
         engine = Z.initialize(model, optim, ds_config)
     plan = StepPlan(
