@@ -126,6 +126,18 @@ def _fmt(v: float | None, digits: int = 3) -> str:
     return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{digits}f}"
 
 
+def _metric_cells(e: dict[str, Any]) -> list[str]:
+    """accuracy, ECE, RMS-CE (with CIs), confidence, T, ECE after T of one evaluation."""
+    return [
+        _ci(e, "accuracy"),
+        _ci(e, "ece"),
+        _ci(e, "rms_ce"),
+        _fmt(e.get("mean_confidence")),
+        _fmt(e.get("temperature")),
+        _fmt(e.get("ece_after_T") or None),
+    ]
+
+
 def _ci(e: dict[str, Any], key: str) -> str:
     ci = e.get(f"{key}_ci95")
     return f"{e[key]:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{e[key]:.3f}"
@@ -373,18 +385,7 @@ def _tables_md(out: dict[str, Any]) -> str:
             e = m.get(t)
             if not e:
                 continue
-            rows.append(
-                [
-                    m["label"],
-                    str(e["n"]),
-                    _ci(e, "accuracy"),
-                    _ci(e, "ece"),
-                    _ci(e, "rms_ce"),
-                    _fmt(e.get("mean_confidence")),
-                    _fmt(e.get("temperature")),
-                    _fmt(e.get("ece_after_T") or None),
-                ]
-            )
+            rows.append([m["label"], str(e["n"]), *_metric_cells(e)])
         lines += [markdown_table(header, rows), ""]
 
     if out.get("acc_norm"):
@@ -396,18 +397,7 @@ def _tables_md(out: dict[str, Any]) -> str:
         rows = []
         for t, runs in out["acc_norm"].items():
             for label, e in runs.items():
-                rows.append(
-                    [
-                        t,
-                        label,
-                        _ci(e, "accuracy"),
-                        _ci(e, "ece"),
-                        _ci(e, "rms_ce"),
-                        _fmt(e.get("mean_confidence")),
-                        _fmt(e.get("temperature")),
-                        _fmt(e.get("ece_after_T") or None),
-                    ]
-                )
+                rows.append([t, label, *_metric_cells(e)])
         lines += [markdown_table(header, rows), ""]
 
     pairs = out["claims"].get("pairs", [])

@@ -188,6 +188,7 @@ def test_bad_deepspeed_configs_are_sentences(tmp_path: Path) -> None:
         ('{"optimizer": {"type": "Adam"}}', "remove 'optimizer'"),
         ("{not json", "not valid JSON"),
         ("[1, 2]", "must hold a JSON object"),
+        ('{"zero_optimization": null}', "'zero_optimization' .* must be a JSON object"),
     ]:
         with pytest.raises(UserError, match=message):
             cfg(text)

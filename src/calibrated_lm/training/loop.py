@@ -475,11 +475,16 @@ def train(
                 if on_step:
                     on_step(record)
             if consecutive_skips >= cfg.max_skipped_steps:
+                kept = (
+                    "DeepSpeed applied them, so the parameters may be NaN"
+                    if engine is not None
+                    else "parameters were left as they were before them"
+                )
                 raise UserError(
                     f"training diverged: the gradient norm was not finite for "
                     f"{consecutive_skips} optimizer steps in a row (up to step {step + 1}); "
-                    f"parameters were left as they were before them. Lower --lr, check the "
-                    f"data, or resume from the last checkpoint in {output / 'checkpoints'}"
+                    f"{kept}. Lower --lr, check the data, or resume from the last checkpoint "
+                    f"in {output / 'checkpoints'}"
                 )
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 != total:
                 checkpoint(step + 1)

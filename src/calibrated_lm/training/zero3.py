@@ -31,8 +31,9 @@ from calibrated_lm.errors import UserError
 TAG = "zero3"  # DeepSpeed's sub-folder inside a checkpoint folder
 
 
-def engine_config(path: str, *, micro_batch: int, grad_accum: int, world: int, clip: float | None,
-                  bf16: bool) -> dict[str, Any]:  # fmt: skip
+def engine_config(
+    path: str, *, micro_batch: int, grad_accum: int, world: int, clip: float | None, bf16: bool
+) -> dict[str, Any]:
     """The user's DeepSpeed JSON with the run's own settings laid over it."""
     try:
         user = json.loads(Path(path).read_text())
@@ -43,7 +44,10 @@ def engine_config(path: str, *, micro_batch: int, grad_accum: int, world: int, c
         raise UserError(msg) from exc
     if not isinstance(user, dict):
         raise UserError(f"--deepspeed: {path} must hold a JSON object")
-    stage = user.get("zero_optimization", {}).get("stage", 3)
+    zero = user.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise UserError(f"--deepspeed: 'zero_optimization' in {path} must be a JSON object")
+    stage = zero.get("stage", 3)
     if stage != 3:
         raise UserError(f"--deepspeed: only ZeRO stage 3 is supported, {path} asks for {stage}")
     for key in ("optimizer", "scheduler", "fp16"):
@@ -52,7 +56,7 @@ def engine_config(path: str, *, micro_batch: int, grad_accum: int, world: int, c
                 f"--deepspeed: remove {key!r} from {path}; the run sets it (AdamW with "
                 "--lr/--warmup-ratio, bf16 on GPUs)"
             )
-    zero = {**user.get("zero_optimization", {}), "stage": 3}
+    zero = {**zero, "stage": 3}
     return {
         **user,
         "train_micro_batch_size_per_gpu": micro_batch,
