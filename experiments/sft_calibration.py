@@ -610,17 +610,20 @@ class UnitLock:
 def run_units(exp: Experiment, limit_s: float | None, poll_s: float = 5.0) -> int:
     """Run pending units until done or the time limit; return the count left.
 
-    Several workers may share one ``--work`` folder (e.g. two processes on one GPU, which a
-    270M model leaves mostly idle): each takes the first pending unit whose inputs are done and
-    that no other worker holds (:class:`UnitLock`). A worker whose only pending units wait on
-    units another worker is running polls every ``poll_s`` seconds; it stops when nothing is
-    left, when nothing can make progress, or before a unit that would pass the time limit.
+    Several workers may share one ``--work`` folder (two processes on one GPU, which one 270M
+    model leaves partly idle; docs/results.md gives the measured gain): each takes the first
+    pending unit whose inputs are done and that no other worker holds (:class:`UnitLock`). A
+    worker whose only pending units wait on units another worker is running polls every
+    ``poll_s`` seconds. A unit that would pass the time limit is passed over for a shorter one
+    that fits. The worker stops when nothing is left, when nothing can make progress, or when no
+    runnable unit fits the time left.
     """
     clock = Clock(limit_s)
+    told: set[str] = set()
     while True:
         units = exp.units()  # rebuilt every pass: the SFT units appear once the lr is selected
         timed = _past_timings(units)
-        ran = stop = busy_elsewhere = False
+        ran = busy_elsewhere = False
         for u in units:
             if u.done() or u.folder.name == "pending":
                 continue
@@ -635,13 +638,16 @@ def run_units(exp: Experiment, limit_s: float | None, poll_s: float = 5.0) -> in
                     continue
                 est = _estimate(u, timed, exp.p)
                 if not clock.fits(est):
-                    print(
-                        f"[stop] {u.name} (~{est:.0f} s) would pass the {limit_s:.0f} s limit "
-                        f"at {clock.elapsed():.0f} s; rerun to continue",
-                        flush=True,
-                    )
-                    stop = True
-                    break
+                    # A shorter unit further down (a training run rather than an evaluation)
+                    # may still fit the time left.
+                    if u.name not in told:
+                        print(
+                            f"[wait] {u.name} (~{est:.0f} s) would pass the {limit_s:.0f} s "
+                            f"limit at {clock.elapsed():.0f} s; rerun to continue",
+                            flush=True,
+                        )
+                        told.add(u.name)
+                    continue
                 print(f"[unit] {u.name} (est {est:.0f} s, at {clock.elapsed():.0f} s)", flush=True)
                 t0 = time.monotonic()
                 result = u.action()
@@ -653,8 +659,6 @@ def run_units(exp: Experiment, limit_s: float | None, poll_s: float = 5.0) -> in
                 break  # re-plan: the unit list or the estimates may have changed
             finally:
                 lock.release()
-        if stop:
-            break
         if ran:
             continue
         pending = [u for u in units if not u.done() and u.folder.name != "pending"]

@@ -81,7 +81,7 @@ run)
     kill "$smi" 2>/dev/null
     for w in $(seq 1 "$workers"); do
         echo "== worker $w" | tee -a "$OUT/run_log.txt"
-        grep -E '^\[(unit|done|stop)\]|^finished|^  left|rror|Traceback' "$OUT/run_log_w$w.txt" |
+        grep -E '^\[(unit|done|wait)\]|^finished|^  left|rror|Traceback' "$OUT/run_log_w$w.txt" |
             tee -a "$OUT/run_log.txt"
     done
     since=()

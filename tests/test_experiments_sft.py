@@ -123,11 +123,12 @@ def test_profile_is_pinned_to_the_work_folder(tmp_path):
 class _FakeExperiment:
     """prepare -> three "lr" trains -> select -> two trains; every action logs start and end."""
 
-    def __init__(self, work: Path, log: list, lock):
-        self.work, self.log, self.lock = work, log, lock
+    def __init__(self, work: Path, log: list, lock, long_eval: bool = False):
+        self.work, self.log, self.lock, self.long_eval = work, log, lock, long_eval
         # Estimates of 10 ms per unit (the actions take 50 ms; only a limit check uses them).
         self.p = sc.dataclasses.replace(
-            sc.PROFILES["smoke"], est=dict.fromkeys(("prepare", "train", "select"), 0.01)
+            sc.PROFILES["smoke"],
+            est=dict.fromkeys(("prepare", "train", "select"), 0.01) | {"eval": 1000.0},
         )
 
     def _action(self, name: str):
@@ -150,6 +151,8 @@ class _FakeExperiment:
         )
         lr = [unit(f"train/lr{i}", "train", ("prepare",)) for i in range(3)]
         units = [unit("prepare", "prepare"), *lr]
+        if self.long_eval:  # first in line, but estimated far past any limit the tests use
+            units.insert(1, unit("eval/long", "eval", ("prepare",)))
         units.append(unit("select", "select", tuple(u.name for u in lr)))
         if (w / "select" / sc.DONE).exists():  # like the real list: grows after the selection
             units += [unit(f"train/after{i}", "train", ("select",)) for i in range(2)]
@@ -177,6 +180,16 @@ def test_two_workers_share_the_units_once_each_in_dependency_order(tmp_path):
     for u in exp.units():
         for need in u.needs:
             assert pos[("end", need)] < pos[("start", u.name)], (need, u.name)
+
+
+def test_a_unit_past_the_limit_is_passed_over_for_shorter_ones(tmp_path, capsys):
+    import threading
+
+    log: list = []
+    exp = _FakeExperiment(tmp_path, log, threading.Lock(), long_eval=True)
+    assert sc.run_units(exp, 60, poll_s=0.02) == 1
+    assert ("start", "eval/long") not in log and ("end", "train/after1") in log
+    assert capsys.readouterr().out.count("[wait] eval/long") == 1
 
 
 def test_a_lock_file_left_by_a_dead_worker_does_not_block(tmp_path):
