@@ -222,6 +222,7 @@ def write_report(work: Path, results: Path, *, bootstrap: int = 1000) -> dict[st
         for t in tasks
         if t in comp_norm["tasks"]
     }
+    out["lr_selection"] = _lr_selection(work)
     out["claims"] = _claims(work, evals, tasks, draws=bootstrap)
     out["curves"] = _curves(work, evals, results / "training_curves.png")
     out["bundle_profile"] = (
@@ -231,6 +232,22 @@ def write_report(work: Path, results: Path, *, bootstrap: int = 1000) -> dict[st
     (results / "tables.md").write_text(_tables_md(out), encoding="utf-8")
     print(f"wrote {results / 'tables.md'} and {results / 'results.json'}")
     return out
+
+
+def _lr_selection(work: Path) -> dict[str, Any] | None:
+    """The ``full`` profile's learning-rate choice and each candidate run's held-out stats."""
+    done = work / "select_lr" / "done.json"
+    if not done.exists():
+        return None
+    sel = read_json(done)
+    runs = []
+    for d in sorted((work / "runs").glob("sft_lr*_eps0_s1")):
+        held = d / "heldout.json"
+        info = read_json(d / "done.json") if (d / "done.json").exists() else {}
+        if held.exists() and info.get("temperature") is None and info.get("softcap") is None:
+            runs.append({"lr": info.get("lr"), "run": d.name, **read_json(held)})
+    runs.sort(key=lambda r: r["lr"] or 0.0)
+    return {"lr": sel["lr"], "rule": sel.get("rule"), "candidates": runs}
 
 
 def _first(evals: list[dict[str, Any]], eps: float) -> str | None:
@@ -416,6 +433,22 @@ def _tables_md(out: dict[str, Any]) -> str:
                 star = "*" if d["differs"] else ""
                 cells.append(f"{d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]{star}")
             rows.append(cells)
+        lines += [markdown_table(header, rows), ""]
+
+    sel = out.get("lr_selection")
+    if sel:
+        lines += [f"## Learning rate: {sel['lr']:g} ({sel['rule']})", ""]
+        header = ["lr", "held-out NLL", "token acc", "mean conf", "conf - acc"]
+        rows = [
+            [
+                f"{c['lr']:g}",
+                _fmt(c["nll"], 4),
+                _fmt(c["accuracy"]),
+                _fmt(c["mean_confidence"]),
+                f"{c['overconfidence']:+.3f}",
+            ]
+            for c in sel["candidates"]
+        ]
         lines += [markdown_table(header, rows), ""]
 
     lines += [
