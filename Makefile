@@ -58,13 +58,24 @@ clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
 
 # Issue 6: does SFT hurt calibration, and does label smoothing keep it? (docs/results.md)
-# Budget profile by default; SFT_PROFILE=full runs the issue's whole grid. Resumable: rerun to go on.
+# The issue's full protocol by default (GPU); SFT_PROFILE=budget runs the reduced grid.
+# Resumable: rerun to go on. SFT_WORKERS=2 runs two workers on one GPU; give each its share of
+# memory with SFT_RUN_ARGS="--gpu-memory-fraction 0.48" (and e.g. --time-limit 540 for chunks).
 SFT_DATA ?= $(wildcard ../shared/data/instruct/alpaca_en_demo.json ../shared/data/instruct/lima.json ../shared/data/instruct/alpaca_eval_gpt4_outputs.json)
-SFT_PROFILE ?= budget
+SFT_PROFILE ?= full
+SFT_WORKERS ?= 1
+SFT_RUN_ARGS ?=
+SFT_RESULTS_full = experiments/results/sft_calibration_full
+SFT_RESULTS_budget = experiments/results/sft_calibration
+SFT_RESULTS_smoke = experiments/results/sft_calibration/smoke_cpu
+SFT_RESULTS ?= $(SFT_RESULTS_$(SFT_PROFILE))
 .PHONY: experiment-sft
 experiment-sft: install assets
-	$(BIN)/python experiments/sft_calibration.py run --profile $(SFT_PROFILE) --data $(SFT_DATA) --work runs/sft_calibration_$(SFT_PROFILE)
-	$(BIN)/python experiments/sft_calibration.py report --work runs/sft_calibration_$(SFT_PROFILE)
+	@pids=""; for w in $$(seq 1 $(SFT_WORKERS)); do \
+	    $(BIN)/python experiments/sft_calibration.py run --profile $(SFT_PROFILE) --data $(SFT_DATA) \
+	        --work runs/sft_calibration_$(SFT_PROFILE) $(SFT_RUN_ARGS) & pids="$$pids $$!"; sleep 2; \
+	done; for p in $$pids; do wait $$p || exit 1; done
+	$(BIN)/python experiments/sft_calibration.py report --work runs/sft_calibration_$(SFT_PROFILE) --results $(SFT_RESULTS)
 
 # Issue 6, claim 3, second regime (CPU, ~1 h for both profiles): two tiny models pretrained from
 # scratch with the same D and V = 512 / 16,384, then SFT with eps {0, 0.1} and T = 0.5 / C = 32

@@ -611,7 +611,7 @@ def run_units(exp: Experiment, limit_s: float | None, poll_s: float = 5.0) -> in
     """Run pending units until done or the time limit; return the count left.
 
     Several workers may share one ``--work`` folder (two processes on one GPU, which one 270M
-    model leaves partly idle; docs/results.md gives the measured gain): each takes the first
+    model leaves partly idle; docs/results.md has the GPU use measured): each takes the first
     pending unit whose inputs are done and that no other worker holds (:class:`UnitLock`). A
     worker whose only pending units wait on units another worker is running polls every
     ``poll_s`` seconds. A unit that would pass the time limit is passed over for a shorter one
