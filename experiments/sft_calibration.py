@@ -29,7 +29,7 @@ Profiles:
   (seed 1); 2 epochs, max length 1024; same evaluation as ``full``. ``--plan`` estimates its
   GPU time from the units already timed.
 * ``smoke``: CPU check of the whole pipeline: smollm2-135m-instruct as the "base", 3 steps,
-  5 questions per task (per subject for MMLU).
+  2 questions per task (per subject for MMLU).
 
 Subcommands::
 
