@@ -212,7 +212,7 @@ def test_a_worker_stops_when_the_rest_waits_on_a_unit_nobody_runs(tmp_path):
     held = sc.UnitLock(tmp_path, "train/lr2")
     assert held.acquire()  # "another worker" runs lr2 and never finishes within the limit
     try:
-        left = sc.run_units(exp, 0.5, poll_s=0.05)
+        left = sc.run_units(exp, 2.0, poll_s=0.05)
     finally:
         held.release()
     assert left == 2  # lr2 and select
