@@ -127,3 +127,32 @@ def test_packing_respects_sliding_window(tiny, monkeypatch: pytest.MonkeyPatch) 
     got = score_items(model, enc, items, batch_size=4, max_len=512)
     for (c, k), s in zip(enc.encode_pairs(items[0].requests), got[0]):
         assert s == pytest.approx(_oracle(model, c, k), abs=2e-5)
+
+
+def _loop_mask(batch, width: int) -> torch.Tensor:
+    """The mask's definition, one row at a time."""
+    allowed = torch.zeros((len(batch), width, width), dtype=torch.bool)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    for b, r in enumerate(batch):
+        p = r.prefix
+        allowed[b, :p, :p] = causal[:p, :p]
+        for start, end in r.segments:
+            allowed[b, start:end, :p] = True
+            allowed[b, start:end, start:end] = causal[: end - start, : end - start]
+        idx = torch.arange(len(r.tokens), width)
+        allowed[b, idx, idx] = True
+    return allowed
+
+
+def test_block_mask_matches_its_definition(tiny) -> None:
+    from calibrated_lm.evaluation.scoring import _block_mask
+
+    _, tok = tiny
+    enc = _encoder(tok)
+    encoded = [enc.encode_pairs(i.requests) for i in _items()]
+    rows = plan_rows(encoded, 512, pack=True)
+    assert any(len(r.segments) >= 2 for r in rows) and any(not r.segments for r in rows)
+    width = max(len(r.tokens) for r in rows) + 3  # every row gets padding
+    mask = _block_mask(rows, width, torch.float32)
+    assert mask.shape == (len(rows), 1, width, width)
+    assert torch.equal(mask[:, 0] == 0, _loop_mask(rows, width))

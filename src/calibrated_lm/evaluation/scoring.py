@@ -181,23 +181,54 @@ def _batches(rows: list[_Row], batch_size: int, max_tokens: int | None) -> Itera
         start += n
 
 
-def _block_mask(batch: list[_Row], width: int, dtype: Any) -> Any:
-    """Additive (B, 1, T, T) mask: causal prefix, segments see the prefix and themselves
-    causally, padding sees only itself (so no softmax row is empty)."""
+def _segment_ids(batch: list[_Row], width: int) -> Any:
+    """(B, T) long: 0 for prefix tokens, k for tokens of a row's k-th packed segment, -1 for
+    padding."""
     import torch
 
-    allowed = torch.zeros((len(batch), width, width), dtype=torch.bool)
-    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    seg = torch.full((len(batch), width), -1, dtype=torch.long)
     for b, r in enumerate(batch):
-        p = r.prefix
-        allowed[b, :p, :p] = causal[:p, :p]
-        for start, end in r.segments:
-            allowed[b, start:end, :p] = True
-            allowed[b, start:end, start:end] = causal[: end - start, : end - start]
-        idx = torch.arange(len(r.tokens), width)
-        allowed[b, idx, idx] = True
-    mask = torch.zeros((len(batch), 1, width, width), dtype=dtype)
+        seg[b, : r.prefix] = 0
+        for k, (start, end) in enumerate(r.segments, 1):
+            seg[b, start:end] = k
+    return seg
+
+
+def _block_mask(batch: list[_Row], width: int, dtype: Any, device: Any = "cpu") -> Any:
+    """Additive (B, 1, T, T) mask: causal prefix, segments see the prefix and themselves
+    causally, padding sees only itself (so no softmax row is empty).
+
+    Query i may see key j iff j <= i, i is a real token, and j is in the prefix or in i's own
+    segment; plus the diagonal. Built on ``device`` from (B, T) segment ids, so only those
+    cross from the host (a (B, T, T) mask built on the host was most of a packed batch's
+    host-side cost)."""
+    import torch
+
+    seg = _segment_ids(batch, width).to(device)
+    q, k = seg[:, :, None], seg[:, None, :]
+    causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()
+    allowed = causal & (q >= 0) & ((k == 0) | (k == q))
+    allowed |= torch.eye(width, dtype=torch.bool, device=device)
+    mask = torch.zeros((len(batch), 1, width, width), dtype=dtype, device=device)
     return mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+
+
+# Positions per log-softmax chunk: a chunk's fp32 rows take CHUNK x V x 4 bytes (1 GiB at
+# V = 128K), whatever the batch.
+_LOGSOFTMAX_CHUNK = 2048
+
+
+def _target_logprobs(logits: Any, b_idx: Any, p_idx: Any, t_idx: Any) -> list[float]:
+    """log_softmax(logits[b, p])[t] for each (b, p, t), in fp32, only at those positions."""
+    import torch
+
+    out = []
+    for s in range(0, b_idx.numel(), _LOGSOFTMAX_CHUNK):
+        sl = slice(s, s + _LOGSOFTMAX_CHUNK)
+        rows = logits[b_idx[sl], p_idx[sl]].float()
+        picked = rows.gather(1, t_idx[sl, None]).squeeze(1)
+        out.append(picked - torch.logsumexp(rows, dim=-1))
+    return torch.cat(out).double().tolist()
 
 
 def supports_packing(model: Any) -> bool:
@@ -215,7 +246,10 @@ def score_rows(
     batch_size: int,
     max_tokens: int | None = None,
 ) -> list[float]:
-    """Summed continuation log-likelihood per request (float64 sums of fp32 log-softmax)."""
+    """Summed continuation log-likelihood per request: the exactly rounded (``math.fsum``)
+    float64 sum of the fp32 log-softmax values of its tokens."""
+    import math
+
     import torch
 
     param = next(model.parameters())
@@ -236,20 +270,31 @@ def score_rows(
             for b, r in enumerate(batch):
                 pos_ids[b, : len(r.tokens)] = torch.tensor(r.position_ids(), dtype=torch.long)
             kwargs["position_ids"] = pos_ids.to(device)
-            kwargs["attention_mask"] = _block_mask(batch, width, param.dtype).to(device)
+            kwargs["attention_mask"] = _block_mask(batch, width, param.dtype, device)
         else:
             mask = torch.zeros((len(batch), width), dtype=torch.long)
             for b, r in enumerate(batch):
                 mask[b, : len(r.tokens)] = 1
             kwargs["attention_mask"] = mask.to(device)
-        with torch.inference_mode():
-            out = model(input_ids=ids.to(device), logits_to_keep=keep, **kwargs)
-            logp = torch.log_softmax(out.logits[:, -keep:, :].float(), dim=-1)
+        # Every target of the batch in one gather (one host-device round trip per batch, not
+        # one per request); owners[i] is the request whose sum value i joins.
+        where: list[list[int]] = [[], [], []]
+        owners: list[int] = []
         for b, r in enumerate(batch):
             for req, positions, cont in r.targets:
-                pos = torch.tensor(positions, dtype=torch.long, device=logp.device) - first
-                tgt = torch.tensor(cont, dtype=torch.long, device=logp.device)
-                scores[req] = float(logp[b, pos, tgt].double().sum().item())
+                where[0].extend([b] * len(cont))
+                where[1].extend(p - first for p in positions)
+                where[2].extend(cont)
+                owners.extend([req] * len(cont))
+        b_idx, p_idx, t_idx = torch.tensor(where, dtype=torch.long).to(device)
+        with torch.inference_mode():
+            out = model(input_ids=ids.to(device), logits_to_keep=keep, **kwargs)
+            values = _target_logprobs(out.logits[:, -keep:, :], b_idx, p_idx, t_idx)
+        sums: dict[int, list[float]] = {}
+        for req, v in zip(owners, values):
+            sums.setdefault(req, []).append(v)
+        for req, vs in sums.items():
+            scores[req] = math.fsum(vs)
     return scores
 
 
