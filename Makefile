@@ -70,11 +70,17 @@ SFT_RESULTS_budget = experiments/results/sft_calibration
 SFT_RESULTS_smoke = experiments/results/sft_calibration/smoke_cpu
 SFT_RESULTS ?= $(SFT_RESULTS_$(SFT_PROFILE))
 .PHONY: experiment-sft
+SFT_RUN = $(BIN)/python experiments/sft_calibration.py run --profile $(SFT_PROFILE) --data $(SFT_DATA) \
+	--work runs/sft_calibration_$(SFT_PROFILE) $(SFT_RUN_ARGS)
 experiment-sft: install assets
-	@pids=""; for w in $$(seq 1 $(SFT_WORKERS)); do \
-	    $(BIN)/python experiments/sft_calibration.py run --profile $(SFT_PROFILE) --data $(SFT_DATA) \
-	        --work runs/sft_calibration_$(SFT_PROFILE) $(SFT_RUN_ARGS) & pids="$$pids $$!"; sleep 2; \
-	done; for p in $$pids; do wait $$p || exit 1; done
+ifeq ($(SFT_WORKERS),1)
+	$(SFT_RUN)
+else
+	@# Background workers ignore Ctrl-C: the trap passes it on. Every worker is waited for.
+	@pids=""; trap 'kill $$pids 2>/dev/null' INT TERM; \
+	for w in $$(seq 1 $(SFT_WORKERS)); do $(SFT_RUN) & pids="$$pids $$!"; sleep 2; done; \
+	rc=0; for p in $$pids; do wait $$p || rc=1; done; exit $$rc
+endif
 	$(BIN)/python experiments/sft_calibration.py report --work runs/sft_calibration_$(SFT_PROFILE) --results $(SFT_RESULTS)
 
 # Issue 6, claim 3, second regime (CPU, ~1 h for both profiles): two tiny models pretrained from

@@ -661,7 +661,17 @@ def run_units(exp: Experiment, limit_s: float | None, poll_s: float = 5.0) -> in
                 lock.release()
         if ran:
             continue
+        # Another worker may have finished a unit during this pass, unblocking one this pass
+        # skipped or (select_lr) adding new ones: look again before waiting or stopping.
+        units = exp.units()
         pending = [u for u in units if not u.done() and u.folder.name != "pending"]
+        if any(
+            u.name not in told
+            and all(_done_by_name(units, n) for n in u.needs)
+            and not UnitLock(exp.work, u.name).held_elsewhere()
+            for u in pending
+        ):
+            continue
         busy_elsewhere = busy_elsewhere or any(
             UnitLock(exp.work, u.name).held_elsewhere() for u in pending
         )
@@ -692,7 +702,7 @@ def _check_profile(work: Path, profile: str) -> None:
         write_json(path, {"profile": profile})
 
 
-def _cap_gpu_memory(fraction: float) -> None:
+def _cap_gpu_memory(fraction: float, device: str) -> None:
     """Cap this process' CUDA allocations, so a worker that runs out of memory does so in its
     own share (an automatic evaluation batch then halves) instead of starving its neighbour."""
     import torch
@@ -700,7 +710,8 @@ def _cap_gpu_memory(fraction: float) -> None:
     if not 0 < fraction <= 1:
         raise SystemExit(f"error: --gpu-memory-fraction must be in (0, 1], got {fraction}")
     if torch.cuda.is_available():
-        torch.cuda.set_per_process_memory_fraction(fraction)
+        dev = torch.device(device if device.startswith("cuda") else "cuda")
+        torch.cuda.set_per_process_memory_fraction(fraction, dev)
 
 
 def _done_by_name(units: list[Unit], name: str) -> bool:
@@ -752,7 +763,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         _check_profile(args.work, args.profile)
         if args.gpu_memory_fraction is not None:
-            _cap_gpu_memory(args.gpu_memory_fraction)
+            _cap_gpu_memory(args.gpu_memory_fraction, args.device)
         run_units(exp, args.time_limit)
         return 0
     if args.cmd == "bundle":

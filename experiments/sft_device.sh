@@ -59,6 +59,9 @@ run)
     limit=${2:?seconds}
     profile=${3:-budget}
     workers=${4:-1}
+    case "$workers" in
+    '' | *[!0-9]* | 0) echo "run: WORKERS must be a whole number >= 1, not '$workers'" >&2; exit 2 ;;
+    esac
     install || exit 3
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/run_log.txt"
     # Several workers share the work folder and the GPU (a 270M model leaves it mostly idle);

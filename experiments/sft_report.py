@@ -241,12 +241,11 @@ def _lr_selection(work: Path) -> dict[str, Any] | None:
         return None
     sel = read_json(done)
     runs = []
-    for d in sorted((work / "runs").glob("sft_lr*_eps0_s1")):
-        held = d / "heldout.json"
-        info = read_json(d / "done.json") if (d / "done.json").exists() else {}
-        if held.exists() and info.get("temperature") is None and info.get("softcap") is None:
-            runs.append({"lr": info.get("lr"), "run": d.name, **read_json(held)})
-    runs.sort(key=lambda r: r["lr"] or 0.0)
+    for d in sorted((work / "runs").glob("sft_lr*_eps0_s1")):  # plain eps 0, seed 1 only
+        if (d / "done.json").exists():  # a unit killed before its marker has no lr on record
+            runs.append({"lr": read_json(d / "done.json")["lr"], "run": d.name})
+            runs[-1].update(read_json(d / "heldout.json"))
+    runs.sort(key=lambda r: r["lr"])
     return {"lr": sel["lr"], "rule": sel.get("rule"), "candidates": runs}
 
 

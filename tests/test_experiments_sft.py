@@ -192,6 +192,28 @@ def test_a_unit_past_the_limit_is_passed_over_for_shorter_ones(tmp_path, capsys)
     assert capsys.readouterr().out.count("[wait] eval/long") == 1
 
 
+def test_units_another_worker_adds_mid_pass_are_not_left_behind(tmp_path):
+    """select_lr finished by another worker after this one listed the units: the SFT units it
+    adds must still run here, not be left for the next chunk."""
+    import threading
+
+    log: list = []
+    exp = _FakeExperiment(tmp_path, log, threading.Lock())
+    for name in ("prepare", "train/lr0", "train/lr1", "train/lr2"):
+        common.write_json(tmp_path / name.replace("/", "_") / sc.DONE, {"unit_s": 0.01})
+    listed = exp.units
+
+    def units():
+        out = listed()
+        if not (tmp_path / "select" / sc.DONE).exists():  # the other worker, just too late
+            common.write_json(tmp_path / "select" / sc.DONE, {"unit_s": 0.01})
+        return out
+
+    exp.units = units
+    assert sc.run_units(exp, 60, poll_s=0.02) == 0
+    assert ("end", "train/after1") in log
+
+
 def test_a_lock_file_left_by_a_dead_worker_does_not_block(tmp_path):
     import threading
 
