@@ -156,3 +156,15 @@ def test_block_mask_matches_its_definition(tiny) -> None:
     mask = _block_mask(rows, width, torch.float32)
     assert mask.shape == (len(rows), 1, width, width)
     assert torch.equal(mask[:, 0] == 0, _loop_mask(rows, width))
+
+
+def test_scores_are_the_same_when_the_log_softmax_runs_in_chunks(tiny, monkeypatch) -> None:
+    from calibrated_lm.evaluation import scoring
+
+    model, tok = tiny
+    enc = _encoder(tok)
+    items = _items()
+    whole = score_items(model, enc, items, batch_size=64, max_len=512, pack=True)
+    monkeypatch.setattr(scoring, "_LOGSOFTMAX_CHUNK", 3)
+    chunked = score_items(model, enc, items, batch_size=64, max_len=512, pack=True)
+    assert chunked == whole  # the same values, only fewer at a time
