@@ -164,9 +164,7 @@ def main() -> int:
         lines = [
             f"# Scoring phase: this checkout vs {args.before_label} ({gpu})",
             "",
-            f"`python benchmarks/bench_scoring.py --tasks {args.tasks}"
-            + (f" --limit {args.limit}" if args.limit else "")
-            + f" --device {args.device}`, model `{res['model']}`"
+            f"`python benchmarks/bench_scoring.py {' '.join(sys.argv[1:])}`, model `{res['model']}`"
             + (" (random bf16 weights of that configuration)" if res["random_weights"] else "")
             + f", {len(items)} questions, torch {torch.__version__}.",
             "",
