@@ -59,33 +59,17 @@ def _model(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def _score_all(score_items, model, encoder, items, plan, max_len, device) -> dict[str, Any]:
     """Every window through ``score_items``, halving an automatic batch on OOM as eval does."""
-    from calibrated_lm.evaluation.runner import _free_cache, _is_oom
+    from calibrated_lm.evaluation.runner import _score_with_backoff
 
     rows, tokens, window_n, _ = plan
-    state = {"batch": rows, "tokens": tokens}
+    state = {"batch": rows, "tokens": tokens, "auto": True}
     scores: list[list[float]] = []
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for start in range(0, len(items), window_n):
         window = items[start : start + window_n]
-        while True:
-            try:
-                scores += score_items(
-                    model,
-                    encoder,
-                    window,
-                    batch_size=state["batch"],
-                    max_len=max_len,
-                    max_tokens=state["tokens"],
-                )
-                break
-            except Exception as exc:
-                if not _is_oom(exc) or state["batch"] == 1:
-                    raise
-                _free_cache()
-                state["batch"] = max(1, state["batch"] // 2)
-                state["tokens"] = max(256, (state["tokens"] or 4096) // 2)
+        scores += _score_with_backoff(model, encoder, window, state, max_len, score_items)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     sec = time.perf_counter() - t0

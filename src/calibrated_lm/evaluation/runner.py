@@ -113,9 +113,13 @@ def _is_oom(exc: BaseException) -> bool:
     )
 
 
-def _score_with_backoff(model, encoder, window, state, max_len):
-    """Score one window; on out-of-memory halve an automatic batch, else explain and stop."""
-    from calibrated_lm.evaluation.scoring import score_items
+def _score_with_backoff(model, encoder, window, state, max_len, score_items=None):
+    """Score one window; on out-of-memory halve an automatic batch, else explain and stop.
+
+    ``score_items`` defaults to :func:`calibrated_lm.evaluation.scoring.score_items`
+    (``benchmarks/bench_scoring.py`` passes an earlier version's)."""
+    if score_items is None:
+        from calibrated_lm.evaluation.scoring import score_items
 
     while True:
         try:
