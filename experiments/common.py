@@ -93,7 +93,8 @@ def slim_samples(path: Path) -> bytes:
 
 
 # What travels back from a device run: everything small; never model weights or checkpoints.
-_SKIP_DIRS = {"final", "checkpoints", ".tmp-final", ".old-final"}
+# Unit locks (run_units) are empty files that only mean something while a worker runs.
+_SKIP_DIRS = {"final", "checkpoints", ".tmp-final", ".old-final", "locks"}
 _SKIP_DATA = {"train.json", "heldout.json"}  # copies of the instruction data (not ours to ship)
 _SKIP_SUFFIXES = {".safetensors", ".bin", ".pt", ".svg"}
 

@@ -64,7 +64,7 @@ run)
     esac
     install || exit 3
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/run_log.txt"
-    # Several workers share the work folder and the GPU (a 270M model leaves it mostly idle);
+    # Several workers share the work folder and the GPU (one 270M model leaves it partly idle);
     # each gets an equal share of GPU memory, minus a margin for the CUDA contexts.
     frac=()
     [ "$workers" -gt 1 ] && frac=(--gpu-memory-fraction "$(python3 -c "print(round(0.96 / $workers, 3))")")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,8 @@ def test_bundle_slims_samples_skips_weights_and_round_trips(tmp_path):
     (work / "data").mkdir()
     (work / "data" / "train.json").write_text("[]")
     (work / "data" / "data.json").write_text("{}")
+    (work / "locks").mkdir()
+    (work / "locks" / "prepare.lock").write_text("")
     names = common.bundle(work, tmp_path / "b.tgz")
     assert sorted(names) == [
         "data/data.json",
@@ -123,8 +126,10 @@ def test_profile_is_pinned_to_the_work_folder(tmp_path):
 class _FakeExperiment:
     """prepare -> three "lr" trains -> select -> two trains; every action logs start and end."""
 
-    def __init__(self, work: Path, log: list, lock, long_eval: bool = False):
-        self.work, self.log, self.lock, self.long_eval = work, log, lock, long_eval
+    def __init__(self, work: Path, long_eval: bool = False):
+        self.work, self.long_eval = work, long_eval
+        self.log: list[tuple[str, str]] = []  # ("start" | "end", unit name), in order
+        self.lock = threading.Lock()
         # Estimates of 10 ms per unit (the actions take 50 ms; only a limit check uses them).
         self.p = sc.dataclasses.replace(
             sc.PROFILES["smoke"],
@@ -160,10 +165,8 @@ class _FakeExperiment:
 
 
 def test_two_workers_share_the_units_once_each_in_dependency_order(tmp_path):
-    import threading
-
-    log: list = []
-    exp = _FakeExperiment(tmp_path, log, threading.Lock())
+    exp = _FakeExperiment(tmp_path)
+    log = exp.log
     left = []
     workers = [
         threading.Thread(target=lambda: left.append(sc.run_units(exp, 60, poll_s=0.02)))
@@ -183,10 +186,8 @@ def test_two_workers_share_the_units_once_each_in_dependency_order(tmp_path):
 
 
 def test_a_unit_past_the_limit_is_passed_over_for_shorter_ones(tmp_path, capsys):
-    import threading
-
-    log: list = []
-    exp = _FakeExperiment(tmp_path, log, threading.Lock(), long_eval=True)
+    exp = _FakeExperiment(tmp_path, long_eval=True)
+    log = exp.log
     assert sc.run_units(exp, 60, poll_s=0.02) == 1
     assert ("start", "eval/long") not in log and ("end", "train/after1") in log
     assert capsys.readouterr().out.count("[wait] eval/long") == 1
@@ -195,10 +196,8 @@ def test_a_unit_past_the_limit_is_passed_over_for_shorter_ones(tmp_path, capsys)
 def test_units_another_worker_adds_mid_pass_are_not_left_behind(tmp_path):
     """select_lr finished by another worker after this one listed the units: the SFT units it
     adds must still run here, not be left for the next chunk."""
-    import threading
-
-    log: list = []
-    exp = _FakeExperiment(tmp_path, log, threading.Lock())
+    exp = _FakeExperiment(tmp_path)
+    log = exp.log
     for name in ("prepare", "train/lr0", "train/lr1", "train/lr2"):
         common.write_json(tmp_path / name.replace("/", "_") / sc.DONE, {"unit_s": 0.01})
     listed = exp.units
@@ -215,10 +214,8 @@ def test_units_another_worker_adds_mid_pass_are_not_left_behind(tmp_path):
 
 
 def test_a_lock_file_left_by_a_dead_worker_does_not_block(tmp_path):
-    import threading
-
-    log: list = []
-    exp = _FakeExperiment(tmp_path, log, threading.Lock())
+    exp = _FakeExperiment(tmp_path)
+    log = exp.log
     stale = sc.UnitLock(tmp_path, "prepare")
     stale.path.parent.mkdir(parents=True)
     stale.path.write_text("")  # the file stays when its holder dies; the flock does not
@@ -227,10 +224,8 @@ def test_a_lock_file_left_by_a_dead_worker_does_not_block(tmp_path):
 
 
 def test_a_worker_stops_when_the_rest_waits_on_a_unit_nobody_runs(tmp_path):
-    import threading
-
-    log: list = []
-    exp = _FakeExperiment(tmp_path, log, threading.Lock())
+    exp = _FakeExperiment(tmp_path)
+    log = exp.log
     held = sc.UnitLock(tmp_path, "train/lr2")
     assert held.acquire()  # "another worker" runs lr2 and never finishes within the limit
     try:
@@ -239,6 +234,24 @@ def test_a_worker_stops_when_the_rest_waits_on_a_unit_nobody_runs(tmp_path):
         held.release()
     assert left == 2  # lr2 and select
     assert ("end", "train/lr1") in log and ("start", "select") not in log
+
+
+def test_lr_table_lists_the_finished_eps0_runs_in_lr_order(tmp_path):
+    held = {"nll": 2.0, "accuracy": 0.5, "mean_confidence": 0.6, "overconfidence": 0.1}
+    for lr, done in ((8e-5, True), (5e-6, True), (2e-5, False)):  # 2e-5: killed before its marker
+        d = tmp_path / "runs" / f"sft_lr{lr:g}_eps0_s1"
+        common.write_json(d / "heldout.json", {**held, "nll": 2.0 + lr})
+        if done:
+            common.write_json(d / sc.DONE, {"lr": lr})
+    common.write_json(tmp_path / "runs" / "sft_lr5e-06_eps0.1_s1" / sc.DONE, {"lr": 5e-6})
+    assert sft_report._lr_selection(tmp_path) is None  # nothing selected yet
+    common.write_json(tmp_path / "select_lr" / sc.DONE, {"lr": 5e-6, "rule": "lowest NLL"})
+    sel = sft_report._lr_selection(tmp_path)
+    assert sel["lr"] == 5e-6
+    assert [(c["lr"], c["nll"]) for c in sel["candidates"]] == [
+        (5e-6, 2.0 + 5e-6),
+        (8e-5, 2.0 + 8e-5),
+    ]
 
 
 def _records(conf_correct: list[tuple[list[float], int]]) -> list[dict]:
