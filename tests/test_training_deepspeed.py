@@ -79,6 +79,11 @@ if rank == 0:
     torch.save(head, out + ".pt")
     with open(out + ".json", "w") as fh:
         json.dump(losses, fh)
+if mode == "ds":
+    # Without this the gloo group's threads can outlive the interpreter and abort a rank at exit
+    # ("terminate called without an active exception"), failing the run after its work is done.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 """
 
 
