@@ -62,10 +62,14 @@ def setup(device: str) -> DistInfo:
 
 
 def teardown(info: DistInfo) -> None:
+    """Leave the process group together: a rank that destroyed its gloo group while rank 0 was
+    still writing the final model aborted at exit ("terminate called without an active
+    exception"), failing a run whose work was done."""
     if info.enabled:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
 
