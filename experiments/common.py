@@ -19,7 +19,16 @@ from typing import Any
 ALPACA_FIELDS = ("instruction", "input", "output", "history", "system")
 # Fields of a samples.jsonl record that metrics and ``compare`` need; the prompt and choice texts
 # are dropped for transport (they are rebuilt from the task data at any time).
-SLIM_FIELDS = ("task", "id", "choice_logprobs", "label", "subject", "choice_char_lengths", "split")
+SLIM_FIELDS = (
+    "task",
+    "id",
+    "choice_logprobs",
+    "label",
+    "subject",
+    "choice_char_lengths",
+    "choice_token_counts",
+    "split",
+)
 
 
 def mix_instruction_data(

@@ -69,6 +69,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WORK = ROOT / "runs" / "sft_calibration"
 DEFAULT_RESULTS = ROOT / "experiments" / "results" / "sft_calibration"
 DONE = "done.json"
+TEMPLATE_FILE = "chat_template.jinja"
 
 
 @dataclass(frozen=True)
@@ -80,10 +81,15 @@ class SFTRun:
     lr: float | None = None  # None: the selected learning rate
     temperature: float | None = None
     softcap: float | None = None
+    epochs: float | None = None  # None: the profile's
 
     def name(self, lr: float | None) -> str:
-        """Folder name, e.g. ``sft_lr2e-05_eps0.1_T0.5_s1`` (``lr?`` before selection)."""
-        parts = ["sft_lr?" if lr is None else f"sft_lr{lr:g}", f"eps{self.eps:g}"]
+        """Folder name, e.g. ``sft_lr2e-05_eps0.1_T0.5_s1`` (``lr?`` before selection), with
+        ``_ep3`` after the lr when the run sets its own number of epochs."""
+        parts = ["sft_lr?" if lr is None else f"sft_lr{lr:g}"]
+        if self.epochs is not None:
+            parts.append(f"ep{self.epochs:g}")
+        parts.append(f"eps{self.eps:g}")
         if self.temperature is not None:
             parts.append(f"T{self.temperature:g}")
         if self.softcap is not None:
@@ -94,6 +100,8 @@ class SFTRun:
     def setting(self) -> str:
         """Seed-free label used to group seeds in tables."""
         s = "SFT" if self.eps == 0 else f"SFT+LS {self.eps:g}"
+        if self.lr is not None and self.epochs is not None:
+            s += f" (lr {self.lr:g}, {self.epochs:g} ep)"
         if self.temperature is not None:
             s += f", T={self.temperature:g}"
         if self.softcap is not None:
@@ -120,6 +128,17 @@ class Profile:
     eval_batch: str
     # Seconds per unit before any unit of this kind was timed (see ESTIMATES in the docs).
     est: dict[str, float] = field(default_factory=dict)
+    # Scoring formats -> tasks. "plain": the harness prompt; "trained": every model, the base
+    # included, through the chat template the SFT runs were trained on. Empty: plain, ``tasks``.
+    formats: dict[str, str] = field(default_factory=dict)
+    # Held-out statistics per example (paired bootstrap over examples) instead of pooled.
+    heldout_per_example: bool = False
+    # Checkpoint every N steps (0: none). With checkpoints a training unit may start although
+    # it will not end within the chunk: the chunk's timeout stops it, the next one resumes.
+    save_every: int = 0
+
+    def eval_formats(self) -> dict[str, str]:
+        return self.formats or {"plain": self.tasks}
 
 
 _MAIN_FULL = tuple(SFTRun(e, s) for s in (1, 2) for e in (0.0, 0.1, 0.2))
@@ -175,9 +194,56 @@ _BUDGET = dataclasses.replace(
     max_seq_len=1024,
     est={"prepare": 15, "train": 180, "eval": 120, "eval_ref": 90, "select": 1},
 )
+# Issue 12's positive control: can SFT make gemma-3-270m over-confident at all? eps = 0 only,
+# a dose-response over lr and epochs on Natural Instructions (22,457 short-answer examples)
+# plus the three earlier instruction files (docs/results.md pre-registers the criterion).
+# The high lr first, its short run before its long one, so a session cut short still has a
+# point of the dose-response at the dose most likely to move the model.
+PRIMARY_TASKS = "arc_easy,arc_challenge,piqa,sciq,openbookqa"
+SECONDARY_TASKS = "mmlu,hellaswag"
+_CONTROL_RUNS = (
+    SFTRun(0.0, 1, lr=8e-5, epochs=1),
+    SFTRun(0.0, 1, lr=8e-5, epochs=3),
+    SFTRun(0.0, 1, lr=2e-5, epochs=1),
+    SFTRun(0.0, 1, lr=2e-5, epochs=3),
+)
+_CONTROL = dataclasses.replace(
+    _FULL,
+    reference=None,
+    lrs=(2e-5,),  # no selection: every run names its own lr
+    runs=_CONTROL_RUNS,
+    epochs=3.0,
+    # 1024 keeps 99% of the Natural Instructions examples whole (LIMA loses its long tails);
+    # 32 x 4 = the same 128 examples per step as before, in fewer, fuller forwards.
+    max_seq_len=1024,
+    batch_size=32,
+    grad_accum=4,
+    tasks=f"{PRIMARY_TASKS},{SECONDARY_TASKS}",
+    fit_split=False,
+    formats={"trained": f"{PRIMARY_TASKS},{SECONDARY_TASKS}", "plain": PRIMARY_TASKS},
+    heldout_per_example=True,
+    save_every=60,
+    est={"prepare": 60, "train": 400, "eval": 150, "heldout": 40, "select": 1},
+)
 PROFILES: dict[str, Profile] = {
     "full": _FULL,
     "budget": _BUDGET,
+    "control": _CONTROL,
+    # CPU check of the control's pipeline (both formats, per-example held-out statistics,
+    # checkpointed training): no evidence in its numbers.
+    "control_smoke": dataclasses.replace(
+        _CONTROL,
+        base="smollm2-135m-instruct",
+        runs=(SFTRun(0.0, 1, lr=8e-5, epochs=2), SFTRun(0.0, 1, lr=2e-5, epochs=1)),
+        max_steps=3,
+        max_seq_len=128,
+        batch_size=2,
+        grad_accum=1,
+        holdout_frac=0.01,
+        limit=2,
+        save_every=2,
+        est={"prepare": 10, "train": 30, "eval": 60, "heldout": 10, "select": 1},
+    ),
     "smoke": Profile(
         base="smollm2-135m-instruct",
         reference=None,
@@ -236,15 +302,17 @@ class Experiment:
     def units(self) -> list[Unit]:
         p, w = self.p, self.work
         units = [Unit("prepare", "prepare", w / "data", self._prepare)]
-        units.append(
-            Unit(
-                "eval/base",
-                "eval",
-                w / "evals" / "base",
-                lambda: self._eval("base", p.base),
-                needs=("prepare",),  # its held-out statistics read the prepared slice
+        units += self._eval_units("base", p.base, ("prepare",))  # held-out stats need data
+        if p.heldout_per_example:
+            units.append(
+                Unit(
+                    "heldout/base",
+                    "heldout",
+                    w / "heldout_base",
+                    lambda: self._heldout(p.base, w / "heldout_base"),
+                    needs=("prepare",),
+                )
             )
-        )
         lr_sel = len(p.lrs) > 1
         if lr_sel:
             names = []
@@ -263,27 +331,32 @@ class Experiment:
                     units.append(Unit(f"train/{run.name(None)}", "train", w / "pending", _never))
                 units.append(Unit(f"eval/{run.name(None)}", "eval", w / "pending", _never))
                 continue
-            name = run.name(lr)
-            t = self._train_unit(run, lr)
+            run_lr = run.lr if run.lr is not None else lr
+            name = run.name(run_lr)
+            t = self._train_unit(run, run_lr)
             if all(u.name != t.name for u in units):
                 units.append(t)
-            units.append(
-                Unit(
-                    f"eval/{name}",
-                    "eval",
-                    w / "evals" / name,
-                    lambda n=name: self._eval(n, str(w / "runs" / n / "final")),
-                    needs=(t.name,),
-                )
-            )
+            units += self._eval_units(name, str(w / "runs" / name / "final"), (t.name,))
         if p.reference:
+            # needs prepare: the model is converted there
+            units += self._eval_units("reference", p.reference, ("prepare",))
+        return units
+
+    def _eval_units(self, name: str, model: str, needs: tuple[str, ...]) -> list[Unit]:
+        """One evaluation unit per scoring format (one folder ``evals/<name>`` when the
+        profile has only the plain format, ``evals/<name>__<format>`` otherwise)."""
+        formats = self.p.eval_formats()
+        units = []
+        for fmt, tasks in formats.items():
+            single = list(formats) == ["plain"]
+            folder = name if single else f"{name}__{fmt}"
             units.append(
                 Unit(
-                    "eval/reference",
-                    "eval_ref",
-                    w / "evals" / "reference",
-                    lambda: self._eval("reference", p.reference),
-                    needs=("prepare",),  # the model is converted there
+                    f"eval/{name}" if single else f"eval/{name}/{fmt}",
+                    "eval_ref" if name == "reference" else "eval",
+                    self.work / "evals" / folder,
+                    lambda n=name, m=model, f=folder, fm=fmt, t=tasks: self._eval(n, m, f, fm, t),
+                    needs=needs,
                 )
             )
         return units
@@ -308,6 +381,11 @@ class Experiment:
         info = mix_instruction_data(
             self.data, self.work / "data", holdout_frac=self.p.holdout_frac, seed=0
         )
+        from calibrated_lm.training.data import PLAIN_CHAT_TEMPLATE
+
+        # The format the SFT runs train in (the base has no chat template): "trained" scoring
+        # renders every model's prompts with it.
+        (self.work / "data" / TEMPLATE_FILE).write_text(PLAIN_CHAT_TEMPLATE, encoding="utf-8")
         # Convert the GGUF models once now, so later units' timings exclude the conversion.
         from calibrated_lm.models.loading import convert_gguf, resolve_model
 
@@ -330,7 +408,7 @@ class Experiment:
             data=str(self.work / "data" / "train.json"),
             output=str(out),
             label_smoothing=run.eps,
-            epochs=p.epochs,
+            epochs=run.epochs if run.epochs is not None else p.epochs,
             lr=lr,
             batch_size=p.batch_size,
             grad_accum=p.grad_accum,
@@ -340,10 +418,11 @@ class Experiment:
             softcap=run.softcap,
             seed=run.seed,
             device=self.device,
-            # No intermediate checkpoints (a budget run lasts under a minute): a run killed midway
-            # restarts; one killed after its final checkpoint only re-saves final/.
+            # save_every 0 (a budget run lasts under a minute): a run killed midway restarts;
+            # one killed after its final checkpoint only re-saves final/.
             resume=(out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()),
-            save_every=0,
+            save_every=p.save_every,
+            keep_checkpoints=1,
             progress=True,
         )
         _write_command(out, _train_cli(cfg))
@@ -351,20 +430,28 @@ class Experiment:
         result = train(cfg)
         train_s = time.monotonic() - t0
         _copy_base_tokenizer(p.base, out / "final")
-        # The optimizer state is only needed to resume; the evaluation reads final/.
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        from calibrated_lm.training.data import PLAIN_CHAT_TEMPLATE
+
+        if result.get("template") == "plain":
+            # The base tokenizer (copied back) has no chat template: keep the one train saved.
+            (out / "final" / TEMPLATE_FILE).write_text(PLAIN_CHAT_TEMPLATE, encoding="utf-8")
         held = heldout_stats(
             str(out / "final"),
             self.work / "data" / "heldout.json",
             p.max_seq_len,
             self.device,
+            per_example=p.heldout_per_example,
         )
         write_json(out / "heldout.json", held)
+        # The optimizer state is only needed to resume; the evaluation reads final/. Removed
+        # last, so a unit stopped before this point resumes instead of starting over.
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
         return {
             "train_s": round(train_s, 1),
             "steps": result["steps"],
             "last": result["last"],
-            "heldout": held,
+            "heldout": {k: v for k, v in held.items() if k != "per_example"},
+            "epochs": cfg.epochs,
             "setting": run.setting(),
             "eps": run.eps,
             "seed": run.seed,
@@ -381,18 +468,36 @@ class Experiment:
         best = min(self.p.lrs, key=lambda lr: scores[f"{lr:g}"])
         return {"lr": best, "heldout_nll": scores, "rule": "lowest held-out NLL, eps=0, seed 1"}
 
-    def _eval(self, name: str, model: str) -> dict[str, Any]:
+    def _heldout(self, model: str, out: Path) -> dict[str, Any]:
+        held = heldout_stats(
+            model,
+            self.work / "data" / "heldout.json",
+            self.p.max_seq_len,
+            self.device,
+            per_example=self.p.heldout_per_example,
+        )
+        write_json(out / "heldout.json", held)
+        return {"model": model, "heldout": {k: v for k, v in held.items() if k != "per_example"}}
+
+    def _eval(
+        self,
+        name: str,
+        model: str,
+        folder: str | None = None,
+        fmt: str = "plain",
+        tasks: str | None = None,
+    ) -> dict[str, Any]:
         from calibrated_lm.evaluation.runner import EvalConfig, run_eval
 
-        out = self.work / "evals" / name
+        out = self.work / "evals" / (folder or name)
         p = self.p
         cfg = EvalConfig(
             model=model,
-            tasks=[p.tasks],
+            tasks=[tasks or p.tasks],
             output=out,
             limit=p.limit,
             num_fewshot=0,
-            chat_template="off",
+            chat_template="off" if fmt == "plain" else str(self.work / "data" / TEMPLATE_FILE),
             normalization="none",
             bootstrap=p.bootstrap,
             batch_size=p.eval_batch,
@@ -404,7 +509,8 @@ class Experiment:
         summary = run_eval(cfg)
         info: dict[str, Any] = {"eval_s": round(time.monotonic() - t0, 1), "model": model}
         info["timing"] = summary["protocol"]["timing"]
-        if name == "base":
+        info["format"] = fmt
+        if name == "base" and not p.heldout_per_example:
             info["heldout"] = heldout_stats(
                 model, self.work / "data" / "heldout.json", p.max_seq_len, self.device
             )
@@ -479,12 +585,16 @@ def _eval_cli(cfg: Any) -> str:
     return " ".join(parts)
 
 
-def heldout_stats(model: str, heldout: Path, max_seq_len: int, device: str) -> dict[str, Any]:
+def heldout_stats(
+    model: str, heldout: Path, max_seq_len: int, device: str, per_example: bool = False
+) -> dict[str, Any]:
     """Token-level NLL, accuracy and mean confidence of ``model`` on the held-out SFT slice.
 
     Plain cross-entropy (eps = 0, no temperature or softcap) on the assistant tokens of the
     held-out records, formatted exactly as for training; token-mean over all of them.
-    ``overconfidence`` = mean confidence - accuracy.
+    ``overconfidence`` = mean confidence - accuracy. With ``per_example`` every example is its
+    own forward pass and ``per_example`` holds its token count and sums (nll, confidence,
+    accuracy, entropy), in file order, for a paired bootstrap over examples.
     """
     import torch
 
@@ -499,10 +609,15 @@ def heldout_stats(model: str, heldout: Path, max_seq_len: int, device: str) -> d
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     dev = next(model_obj.parameters()).device
     sums = {"loss": 0.0, "confidence": 0.0, "accuracy": 0.0, "entropy": 0.0, "n": 0}
-    examples = sorted(data.examples, key=lambda e: len(e.input_ids))
+    rows: dict[str, list[float]] = {k: [] for k in ("n", "nll", "confidence", "accuracy")}
+    rows["entropy"] = []
+    examples = (
+        data.examples if per_example else sorted(data.examples, key=lambda e: len(e.input_ids))
+    )
+    step = 1 if per_example else 8
     with torch.no_grad():
-        for i in range(0, len(examples), 8):
-            b = {k: v.to(dev) for k, v in collate(examples[i : i + 8], pad).items()}
+        for i in range(0, len(examples), step):
+            b = {k: v.to(dev) for k, v in collate(examples[i : i + step], pad).items()}
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
                 out = model_obj(**b, calibrated_lm_reduction="sum", calibrated_lm_stats=True)
             st = out.loss_stats
@@ -510,6 +625,11 @@ def heldout_stats(model: str, heldout: Path, max_seq_len: int, device: str) -> d
             for k in ("confidence", "accuracy", "entropy"):
                 sums[k] += getattr(st, k) * st.n_tokens
             sums["n"] += st.n_tokens
+            if per_example:
+                rows["n"].append(st.n_tokens)
+                rows["nll"].append(float(out.loss))
+                for k in ("confidence", "accuracy", "entropy"):
+                    rows[k].append(getattr(st, k) * st.n_tokens)
     n = max(sums["n"], 1)
     res = {
         "nll": sums["loss"] / n,
@@ -520,6 +640,8 @@ def heldout_stats(model: str, heldout: Path, max_seq_len: int, device: str) -> d
         "examples": len(examples),
     }
     res["overconfidence"] = res["mean_confidence"] - res["accuracy"]
+    if per_example:
+        res["per_example"] = rows
     del model_obj
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -607,6 +729,10 @@ class UnitLock:
         return True
 
 
+# Seconds a checkpointed training unit needs left in the chunk to be worth starting.
+MIN_TRAIN_START_S = 120.0
+
+
 def run_units(exp: Experiment, limit_s: float | None, poll_s: float = 5.0) -> int:
     """Run pending units until done or the time limit; return the count left.
 
@@ -637,7 +763,10 @@ def run_units(exp: Experiment, limit_s: float | None, poll_s: float = 5.0) -> in
                 if u.done():  # finished by another worker between our checks
                     continue
                 est = _estimate(u, timed, exp.p)
-                if not clock.fits(est):
+                # A checkpointed training run may start when it cannot finish: the chunk's
+                # timeout stops it and the next chunk resumes from its last checkpoint.
+                chunkable = u.kind == "train" and exp.p.save_every > 0
+                if not clock.fits(min(est, MIN_TRAIN_START_S) if chunkable else est):
                     # A shorter unit further down (a training run rather than an evaluation)
                     # may still fit the time left.
                     if u.name not in told:

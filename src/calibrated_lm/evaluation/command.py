@@ -34,7 +34,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--limit", type=int, default=None, help="first N questions per task/subject")
     p.add_argument("--num-fewshot", type=int, default=0)
-    p.add_argument("--chat-template", choices=["auto", "on", "off"], default="auto")
+    p.add_argument(
+        "--chat-template",
+        default="auto",
+        metavar="auto|on|off|FILE",
+        help="render prompts with the tokenizer's chat template (auto: if it has one), or "
+        "with the Jinja template in FILE (e.g. the one `train` saved with a fine-tuned model)",
+    )
     p.add_argument("--normalization", choices=["none", "chars"], default="none")
     p.add_argument("--n-bins", type=int, default=15)
     p.add_argument("--binning", choices=["width", "mass"], default="width")

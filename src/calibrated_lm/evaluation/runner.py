@@ -47,7 +47,9 @@ class EvalConfig:
     extra_protocol: dict[str, Any] = field(default_factory=dict)
 
 
-def _record(item: Item, scores: Sequence[float]) -> dict[str, Any]:
+def _record(
+    item: Item, scores: Sequence[float], token_counts: Sequence[int] | None = None
+) -> dict[str, Any]:
     rec: dict[str, Any] = {
         "task": item.task,
         "id": item.id,
@@ -57,6 +59,8 @@ def _record(item: Item, scores: Sequence[float]) -> dict[str, Any]:
     if item.subject:
         rec["subject"] = item.subject
     rec["choice_char_lengths"] = item.choice_char_lengths
+    if token_counts is not None:
+        rec["choice_token_counts"] = [int(n) for n in token_counts]
     rec["choices"] = list(item.choices)
     rec["prompt"] = item.requests[0][0]
     rec["split"] = item.split
@@ -75,9 +79,34 @@ def chat_wrapper(tokenizer: Any):
     return wrap
 
 
+def read_chat_template_file(mode: str) -> str | None:
+    """The Jinja text when ``mode`` names a template file, None for auto/on/off.
+
+    A file lets every model be scored in one format, e.g. a base model in the chat format its
+    fine-tuned copies were trained on (``calibrated-lm train`` saves that template with them).
+    """
+    if mode in ("auto", "on", "off"):
+        return None
+    path = Path(mode)
+    if not path.is_file():
+        raise UserError(
+            f"--chat-template must be auto, on, off or a Jinja template file, not {mode!r}"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read the chat template ({exc})") from None
+    if not text.strip():
+        raise UserError(f"{path}: the chat template file is empty")
+    return text
+
+
 def use_chat_template(mode: str, tokenizer: Any) -> bool:
-    if mode not in ("auto", "on", "off"):
-        raise UserError(f"--chat-template must be auto, on or off, not {mode!r}")
+    """Whether prompts are chat-rendered; a template file replaces the tokenizer's own."""
+    text = read_chat_template_file(mode)
+    if text is not None:
+        tokenizer.chat_template = text
+        return True
     has = bool(getattr(tokenizer, "chat_template", None))
     if mode == "on" and not has:
         raise UserError("--chat-template on, but the tokenizer has no chat template")
@@ -113,16 +142,24 @@ def _is_oom(exc: BaseException) -> bool:
     )
 
 
-def _score_with_backoff(model, encoder, window, state, max_len, score_items=None):
+def _score_with_backoff(
+    model, encoder, window, state, max_len, score_items=None, token_counts=None
+):
     """Score one window; on out-of-memory halve an automatic batch, else explain and stop.
 
     ``score_items`` defaults to :func:`calibrated_lm.evaluation.scoring.score_items`
-    (``benchmarks/bench_scoring.py`` passes an earlier version's)."""
+    (``benchmarks/bench_scoring.py`` passes an earlier version's). ``token_counts``, a list,
+    receives each item's per-choice continuation token counts (default scorer only)."""
+    extra = {}
     if score_items is None:
         from calibrated_lm.evaluation.scoring import score_items
 
+        extra = {"token_counts": token_counts} if token_counts is not None else {}
+
     while True:
         try:
+            if token_counts is not None:
+                del token_counts[:]  # a retry after out-of-memory starts the window over
             return score_items(
                 model,
                 encoder,
@@ -130,6 +167,7 @@ def _score_with_backoff(model, encoder, window, state, max_len, score_items=None
                 batch_size=state["batch"],
                 max_len=max_len,
                 max_tokens=state["tokens"],
+                **extra,
             )
         except Exception as exc:
             if not _is_oom(exc):
@@ -152,14 +190,21 @@ def _free_cache() -> None:
         torch.cuda.empty_cache()
 
 
-def _protocol_key(cfg: EvalConfig, chat: bool, dtype: str, add_bos: bool) -> dict[str, Any]:
-    return {
+def _protocol_key(
+    cfg: EvalConfig, chat: bool, dtype: str, add_bos: bool, template: str | None = None
+) -> dict[str, Any]:
+    key = {
         "model": cfg.model,
         "dtype": dtype,
         "chat_template_used": chat,
         "num_fewshot": cfg.num_fewshot,
         "add_bos": add_bos,
     }
+    if chat and template:
+        import hashlib
+
+        key["chat_template_sha256"] = hashlib.sha256(template.encode("utf-8")).hexdigest()
+    return key
 
 
 def _check_run_file(out: Path, key: dict[str, Any], info: D.DistInfo) -> None:
@@ -196,6 +241,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         raise UserError(f"--num-fewshot must be >= 0, got {cfg.num_fewshot}")
     if cfg.normalization not in ("none", "chars"):
         raise UserError(f"--normalization must be none or chars, not {cfg.normalization!r}")
+    read_chat_template_file(cfg.chat_template)  # a bad template file fails before loading
     info = D.dist_info()
     from calibrated_lm.models.loading import resolve_model
 
@@ -220,7 +266,9 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     chat = use_chat_template(cfg.chat_template, tokenizer)
     encoder = make_encoder(tokenizer, model, chat=chat)
-    key = _protocol_key(cfg, chat, dtype, encoder.add_bos)
+    key = _protocol_key(
+        cfg, chat, dtype, encoder.add_bos, getattr(tokenizer, "chat_template", None)
+    )
     D.barrier(info)
     _check_run_file(out, key, info)
     wrap = chat_wrapper(tokenizer) if chat else None
@@ -282,8 +330,11 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             with SamplesWriter(target) as writer:
                 for start in range(0, len(mine), window_n):
                     window = mine[start : start + window_n]
-                    scores = _score_with_backoff(model, encoder, window, state, max_len)
-                    writer.write(_record(it, s) for it, s in zip(window, scores))
+                    counts: list[list[int]] = []
+                    scores = _score_with_backoff(
+                        model, encoder, window, state, max_len, token_counts=counts
+                    )
+                    writer.write(_record(it, s, n) for it, s, n in zip(window, scores, counts))
                     scored += len(window)
                     bar.update(len(window))
     score_s = time.perf_counter() - t_score

@@ -317,11 +317,15 @@ def score_items(
     max_len: int,
     max_tokens: int | None = None,
     pack: bool | None = None,
+    token_counts: list[list[int]] | None = None,
 ) -> list[list[float]]:
     """Per item, per choice: the summed continuation log-likelihood.
 
     ``pack`` (default: when the attention implementation allows it) scores a question's
     choices that share a context in one packed row; the scores are the same as unpacked.
+    When ``token_counts`` is a list, it is extended with, per item, the number of
+    continuation tokens each choice's score sums over (after any left-truncation to the
+    window), the length that per-token normalisation divides by.
     """
     if pack is None:
         pack = supports_packing(model)
@@ -330,6 +334,10 @@ def score_items(
     if pack and isinstance(window, int) and window > 0:
         pack_len = min(max_len, window)
     encoded = [encoder.encode_pairs(item.requests) for item in items]
+    if token_counts is not None:
+        # plan_rows keeps at most max_len continuation tokens of a request (the window holds
+        # max_len + 1 tokens, the last of which is only predicted).
+        token_counts.extend([min(len(c), max_len) for _, c in item] for item in encoded)
     rows = plan_rows(encoded, max_len, pack=pack, pack_len=pack_len)
     n_req = sum(len(i.requests) for i in items)
     flat = score_rows(model, rows, n_req, batch_size, max_tokens)

@@ -33,6 +33,20 @@ from typing import Any
 from calibrated_lm.errors import UserError
 
 IGNORE_INDEX = -100
+# The plain template as a Jinja chat template, saved with a model trained on it so that
+# ``calibrated-lm eval --chat-template on`` (or this text as a file) scores it in the format it
+# was trained on. Rendering it gives the text of ``_plain_tokens`` (that function encodes the
+# pieces separately, so token ids can differ at a piece boundary where a BPE merge spans it).
+PLAIN_CHAT_TEMPLATE = (
+    "{{ bos_token if bos_token else '' }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ message['content'] + (eos_token if eos_token else '') + '\n' }}"
+    "{% else %}{{ message['content'] + '\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
 ACCEPTED_LAYOUTS = (
     "Alpaca {instruction, input?, output, system?, history?}",
     "chat {messages: [{role, content}, ...]}",

@@ -258,6 +258,11 @@ def train(
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     data = load_dataset(cfg.data, tokenizer, max_seq_len=cfg.max_seq_len, progress=info.main)
+    if data.template == "plain":
+        from calibrated_lm.training.data import PLAIN_CHAT_TEMPLATE
+
+        # Saved with every checkpoint and final/: the model is scored in the format it learnt.
+        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
@@ -509,4 +514,5 @@ def train(
         "steps": total,
         "dropped": dict(data.dropped),
         "skipped_steps": skipped_steps,
+        "template": data.template,
     }
