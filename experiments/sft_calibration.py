@@ -840,6 +840,8 @@ def _cap_gpu_memory(fraction: float, device: str) -> None:
         raise SystemExit(f"error: --gpu-memory-fraction must be in (0, 1], got {fraction}")
     if torch.cuda.is_available():
         dev = torch.device(device if device.startswith("cuda") else "cuda")
+        if dev.index is None:  # torch 2.11 wants an index here
+            dev = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_per_process_memory_fraction(fraction, dev)
 
 

@@ -47,7 +47,8 @@ def test_single_task_all_equals_the_task_and_chars_lengths_are_per_task():
         ({"tasks": {"all": A}}, '"all" is reserved'),
         ({"tasks": {"a": A}, "groups": {"g": ["a", "zzz"]}}, "unknown tasks: zzz"),
         ({"tasks": {"a": A}, "groups": {"a": ["a"]}}, "same name as a task"),
-        ({"tasks": {"a": A}, "normalization": "chars"}, "needs choice_char_lengths for 'a'"),
+        ({"tasks": {"a": A}, "normalization": "chars"}, "needs per-choice lengths for 'a'"),
+        ({"tasks": {"a": A}, "normalization": "tokens"}, "needs per-choice lengths for 'a'"),
         ({"tasks": {"a": (A[0], [0, 1])}}, "task 'a': length mismatch"),
     ],
 )

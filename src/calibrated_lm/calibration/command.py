@@ -25,10 +25,11 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("files", nargs="*", metavar="FILE", help="samples files (.jsonl)")
     p.add_argument(
         "--normalization",
-        choices=("none", "chars"),
+        choices=("none", "chars", "tokens"),
         default="none",
-        help="score per choice: summed log-likelihood (none) or divided by the choice's "
-        "character length (chars, lm-eval's acc_norm); default none",
+        help="score per choice: summed log-likelihood (none), divided by the choice's "
+        "character length (chars, lm-eval's acc_norm) or by its token count (tokens, needs "
+        "choice_token_counts); default none",
     )
     p.add_argument("--n-bins", type=int, default=15, help="confidence bins (default 15)")
     p.add_argument(
@@ -126,13 +127,14 @@ def run(args: argparse.Namespace) -> int:
     groups = task_groups(samples)
     tasks = {name: (t.choice_scores, t.labels) for name, t in samples.items()}
     lengths = None
-    if args.normalization == "chars":
-        lengths = {name: t.choice_char_lengths for name, t in samples.items()}
+    if args.normalization in ("chars", "tokens"):
+        lengths = {name: t.lengths(args.normalization) for name, t in samples.items()}
     protocol = {
         "tool": f"calibrated-lm {__version__} metrics",
         "files": [str(f) for f in files],
         "confidence": "softmax over each item's choices of the per-choice scores "
-        "(summed log-likelihoods; divided by choice character length when normalization=chars)",
+        "(summed log-likelihoods; divided by choice character length when normalization=chars, "
+        "by choice token count when normalization=tokens)",
         "ci": "95% percentile bootstrap over items",
     }
     try:
@@ -169,8 +171,8 @@ def run(args: argparse.Namespace) -> int:
 
         scores = [s for n in names for s in samples[n].choice_scores]
         lens = None
-        if args.normalization == "chars":
-            lens = [x for n in names for x in samples[n].choice_char_lengths]
+        if args.normalization in ("chars", "tokens"):
+            lens = [x for n in names for x in samples[n].lengths(args.normalization)]
         logp, _ = choice_log_probabilities(
             scores, choice_char_lengths=lens, normalization=args.normalization
         )

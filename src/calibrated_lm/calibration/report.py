@@ -150,7 +150,7 @@ def summarize(
     """Calibration summary of one task.
 
     Confidence is the softmax over each item's choices of ``choice_scores`` (log-likelihoods,
-    ragged lists or a -inf-padded array), after ``normalization`` ("none" or "chars", which
+    ragged lists or a -inf-padded array), after ``normalization`` ("none", "chars" or "tokens", which
     divides by ``choice_char_lengths``). Returns a JSON-ready dict with ``n``, every metric in
     ``METRICS``, ``<metric>_ci95`` = [lo, hi] percentile bootstrap intervals over ``bootstrap``
     seeded item resamples (None when bootstrap = 0), ``smooth_ece_bandwidth``, and the per-bin
@@ -253,16 +253,22 @@ def summarize_tasks(
     for name, (scores, labels) in tasks.items():
         rows = _strip_padding(scores)
         lens = None
-        if normalization == "chars":
+        if normalization in ("chars", "tokens"):
             if name not in lengths:
-                raise ValueError(f'normalization="chars" needs choice_char_lengths for {name!r}')
+                raise ValueError(
+                    f'normalization="{normalization}" needs per-choice lengths for {name!r}'
+                )
             lens = _strip_lengths(lengths[name], [r.shape[0] for r in rows])
         stripped[name] = (rows, np.asarray(labels), lens)
 
     def pooled(names: Sequence[str]) -> tuple[list, np.ndarray, list | None]:
         rows = [r for n in names for r in stripped[n][0]]
         labels = np.concatenate([stripped[n][1] for n in names])
-        lens = [r for n in names for r in stripped[n][2]] if normalization == "chars" else None
+        lens = (
+            [r for n in names for r in stripped[n][2]]
+            if normalization in ("chars", "tokens")
+            else None
+        )
         return rows, labels, lens
 
     jobs = [(name, [name]) for name in tasks]

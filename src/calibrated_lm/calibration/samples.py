@@ -52,6 +52,7 @@ class TaskSamples:
     choice_scores: list[np.ndarray] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     choice_char_lengths: list[np.ndarray | None] = field(default_factory=list)
+    choice_token_counts: list[np.ndarray | None] = field(default_factory=list)
     ids: list[Any] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     group: str | None = None
@@ -63,8 +64,17 @@ class TaskSamples:
     def has_char_lengths(self) -> bool:
         return all(x is not None for x in self.choice_char_lengths)
 
-    def first_missing_char_lengths(self) -> str | None:
-        for src, x in zip(self.sources, self.choice_char_lengths):
+    def lengths(self, normalization: str) -> list[np.ndarray | None] | None:
+        """What ``normalization`` divides by: character lengths, token counts, or None."""
+        if normalization == "chars":
+            return self.choice_char_lengths
+        if normalization == "tokens":
+            return self.choice_token_counts
+        return None
+
+    def first_missing_char_lengths(self, normalization: str = "chars") -> str | None:
+        lengths = self.lengths(normalization) or []
+        for src, x in zip(self.sources, lengths):
             if x is None:
                 return src
         return None
@@ -122,6 +132,7 @@ def _add(
     path: Path,
     line: int,
     seen: dict[tuple[str, str], str],
+    token_counts: np.ndarray | None = None,
 ) -> None:
     key = (name, json.dumps(item_id, sort_keys=True))
     if key in seen:
@@ -135,6 +146,7 @@ def _add(
     t.choice_scores.append(scores)
     t.labels.append(label)
     t.choice_char_lengths.append(lengths)
+    t.choice_token_counts.append(token_counts)
     t.ids.append(item_id)
     t.sources.append(f"{path}:{line}")
 
@@ -170,11 +182,22 @@ def _read_ours(path: Path, records, tasks, seen) -> None:
                 line,
                 f"{lengths.shape[0]} choice lengths for {scores.shape[0]} choice_logprobs",
             )
+        counts = None
+        if obj.get("choice_token_counts") is not None:
+            counts = _number_list(
+                obj["choice_token_counts"], path, line, "choice_token_counts", positive=True
+            )
+            if counts.shape != scores.shape:
+                raise _fail(
+                    path,
+                    line,
+                    f"{counts.shape[0]} choice token counts for {scores.shape[0]} choice_logprobs",
+                )
         subject = obj.get("subject")
         if subject is not None and not isinstance(subject, str):
             raise _fail(path, line, '"subject" must be a string or null')
         name, group = (f"{task}_{subject}", task) if subject else (task, None)
-        _add(tasks, name, group, obj["id"], scores, label, lengths, path, line, seen)
+        _add(tasks, name, group, obj["id"], scores, label, lengths, path, line, seen, counts)
 
 
 def _loglik(entry: Any, path: Path, line: int) -> float:
@@ -299,12 +322,14 @@ def read_samples(
     """Read samples files (format detected per file) into tasks keyed by name.
 
     With ``normalization="chars"`` every item must carry character lengths (ours:
-    ``choice_char_lengths`` or ``choices``; harness: the request continuations).
+    ``choice_char_lengths`` or ``choices``; harness: the request continuations); with
+    ``"tokens"``, token counts (ours: ``choice_token_counts``, written by ``calibrated-lm
+    eval``; the harness does not log them).
     """
     if isinstance(paths, str | Path):
         paths = [paths]
-    if normalization not in ("none", "chars"):
-        raise UserError(f"unknown normalization {normalization!r}: choose none or chars")
+    if normalization not in ("none", "chars", "tokens"):
+        raise UserError(f"unknown normalization {normalization!r}: choose none, chars or tokens")
     tasks: dict[str, TaskSamples] = {}
     seen: dict[tuple[str, str], str] = {}
     for p in paths:
@@ -331,14 +356,16 @@ def read_samples(
                 '"choice_logprobs", "label") or lm-evaluation-harness --log_samples '
                 '("doc_id", "filtered_resps", "target")',
             )
-    if normalization == "chars":
+    if normalization in ("chars", "tokens"):
+        need = (
+            'choice character lengths ("choice_char_lengths" or "choices")'
+            if normalization == "chars"
+            else 'choice token counts ("choice_token_counts", written by calibrated-lm eval)'
+        )
         for t in tasks.values():
-            where = t.first_missing_char_lengths()
+            where = t.first_missing_char_lengths(normalization)
             if where is not None:
-                raise UserError(
-                    f"{where}: --normalization chars needs choice character lengths "
-                    '("choice_char_lengths" or "choices")'
-                )
+                raise UserError(f"{where}: --normalization {normalization} needs {need}")
     return tasks
 
 

@@ -8,6 +8,13 @@ Confidence is the softmax over an item's choices of the same scores that make th
                                           s_ik = loglik_ik / len_ik   (normalization="chars",
                                                  lm-evaluation-harness acc_norm: len_ik is the
                                                  character length of choice k)
+                                          s_ik = loglik_ik / ntok_ik  (normalization="tokens":
+                                                 the mean log-probability per continuation
+                                                 token; ntok_ik is choice k's token count)
+
+Both length normalisations divide by per-choice lengths; the functions below take them as
+``choice_char_lengths`` whichever the unit (use :func:`normalization_lengths` to pick the
+right field of a samples record).
 """
 
 from __future__ import annotations
@@ -19,7 +26,23 @@ from numpy.typing import ArrayLike
 
 from calibrated_lm.calibration.validation import as_labels, as_probs, pad_ragged
 
-NORMALIZATIONS = ("none", "chars")
+NORMALIZATIONS = ("none", "chars", "tokens")
+# The samples-record field each length normalisation divides by.
+LENGTH_FIELDS = {"chars": "choice_char_lengths", "tokens": "choice_token_counts"}
+
+
+def normalization_lengths(record: dict, normalization: str) -> list | None:
+    """The per-choice lengths of a samples record that ``normalization`` divides by (None for
+    ``none``, or when the record lacks them; ``chars`` falls back to the choice texts)."""
+    field = LENGTH_FIELDS.get(normalization)
+    if field is None:
+        return None
+    value = record.get(field)
+    if value is None and normalization == "chars" and isinstance(record.get("choices"), list):
+        value = [len(c) for c in record["choices"]]
+    return value
+
+
 ChoiceScores = ArrayLike | Sequence[Sequence[float]]
 
 
@@ -54,7 +77,8 @@ def normalize_scores(
     normalization: str,
     choice_char_lengths: ChoiceScores | None,
 ) -> np.ndarray:
-    """Apply ``normalization`` ("none" or "chars") to padded scores."""
+    """Apply ``normalization`` ("none", "chars" or "tokens") to padded scores; for the two
+    length normalisations ``choice_char_lengths`` holds the lengths in that unit."""
     if normalization not in NORMALIZATIONS:
         raise ValueError(
             f"unknown normalization {normalization!r}: choose one of {', '.join(NORMALIZATIONS)}"
@@ -62,7 +86,8 @@ def normalize_scores(
     if normalization == "none":
         return scores
     if choice_char_lengths is None:
-        raise ValueError('normalization="chars" needs choice_char_lengths')
+        unit = "character lengths" if normalization == "chars" else "token counts"
+        raise ValueError(f'normalization="{normalization}" needs per-choice {unit}')
     lengths = pad_ragged(choice_char_lengths, fill=np.nan, name="choice_char_lengths")
     if lengths.shape[0] != scores.shape[0]:
         raise ValueError(

@@ -41,7 +41,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="render prompts with the tokenizer's chat template (auto: if it has one), or "
         "with the Jinja template in FILE (e.g. the one `train` saved with a fine-tuned model)",
     )
-    p.add_argument("--normalization", choices=["none", "chars"], default="none")
+    p.add_argument(
+        "--normalization",
+        choices=["none", "chars", "tokens"],
+        default="none",
+        help="choice scores: summed log-likelihood (none, the harness' acc), per character "
+        "(chars, its acc_norm) or per continuation token (tokens)",
+    )
     p.add_argument("--n-bins", type=int, default=15)
     p.add_argument("--binning", choices=["width", "mass"], default="width")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap draws for the CIs")

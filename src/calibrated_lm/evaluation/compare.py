@@ -30,7 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("runs", nargs="+", type=Path, help="run folders written by calibrated-lm eval")
     p.add_argument("--output", type=Path, default=Path("runs/compare"))
     p.add_argument("--labels", default=None, help="comma-separated names for the runs")
-    p.add_argument("--normalization", choices=["none", "chars"], default=None)
+    p.add_argument("--normalization", choices=["none", "chars", "tokens"], default=None)
     p.add_argument("--n-bins", type=int, default=15)
     p.add_argument("--binning", choices=["width", "mass"], default="width")
     p.add_argument("--bootstrap", type=int, default=1000)
@@ -64,9 +64,11 @@ def _by_task(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 def _scores(records: list[dict[str, Any]], normalization: str) -> tuple[np.ndarray, np.ndarray]:
     """(-inf padded scores after normalisation, labels)."""
     from calibrated_lm.calibration.scores import normalize_scores, padded_scores
+    from calibrated_lm.evaluation.report import _lengths
 
     s, k = padded_scores([r["choice_logprobs"] for r in records])
-    s = normalize_scores(s, k, normalization, [r["choice_char_lengths"] for r in records])
+    unit = "tokens" if normalization == "tokens" else "chars"
+    s = normalize_scores(s, k, normalization, [_lengths(r, unit) for r in records])
     return s, np.array([int(r["label"]) for r in records])
 
 

@@ -19,9 +19,11 @@ TABLE_METRICS = ("accuracy", "mean_confidence", "ece", "rms_ce", "brier", "nll")
 
 
 def group_records(
-    records: Sequence[dict[str, Any]],
+    records: Sequence[dict[str, Any]], normalization: str = "chars"
 ) -> tuple[dict[str, tuple[list[list[float]], list[int]]], dict[str, list[list[int]]], dict]:
-    """(tasks -> (scores, labels), tasks -> char lengths, groups -> member tasks)."""
+    """(tasks -> (scores, labels), tasks -> the lengths ``normalization`` divides by (character
+    lengths for none/chars), groups -> member tasks)."""
+    unit = "tokens" if normalization == "tokens" else "chars"
     tasks: dict[str, tuple[list[list[float]], list[int]]] = {}
     lengths: dict[str, list[list[int]]] = {}
     groups: dict[str, list[str]] = {}
@@ -34,8 +36,24 @@ def group_records(
         scores, labels = tasks.setdefault(name, ([], []))
         scores.append(list(r["choice_logprobs"]))
         labels.append(int(r["label"]))
-        lengths.setdefault(name, []).append(list(r["choice_char_lengths"]))
+        lengths.setdefault(name, []).append(list(_lengths(r, unit)))
     return tasks, lengths, groups
+
+
+def _lengths(record: dict[str, Any], normalization: str) -> list:
+    """The record's per-choice lengths for ``normalization``; a UserError names what is missing
+    (records of runs before token counts were stored have none)."""
+    from calibrated_lm.calibration.scores import normalization_lengths
+    from calibrated_lm.errors import UserError
+
+    value = normalization_lengths(record, normalization)
+    if value is None:
+        raise UserError(
+            f"question {record.get('task')}/{record.get('id')} has no per-choice "
+            f"{'token counts' if normalization == 'tokens' else 'character lengths'} for "
+            f"--normalization {normalization} (scored before they were stored: rescore it)"
+        )
+    return list(value)
 
 
 def top_level_tasks(records: Sequence[dict[str, Any]]) -> list[str]:
@@ -53,9 +71,10 @@ def confidence_correct(
     """Top-label confidence (softmax over the choices' scores) and correctness per question."""
     from calibrated_lm.calibration import choice_probabilities, top_label
 
+    unit = "tokens" if normalization == "tokens" else "chars"
     probs, _ = choice_probabilities(
         [r["choice_logprobs"] for r in records],
-        choice_char_lengths=[r["choice_char_lengths"] for r in records],
+        choice_char_lengths=[_lengths(r, unit) for r in records],
         normalization=normalization,
     )
     conf, pred = top_label(probs)
@@ -76,7 +95,7 @@ def build_summary(
 ) -> dict[str, Any]:
     from calibrated_lm.calibration import summarize_tasks
 
-    tasks, lengths, groups = group_records(records)
+    tasks, lengths, groups = group_records(records, normalization)
     return summarize_tasks(
         tasks,
         protocol=protocol,

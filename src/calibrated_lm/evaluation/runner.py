@@ -239,8 +239,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         raise UserError(f"--limit must be positive, got {cfg.limit}")
     if cfg.num_fewshot < 0:
         raise UserError(f"--num-fewshot must be >= 0, got {cfg.num_fewshot}")
-    if cfg.normalization not in ("none", "chars"):
-        raise UserError(f"--normalization must be none or chars, not {cfg.normalization!r}")
+    if cfg.normalization not in ("none", "chars", "tokens"):
+        raise UserError(f"--normalization must be none, chars or tokens, not {cfg.normalization!r}")
     read_chat_template_file(cfg.chat_template)  # a bad template file fails before loading
     info = D.dist_info()
     from calibrated_lm.models.loading import resolve_model

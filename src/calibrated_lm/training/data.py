@@ -269,7 +269,9 @@ def tokenize_records(
     """Tokenize records (see module docstring); layout errors name the record's line/item."""
     from tqdm.auto import tqdm
 
-    use_template = has_chat_template(tokenizer)
+    # A model saved by train carries the plain template as its chat template: tokenize it the
+    # way it was trained (piece by piece), not through the rendered text.
+    use_template = has_chat_template(tokenizer) and tokenizer.chat_template != PLAIN_CHAT_TEMPLATE
     data = Dataset(
         examples=[], n_records=len(records), template="chat" if use_template else "plain"
     )
