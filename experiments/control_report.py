@@ -121,7 +121,9 @@ def heldout_pair(base: dict, sft: dict, draws: int, seed: int = 0) -> dict[str, 
     }
 
 
-def write_report(work: Path, results: Path, *, bootstrap: int = 1000) -> dict[str, Any]:
+def write_report(
+    work: Path, results: Path, *, bootstrap: int = 1000, claims_path: Path = C.CLAIMS
+) -> dict[str, Any]:
     from calibrated_lm.calibration import reliability_diagram
     from calibrated_lm.calibration.paired import paired_bootstrap
 
@@ -222,7 +224,7 @@ def write_report(work: Path, results: Path, *, bootstrap: int = 1000) -> dict[st
     _curves(work, out["doses"], results / "training_curves.png")
     (results / "results.json").write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
     (results / "tables.md").write_text(_tables(out), encoding="utf-8")
-    C.update(records, source="control")
+    C.update(records, source="control", path=claims_path)
     return out
 
 

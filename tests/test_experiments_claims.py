@@ -1,0 +1,116 @@
+"""claims.json records and their generated tables; the positive control's report and its
+pre-registered criterion on a synthetic work folder."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import claims as C  # noqa: E402
+import control_report as R  # noqa: E402
+
+
+def test_records_verdicts_update_and_render(tmp_path: Path) -> None:
+    a = C.record("1", "base -> instruct", "mmlu", "ece", 0.03, 0.10, [0.06, 0.08], headline=True)
+    assert a["delta"] == pytest.approx(0.07) and a["verdict"] == "higher"
+    assert C.record("2", "s", "t", "ece", 0.1, 0.05, [-0.08, -0.01])["verdict"] == "lower"
+    assert C.record("2", "s", "t", "ece", 0.1, 0.1, [-0.01, 0.01])["verdict"] == "no clear change"
+    with pytest.raises(ValueError, match="claim must be"):
+        C.record("4", "s", "t", "ece", 0, 0, [0, 0])
+    path = tmp_path / "claims.json"
+    C.update([a], "claim1", path)
+    b = C.record("control", "dose", "arc_easy", "ece", 0.1, 0.2, [0.05, 0.15])
+    C.update([b], "control", path)
+    C.update([a, a], "claim1", path)  # a source's records are replaced, not appended
+    recs = json.loads(path.read_text())
+    assert [r["source"] for r in recs] == ["control", "claim1", "claim1"]
+    readme = tmp_path / "README.md"
+    readme.write_text("x\n<!-- claims:claim1:start -->\nold\n<!-- claims:claim1:end -->\ny\n")
+    assert C.render_into(readme, C.blocks(recs)) == ["claim1"]
+    text = readme.read_text()
+    assert "old" not in text and "+0.070 [+0.060, +0.080]" in text and text.endswith("y\n")
+
+
+def test_bad_records_name_the_record() -> None:
+    good = C.record("1", "s", "t", "ece", 0.1, 0.2, [0.0, 0.2])
+    with pytest.raises(ValueError, match="record 1: missing verdict"):
+        C.check_records([good, {k: v for k, v in good.items() if k != "verdict"}])
+    with pytest.raises(ValueError, match="record 0: a must be a finite number"):
+        C.check_records([{**good, "a": float("nan")}])
+
+
+def _samples(path: Path, rng, n: int, sharp: float, acc_shift: float = 0.0) -> None:
+    """Two primary tasks of n 4-choice questions; ``sharp`` scales the logits (confidence)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for task in ("arc_easy", "arc_challenge"):
+        for i in range(n):
+            y = i % 4
+            z = np.random.default_rng(i).normal(size=4)  # the same question for every model
+            z[y] += 0.8 + acc_shift
+            z = z * sharp
+            lines.append(
+                json.dumps(
+                    {
+                        "task": task,
+                        "id": str(i),
+                        "choice_logprobs": list(z * 3),
+                        "label": y,
+                        "choice_char_lengths": [5] * 4,
+                        "choice_token_counts": [3] * 4,
+                    }
+                )  # fmt: skip
+            )
+    path.write_text("\n".join(lines) + "\n")
+    (path.parent / "done.json").write_text("{}")
+
+
+def _heldout(path: Path, conf: float, acc: float, m: int = 200) -> None:
+    rng = np.random.default_rng(1)
+    n = rng.integers(5, 30, m).astype(float)
+    c = np.clip(conf + rng.normal(0, 0.05, m), 0, 1) * n
+    a = np.clip(acc + rng.normal(0, 0.05, m), 0, 1) * n
+    per = {"n": n.tolist(), "nll": (n * 2).tolist(), "confidence": c.tolist(),
+           "accuracy": a.tolist(), "entropy": n.tolist()}  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"per_example": per}))
+
+
+def test_control_report_applies_the_preregistered_criterion(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    work = tmp_path / "work"
+    _samples(work / "evals/base__trained/samples.jsonl", rng, 300, 1.0)
+    _heldout(work / "heldout_base/heldout.json", 0.55, 0.50)
+    # lr 8e-5 x 3 epochs: sharper logits (over-confident) and a higher held-out gap;
+    # lr 8e-5 x 1 epoch: the base's scores again (no change).
+    over, same = "sft_lr8e-05_ep3_eps0_s1", "sft_lr8e-05_ep1_eps0_s1"
+    _samples(work / f"evals/{over}__trained/samples.jsonl", rng, 300, 2.5)
+    _samples(work / f"evals/{same}__trained/samples.jsonl", rng, 300, 1.0)
+    _heldout(work / f"runs/{over}/heldout.json", 0.70, 0.50)
+    _heldout(work / f"runs/{same}/heldout.json", 0.55, 0.50)
+    for name in (over, same):
+        (work / f"runs/{name}/done.json").write_text(json.dumps({"steps": 3}))
+        (work / f"runs/{name}/metrics.jsonl").write_text(
+            json.dumps({"epoch": 1, "loss": 2.0, "confidence": 0.6, "accuracy": 0.5}) + "\n"
+        )
+    claims = tmp_path / "claims.json"
+    out = R.write_report(work, tmp_path / "res", bootstrap=200, claims_path=claims)
+    by = {d["name"]: d for d in out["doses"]}
+    assert by[over]["criterion"]["met"]
+    assert set(by[over]["criterion"]["primary_tasks_ece_up_overconfident"]) == {
+        "arc_easy",
+        "arc_challenge",
+    }
+    assert not by[same]["criterion"]["met"]
+    assert by[same]["heldout"]["token_gap"]["delta"] == pytest.approx(0.0)
+    assert out["selected_for_claim2"]["name"] == over
+    assert "not met" in (tmp_path / "res/tables.md").read_text()
+    assert (tmp_path / "res/samples/base__trained.jsonl.gz").exists()
+    assert (tmp_path / "res/reliability_arc_easy.png").stat().st_size > 1000
+    recs = json.loads(claims.read_text())
+    assert {r["claim"] for r in recs} == {"control"} and all("ci95" in r for r in recs)
