@@ -147,12 +147,10 @@ def render_into(path: Path, generated: dict[str, str]) -> list[str]:
     text = path.read_text(encoding="utf-8")
     done = []
     for key, body in generated.items():
-        pat = re.compile(
-            rf"(<!-- claims:{re.escape(key)}:start -->\n).*?(\n<!-- claims:{re.escape(key)}:end -->)",
-            re.S,
-        )
+        k = re.escape(key)
+        pat = re.compile(rf"(<!-- claims:{k}:start -->).*?(<!-- claims:{k}:end -->)", re.S)
         if pat.search(text):
-            text = pat.sub(lambda m, b=body: m.group(1) + b + m.group(2), text)
+            text = pat.sub(lambda m, b=body: f"{m.group(1)}\n{b}\n{m.group(2)}", text)
             done.append(key)
     path.write_text(text, encoding="utf-8")
     return done
