@@ -53,16 +53,9 @@ def _records(path: Path) -> dict[str, dict[str, dict[str, Any]]]:
 
 def probabilities(records: list[dict[str, Any]], norm: str) -> tuple[np.ndarray, np.ndarray]:
     """(n, k_max) choice probabilities (0-padded) under ``norm``, and gold indices."""
-    from calibrated_lm.calibration import choice_probabilities
-    from calibrated_lm.evaluation.report import _lengths
+    from calibrated_lm.evaluation.report import record_probabilities
 
-    unit = "tokens" if norm == "tokens" else "chars"
-    probs, _ = choice_probabilities(
-        [r["choice_logprobs"] for r in records],
-        choice_char_lengths=[_lengths(r, unit) for r in records],
-        normalization=norm,
-    )
-    return np.nan_to_num(probs, nan=0.0), np.array([int(r["label"]) for r in records])
+    return record_probabilities(records, norm)
 
 
 def doses(work: Path) -> list[dict[str, Any]]:

@@ -60,3 +60,47 @@ def test_compare_fits_temperature_on_validation(tmp_path: Path) -> None:
     assert (out / "compare_quiz.png").stat().st_size > 1000
     md = (out / "compare.md").read_text()
     assert "| base (base) | 300 |" in md and "(n=200)" in md
+
+
+def _same_questions(folder: Path, scores: np.ndarray, y: np.ndarray, keep: int | None = None):
+    folder.mkdir()
+    n = len(y) if keep is None else keep
+    _write(folder / "samples.jsonl", scores[:n], y[:n])
+
+
+def test_compare_reports_paired_differences_on_shared_questions(tmp_path: Path) -> None:
+    from calibrated_lm.calibration.paired import paired_bootstrap
+    from calibrated_lm.evaluation.report import record_probabilities
+
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, 4, 200)
+    s = rng.normal(size=(200, 4))
+    s[np.arange(200), y] += 1.0
+    _same_questions(tmp_path / "ref", s, y)
+    _same_questions(tmp_path / "sharp", s * 3, y, keep=120)  # a subset of the same questions
+    out = tmp_path / "cmp"
+    result = compare_runs([tmp_path / "ref", tmp_path / "sharp"], out, bootstrap=100)
+    assert result["reference"] == "ref" or result["reference"].startswith("ref")
+    (warning,) = result["warnings"]
+    assert "different questions" in warning and "n=200" in warning and "n=120" in warning
+    rows = result["tasks"]["quiz"]["runs"]
+    paired = next(e for label, e in rows.items() if label.startswith("sharp"))["paired"]
+    assert paired["n"] == 120
+    ref = [json.loads(x) for x in (tmp_path / "ref/samples.jsonl").read_text().splitlines()]
+    sh = [json.loads(x) for x in (tmp_path / "sharp/samples.jsonl").read_text().splitlines()]
+    pa, yy = record_probabilities(ref[:120], "none")
+    pb, _ = record_probabilities(sh, "none")
+    want = paired_bootstrap(pa, pb, yy, draws=100)
+    assert paired["ece"]["delta"] == pytest.approx(want["ece"]["delta"])
+    assert paired["ece"]["delta"] > 0 and paired["ece"]["ci95"][0] > 0  # sharper: less calibrated
+    md = (out / "compare.md").read_text()
+    assert "**Warning**" in md and "| sharp" in md and "shared n" in md
+
+
+def test_compare_refuses_an_empty_run(tmp_path: Path) -> None:
+    from calibrated_lm.errors import UserError
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty/samples.jsonl").write_text("")
+    with pytest.raises(UserError, match="holds no scored question"):
+        compare_runs([tmp_path / "empty"], tmp_path / "cmp")

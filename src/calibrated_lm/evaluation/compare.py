@@ -6,6 +6,13 @@ task's held-out validation split (``samples_validation.jsonl``, written by ``eva
 --fit-split``), then applied to the test scores, p_k ∝ exp(s_k / T); ECE and RMS-CE after
 scaling are reported next to T. Runs without that split show "-" for T. One overlaid
 reliability diagram per task.
+
+Paired differences: every run after the first is compared with the first (the reference) on
+the questions both scored (key: task and id), metric(run) - metric(reference) with a paired
+bootstrap 95% interval (:func:`calibrated_lm.calibration.paired.paired_bootstrap`). When the
+runs of a task scored different question sets, the report says so and which counts; runs
+with no question in common with the reference get no difference, and a run folder without any
+scored question is an error.
 """
 
 from __future__ import annotations
@@ -44,12 +51,15 @@ def _load_run(path: Path) -> dict[str, Any]:
     samples = path / SAMPLES
     if not samples.exists():
         raise UserError(f"{path} is not an eval run folder (no {SAMPLES})")
+    records = read_records(samples, repair=False)
+    if not records:
+        raise UserError(f"{path}: {SAMPLES} holds no scored question")
     summary_path = path / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     return {
         "path": path,
         "summary": summary,
-        "records": read_records(samples, repair=False),
+        "records": records,
         "fit": read_records(path / FIT_SAMPLES, repair=False),
     }
 
@@ -110,9 +120,25 @@ def compare_runs(
             if t not in task_names:
                 task_names.append(t)
     result: dict[str, Any] = {"normalization": normalization, "runs": labels, "tasks": {}}
+    result["reference"] = labels[0]
+    result["warnings"] = []
     for task in task_names:
         series = {}
         rows = {}
+        keyed = {
+            label: {str(r["id"]): r for r in _by_task(run["records"]).get(task, [])}
+            for label, run in zip(labels, runs)
+        }
+        present = {label: ids for label, ids in keyed.items() if ids}
+        sets = {frozenset(ids) for ids in present.values()}
+        if len(sets) > 1:
+            counts = ", ".join(f"{label}: n={len(ids)}" for label, ids in present.items())
+            shared = frozenset.intersection(*sets)
+            result["warnings"].append(
+                f"{task}: the runs scored different questions ({counts}); the metrics per run "
+                f"are on each run's own questions, the paired differences on the "
+                f"{len(shared)} shared with the reference"
+            )
         for label, run in zip(labels, runs):
             recs = _by_task(run["records"]).get(task)
             if not recs:
@@ -140,6 +166,11 @@ def compare_runs(
             series[label] = confidence_correct(recs, normalization)
         if not rows:
             continue
+        _paired_vs_reference(rows, keyed, labels[0], normalization, n_bins, bootstrap)
+        for label, e in rows.items():
+            why = e.get("paired", {}).get("why")
+            if why:
+                result["warnings"].append(f"{task}: {label}: no paired difference ({why})")
         paths_out = reliability_diagram(
             series, output / f"compare_{task}", n_bins=n_bins, binning=binning, title=task
         )
@@ -147,6 +178,43 @@ def compare_runs(
     write_json(output / "compare.json", result)
     (output / "compare.md").write_text(_markdown(result), encoding="utf-8")
     return result
+
+
+PAIRED_KEYS = ("accuracy", "ece", "rms_ce", "brier", "nll")
+
+
+def _paired_vs_reference(
+    rows: dict[str, dict[str, Any]],
+    keyed: dict[str, dict[str, dict[str, Any]]],
+    reference: str,
+    normalization: str,
+    n_bins: int,
+    bootstrap: int,
+) -> None:
+    """Add ``paired`` (metric(run) - metric(reference) on the shared questions, paired
+    bootstrap 95% CI) to every row but the reference's."""
+    from calibrated_lm.calibration.paired import paired_bootstrap
+    from calibrated_lm.evaluation.report import record_probabilities
+
+    ref = keyed.get(reference) or {}
+    for label, entry in rows.items():
+        if label == reference or not ref:
+            continue
+        shared = sorted(set(ref) & set(keyed[label]))
+        if not shared:
+            entry["paired"] = {"n": 0}
+            continue
+        pa, y = record_probabilities([ref[k] for k in shared], normalization)
+        pb, yb = record_probabilities([keyed[label][k] for k in shared], normalization)
+        if not np.array_equal(y, yb):
+            # Same ids, other answers: not the same questions (another task file or split).
+            entry["paired"] = {"n": 0, "why": f"gold answers differ from {reference}'s"}
+            continue
+        width = max(pa.shape[1], pb.shape[1])
+        pa = np.pad(pa, ((0, 0), (0, width - pa.shape[1])))
+        pb = np.pad(pb, ((0, 0), (0, width - pb.shape[1])))
+        res = paired_bootstrap(pa, pb, y, draws=max(bootstrap, 1), n_bins=n_bins)
+        entry["paired"] = {"n": len(shared), **{k: res[k] for k in PAIRED_KEYS}}
 
 
 def _cell(entry: dict[str, Any], key: str) -> str:
@@ -179,14 +247,41 @@ def table(result: dict[str, Any], task: str) -> list[list[str]]:
     return rows
 
 
+PAIRED_HEADER = ["run - reference", "shared n", "accuracy", "ECE", "RMS-CE", "Brier", "NLL"]
+
+
+def paired_table(result: dict[str, Any], task: str) -> list[list[str]]:
+    """One row per non-reference run: each metric's difference [95% CI] on shared questions."""
+    rows = []
+    for label, e in result["tasks"][task]["runs"].items():
+        p = e.get("paired")
+        if p is None:
+            continue
+        if not p["n"]:
+            rows.append([label, "0"] + ["-"] * len(PAIRED_KEYS))
+            continue
+        cells = [
+            f"{p[k]['delta']:+.3f} [{p[k]['ci95'][0]:+.3f}, {p[k]['ci95'][1]:+.3f}]"
+            for k in PAIRED_KEYS
+        ]
+        rows.append([label, str(p["n"])] + cells)
+    return rows
+
+
 def _markdown(result: dict[str, Any]) -> str:
     from calibrated_lm.evaluation.report import markdown_table
 
     lines = ["# Calibration comparison", ""]
     lines.append(f"Normalization: {result['normalization']}; 95% bootstrap intervals in brackets.")
+    lines.append(f"Paired differences are against the reference run, {result['reference']}.")
+    for w in result["warnings"]:
+        lines += ["", f"**Warning**: {w}."]
     for task, data in result["tasks"].items():
         png = [p for p in data["diagram"] if p.endswith(".png")][0]
         lines += ["", f"## {task}", "", markdown_table(HEADER, table(result, task)), ""]
+        paired = paired_table(result, task)
+        if paired:
+            lines += [markdown_table(PAIRED_HEADER, paired), ""]
         lines.append(f"![{task}]({Path(png).name})")
     return "\n".join(lines) + "\n"
 
@@ -204,9 +299,15 @@ def run(args: argparse.Namespace) -> int:
         binning=args.binning,
         bootstrap=args.bootstrap,
     )
+    for w in result["warnings"]:
+        print(f"warning: {w}")
     for task, data in result["tasks"].items():
         print(f"\n{task}")
         print(text_table(HEADER, table(result, task)))
+        paired = paired_table(result, task)
+        if paired:
+            print(f"paired differences vs {result['reference']} (95% CI):")
+            print(text_table(PAIRED_HEADER, paired))
         print(f"diagram: {[p for p in data['diagram'] if p.endswith('.png')][0]}")
     print(f"\nreport: {args.output / 'compare.md'}")
     return 0

@@ -65,6 +65,22 @@ def top_level_tasks(records: Sequence[dict[str, Any]]) -> list[str]:
     return seen
 
 
+def record_probabilities(
+    records: Sequence[dict[str, Any]], normalization: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """((n, k_max) choice probabilities under ``normalization``, 0 past an item's choices;
+    gold indices)."""
+    from calibrated_lm.calibration import choice_probabilities
+
+    unit = "tokens" if normalization == "tokens" else "chars"
+    probs, _ = choice_probabilities(
+        [r["choice_logprobs"] for r in records],
+        choice_char_lengths=[_lengths(r, unit) for r in records],
+        normalization=normalization,
+    )
+    return np.nan_to_num(probs, nan=0.0), np.array([int(r["label"]) for r in records])
+
+
 def confidence_correct(
     records: Sequence[dict[str, Any]], normalization: str
 ) -> tuple[np.ndarray, np.ndarray]:
