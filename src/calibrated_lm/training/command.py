@@ -18,20 +18,33 @@ def add_parser(subparsers) -> None:
             "(a save_pretrained folder: pass it to `calibrated-lm eval --model`). Data: JSON or "
             "JSONL in Alpaca (instruction/input/output[/history]), chat (messages), ShareGPT "
             "(conversations) or prompt/completion form; loss only on assistant tokens. Under "
-            "torchrun / accelerate launch it trains with FSDP2."
+            "torchrun / accelerate launch it trains with FSDP2. Every argument is checked "
+            "before the model is loaded; --resume continues from the newest intact checkpoint "
+            "and refuses changed settings (data order, loss, optimizer) or changed data."
         ),
     )
     p.add_argument("--model", required=True, help="hub id, folder, .gguf or embedded name")
     p.add_argument("--data", required=True, help="JSON or JSONL training file")
     p.add_argument("--output", required=True, help="run folder (metrics, checkpoints, final)")
-    p.add_argument("--label-smoothing", type=float, default=0.1, help="eps (default 0.1)")
-    p.add_argument("--epochs", type=float, default=2.0, help="passes over the data (default 2)")
+    p.add_argument(
+        "--label-smoothing", type=float, default=0.1, help="eps, in [0, 1) (default 0.1)"
+    )
+    p.add_argument(
+        "--epochs", type=float, default=2.0, help="passes over the data, > 0 (default 2)"
+    )
     p.add_argument("--lr", type=float, default=2e-5, help="peak AdamW learning rate (2e-5)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch per GPU")
     p.add_argument("--grad-accum", type=int, default=16, help="micro-batches per optimizer step")
     p.add_argument("--max-seq-len", type=int, default=2048, help="truncate longer examples")
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides epochs)")
-    p.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warmup share (0.03)")
+    p.add_argument(
+        "--max-steps", type=int, default=None, help="optimizer steps, >= 1 (overrides epochs)"
+    )
+    p.add_argument(
+        "--warmup-ratio",
+        type=float,
+        default=0.03,
+        help="linear warmup share of the steps, in [0, 1] (0.03)",
+    )
     p.add_argument(
         "--reduction",
         choices=("sum", "mean"),
@@ -42,13 +55,25 @@ def add_parser(subparsers) -> None:
     p.add_argument("--softcap", type=float, default=None, help="train on c*tanh(z/c)")
     p.add_argument("--z-loss", type=float, default=0.0, help="z-loss coefficient (0)")
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip (0 disables)")
+    p.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=1.0,
+        help="clip the global gradient norm to this (default 1); 0 disables clipping (the norm "
+        "is still measured and a non-finite one skips its step); negative values are refused",
+    )
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument(
+        "--save-every", type=int, default=500, help="checkpoint every N steps (0: only at the end)"
+    )
     p.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept")
     p.add_argument("--log-every", type=int, default=1, help="metrics line every N steps")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest intact checkpoint, with the same settings and data",
+    )
     p.add_argument(
         "--gradient-checkpointing",
         action="store_true",
@@ -91,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         softcap=args.softcap,
         z_loss=args.z_loss,
         weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm or None,
+        max_grad_norm=args.max_grad_norm or None,  # 0: no clipping (negative: refused)
         seed=args.seed,
         device=args.device,
         resume=args.resume,

@@ -12,15 +12,24 @@ The logged ``loss`` is the token mean over the step in both cases; ``confidence`
 (mean max-probability), ``accuracy`` (argmax == target) and ``entropy`` (nats) are the
 kernel's per-token statistics averaged over the same tokens. On CUDA the forward runs under
 bf16 autocast with fp32 master weights.
+
+Every argument is checked (``config_checks.validate_config``) before anything is loaded or
+written. ``--resume`` continues from the newest intact checkpoint (a damaged one is skipped,
+with a note saying why) and refuses settings that would change the data order or the
+objective, and a data file whose content changed since the checkpoint (its sha256 is kept
+in ``state.json``).
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import math
 import os
 import random
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -33,12 +42,16 @@ from calibrated_lm.errors import UserError
 from calibrated_lm.training import distributed as D
 from calibrated_lm.training.batching import StepPlan, collate
 from calibrated_lm.training.checkpoint import (
+    CheckpointError,
+    checkpoint_root,
+    inspect_checkpoint,
     list_checkpoints,
     read_checkpoint,
     set_rng_state,
     swap_in,
     write_checkpoint,
 )
+from calibrated_lm.training.config_checks import validate_config
 from calibrated_lm.training.schedule import learning_rate
 
 METRICS_FILE = "metrics.jsonl"
@@ -57,11 +70,30 @@ _RESUME_FIXED = (
 )
 # Values of settings added later, as checkpoints written before them were trained.
 _RESUME_LEGACY = {"group_by_length": False, "deepspeed": None}
+# Changing any of these would change the loss or the optimizer in the middle of a run (a
+# checkpoint that predates one of them is not checked on it). The number of steps (--epochs,
+# --max-steps) may change: that extends or shortens the run.
+_RESUME_OBJECTIVE = (
+    "label_smoothing",
+    "lr",
+    "temperature",
+    "softcap",
+    "z_loss",
+    "reduction",
+    "weight_decay",
+    "warmup_ratio",
+    "max_grad_norm",
+)
 
 
 @dataclass
 class TrainConfig:
-    """Arguments of ``calibrated-lm train`` (see its --help)."""
+    """Arguments of ``calibrated-lm train`` (see its --help; checked by ``validate_config``).
+
+    ``max_grad_norm``: a positive number clips the global gradient norm to it; ``None`` or
+    ``0`` means no clipping (``--max-grad-norm 0``); negative values are refused.
+    ``save_every`` 0 writes only the end-of-run checkpoint.
+    """
 
     model: str
     data: str
@@ -154,17 +186,119 @@ def _nonfinite_grads(model: Any, limit: int = 5) -> list[str]:
     return names
 
 
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Keep only logged lines of steps <= ``last_step`` (those after it will be redone)."""
+def _note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _truncate_metrics(path: Path, last_step: int) -> int:
+    """Keep only logged lines of steps <= ``last_step`` (those after it will be redone).
+
+    A line that does not parse (the last one, torn by a kill mid-write) is dropped; returns
+    how many were."""
     if not path.exists():
-        return
+        return 0
     kept = []
-    for line in path.read_text().splitlines():
-        if line.strip() and json.loads(line)["step"] <= last_step:
+    torn = 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            step = int(row["step"])
+        except (ValueError, TypeError, KeyError):
+            torn += 1
+            continue
+        if step <= last_step:
             kept.append(line)
     tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
+    tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
     os.replace(tmp, path)
+    return torn
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes (the data fingerprint kept in checkpoints)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _resume_candidates(
+    checkpoints: list[Path], *, weights: bool, say: bool
+) -> list[tuple[Path, dict[str, Any]]]:
+    """The intact checkpoints (by :func:`inspect_checkpoint`), newest first, with their
+    states; each damaged one is reported and skipped."""
+    good, bad = [], []
+    for path in reversed(checkpoints):
+        try:
+            good.append((path, inspect_checkpoint(path, weights=weights)))
+        except CheckpointError as exc:
+            bad.append(f"{path.name}: {exc}")
+            continue
+        if say and len(good) == 1:  # those newer than the one resumed from
+            for line in bad:
+                name, why = line.split(": ", 1)
+                _note(f"--resume: skipping checkpoint {name}: {why}")
+    if not good:
+        root = checkpoints[0].parent if checkpoints else "checkpoints"
+        raise UserError(f"--resume: no intact checkpoint in {root} ({'; '.join(bad)})")
+    return good
+
+
+def _same(key: str, a: Any, b: Any) -> bool:
+    if key == "max_grad_norm":  # 0 and None both mean no clipping
+        a, b = a or None, b or None
+    return a == b
+
+
+def _check_resume(cfg: TrainConfig, path: Path, state: dict[str, Any], data_sha: str) -> list[str]:
+    """Refuse resuming ``cfg`` from checkpoint ``path`` (state ``state``) when a setting that
+    fixes the data order or the objective, or the data file's content, changed; returns notes
+    (a checkpoint too old to say)."""
+    saved = {**_RESUME_LEGACY, **state["config"]}
+    mine = asdict(cfg)
+    diff = [k for k in _RESUME_FIXED if saved.get(k) != mine.get(k)]
+    if diff:
+        raise UserError(
+            "--resume: these settings differ from the checkpointed run and would change the "
+            "data order: "
+            + ", ".join(f"{k} ({saved.get(k)} -> {mine.get(k)})" for k in diff)
+            + "; resume with the values it was started with, or train into a new --output"
+        )
+    diff = [k for k in _RESUME_OBJECTIVE if k in saved and not _same(k, saved[k], mine.get(k))]
+    if diff:
+        raise UserError(
+            f"--resume: these settings differ from the run checkpointed in {path.name} and "
+            "would change its objective midway: "
+            + ", ".join(f"{k} ({saved[k]} -> {mine.get(k)})" for k in diff)
+            + "; resume with the values it was started with, or train into a new --output"
+        )
+    old_sha = state.get("data_sha256")
+    if old_sha is None:
+        return [
+            f"--resume: checkpoint {path.name} predates data fingerprints, so it cannot be "
+            f"checked that {cfg.data} still holds the data it was trained on"
+        ]
+    if old_sha != data_sha:
+        raise UserError(
+            f"--resume: the content of {cfg.data} changed since checkpoint {path.name} was "
+            f"written (sha256 {old_sha[:12]}... -> {data_sha[:12]}...), which would change "
+            "the examples of every later step; restore the original file or train into a "
+            "new --output"
+        )
+    return []
+
+
+def _disk_full_final(exc: OSError, output: Path) -> UserError:
+    kept = [p.name for p in list_checkpoints(output)]
+    newest = f" (newest: {kept[-1]})" if kept else ""
+    return UserError(
+        f"no space left on the device while saving the model to {output / FINAL_DIR} "
+        f"({exc.strerror or exc}); checkpoints already written are kept{newest}; free some "
+        "space and rerun with --resume to save it again"
+    )
 
 
 def save_final(
@@ -182,8 +316,14 @@ def save_final(
         tmp = output / f".tmp-{FINAL_DIR}"
         if tmp.exists():
             shutil.rmtree(tmp)
-        model.save_pretrained(tmp, state_dict=state)
-        tokenizer.save_pretrained(tmp)
+        try:
+            model.save_pretrained(tmp, state_dict=state)
+            tokenizer.save_pretrained(tmp)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise _disk_full_final(exc, output) from exc
+            raise
         swap_in(tmp, final)
     D.barrier(info)
     return final
@@ -206,10 +346,8 @@ def train(
     from calibrated_lm.models.patching import patch_model
     from calibrated_lm.training.data import check_layouts, load_dataset, read_records
 
-    if cfg.reduction not in ("sum", "mean"):
-        raise UserError(f"--reduction must be sum or mean, got {cfg.reduction!r}")
-    if cfg.batch_size < 1 or cfg.grad_accum < 1:
-        raise UserError("--batch-size and --grad-accum must be at least 1")
+    # Every argument, before a process group, a model or a file: one sentence per bad value.
+    validate_config(cfg)
     info = D.setup(cfg.device)
     cfg.world_size = info.world
     ds_config = None
@@ -241,6 +379,16 @@ def train(
         raise UserError(f"--resume: no checkpoint in {output / 'checkpoints'} to resume from")
     # Bad data fails here, before minutes of model loading.
     check_layouts(read_records(cfg.data), str(cfg.data))
+    data_sha = file_sha256(cfg.data)
+    # So does a resume that would not continue the same run (settings, data content).
+    candidates: list[tuple[Path, dict[str, Any]]] = []
+    noted: set[str] = set()
+    if cfg.resume:
+        candidates = _resume_candidates(checkpoints, weights=ds_config is None, say=info.main)
+        for note in _check_resume(cfg, *candidates[0], data_sha):
+            if info.main and note not in noted:
+                _note(note)
+            noted.add(note)
     output.mkdir(parents=True, exist_ok=True)
     _seed_everything(cfg.seed)
 
@@ -303,24 +451,46 @@ def train(
     metrics_path = output / METRICS_FILE
     start = 0
     if cfg.resume:
-        ckpt = read_checkpoint(checkpoints[-1], info.rank, weights=engine is None)
-        saved = ckpt["state"]["config"]
-        mine = asdict(cfg)
-        saved = {**_RESUME_LEGACY, **saved}
-        diff = [k for k in _RESUME_FIXED if saved.get(k) != mine.get(k)]
-        if diff:
+        ckpt = None
+        skipped = False
+        for i, (path, saved_state) in enumerate(candidates):
+            if i:  # a fallback: it must continue the same run too
+                for note in _check_resume(cfg, path, saved_state, data_sha):
+                    if info.main and note not in noted:
+                        _note(note)
+                    noted.add(note)
+            problem = None
+            try:
+                ckpt = read_checkpoint(path, info.rank, weights=engine is None)
+            except CheckpointError as exc:
+                problem = str(exc)
+            # Every rank resumes from the same checkpoint: one that any rank cannot read is out.
+            if D.all_reduce_sum(0.0 if problem is None else 1.0, info):
+                if info.main:
+                    _note(
+                        f"--resume: skipping checkpoint {path.name}: "
+                        f"{problem or 'another rank could not read it'}"
+                    )
+                ckpt, skipped = None, True
+                continue
+            if info.main and (skipped or path != checkpoints[-1]):
+                _note(f"--resume: resuming from the newest intact checkpoint, {path.name}")
+            break
+        if ckpt is None:
             raise UserError(
-                "--resume: these settings differ from the checkpointed run and would change the "
-                "data order: " + ", ".join(f"{k} ({saved.get(k)} -> {mine.get(k)})" for k in diff)
+                f"--resume: no checkpoint in {checkpoint_root(output)} could be loaded (see "
+                "the notes above)"
             )
         if engine is not None:
-            Z.load(engine, checkpoints[-1])
+            Z.load(engine, path)
         else:
             D.load_full_states(model, optim, ckpt["model"], ckpt["optimizer"], info)
         set_rng_state(ckpt["rng"])
         start = int(ckpt["state"]["step"])
         if info.main:
-            _truncate_metrics(metrics_path, start)
+            torn = _truncate_metrics(metrics_path, start)
+            if torn:
+                _note(f"--resume: dropped {torn} unreadable (torn) line(s) of {metrics_path}")
         del ckpt
     elif info.main and metrics_path.exists():
         metrics_path.unlink()
@@ -333,7 +503,12 @@ def train(
         )
 
     def checkpoint(step: int) -> None:
-        state = {"step": step, "total_steps": total, "config": asdict(cfg)}
+        state = {
+            "step": step,
+            "total_steps": total,
+            "config": asdict(cfg),
+            "data_sha256": data_sha,
+        }
         write_checkpoint(
             output,
             step,
