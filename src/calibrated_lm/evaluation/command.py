@@ -16,30 +16,67 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--model",
-        required=True,
+        default=None,
         help="smollm2-135m-instruct, gemma-3-270m, a .gguf file, a model folder or a hub id",
+    )
+    p.add_argument(
+        "--model_args",
+        "--model-args",
+        default=None,
+        metavar="pretrained=M,dtype=D",
+        help="lm-evaluation-harness spelling: pretrained= (the model) and dtype= are read, "
+        "other keys are refused",
     )
     p.add_argument(
         "--tasks",
         required=True,
-        help="comma-separated: mmlu, arc_easy, arc_challenge, hellaswag, piqa, sciq, "
-        "openbookqa, winogrande, boolq, commonsense_qa, social_iqa, or FILE.jsonl",
+        help="comma-separated: mmlu (or one subject, e.g. mmlu_anatomy), arc_easy, "
+        "arc_challenge, hellaswag, piqa, sciq, openbookqa, winogrande, boolq, commonsense_qa, "
+        "social_iqa, or FILE.jsonl",
     )
-    p.add_argument("--output", type=Path, default=None, help="run folder (default runs/<model>)")
+    p.add_argument(
+        "--output",
+        "--output_path",
+        "--output-path",
+        type=Path,
+        default=None,
+        help="run folder (default runs/<model>)",
+    )
     p.add_argument(
         "--split",
         default=None,
         help="score this split instead of each task's default (test where shipped), "
         "e.g. validation",
     )
-    p.add_argument("--limit", type=int, default=None, help="first N questions per task/subject")
-    p.add_argument("--num-fewshot", type=int, default=0)
+    p.add_argument(
+        "--limit",
+        type=_limit,
+        default=None,
+        help="first N questions per task/subject; below 1, that fraction of them (as the "
+        "harness' --limit 0.1)",
+    )
+    p.add_argument("--num-fewshot", "--num_fewshot", type=int, default=0)
     p.add_argument(
         "--chat-template",
-        default="auto",
-        metavar="auto|on|off|FILE",
-        help="render prompts with the tokenizer's chat template (auto: if it has one), or "
-        "with the Jinja template in FILE (e.g. the one `train` saved with a fine-tuned model)",
+        default="off",
+        metavar="off|on|auto|FILE",
+        help="off (default, as lm-evaluation-harness): the plain harness prompt; on: the "
+        "tokenizer's chat template; auto: it if the tokenizer has one; FILE: the Jinja "
+        "template in FILE (e.g. the one `train` saved with a fine-tuned model)",
+    )
+    p.add_argument(
+        "--apply-chat-template",
+        "--apply_chat_template",
+        dest="chat_template",
+        action="store_const",
+        const="on",
+        help="lm-evaluation-harness spelling of --chat-template on",
+    )
+    p.add_argument(
+        "--log_samples",
+        "--log-samples",
+        action="store_true",
+        help="accepted for lm-evaluation-harness compatibility: samples.jsonl is always written",
     )
     p.add_argument(
         "--normalization",
@@ -51,9 +88,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--n-bins", type=int, default=15)
     p.add_argument("--binning", choices=["width", "mass"], default="width")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap draws for the CIs")
-    p.add_argument("--batch-size", default="auto", help="auto or rows per forward pass")
+    p.add_argument(
+        "--batch-size", "--batch_size", default="auto", help="auto or rows per forward pass"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.set_defaults(chat_template="off")
     p.add_argument(
         "--fit-split",
         action="store_true",
@@ -64,13 +104,66 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def _limit(text: str) -> int | float:
+    """``--limit``: a whole count, or a fraction in (0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    if value < 1:
+        return value
+    if value != int(value):
+        raise argparse.ArgumentTypeError(f"a count of at least 1 must be whole, got {text}")
+    return int(value)
+
+
+def model_from_args(model: str | None, model_args: str | None) -> tuple[str, str | None]:
+    """(model, dtype or None) from ``--model`` and/or the harness' ``--model_args``."""
+    from calibrated_lm.errors import UserError
+
+    dtype = None
+    if model_args:
+        keys = {}
+        for part in model_args.split(","):
+            if not part.strip():
+                continue
+            k, sep, v = part.partition("=")
+            if not sep:
+                raise UserError(f"--model_args: {part!r} is not KEY=VALUE")
+            keys[k.strip()] = v.strip()
+        unknown = sorted(set(keys) - {"pretrained", "dtype"})
+        if unknown:
+            raise UserError(
+                f"--model_args: {', '.join(unknown)} not supported (pretrained= and dtype= are)"
+            )
+        if "pretrained" in keys:
+            if model and model != keys["pretrained"]:
+                raise UserError("--model and --model_args pretrained= name different models")
+            model = keys["pretrained"]
+        dtype = keys.get("dtype")
+        if dtype == "auto":
+            dtype = None
+        if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
+            raise UserError(f"--model_args dtype={dtype}: choose auto, float32, bfloat16, float16")
+    if not model:
+        raise UserError("give the model: --model M (or --model_args pretrained=M)")
+    return model, dtype
+
+
 def run(args: argparse.Namespace) -> int:
     from calibrated_lm.evaluation.distributed import dist_info
     from calibrated_lm.evaluation.runner import EvalConfig, run_eval
 
-    output = args.output or Path("runs") / Path(str(args.model)).name.replace(".gguf", "")
+    # The harness' `--model hf --model_args pretrained=X`: "hf" names its backend, not a model.
+    model_arg = None if args.model == "hf" and args.model_args else args.model
+    model, dtype = model_from_args(model_arg, args.model_args)
+    if dtype is not None:
+        args.dtype = dtype
+    output = args.output or Path("runs") / Path(str(model)).name.replace(".gguf", "")
     cfg = EvalConfig(
-        model=args.model,
+        model=model,
         tasks=[args.tasks],
         output=output,
         limit=args.limit,

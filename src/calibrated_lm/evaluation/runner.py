@@ -30,10 +30,10 @@ class EvalConfig:
     model: str
     tasks: list[str]
     output: Path
-    limit: int | None = None
+    limit: int | float | None = None  # below 1: a fraction of each task/subject
     split: str | None = None
     num_fewshot: int = 0
-    chat_template: str = "auto"  # auto | on | off
+    chat_template: str = "off"  # off (the harness' default) | on | auto | a Jinja file
     normalization: str = "none"
     n_bins: int = 15
     binning: str = "width"
@@ -227,16 +227,18 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate, write ``samples.jsonl``, ``summary.json``, diagrams and ``report.md``;
     return the summary (rank 0; other ranks return an empty dict)."""
     t_start = time.perf_counter()
-    from calibrated_lm.evaluation.tasks import TASKS, build_items, load_docs, parse_task_list
+    from calibrated_lm.evaluation.tasks import build_items, load_docs, parse_task_list, task_spec
 
+    if cfg.limit is not None and not cfg.limit > 0:
+        raise UserError(
+            f"--limit must be positive (a count, or a fraction below 1), got {cfg.limit}"
+        )
     tasks = parse_task_list(",".join(cfg.tasks))
     # Read every task's data once up front: a bad or empty task file fails in a second,
     # before a model is loaded or any output folder is created.
     for task in tasks:
-        spec = TASKS.get(task)
+        spec = task_spec(task)
         load_docs(task, cfg.split or (spec.eval_split if spec else "test"), cfg.limit)
-    if cfg.limit is not None and cfg.limit < 1:
-        raise UserError(f"--limit must be positive, got {cfg.limit}")
     if cfg.num_fewshot < 0:
         raise UserError(f"--num-fewshot must be >= 0, got {cfg.num_fewshot}")
     if cfg.normalization not in ("none", "chars", "tokens"):
@@ -280,7 +282,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         eval_items += build_items(
             task, split=cfg.split, limit=cfg.limit, num_fewshot=cfg.num_fewshot, chat=wrap
         )
-        spec = TASKS.get(task)
+        spec = task_spec(task)
         fit = spec.fit_split if spec is not None else None
         if cfg.fit_split and fit is not None and fit != (cfg.split or spec.eval_split):
             fit_items += build_items(
@@ -365,7 +367,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
 
     task_proto = {}
     for task in tasks:
-        spec = TASKS.get(task)
+        spec = task_spec(task)
         from calibrated_lm.evaluation.tasks import task_name
 
         task_proto[task_name(task)] = {

@@ -9,6 +9,7 @@ lm-evaluation-harness builds them.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -115,15 +116,35 @@ def known_tasks() -> list[str]:
     return sorted(TASKS)
 
 
+def split_subtask(task: str) -> tuple[str, str | None]:
+    """``mmlu_anatomy`` -> ("mmlu", "anatomy"), the harness' per-subject task names; any other
+    name -> (name, None)."""
+    if task.startswith("mmlu_") and not task.endswith(".jsonl"):
+        subject = task[len("mmlu_") :]
+        if subject in mmlu_subjects():
+            return "mmlu", subject
+    return task, None
+
+
+def task_spec(task: str) -> TaskSpec | None:
+    """The registry entry of a task or subtask (None for a JSONL file)."""
+    return TASKS.get(split_subtask(task)[0])
+
+
 def parse_task_list(text: str) -> list[str]:
-    """Split ``--tasks``; each entry is a known name (or alias) or an existing ``.jsonl`` path."""
+    """Split ``--tasks``; each entry is a known name (or alias), an MMLU subject task such as
+    ``mmlu_anatomy``, or an existing ``.jsonl`` path."""
     names = [t.strip() for t in text.split(",") if t.strip()]
     if not names:
         raise UserError("no task given; known tasks: " + ", ".join(known_tasks()))
     out: list[str] = []
     for name in names:
         name = ALIASES.get(name, name)
-        if name in TASKS or name.endswith(".jsonl"):
+        if name.startswith("mmlu_") and split_subtask(name)[1] is None:
+            raise UserError(
+                f"unknown MMLU subject task {name!r}; subjects: " + ", ".join(mmlu_subjects())
+            )
+        if name in TASKS or name.endswith(".jsonl") or split_subtask(name)[1]:
             if name.endswith(".jsonl") and not Path(name).exists():
                 raise UserError(f"task file {name} does not exist")
             if name not in out:
@@ -137,43 +158,55 @@ def parse_task_list(text: str) -> list[str]:
 
 
 def task_name(task: str) -> str:
-    """The reported name: the registry name, or a JSONL file's stem."""
-    return Path(task).stem if task.endswith(".jsonl") else task
+    """The reported name: the registry name (``mmlu`` for its subject tasks, whose questions
+    carry the subject), or a JSONL file's stem."""
+    return Path(task).stem if task.endswith(".jsonl") else split_subtask(task)[0]
 
 
-def _mmlu_docs(split: str, limit: int | None) -> list[Doc]:
+Limit = int | float | None
+
+
+def apply_limit(rows: list, limit: Limit) -> list:
+    """The first ``limit`` rows; a limit below 1 is a fraction of them, rounded up (the
+    harness' ``--limit 0.1``)."""
+    if limit is None:
+        return rows
+    if isinstance(limit, float) and limit < 1:
+        return rows[: math.ceil(len(rows) * limit)]
+    return rows[: int(limit)]
+
+
+def _mmlu_docs(split: str, limit: Limit, subjects: Sequence[str] | None = None) -> list[Doc]:
     docs: list[Doc] = []
-    for subject in mmlu_subjects():
-        rows = hf_dataset("hails", "mmlu_no_train", subject, split)
-        if limit is not None:
-            rows = rows[:limit]
+    for subject in subjects or mmlu_subjects():
+        rows = apply_limit(hf_dataset("hails", "mmlu_no_train", subject, split), limit)
         docs.extend(templates.mmlu(row, i) for i, row in enumerate(rows))
     return docs
 
 
-def load_docs(task: str, split: str | None = None, limit: int | None = None) -> list[Doc]:
-    """Docs of ``task`` (registry name or ``.jsonl`` path) for ``split`` (default: eval split).
+def load_docs(task: str, split: str | None = None, limit: Limit = None) -> list[Doc]:
+    """Docs of ``task`` (registry name, MMLU subject task or ``.jsonl`` path) for ``split``
+    (default: eval split).
 
-    ``limit`` keeps the first N docs, per subject for MMLU (each subject is a harness task).
+    ``limit`` keeps the first N docs (a fraction when below 1), per subject for MMLU (each
+    subject is a harness task).
     """
     if task.endswith(".jsonl"):
         if split not in (None, "test"):
             raise UserError(f"a JSONL task has one split; {split!r} was asked for")
-        docs = read_jsonl_task(Path(task))
-        return docs[:limit] if limit is not None else docs
-    spec = TASKS[task]
+        return apply_limit(read_jsonl_task(Path(task)), limit)
+    base, subject = split_subtask(task)
+    spec = TASKS[base]
     split = split or spec.eval_split
-    if task == "mmlu":
+    if base == "mmlu":
         if split not in ("test", "validation", "dev"):
             raise UserError(f"MMLU has splits test, validation, dev; not {split!r}")
-        docs = _mmlu_docs(split, limit)
+        docs = _mmlu_docs(split, limit, [subject] if subject else None)
     else:
         if split not in spec.splits:
             raise UserError(f"task {task} ships splits {', '.join(spec.splits)}; not {split!r}")
         loader, template = spec.splits[split]
-        rows = loader()
-        if limit is not None:
-            rows = rows[:limit]
+        rows = apply_limit(loader(), limit)
         docs = [template(row, i) for i, row in enumerate(rows)]
     if not docs:
         raise UserError(f"task {task} ({split}) holds no questions")
@@ -191,9 +224,10 @@ def _fewshot_pool(task: str, spec: TaskSpec | None, docs: Sequence[Doc]) -> dict
     """Few-shot candidates, keyed by subject for MMLU (examples come from the same subject)."""
     if spec is None:  # JSONL: other questions of the same file
         return {None: list(docs)}
-    if task == "mmlu":
+    base, subject = split_subtask(task)
+    if base == "mmlu":
         pool: dict[Any, list[Doc]] = {}
-        for d in _mmlu_docs(spec.fewshot_split, None):
+        for d in _mmlu_docs(spec.fewshot_split, None, [subject] if subject else None):
             pool.setdefault(d.subject, []).append(d)
         return pool
     return {None: load_docs(task, spec.fewshot_split)}
@@ -215,7 +249,7 @@ def build_items(
     task: str,
     *,
     split: str | None = None,
-    limit: int | None = None,
+    limit: Limit = None,
     num_fewshot: int = 0,
     chat: ChatWrap | None = None,
 ) -> list[Item]:
@@ -226,7 +260,7 @@ def build_items(
     becomes the system message and the rest one user message rendered with the generation prompt;
     the continuation is then the bare choice (the harness' ``--apply_chat_template`` convention).
     """
-    spec = TASKS.get(task)
+    spec = task_spec(task)
     split_name = split or (spec.eval_split if spec else "test")
     docs = load_docs(task, split_name, limit)
     pool = _fewshot_pool(task, spec, docs) if num_fewshot > 0 else {}
@@ -236,7 +270,7 @@ def build_items(
     for doc in docs:
         shots = ""
         if num_fewshot > 0:
-            candidates = pool.get(doc.subject if task == "mmlu" else None, [])
+            candidates = pool.get(doc.subject if task_name(task) == "mmlu" else None, [])
             chosen = _select_shots(candidates, doc, num_fewshot, sampler)
             shots = "".join(_shot_text(s) + FEWSHOT_DELIMITER for s in chosen)
         delimiter = "" if chat else TARGET_DELIMITER

