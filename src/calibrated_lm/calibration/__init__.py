@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from calibrated_lm.calibration.binning import BinTable, bin_indices, bin_table
 from calibrated_lm.calibration.bootstrap import bootstrap_ci, bootstrap_indices, percentile_interval
-from calibrated_lm.calibration.diagrams import reliability_diagram
+from calibrated_lm.calibration.diagrams import (
+    plot_reliability,
+    reliability_diagram,
+    wilson_interval,
+)
 from calibrated_lm.calibration.metrics import (
     calibration_error,
     classwise_calibration_error,
@@ -49,6 +53,7 @@ __all__ = [
     "mean_confidence",
     "nll",
     "percentile_interval",
+    "plot_reliability",
     "read_samples",
     "reliability_diagram",
     "smooth_ece",
@@ -58,4 +63,5 @@ __all__ = [
     "task_groups",
     "top_label",
     "top_label_brier",
+    "wilson_interval",
 ]

@@ -1,12 +1,19 @@
 """Reliability diagrams (DeGroot and Fienberg 1983; Niculescu-Mizil and Caruana 2005;
 Guo et al. 2017 style): accuracy per confidence bin with the gap to the diagonal, over a
 histogram of confidences. Several series (models) share one figure, side by side in each bin.
+
+Each bin's accuracy carries a 95% Wilson score interval (Wilson 1927), so a bin of 3 items at
+accuracy 1.0 reads as the weak evidence it is next to a bin of 161; each bar is labelled with its
+item count when the bars are wide enough to hold it. :func:`plot_reliability` draws into given
+axes (or a new figure) and returns the figure; :func:`reliability_diagram` draws and writes
+PNG and SVG files.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -19,8 +26,19 @@ from calibrated_lm.calibration.validation import as_confidence, as_correct, chec
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")
 
 
+def wilson_interval(successes: ArrayLike, n: ArrayLike, z: float = 1.96) -> np.ndarray:
+    """(2, m) Wilson score interval of a binomial proportion for each (successes, n), n > 0:
+    centre (k + z^2/2) / (n + z^2), half-width z sqrt(k(n - k)/n + z^2/4) / (n + z^2)."""
+    k = np.asarray(successes, dtype=np.float64)
+    m = np.asarray(n, dtype=np.float64)
+    centre = (k + z * z / 2) / (m + z * z)
+    half = z * np.sqrt(np.maximum(k * (m - k) / m, 0.0) + z * z / 4) / (m + z * z)
+    return np.stack([np.clip(centre - half, 0, 1), np.clip(centre + half, 0, 1)])
+
+
 def _bars(ax, hx, s, n_series, color, label, table, nonempty, acc, conf, cnt, n) -> None:
-    """Equal-width bins: series side by side inside each bin, accuracy bar plus gap box."""
+    """Equal-width bins: series side by side inside each bin, accuracy bar plus gap box, the
+    accuracy's Wilson interval and (when there is room) the bin's item count."""
     lower, upper = table.lower[nonempty], table.upper[nonempty]
     width = (upper - lower) / n_series
     left = lower + s * width
@@ -38,17 +56,27 @@ def _bars(ax, hx, s, n_series, color, label, table, nonempty, acc, conf, cnt, n)
         linewidth=0.6, zorder=3,
     )  # fmt: skip
     ax.plot(left + width / 2, conf, ls="none", marker="_", ms=8, mew=1.6, color="0.15", zorder=4)
+    lo, hi = wilson_interval(acc * cnt, cnt)
+    ax.errorbar(left + width / 2, acc, yerr=[acc - lo, hi - acc], fmt="none", ecolor="0.1",
+                elinewidth=0.8, capsize=1.5, zorder=5)  # fmt: skip
+    if n_series <= 2:  # counts fit above the bars only while the bars are wide
+        for x, y, c in zip(left + width / 2, np.maximum(hi, conf), cnt):
+            ax.text(x, min(y + 0.015, 0.985), f"{int(c)}", ha="center", va="bottom",
+                    fontsize=6, color="0.25", rotation=90 if n_series == 2 else 0)  # fmt: skip
     hx.bar(
         left, cnt / n, width=width, align="edge", color=color, alpha=0.85,
         edgecolor="white", linewidth=0.6,
     )  # fmt: skip
 
 
-def _points(ax, hx, color, label, acc, conf, c) -> None:
+def _points(ax, hx, color, label, acc, conf, cnt, c) -> None:
     """Equal-mass bins differ per series and crowd near 1, so each bin is a point at (mean
     confidence, accuracy) with a dotted gap to the diagonal; the histogram below is a
     density over 20 equal-width bins (equal-mass counts would be flat by construction)."""
     ax.plot(conf, acc, marker="o", ms=4.5, lw=1.4, color=color, zorder=3, label=label)
+    lo, hi = wilson_interval(acc * cnt, cnt)
+    ax.errorbar(conf, acc, yerr=[acc - lo, hi - acc], fmt="none", ecolor=color, elinewidth=0.8,
+                capsize=1.5, zorder=3)  # fmt: skip
     ax.vlines(conf, np.minimum(acc, conf), np.maximum(acc, conf), colors=color, linestyles=":",
               lw=1.2, zorder=2)  # fmt: skip
     hx.hist(c, bins=20, range=(0.0, 1.0), density=True, histtype="stepfilled", alpha=0.3,
@@ -56,22 +84,27 @@ def _points(ax, hx, color, label, acc, conf, c) -> None:
     hx.hist(c, bins=20, range=(0.0, 1.0), density=True, histtype="step", lw=1.2, color=color)
 
 
-def reliability_diagram(
+def plot_reliability(
     series: Mapping[str, tuple[ArrayLike, ArrayLike]],
-    path_stem: str | Path,
     *,
+    ax: Any = None,
+    hist_ax: Any = None,
     n_bins: int = 15,
     binning: str = "width",
     title: str | None = None,
-) -> list[Path]:
-    """Write ``path_stem.png`` and ``path_stem.svg``; return both paths.
+    normalization: str | None = None,
+) -> Any:
+    """Draw a reliability diagram and return its matplotlib ``Figure``.
 
-    ``series`` maps a label to (top-label confidence, correct 0/1). Top panel: per bin, a solid
-    bar up to the accuracy and a hatched bar spanning the gap to the mean confidence, for each
-    series side by side; the dashed diagonal is perfect calibration; the legend gives each
-    series' ECE (same bins) and item count. Bottom panel: share of items per confidence bin.
-    With equal-mass bins (which differ per series) each bin is drawn as a point at its mean
-    confidence with a dotted gap to the diagonal, over a density histogram of confidences.
+    ``series`` maps a label to (top-label confidence, correct 0/1). Top panel (``ax``): per bin,
+    a solid bar up to the accuracy with its 95% Wilson interval and a hatched bar spanning the
+    gap to the mean confidence, for each series side by side; the dashed diagonal is perfect
+    calibration; the legend gives each series' ECE (same bins) and item count. Bottom panel
+    (``hist_ax``): share of items per confidence bin. With equal-mass bins (which differ per
+    series) each bin is a point at its mean confidence, over a density histogram of
+    confidences. Without ``ax`` a new two-panel figure is made; with ``ax`` alone the
+    histogram panel is left out. The title names n (when all series have the same) and,
+    when given, the score normalisation.
     """
     if not series:
         raise ValueError("reliability_diagram needs at least one series")
@@ -83,17 +116,25 @@ def reliability_diagram(
 
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.colors
+    if ax is None:
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
-    fig, (ax, hx) = plt.subplots(
-        2,
-        1,
-        figsize=(6.4, 7.2),
-        sharex=True,
-        gridspec_kw={"height_ratios": [3.2, 1.0], "hspace": 0.08},
-    )
+    if ax is None:
+        fig, (ax, hist_ax) = plt.subplots(
+            2,
+            1,
+            figsize=(6.4, 7.2),
+            sharex=True,
+            gridspec_kw={"height_ratios": [3.2, 1.0], "hspace": 0.08},
+        )
+    else:
+        fig = ax.figure
+    hx = hist_ax
+    if hx is None:  # drawing into a caller's single axes: the histogram goes nowhere
+        hx = _NullAxes()
     n_series = len(data)
     ax.plot([0, 1], [0, 1], ls="--", color="0.35", lw=1.2, zorder=1, label="perfect calibration")
     for s, (name, (c, y)) in enumerate(data.items()):
@@ -106,34 +147,81 @@ def reliability_diagram(
         if binning == "width":
             _bars(ax, hx, s, n_series, color, label, table, nonempty, acc, conf, cnt, c.shape[0])
         else:
-            _points(ax, hx, color, label, acc, conf, c)
-    # One legend entry explains the gap marks and the confidence tick for every series.
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
-
+            _points(ax, hx, color, label, acc, conf, cnt, c)
     handles, labels = ax.get_legend_handles_labels()
+    interval = Line2D(
+        [], [], color="0.1", lw=0.8, marker="_", ms=4, label="accuracy, 95% Wilson interval"
+    )
     if binning == "width":
         handles += [
             Patch(facecolor="none", edgecolor="0.3", hatch="///", label="gap to mean confidence"),
             Line2D(
                 [], [], ls="none", marker="_", ms=8, mew=1.6, color="0.15", label="mean confidence"
             ),
+            interval,
         ]
     else:
-        handles += [Line2D([], [], ls=":", color="0.3", label="gap to the diagonal")]
+        handles += [Line2D([], [], ls=":", color="0.3", label="gap to the diagonal"), interval]
     ax.legend(handles=handles, loc="upper left", fontsize=8.5, frameon=True, framealpha=0.92)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
-    ax.set_aspect("auto")
     ax.grid(alpha=0.25, lw=0.6)
     bins_text = "equal-width" if binning == "width" else "equal-mass"
-    ax.set_title(title or "Reliability diagram", fontsize=11.5)
-    hx.set_xlabel(f"confidence (top-label probability; {n_bins} {bins_text} bins)")
-    hx.set_ylabel("share of items" if binning == "width" else "density")
-    hx.grid(alpha=0.25, lw=0.6)
-    for a in (ax, hx):
-        a.spines[["top", "right"]].set_visible(False)
+    sizes = {v[0].shape[0] for v in data.values()}
+    facts = [f"n={sizes.pop():,}"] if len(sizes) == 1 else []
+    if normalization is not None:
+        facts.append(f"scores: {NORM_TEXT.get(normalization, normalization)}")
+    ax.set_title((title or "Reliability diagram") + (f" ({', '.join(facts)})" if facts else ""),
+                 fontsize=11)  # fmt: skip
+    xlabel = f"confidence (top-label probability; {n_bins} {bins_text} bins)"
+    if hist_ax is not None:
+        hist_ax.set_xlabel(xlabel)
+        hist_ax.set_ylabel("share of items" if binning == "width" else "density")
+        hist_ax.grid(alpha=0.25, lw=0.6)
+        hist_ax.spines[["top", "right"]].set_visible(False)
+    else:
+        ax.set_xlabel(xlabel)
+    ax.spines[["top", "right"]].set_visible(False)
+    return fig
+
+
+class _NullAxes:
+    """Stands in for the histogram panel when the caller gave only the main axes."""
+
+    def bar(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def hist(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+NORM_TEXT = {
+    "none": "summed log-likelihood",
+    "chars": "per character",
+    "tokens": "per token",
+}
+
+
+def reliability_diagram(
+    series: Mapping[str, tuple[ArrayLike, ArrayLike]],
+    path_stem: str | Path,
+    *,
+    n_bins: int = 15,
+    binning: str = "width",
+    title: str | None = None,
+    normalization: str | None = None,
+) -> list[Path]:
+    """Draw :func:`plot_reliability` and write ``path_stem.png`` and ``path_stem.svg``;
+    return both paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plot_reliability(
+        series, n_bins=n_bins, binning=binning, title=title, normalization=normalization
+    )
     stem = Path(path_stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".svg")]

@@ -147,7 +147,8 @@ def write_diagrams(
             out_dir / f"reliability_{task}",
             n_bins=n_bins,
             binning=binning,
-            title=f"{task} (n={len(sub)}): {label}",
+            title=f"{task}: {label}",
+            normalization=normalization,
         )
     return paths
 
