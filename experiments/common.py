@@ -108,13 +108,20 @@ _SKIP_DATA = {"train.json", "heldout.json"}  # copies of the instruction data (n
 _SKIP_SUFFIXES = {".safetensors", ".bin", ".pt", ".svg"}
 
 
-def bundle(work: Path, out_file: Path, newer_than: float | None = None) -> list[str]:
+def bundle(
+    work: Path,
+    out_file: Path,
+    newer_than: float | None = None,
+    only: Sequence[str] | None = None,
+) -> list[str]:
     """Pack the transportable results under ``work`` into ``out_file`` (tar.gz).
 
     Samples files are slimmed (:func:`slim_samples`); weights, checkpoints, SVGs and the
     copies of the training data (``data/train.json``, ``data/heldout.json``) are left out;
     with ``newer_than`` (a POSIX time) so are files last modified before it (results that
-    came from here and need not travel back). Returns the archived member names.
+    came from here and need not travel back); with ``only``, just the files under those
+    folders of ``work`` (e.g. ``evals/base__trained``: finished units to restore into another
+    work folder). Returns the archived member names.
     """
     names: list[str] = []
     out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -128,6 +135,10 @@ def bundle(work: Path, out_file: Path, newer_than: float | None = None) -> list[
             if path.suffix in _SKIP_SUFFIXES:
                 continue
             if newer_than is not None and path.stat().st_mtime < newer_than:
+                continue
+            if only is not None and not any(
+                rel.parts[: len(Path(o).parts)] == Path(o).parts for o in only
+            ):
                 continue
             if path.name.startswith("samples") and path.suffix == ".jsonl":
                 data = slim_samples(path)

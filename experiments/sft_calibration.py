@@ -225,10 +225,21 @@ _CONTROL = dataclasses.replace(
     save_every=60,
     est={"prepare": 60, "train": 400, "eval": 150, "heldout": 40, "select": 1},
 )
+# Issue 12's claim 2 at the control's setting (docs/issue12_plan.md pre-registers the test):
+# eps {0, 0.05, 0.1, 0.2} x seeds {1, 2, 3}, seed by seed so that each session ends with whole
+# eps sweeps. eps 0 seed 1 is the control's run: restore its finished units into the work
+# folder (done markers and results travel; weights do not) instead of training it again.
+CLAIM2_EPS = (0.0, 0.05, 0.1, 0.2)
+CLAIM2_SEEDS = (1, 2, 3)
+_CLAIM2 = dataclasses.replace(
+    _CONTROL,
+    runs=tuple(SFTRun(e, s, lr=8e-5, epochs=3) for s in CLAIM2_SEEDS for e in CLAIM2_EPS),
+)
 PROFILES: dict[str, Profile] = {
     "full": _FULL,
     "budget": _BUDGET,
     "control": _CONTROL,
+    "claim2": _CLAIM2,
     # CPU check of the control's pipeline (both formats, per-example held-out statistics,
     # checkpointed training): no evidence in its numbers.
     "control_smoke": dataclasses.replace(
@@ -878,6 +889,14 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="only files modified after this file was (e.g. a marker of restored results)",
     )
+    b.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="FOLDER",
+        help="only these folders of --work (finished units to restore elsewhere, e.g. the "
+        "control's eps-0 run and the base evaluations into a claim2 work folder)",
+    )
     u = sub.add_parser("unbundle", help="unpack a bundle into the work folder")
     u.add_argument("archive", type=Path)
     u.add_argument("--work", type=Path, default=DEFAULT_WORK)
@@ -899,7 +918,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "bundle":
         since = args.newer_than.stat().st_mtime if args.newer_than else None
-        names = bundle(args.work, args.out, newer_than=since)
+        names = bundle(args.work, args.out, newer_than=since, only=args.only)
         print(f"bundled {len(names)} files into {args.out} ({args.out.stat().st_size} bytes)")
         return 0
     if args.cmd == "unbundle":

@@ -44,11 +44,19 @@ def test_bad_records_name_the_record() -> None:
         C.check_records([{**good, "a": float("nan")}])
 
 
-def _samples(path: Path, rng, n: int, sharp: float, acc_shift: float = 0.0) -> None:
-    """Two primary tasks of n 4-choice questions; ``sharp`` scales the logits (confidence)."""
+def _samples(
+    path: Path,
+    rng,
+    n: int,
+    sharp: float,
+    acc_shift: float = 0.0,
+    tasks=("arc_easy", "arc_challenge"),
+) -> None:
+    """Tasks of n 4-choice questions (two primary ones by default); ``sharp`` scales the
+    logits (confidence)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = []
-    for task in ("arc_easy", "arc_challenge"):
+    for task in tasks:
         for i in range(n):
             y = i % 4
             z = np.random.default_rng(i).normal(size=4)  # the same question for every model
@@ -114,3 +122,45 @@ def test_control_report_applies_the_preregistered_criterion(tmp_path: Path) -> N
     assert (tmp_path / "res/reliability_arc_easy.png").stat().st_size > 1000
     recs = json.loads(claims.read_text())
     assert {r["claim"] for r in recs} == {"control"} and all("ci95" in r for r in recs)
+
+
+def test_claim2_report_verdicts_and_missing_seeds(tmp_path: Path) -> None:
+    import claim2_report as R2
+    from sft_calibration import SFTRun
+
+    rng = np.random.default_rng(0)
+    work = tmp_path / "w"
+
+    def ev(eps, seed, sharp):
+        name = SFTRun(eps, seed, lr=8e-5, epochs=3).name(8e-5)
+        path = work / f"evals/{name}__trained/samples.jsonl"
+        _samples(path, rng, 120, sharp, tasks=R2.PRIMARY + R2.SECONDARY)
+
+    for s in (1, 2, 3):
+        ev(0.0, s, 2.5)  # over-confident eps 0
+        ev(0.1, s, 1.0 + 0.05 * s)  # smoothed: calibrated again, same answers
+    ev(0.2, 1, 1.0)  # one seed only
+    claims = tmp_path / "claims.json"
+    out = R2.write_report(work, tmp_path / "res", bootstrap=100, claims_path=claims)
+    e1 = out["eps"]["0.1"]
+    assert e1["seeds"] == [1, 2, 3] and e1["verdict"] == "reproduced"
+    assert e1["primary_mean"]["ece"]["ci95"][1] < 0
+    assert e1["primary_mean"]["accuracy"]["delta"] == pytest.approx(0.0, abs=1e-12)
+    e2 = out["eps"]["0.2"]
+    assert e2["verdict"] is None and e2["missing"] == ["seed 2", "seed 3"]
+    assert out["eps"]["0.05"]["seeds"] == [] and out["eps"]["0.05"]["verdict"] is None
+    text = (tmp_path / "res/tables.md").read_text()
+    assert "eps 0.1: **reproduced**" in text and "missing: seed 2, seed 3" in text
+    recs = json.loads(claims.read_text())
+    assert any(r["claim"] == "2" and r["verdict"].startswith("incomplete") for r in recs)
+
+
+def test_claim2_verdict_rules() -> None:
+    import claim2_report as R2
+
+    acc_ok = {"ci95": [-0.005, 0.01]}
+    assert R2.verdict({"ci95": [-0.03, -0.01]}, acc_ok) == "reproduced"
+    assert R2.verdict({"ci95": [-0.03, -0.01]}, {"ci95": [-0.02, 0.0]}) == "inconclusive"
+    assert R2.verdict({"ci95": [-0.004, 0.02]}, acc_ok) == "not reproduced"
+    assert R2.verdict({"ci95": [-0.03, 0.02]}, {"ci95": [-0.05, -0.02]}) == "not reproduced"
+    assert R2.verdict({"ci95": [-0.03, 0.02]}, acc_ok) == "inconclusive"

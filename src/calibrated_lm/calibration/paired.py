@@ -126,6 +126,7 @@ def two_level_bootstrap(
     seed: int = 0,
     n_bins: int = 15,
     level: float = 0.95,
+    return_draws: bool = False,
 ) -> dict[str, dict[str, float | list[float]]]:
     """Paired seed-and-question bootstrap of mean(metric(B_s)) - mean(metric(A_s)).
 
@@ -133,7 +134,10 @@ def two_level_bootstrap(
     and B trained with the same seed; pass the same array for every A when A is one shared
     model, such as a base). Each draw resamples seeds with replacement, then the n questions,
     and averages the per-seed differences on those questions. ``a``/``b`` are the seed means
-    on all questions.
+    on all questions. The seed draws depend only on (``draws``, ``seed``, number of seeds), so
+    calls for several tasks with the same arguments resample the same seeds in each draw;
+    ``return_draws`` adds each metric's per-draw differences (``"draws"``), e.g. to average
+    over tasks draw by draw.
     """
     y = np.asarray(labels, dtype=np.int64)
     if len(probs_a) != len(probs_b) or not probs_a:
@@ -159,4 +163,6 @@ def two_level_bootstrap(
         a = float(np.mean([p[m][0] for p in points_a]))
         b = float(np.mean([p[m][0] for p in points_b]))
         out[m] = {"a": a, "b": b, "delta": b - a, "ci95": percentile_interval(drawn, level)}
+        if return_draws:
+            out[m]["draws"] = drawn
     return out

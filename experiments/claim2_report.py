@@ -1,0 +1,196 @@
+"""Report of issue 12's claim-2 test (``sft_calibration.py run --profile claim2``).
+
+Against the criterion pre-registered in ``docs/issue12_plan.md``: for each eps > 0, the change
+relative to eps 0 trained with the same seed, in the trained format with per-token scores,
+averaged over seeds (two-level paired bootstrap: seeds, then questions) and over the five
+primary tasks (draw by draw). ECE is the primary metric; RMS-CE, accuracy and mean confidence
+are reported beside it, per task and as the primary-task mean, plus the secondary tasks. An
+eps with fewer than the planned seeds, or a missing task, is named and gets no verdict.
+
+Writes ``--results``/``results.json`` and ``tables.md``, and the ``claim2`` records of
+``experiments/results/claims.json``.
+
+    python experiments/claim2_report.py [--work runs/claim2]
+        [--results experiments/results/sft_claim2] [--bootstrap 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import claims as C  # noqa: E402
+from control_report import PRIMARY, SECONDARY, _records, probabilities  # noqa: E402
+from sft_calibration import CLAIM2_EPS, CLAIM2_SEEDS, SFTRun  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+FORMAT, NORM = "trained", "tokens"
+METRICS = ("ece", "rms_ce", "accuracy", "mean_confidence")
+NONINFERIORITY = 0.01  # accuracy: one point
+NEGLIGIBLE_ECE = 0.005  # an ECE reduction smaller than this is not the claimed benefit
+
+
+def _eval_dir(work: Path, eps: float, seed: int) -> Path:
+    return work / "evals" / f"{SFTRun(eps, seed, lr=8e-5, epochs=3).name(8e-5)}__{FORMAT}"
+
+
+def verdict(ece: dict[str, Any], acc: dict[str, Any]) -> str:
+    """The pre-registered verdict from the primary-mean ECE and accuracy changes."""
+    e_lo, e_hi = ece["ci95"]
+    a_lo, a_hi = acc["ci95"]
+    if e_hi < 0 and a_lo > -NONINFERIORITY:
+        return "reproduced"
+    if e_lo > -NEGLIGIBLE_ECE or a_hi < -NONINFERIORITY:
+        return "not reproduced"
+    return "inconclusive"
+
+
+def write_report(
+    work: Path,
+    results: Path,
+    *,
+    bootstrap: int = 1000,
+    seeds: tuple[int, ...] = CLAIM2_SEEDS,
+    claims_path: Path = C.CLAIMS,
+) -> dict[str, Any]:
+    from calibrated_lm.calibration.paired import two_level_bootstrap
+
+    recs = {
+        (e, s): _records(_eval_dir(work, e, s) / "samples.jsonl")
+        for e in CLAIM2_EPS
+        for s in seeds
+        if (_eval_dir(work, e, s) / "done.json").exists()
+    }
+    out: dict[str, Any] = {"criterion": "docs/issue12_plan.md (pre-registered)", "eps": {}}
+    records: list[dict[str, Any]] = []
+    for eps in CLAIM2_EPS[1:]:
+        have = [s for s in seeds if (eps, s) in recs and (0.0, s) in recs]
+        entry: dict[str, Any] = {"seeds": have, "missing": [], "tasks": {}, "verdict": None}
+        entry["missing"] += [f"seed {s}" for s in seeds if s not in have]
+        if not have:
+            out["eps"][f"{eps:g}"] = entry
+            continue
+        draws: dict[str, list[np.ndarray]] = {m: [] for m in METRICS}
+        for task in PRIMARY + SECONDARY:
+            if any(task not in recs[(e, s)] for s in have for e in (0.0, eps)):
+                entry["missing"].append(f"task {task}")
+                continue
+            keys = sorted(
+                set.intersection(*(set(recs[(e, s)][task]) for s in have for e in (0.0, eps)))
+            )
+            pa = [probabilities([recs[(0.0, s)][task][k] for k in keys], NORM)[0] for s in have]
+            pb = [probabilities([recs[(eps, s)][task][k] for k in keys], NORM)[0] for s in have]
+            y = probabilities([recs[(0.0, have[0])][task][k] for k in keys], NORM)[1]
+            res = two_level_bootstrap(pa, pb, y, draws=bootstrap, seed=0, return_draws=True)
+            entry["tasks"][task] = {
+                m: {k: v for k, v in res[m].items() if k != "draws"} for m in METRICS
+            }
+            entry["tasks"][task]["n"] = len(keys)
+            if task in PRIMARY:
+                for m in METRICS:
+                    draws[m].append(res[m]["draws"])
+        primary = [t for t in PRIMARY if t in entry["tasks"]]
+        if primary:
+            mean: dict[str, Any] = {}
+            from calibrated_lm.calibration import percentile_interval
+
+            for m in METRICS:
+                a = float(np.mean([entry["tasks"][t][m]["a"] for t in primary]))
+                b = float(np.mean([entry["tasks"][t][m]["b"] for t in primary]))
+                d = np.mean(np.stack(draws[m]), axis=0)
+                mean[m] = {"a": a, "b": b, "delta": b - a, "ci95": percentile_interval(d)}
+            entry["primary_mean"] = mean
+        complete = len(have) == len(seeds) and not any(
+            x.startswith("task") for x in entry["missing"]
+        )
+        entry["verdict"] = (
+            verdict(entry["primary_mean"]["ece"], entry["primary_mean"]["accuracy"])
+            if complete
+            else None
+        )
+        setting = f"eps {eps:g} vs eps 0 (lr 8e-5, 3 ep; seeds {','.join(map(str, have))})"
+        if "primary_mean" in entry:
+            for m in ("ece", "rms_ce", "accuracy"):
+                r = entry["primary_mean"][m]
+                v = entry["verdict"] if m == "ece" and entry["verdict"] else None
+                records.append(
+                    C.record(
+                        "2",
+                        setting,
+                        "primary mean",
+                        m,
+                        r["a"],
+                        r["b"],
+                        r["ci95"],
+                        verdict=v
+                        or (
+                            "incomplete: " + ", ".join(entry["missing"])
+                            if entry["missing"]
+                            else None
+                        ),
+                        headline=m in ("ece", "accuracy"),
+                    )  # fmt: skip
+                )
+        for task, t in entry["tasks"].items():
+            r = t["ece"]
+            records.append(C.record("2", setting, task, "ece", r["a"], r["b"], r["ci95"]))
+        out["eps"][f"{eps:g}"] = entry
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "results.json").write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    (results / "tables.md").write_text(_tables(out), encoding="utf-8")
+    if records:
+        C.update(records, source="claim2", path=claims_path)
+    return out
+
+
+def _tables(out: dict[str, Any]) -> str:
+    lines = [
+        "# Claim 2: label smoothing at the control's over-confident setting",
+        "",
+        "Generated by `experiments/claim2_report.py`; pre-registered in `docs/issue12_plan.md`. "
+        "eps - eps 0 (same seed), trained format, per-token scores; two-level bootstrap 95% "
+        "intervals.",
+        "",
+        "| eps | seeds | task | ECE eps 0 | ECE eps | d ECE [95% CI] | d acc [95% CI] |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for eps, e in out["eps"].items():
+        rows = ([("primary mean", e["primary_mean"])] if "primary_mean" in e else []) + list(
+            e["tasks"].items()
+        )
+        for task, t in rows:
+            ece, acc = t["ece"], t["accuracy"]
+            lines.append(
+                f"| {eps} | {','.join(map(str, e['seeds']))} | {task} | {ece['a']:.3f} | "
+                f"{ece['b']:.3f} | {ece['delta']:+.3f} [{ece['ci95'][0]:+.3f}, "
+                f"{ece['ci95'][1]:+.3f}] | {acc['delta']:+.3f} [{acc['ci95'][0]:+.3f}, "
+                f"{acc['ci95'][1]:+.3f}] |"
+            )
+    lines += ["", "## Verdicts", ""]
+    for eps, e in out["eps"].items():
+        if e["verdict"]:
+            lines.append(f"- eps {eps}: **{e['verdict']}**")
+        else:
+            lines.append(f"- eps {eps}: no verdict; missing: {', '.join(e['missing'])}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "claim2")
+    ap.add_argument("--results", type=Path, default=ROOT / "experiments/results/sft_claim2")
+    ap.add_argument("--bootstrap", type=int, default=1000)
+    args = ap.parse_args(argv)
+    write_report(args.work, args.results, bootstrap=args.bootstrap)
+    print((args.results / "tables.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
