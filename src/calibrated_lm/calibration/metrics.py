@@ -51,8 +51,13 @@ def calibration_error(
     - ``norm="l2"`` (RMS calibration error): sqrt(sum_b w_b (acc_b - conf_b)^2)
     - ``norm="max"`` (MCE): max over non-empty bins of |acc_b - conf_b|
 
-    ``binning="width"``: n_bins equal-width bins on [0, 1] (1.0 in the last, 0.0 in the first);
-    ``binning="mass"``: n_bins groups of near-equal size after sorting by confidence.
+    ``binning="width"``: n_bins equal-width bins ``e[k] <= c < e[k + 1]`` on the float edges
+    ``e = numpy.linspace(0, 1, n_bins + 1)``, closed on the left (0.0 in the first bin) and the
+    last one also on the right (1.0 in the last bin). That is the rule of netcal and
+    torchmetrics; Guo et al. write right-closed bins, as Kumar et al.'s package computes them,
+    which differs only for a confidence exactly equal to an edge (see ``binning``).
+    ``binning="mass"``: after a stable sort by confidence, ``numpy.array_split`` groups of the
+    sorted order (the first ``n % n_bins`` groups hold one item more).
     """
     c = as_confidence(confidence)
     y = as_correct(correct, c.shape[0])

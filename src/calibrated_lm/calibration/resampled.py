@@ -2,16 +2,19 @@
 
 A resample is a row of item multiplicities W[b, i] (how often item i was drawn). Any sum over
 the resampled items is then W @ x, so all draws of a metric come from a few matrix products
-instead of a Python loop. Equal-mass bins depend on the resample: items are sorted once by
-confidence and each draw's groups are cut at ranks ceil(g * N_b / n_bins) of its own copies
-(copies of one item may straddle a cut, as ties do in ``binning.bin_indices``).
+instead of a Python loop. Equal-width bins are ``binning.bin_indices``'s, which do not depend
+on the draw. Equal-mass bins do: items are sorted once by confidence (the same stable sort as
+``binning.bin_indices``) and each draw's N_b copies are cut as ``numpy.array_split`` cuts N_b
+items, at ranks ``g * (N_b // n_bins) + min(g, N_b % n_bins)`` (``binning.mass_bounds``).
+Copies of one item may straddle a cut, as ties do in ``binning.bin_indices``; a draw that
+takes every item once gets exactly ``binning.bin_indices``'s groups.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from calibrated_lm.calibration.binning import bin_indices
+from calibrated_lm.calibration.binning import bin_indices, mass_bounds
 
 
 def multiplicities(indices: np.ndarray, n: int) -> np.ndarray:
@@ -27,7 +30,8 @@ def weighted_bin_sums(
     """(B, n_bins, V) sums of ``values`` (n, V) over each draw's bins of ``key`` (n,).
 
     Include a column of ones in ``values`` to get the bin counts. Items with weight 0 (not
-    drawn, or masked out) take no part, also not in the equal-mass cuts.
+    drawn, or masked out) take no part, also not in the equal-mass cuts. Equal-mass cuts
+    count copies, so there the weights must be whole numbers (multiplicities).
     """
     n, v = values.shape
     if binning == "width":
@@ -44,13 +48,16 @@ def weighted_bin_sums(
             if hi > lo:
                 out[:, b, :] = ws[:, lo:hi] @ vs[lo:hi]
         return out
+    if not np.array_equal(weights, np.rint(weights)):
+        raise ValueError("equal-mass bins need whole-number weights (item multiplicities)")
     order = np.argsort(key, kind="stable")
     ws = weights[:, order]
     vs = values[order]
     rows = weights.shape[0]
     copies = np.cumsum(ws, axis=1)  # (B, n): copies among the first j+1 sorted items
     total = copies[:, -1]
-    cut_ranks = np.ceil(np.arange(n_bins + 1)[None, :] * total[:, None] / n_bins)  # (B, G)
+    # The array_split cuts of each draw's own copies (exact: sums of whole numbers).
+    cut_ranks = mass_bounds(np.rint(total).astype(np.int64), n_bins).astype(np.float64)
     # Items entirely below each cut: one searchsorted over all rows, each row shifted into
     # its own range so the flattened cumulative counts stay sorted.
     shift = (np.arange(rows) * (float(total.max()) + 1.0))[:, None]
