@@ -102,7 +102,10 @@ def test_nll_stays_finite_for_very_unlikely_gold_from_scores():
         (lambda: choice_probabilities([[0.0, float("nan")]]), "NaN"),
         (lambda: choice_probabilities([[0.0, np.inf]]), r"\+inf"),
         (lambda: choice_probabilities([[0.0]], normalization="words"), "unknown normalization"),
-        (lambda: choice_probabilities([[0.0, 1.0]], normalization="chars"), "needs per-choice character lengths"),
+        (
+            lambda: choice_probabilities([[0.0, 1.0]], normalization="chars"),
+            "needs per-choice character lengths",
+        ),
         (
             lambda: choice_probabilities(
                 [[0.0, 1.0]], choice_char_lengths=[[3, 0]], normalization="chars"

@@ -191,6 +191,9 @@ def test_low_precision_no_worse_than_twice_pytorch(dtype):
         (dict(z_loss=-1.0), "z_loss"),
         (dict(min_block_rows=-1), "min_block_rows"),
         (dict(min_block_rows=2.5), "min_block_rows"),
+        (dict(ignore_index=-100.0), "ignore_index must be an integer"),
+        (dict(ignore_index="-100"), "ignore_index must be an integer"),
+        (dict(ignore_index=True), "ignore_index must be an integer"),
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, message):
@@ -214,6 +217,49 @@ def test_bad_shapes_and_targets_raise():
         y2[3] = bad
         with pytest.raises(ValueError, match=r"\[0, 203\)"):
             linear_cross_entropy(h, w, y2)
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_ignore_index_none_ignores_no_target(shift):
+    """None means "no ignored index" (it used to raise AttributeError): every target counts,
+    and the same targets with the default -100 give the same loss."""
+    h, w, y, _ = make_problem(ignore_frac=0.0)
+    if shift:
+        h, y = h.reshape(1, 37, 24), y.reshape(1, 37)
+    for reduction in ("mean", "sum", "none"):
+        got, stats = linear_cross_entropy(
+            h, w, y, ignore_index=None, shift=shift, reduction=reduction, return_stats=True
+        )
+        want, want_stats = linear_cross_entropy(
+            h, w, y, shift=shift, reduction=reduction, return_stats=True
+        )
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(stats.correct, want_stats.correct, rtol=0, atol=0)
+    z, t = (h[0, :-1] @ w.T, y[0, 1:]) if shift else (h @ w.T, y)
+    loss = linear_cross_entropy(h, w, y, ignore_index=None, shift=shift)
+    torch.testing.assert_close(loss, F.cross_entropy(z, t), rtol=1e-5, atol=1e-6)
+    # -100 is then an ordinary, out-of-range target, not a skipped one.
+    y2 = y.clone()
+    y2[..., 5] = IGN
+    with pytest.raises(ValueError, match=r"ignore_index=None: none is ignored.*e\.g\. -100"):
+        linear_cross_entropy(h, w, y2, ignore_index=None, shift=shift)
+
+
+def test_ignore_index_none_under_shift_checks_only_scored_targets():
+    # With shift=True targets[..., 0] is never scored, so it may hold anything.
+    h, w, y, _ = make_problem(n=12, ignore_frac=0.0)
+    h, y = h.reshape(2, 6, 24), y.reshape(2, 6).clone()
+    y[:, 0] = IGN
+    loss = linear_cross_entropy(h, w, y, ignore_index=None, shift=True)
+    torch.testing.assert_close(loss, linear_cross_entropy(h, w, y, shift=True))
+
+
+def test_numpy_integer_ignore_index_is_accepted():
+    np = pytest.importorskip("numpy")
+    h, w, y, _ = make_problem()
+    torch.testing.assert_close(
+        linear_cross_entropy(h, w, y, ignore_index=np.int64(IGN)), linear_cross_entropy(h, w, y)
+    )
 
 
 def test_lazy_top_level_import():

@@ -318,28 +318,86 @@ def test_activation_checkpointing_through_the_patch_keeps_gradients():
         torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-5, atol=1e-7)
 
 
-def test_separately_sharded_head_is_gathered(tmp_path):
-    """fully_shard(lm_head) leaves a DTensor the head's hooks never gather: the patch must."""
+@pytest.mark.parametrize(
+    "device_type",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(
+                not (torch.cuda.is_available() and torch.distributed.is_nccl_available()),
+                reason="needs a CUDA GPU and NCCL",
+            ),
+        ),
+    ],
+)
+def test_separately_sharded_head_is_gathered(tmp_path, device_type):
+    """fully_shard(lm_head) leaves a DTensor the head's hooks never gather: the patch must.
+
+    The mesh is explicit: fully_shard's default mesh is the accelerator's whenever one is
+    visible, which moved the sharded copy to cuda:0 while the plain one stayed on the CPU
+    (``cuda:0 != cpu`` on GPU machines). Both copies and the batch live on ``device_type``.
+    """
     import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
     if dist.is_initialized():
         pytest.skip("a process group already exists")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    device = torch.device("cuda", 0) if device_type == "cuda" else torch.device("cpu")
+    backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
-        a = tiny("llama")
+        mesh = init_device_mesh(device_type, (1,))
+        a = tiny("llama").to(device)
         b = copy.deepcopy(a)
-        fully_shard(b.lm_head)
-        fully_shard(b)
+        fully_shard(b.lm_head, mesh=mesh)
+        fully_shard(b, mesh=mesh)
         assert isinstance(b.lm_head.weight, DTensor)
-        ids, labels = batch()
+        assert b.lm_head.weight.device == a.lm_head.weight.device == device
+        ids, labels = (t.to(device) for t in batch())
         for m in (a, b):
             patch_model(m, label_smoothing=0.1)
             m(input_ids=ids, labels=labels).loss.backward()
-        torch.testing.assert_close(b.lm_head.weight.grad.full_tensor(), a.lm_head.weight.grad)
+        gathered = b.lm_head.weight.grad.full_tensor()
+        assert gathered.device == a.lm_head.weight.grad.device == device
+        # Same kernels on both copies; on a GPU cuBLAS may pick another algorithm for the
+        # sharded copy's differently aligned parameters, hence a little slack there.
+        tol = {} if device_type == "cpu" else {"rtol": 1e-5, "atol": 1e-5}
+        torch.testing.assert_close(gathered, a.lm_head.weight.grad, **tol)
     finally:
         dist.destroy_process_group()
+
+
+def test_head_on_another_device_is_a_clear_error():
+    from calibrated_lm.models.patching import fused_lm_loss
+
+    model = tiny("llama")
+    patch_model(model)
+    head = torch.nn.Linear(16, VOCAB, bias=False, device="meta")
+    with pytest.raises(
+        ValueError, match="head's weight is on meta but the hidden states are on cpu"
+    ):
+        fused_lm_loss(torch.randn(1, 4, 16), head, patch_config(model), labels=batch()[1][:1, :4])
+
+
+def test_ignore_index_none_scores_every_label():
+    """transformers may pass ignore_index; None means no label is skipped (stats too)."""
+    from calibrated_lm.models.patching import fused_lm_loss
+
+    model = tiny("llama").eval()
+    patch_model(model, label_smoothing=0.0)
+    ids, _ = batch()
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids).last_hidden_state
+        logits = model.lm_head(hidden)
+        cfg = patch_config(model)
+        loss, stats = fused_lm_loss(
+            hidden, model.lm_head, cfg, labels=ids, ignore_index=None, return_stats=True
+        )
+    assert stats.n_tokens == ids[:, 1:].numel()
+    torch.testing.assert_close(loss, reference_loss(logits, ids, 0.0))
 
 
 @pytest.mark.parametrize(("kwargs", "expected"), [({}, 1024), ({"min_block_rows": 0}, 0)])

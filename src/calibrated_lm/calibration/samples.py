@@ -10,6 +10,12 @@ Our format, one JSON object per line::
 ``choice_char_lengths``, ``prompt`` and ``choices`` are optional. Items with a ``subject``
 are reported per ``<task>_<subject>`` and pooled into ``<task>``.
 
+An item has exactly as many choices as it lists scores. A log-likelihood of -infinity
+(``-Infinity`` in JSON, ``"-inf"`` in harness files) is a real score, a choice of probability
+0, wherever it sits; it is never taken for padding (see :mod:`calibrated_lm.calibration.scores`).
+A gold choice scored -infinity is simply wrong with probability 0 (NLL +inf). Only an item
+whose every choice is -infinity is refused.
+
 lm-evaluation-harness 0.4.x writes ``samples_<task>_<date>.jsonl`` with one object per
 document: ``doc_id``, ``doc``, ``target`` (a string since 0.4.3), ``arguments`` (per choice
 request ``{"gen_args_i": {"arg_0": context, "arg_1": target_delimiter + choice}}``, a list of
@@ -45,8 +51,11 @@ _INT = re.compile(r"^\s*-?\d+\s*$")
 
 @dataclass
 class TaskSamples:
-    """All items of one task: raw per-choice log-likelihoods (ragged), gold indices, and
-    where each item came from."""
+    """All items of one task: raw per-choice log-likelihoods (ragged: one 1-D array per item,
+    of the item's own length, -inf scores kept), gold indices, and where each item came from.
+
+    Pass ``choice_scores`` on as this list (not stacked into a padded array), so that every
+    item keeps its real number of choices."""
 
     name: str
     choice_scores: list[np.ndarray] = field(default_factory=list)
@@ -60,6 +69,11 @@ class TaskSamples:
     @property
     def n(self) -> int:
         return len(self.labels)
+
+    @property
+    def n_choices(self) -> np.ndarray:
+        """Each item's number of choices: the length of its score list, -inf scores included."""
+        return np.array([s.shape[0] for s in self.choice_scores], dtype=np.int64)
 
     def has_char_lengths(self) -> bool:
         return all(x is not None for x in self.choice_char_lengths)
@@ -143,7 +157,8 @@ def _add(
         raise _fail(path, line, f"task {name!r} is both a group member and a task")
     if not np.isfinite(scores).any():
         raise _fail(path, line, "every choice has log-likelihood -infinity")
-    t.choice_scores.append(scores)
+    # A 1-D array per item, so its length stays the item's choice count (-inf included).
+    t.choice_scores.append(np.asarray(scores, dtype=np.float64).reshape(-1))
     t.labels.append(label)
     t.choice_char_lengths.append(lengths)
     t.choice_token_counts.append(token_counts)

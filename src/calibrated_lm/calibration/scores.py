@@ -1,7 +1,16 @@
 """From per-choice scores to probabilities, and the proper scores on them.
 
 Multiple-choice items have a log-likelihood score per choice. Items may have different numbers
-of choices: pass per-item sequences (ragged), or a 2-D array right-padded with -inf.
+of choices: pass per-item sequences (ragged: a list of lists or of 1-D arrays, as samples files
+give), or a 2-D array right-padded with -inf.
+
+* Per-item sequences: an item's number of choices is its sequence's length. A -inf score is a
+  real score there (a choice the model gives probability 0), never padding, wherever it sits.
+* A 2-D array (numpy, or a tensor): trailing -inf entries of a row are padding, so an item has
+  as many choices as the position after its last finite score. A choice that really scores
+  -inf at the end of its row cannot be told from padding; pass per-item sequences for such
+  data.
+
 Confidence is the softmax over an item's choices of the same scores that make the prediction:
 
     p_ik = exp(s_ik) / sum_j exp(s_ij),  s_ik = loglik_ik            (normalization="none")
@@ -24,7 +33,12 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import ArrayLike
 
-from calibrated_lm.calibration.validation import as_labels, as_probs, pad_ragged
+from calibrated_lm.calibration.validation import (
+    as_labels,
+    as_probs,
+    pad_ragged,
+    pad_ragged_with_lengths,
+)
 
 NORMALIZATIONS = ("none", "chars", "tokens")
 # The samples-record field each length normalisation divides by.
@@ -51,10 +65,12 @@ def padded_scores(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(scores padded with -inf, number of choices per item).
 
-    The choice count of an item is the position after its last finite score; a row of only
-    -inf, NaN, or +inf anywhere is an error.
+    For per-item sequences the choice count of an item is its length (-inf entries are choices
+    of probability 0); for a 2-D array it is the position after the row's last finite score
+    (trailing -inf is padding). An item without a finite score, NaN, or +inf anywhere is an
+    error.
     """
-    s = pad_ragged(choice_scores, fill=-np.inf, name=name)
+    s, lengths = pad_ragged_with_lengths(choice_scores, fill=-np.inf, name=name)
     if np.isnan(s).any():
         i = int(np.flatnonzero(np.isnan(s).any(axis=1))[0])
         raise ValueError(f"{name} contains NaN (item {i})")
@@ -66,6 +82,8 @@ def padded_scores(
     if not has.all():
         i = int(np.flatnonzero(~has)[0])
         raise ValueError(f"{name}[{i}] has no finite score")
+    if lengths is not None:
+        return s, lengths.astype(np.int64)
     width = s.shape[1]
     n_choices = width - np.argmax(finite[:, ::-1], axis=1)
     return s, n_choices.astype(np.int64)
@@ -188,7 +206,7 @@ def top_label_brier(confidence: ArrayLike, correct: ArrayLike) -> float:
 def nll(probs: ArrayLike, labels: ArrayLike) -> float:
     """Negative log-likelihood of the gold choice: -mean_i log p_{i, y_i} (natural log).
 
-    Infinite when a gold choice has probability 0.
+    ``+inf`` (not an error) when a gold choice has probability 0, e.g. a -inf score.
     """
     p = as_probs(probs)
     y = as_labels(labels, p.shape[0], p.shape[1])

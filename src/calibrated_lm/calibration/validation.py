@@ -107,15 +107,35 @@ def pad_ragged(rows: ArrayLike | Sequence[Sequence[float]], fill: float, name: s
 
     A 2-D array passes through unchanged; shorter rows are right-padded with ``fill``.
     """
-    if isinstance(rows, np.ndarray) and rows.dtype != object:
-        a = rows.astype(np.float64, copy=False)
+    return pad_ragged_with_lengths(rows, fill, name)[0]
+
+
+def _is_array(rows: object) -> bool:
+    """A numeric array (numpy, or anything with ``ndim`` such as a torch tensor), as opposed
+    to a sequence of per-item rows (a list or tuple, or a numpy object array of rows)."""
+    if isinstance(rows, np.ndarray):
+        return rows.dtype != object
+    return not isinstance(rows, list | tuple) and hasattr(rows, "ndim") and hasattr(rows, "shape")
+
+
+def pad_ragged_with_lengths(
+    rows: ArrayLike | Sequence[Sequence[float]], fill: float, name: str
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`pad_ragged` plus each row's own length: an int array for per-item sequences
+    (their ``len``, whatever they hold), None for a 2-D array (its rows carry no length of
+    their own beyond the width; the caller decides what padding is)."""
+    if _is_array(rows):
+        try:
+            a = np.asarray(rows, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must contain only numbers") from None
         if a.ndim != 2:
             raise ValueError(f"{name} must be 2-D (items x choices), got shape {a.shape}")
         if a.shape[0] == 0:
             raise ValueError(f"{name} is empty: need at least one item")
         if a.shape[1] == 0:
             raise ValueError(f"{name} has zero choices per item")
-        return a
+        return a, None
     rows = list(rows)
     if not rows:
         raise ValueError(f"{name} is empty: need at least one item")
@@ -130,7 +150,7 @@ def pad_ragged(rows: ArrayLike | Sequence[Sequence[float]], fill: float, name: s
         raise ValueError(f"{name}[{int(np.argmin(lengths))}] has no choices")
     if lengths.min() == width:
         try:
-            return np.asarray(rows, dtype=np.float64).reshape(len(rows), width)
+            return np.asarray(rows, dtype=np.float64).reshape(len(rows), width), lengths
         except (TypeError, ValueError):
             raise ValueError(f"{name} must contain only numbers") from None
     out = np.full((len(rows), width), fill, dtype=np.float64)
@@ -139,4 +159,4 @@ def pad_ragged(rows: ArrayLike | Sequence[Sequence[float]], fill: float, name: s
             out[i, : lengths[i]] = np.asarray(r, dtype=np.float64)
         except (TypeError, ValueError):
             raise ValueError(f"{name}[{i}] must contain only numbers") from None
-    return out
+    return out, lengths

@@ -11,7 +11,11 @@ from calibrated_lm.loss import autograd
 from calibrated_lm.loss.config import LossConfig
 from calibrated_lm.loss.engine import Backend
 from calibrated_lm.loss.stats import LinearCrossEntropyStats
-from calibrated_lm.loss.validation import check_arguments, check_targets
+from calibrated_lm.loss.validation import check_arguments, check_ignore_index, check_targets
+
+# What the kernels see as ignore_index when the caller ignores no target: after the range check
+# no scored target can equal it, so it only marks the positions shift=True leaves unscored.
+_UNSCORED = -100
 
 
 def _backend(impl: str, device: torch.device) -> Backend:
@@ -47,7 +51,7 @@ def linear_cross_entropy(
     *,
     bias: torch.Tensor | None = None,
     label_smoothing: float = 0.0,
-    ignore_index: int = -100,
+    ignore_index: int | None = -100,
     reduction: str = "mean",
     softcap: float | None = None,
     z_loss: float = 0.0,
@@ -66,12 +70,15 @@ def linear_cross_entropy(
 
     i.e. ``F.cross_entropy(z, y, label_smoothing=eps)`` plus the z-loss. Positions whose target
     is ``ignore_index`` contribute 0 and are left out of the mean (all ignored: mean 0, zero
-    gradients).
+    gradients). ``ignore_index=None`` ignores no target: every target (with ``shift=True``,
+    every one of ``targets[..., 1:]``) must then lie in [0, V).
 
     Args:
         hidden: (..., D) float32/bfloat16/float16; any strides.
         weight: (V, D), same dtype as ``hidden`` (e.g. ``lm_head.weight``).
         targets: (...) integers in [0, V) or ``ignore_index``.
+        ignore_index: the target value that marks positions to skip (default -100, as in
+            ``F.cross_entropy``), or None for none.
         bias: optional (V,).
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (float32 per-position loss shaped like
             ``targets``, or like ``targets[..., 1:]`` with ``shift=True``; 0 where ignored).
@@ -95,7 +102,8 @@ def linear_cross_entropy(
     Raises:
         ValueError (:class:`calibrated_lm.errors.UserError`): bad shapes, dtypes, devices,
         targets outside [0, V), ``label_smoothing`` outside [0, 1], unknown ``reduction`` or
-        ``impl``, ``softcap <= 0``, ``z_loss < 0``, ``min_block_rows < 0``.
+        ``impl``, ``softcap <= 0``, ``z_loss < 0``, ``min_block_rows < 0``, an
+        ``ignore_index`` that is neither an integer nor None.
     """
     check_arguments(
         hidden, weight, targets, bias, label_smoothing, reduction, softcap, z_loss, shift, impl
@@ -106,21 +114,28 @@ def linear_cross_entropy(
         or min_block_rows < 0
     ):
         raise UserError(f"min_block_rows must be an integer >= 0, got {min_block_rows!r}.")
+    ignore = check_ignore_index(ignore_index)
+    unscored = _UNSCORED if ignore is None else ignore
     vocab, dim = weight.shape
     if shift:
         # Position t is scored against targets[t + 1]; the last position gets ignore_index.
         # Only the (small) integer targets are rebuilt; hidden stays where it is.
-        full_targets = torch.full_like(targets, ignore_index)
+        full_targets = torch.full_like(targets, unscored)
         full_targets[..., :-1] = targets[..., 1:]
     else:
         full_targets = targets
     token_shape = full_targets.shape
     h2 = hidden.reshape(-1, dim)
     y1 = full_targets.reshape(-1).long()
-    n_valid = check_targets(y1, vocab, ignore_index)
+    if ignore is None:
+        # Check the caller's scored targets themselves: -100 there is out of range, not skipped.
+        scored = targets[..., 1:] if shift else targets
+        n_valid = check_targets(scored.reshape(-1).long(), vocab, None)
+    else:
+        n_valid = check_targets(y1, vocab, ignore)
     cfg = LossConfig(
         label_smoothing=float(label_smoothing),
-        ignore_index=int(ignore_index),
+        ignore_index=unscored,
         softcap=None if softcap is None else float(softcap),
         z_loss=float(z_loss),
         stats=bool(return_stats),

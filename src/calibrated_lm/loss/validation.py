@@ -6,6 +6,9 @@ Every failure the caller can fix raises :class:`calibrated_lm.errors.UserError`
 
 from __future__ import annotations
 
+import operator
+from typing import Any
+
 import torch
 
 from calibrated_lm.errors import UserError
@@ -79,18 +82,38 @@ def check_arguments(
         raise UserError("shift=True needs hidden of shape (..., T, D) with a sequence dimension.")
 
 
-def check_targets(targets: torch.Tensor, vocab: int, ignore_index: int) -> int:
+def check_ignore_index(ignore_index: Any) -> int | None:
+    """``ignore_index`` as a Python int, or None (no target is ignored); anything else (a
+    float, a bool, a string) is a :class:`UserError`."""
+    if ignore_index is None:
+        return None
+    if not isinstance(ignore_index, bool):
+        try:
+            return operator.index(ignore_index)
+        except TypeError:
+            pass
+    raise UserError(
+        f"ignore_index must be an integer (or None to ignore no target), got {ignore_index!r}."
+    )
+
+
+def check_targets(targets: torch.Tensor, vocab: int, ignore_index: int | None) -> int:
     """Raise if a target lies outside [0, V) and is not ``ignore_index``; return #valid.
 
+    ``ignore_index=None``: every target counts and must lie in [0, V).
     One device synchronisation (both numbers come back together).
     """
-    valid = targets != ignore_index
-    bad = valid & ((targets < 0) | (targets >= vocab))
-    n_bad, n_valid = torch.stack([bad.sum(), valid.sum()]).tolist()
+    if ignore_index is None:
+        bad = (targets < 0) | (targets >= vocab)
+        n_bad = int(bad.sum())
+        n_valid = targets.numel()
+        allowed = f"targets must lie in [0, {vocab}) (ignore_index=None: none is ignored)"
+    else:
+        valid = targets != ignore_index
+        bad = valid & ((targets < 0) | (targets >= vocab))
+        n_bad, n_valid = torch.stack([bad.sum(), valid.sum()]).tolist()
+        allowed = f"targets must lie in [0, {vocab}) or equal ignore_index ({ignore_index})"
     if n_bad:
         first = targets[bad][0].item()
-        raise UserError(
-            f"targets must lie in [0, {vocab}) or equal ignore_index ({ignore_index}); "
-            f"found {n_bad} outside, e.g. {first}."
-        )
+        raise UserError(f"{allowed}; found {n_bad} outside, e.g. {first}.")
     return int(n_valid)

