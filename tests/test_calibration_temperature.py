@@ -56,3 +56,19 @@ def test_apply_temperature_keeps_padding_and_divides():
 def test_flat_logits_give_one_and_separable_data_hits_the_bound():
     assert fit_temperature([[1.0, 1.0], [0.0, 0.0]], [0, 1]) == 1.0
     assert fit_temperature([[5.0, 0.0], [0.0, 5.0]], [0, 1]) == pytest.approx(0.01, rel=1e-4)
+
+
+def test_items_with_an_impossible_gold_answer_are_left_out_of_the_fit():
+    import numpy as np
+    import pytest
+
+    from calibrated_lm.calibration import fit_temperature
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(200, 3)) * 3
+    y = rng.integers(0, 3, 200)
+    base = fit_temperature(z, y)
+    rows = [list(r) for r in z] + [[0.0, 1.0, float("-inf")]]  # gold (2) impossible
+    assert fit_temperature(rows, list(y) + [2]) == pytest.approx(base)
+    with pytest.raises(ValueError, match="no temperature can be fitted"):
+        fit_temperature([[0.0, float("-inf")]], [1])

@@ -32,10 +32,15 @@ def fit_temperature(
 
     Returns T in [0.01, 100]; the bound is returned when the optimum lies beyond it (e.g. a
     perfectly separated training set wants T -> 0). Identical logits in every item leave the
-    NLL flat, and T = 1 is returned.
+    NLL flat, and T = 1 is returned. Items whose gold choice scores -inf have NLL +inf at every
+    T and say nothing about it: they are left out of the fit (all of them: ValueError).
     """
     z, n_choices = padded_scores(logits, name="logits")
     y = as_labels(labels, z.shape[0], n_choices)
+    informative = np.isfinite(z[np.arange(z.shape[0]), y])
+    if not informative.any():
+        raise ValueError("every item's gold choice scores -inf: no temperature can be fitted")
+    z, y = z[informative], y[informative]
     finite = np.isfinite(z)
     centred = np.where(finite, z - z.max(axis=1, keepdims=True), 0.0)
     if not np.any(centred[finite] != 0.0):
