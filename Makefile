@@ -45,6 +45,29 @@ test: install assets
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	CALIBRATED_LM_REQUIRE_ASSETS=1 TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
+	$(MAKE) --no-print-directory test-min
+
+# The lower bounds of pyproject.toml, checked: a second venv with the oldest transformers we
+# claim (and the oldest CPU torch on these machines) runs the evaluation and data tests.
+MIN_VENV ?= .venv-min
+MIN_SPECS := transformers==4.56.2 accelerate==1.10.1
+MIN_STAMP := $(MIN_VENV)/.deps-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
+MIN_TESTS := tests/test_evaluation_scoring.py tests/test_evaluation_formats.py \
+	tests/test_evaluation_runner.py tests/test_evaluation_model.py tests/test_training_data.py \
+	tests/test_training_batching.py tests/test_calibration_paired.py
+
+$(MIN_STAMP): pyproject.toml Makefile
+	@test -x $(MIN_VENV)/bin/python || $(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	$(MIN_VENV)/bin/python -m pip install -q --disable-pip-version-check $(MIN_SPECS) \
+		numpy matplotlib tqdm scipy platformdirs pyarrow gguf pytest hypothesis
+	$(MIN_VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps -e . $(DATA_PKGS)
+	@rm -f $(MIN_VENV)/.deps-* && touch $@
+
+.PHONY: test-min
+test-min: $(MIN_STAMP)
+	@$(MIN_VENV)/bin/python -c 'import transformers, torch; print("minimum versions: transformers", transformers.__version__, "torch", torch.__version__)'
+	CALIBRATED_LM_REQUIRE_ASSETS=1 $(MIN_VENV)/bin/python -m pytest -q -p no:cacheprovider $(MIN_TESTS)
 
 lint:
 	$(BIN)/ruff check .
@@ -55,7 +78,7 @@ format:
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(MIN_VENV) runs .pytest_cache .ruff_cache
 
 # Issue 6: does SFT hurt calibration, and does label smoothing keep it? (docs/results.md)
 # The issue's full protocol by default (GPU); SFT_PROFILE=budget runs the reduced grid.

@@ -346,6 +346,16 @@ def _check_generic(model: nn.Module, cfg: PatchConfig) -> None:
         )
 
 
+def _causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers causal LM inside a PEFT wrapper (``PeftModel.get_base_model()``: the
+    model whose layers carry the adapters, and whose forward the wrapper ends up calling), or
+    ``model`` itself."""
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base) and hasattr(model, "peft_config"):
+        return get_base()
+    return model
+
+
 def patch_model(
     model: nn.Module,
     label_smoothing: float = 0.1,
@@ -363,10 +373,13 @@ def patch_model(
     CUDA, chunked PyTorch elsewhere), and so is ``min_block_rows`` (tokens per logit block in
     the gradient pass: more memory, fewer weight-gradient read-modify-writes; 0 keeps the
     loss's own memory-fraction rule). Re-patching replaces the previous settings. Returns
-    ``model``.
+    ``model``. A PEFT model (``get_peft_model(...)``) is patched inside: its base causal LM,
+    adapters included, gets the fused forward, so both orders of ``patch_model`` and
+    ``get_peft_model`` train on the fused loss.
     Raises ``ValueError`` for models without a linear output head or base decoder, or whose
     logits are not ``head(hidden)`` up to the known scalings.
     """
+    outer, model = model, _causal_lm(model)
     cfg = _resolve(model, label_smoothing, softcap, temperature, z_loss, impl)
     cfg = dataclasses.replace(cfg, min_block_rows=min_block_rows)
     unpatch_model(model)
@@ -375,13 +388,14 @@ def patch_model(
     original = model.forward
     model.forward = _make_forward(model, original, cfg)
     setattr(model, _PATCH_ATTR, cfg)
-    return model
+    return outer
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:
     """Restore the forward that ``patch_model`` replaced (no-op if not patched)."""
+    outer, model = model, _causal_lm(model)
     if getattr(model, _PATCH_ATTR, None) is None:
-        return model
+        return outer
     original = model.forward.__calibrated_lm_original__
     # The original was the bound class method: dropping the instance attribute restores it.
     if "forward" in model.__dict__:
@@ -389,9 +403,9 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     if model.forward != original:
         model.forward = original
     delattr(model, _PATCH_ATTR)
-    return model
+    return outer
 
 
 def patch_config(model: nn.Module) -> PatchConfig | None:
     """The settings a patched model uses, or ``None`` when it is not patched."""
-    return getattr(model, _PATCH_ATTR, None)
+    return getattr(_causal_lm(model), _PATCH_ATTR, None)
