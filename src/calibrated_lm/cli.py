@@ -55,6 +55,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except UnicodeDecodeError as exc:
+        # A safety net: readers that know the file name report it themselves, with its line.
+        print(
+            f"error: an input file is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+            "save it as UTF-8",
+            file=sys.stderr,
+        )
+        return 2
     except OSError as exc:
         # Unwritable output folders, full disks, vanished files: the user can fix these, so
         # they get a sentence (what and where) instead of a traceback.

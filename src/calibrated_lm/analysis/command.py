@@ -84,19 +84,35 @@ def format_report(summary: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from calibrated_lm.models.loading import resolve_model
+    from calibrated_lm.runlock import run_lock
+    from calibrated_lm.training.config_checks import check_device
+
+    # Every option, then the model's existence, before any folder is created or model loaded.
+    eps = _parse_eps(args.eps)
+    if args.samples < 1:
+        raise UserError(f"--samples must be at least 1, got {args.samples}")
+    if args.batch < 1:
+        raise UserError(f"--batch must be at least 1, got {args.batch}")
+    if args.seed < 0:
+        raise UserError(f"--seed must be 0 or more, got {args.seed}")
+    check_device(args.device)
+    resolve_model(args.model)
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(str(args.model)).name or str(args.model))
+    out = Path(args.output or Path("runs") / "capacity" / name)
+    # Create the output folder first: an unwritable path fails before minutes of analysis.
+    out.mkdir(parents=True, exist_ok=True)
+    with run_lock(out):  # one writer per output folder
+        return _analyze(args, eps, out)
+
+
+def _analyze(args: argparse.Namespace, eps: tuple[float, ...], out: Path) -> int:
     import torch
 
     from calibrated_lm.analysis.capacity import analyze_model
     from calibrated_lm.analysis.figure import plot_capacity
     from calibrated_lm.models.loading import load_model
 
-    eps = _parse_eps(args.eps)
-    if args.samples < 1:
-        raise UserError(f"--samples must be at least 1, got {args.samples}")
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(str(args.model)).name or str(args.model))
-    out = Path(args.output or Path("runs") / "capacity" / name)
-    # Create the output folder first: an unwritable path fails before minutes of analysis.
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     model, _ = load_model(args.model, dtype="float32", device=args.device)
     t1 = time.perf_counter()

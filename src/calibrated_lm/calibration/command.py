@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import math
 import re
+from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,62 @@ def add_parser(subparsers: Any) -> None:
     p.set_defaults(run=run)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_counts(
+    *, n_bins: Any = None, bootstrap: Any = None, seed: Any = None, binning: Any = None
+) -> None:
+    """The shared checks of ``--n-bins``, ``--bootstrap``, ``--seed`` and ``--binning``
+    (metrics, eval, compare): one sentence naming the option; None skips an option."""
+    if n_bins is not None and (not _is_int(n_bins) or n_bins < 1):
+        raise UserError(f"--n-bins must be at least 1, got {n_bins!r}")
+    if bootstrap is not None and (not _is_int(bootstrap) or bootstrap < 0):
+        raise UserError(f"--bootstrap must be 0 or more, got {bootstrap!r}")
+    if seed is not None and (not _is_int(seed) or seed < 0):
+        raise UserError(f"--seed must be 0 or more, got {seed!r}")
+    if binning is not None and binning not in ("width", "mass"):
+        raise UserError(f"--binning must be width or mass, not {binning!r}")
+
+
+def utf8_error(paths: Sequence[str | Path]) -> UserError | None:
+    """A sentence naming the first file and line of ``paths`` that is not UTF-8 text (None if
+    all are, or cannot be read: reading them again reports that)."""
+    for p in paths:
+        try:
+            data = Path(p).read_bytes()
+        except OSError:
+            continue
+        for lineno, raw in enumerate(data.split(b"\n"), start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return UserError(
+                    f"{p}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                    f"{exc.start + 1}); save the file as UTF-8"
+                )
+    return None
+
+
+def read_samples_checked(files: Sequence[str | Path], *, normalization: str = "none") -> dict:
+    """:func:`~calibrated_lm.calibration.samples.read_samples`, with a file that is not UTF-8
+    reported as a sentence (file and line) instead of a traceback.
+
+    ``read_samples`` decodes while it iterates over the file's lines, outside the ``try``
+    that turns a ``UnicodeDecodeError`` into its "not UTF-8 text" sentence, so the error
+    escapes it; this finds the offending line instead.
+    """
+    from calibrated_lm.calibration.samples import read_samples
+
+    try:
+        return read_samples(list(files), normalization=normalization)
+    except UnicodeDecodeError as exc:
+        raise (
+            utf8_error(files) or UserError(f"a samples file is not UTF-8 text ({exc})")
+        ) from None
+
+
 def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "task"
 
@@ -100,19 +158,11 @@ def format_table(tasks: dict[str, dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from calibrated_lm import __version__
-    from calibrated_lm.calibration.diagrams import reliability_diagram
     from calibrated_lm.calibration.example import write_example
-    from calibrated_lm.calibration.report import summarize_tasks
-    from calibrated_lm.calibration.samples import read_samples, task_groups
-    from calibrated_lm.calibration.scores import choice_log_probabilities
+    from calibrated_lm.runlock import run_lock
 
-    if args.n_bins < 1:
-        raise UserError(f"--n-bins must be at least 1, got {args.n_bins}")
-    if args.bootstrap < 0:
-        raise UserError(f"--bootstrap must be 0 or more, got {args.bootstrap}")
+    # Every option before any file is read or written.
+    check_counts(n_bins=args.n_bins, bootstrap=args.bootstrap, seed=args.seed, binning=args.binning)
     files = [Path(f) for f in args.files]
     if args.example is not None:
         try:
@@ -123,7 +173,24 @@ def run(args: argparse.Namespace) -> int:
     if not files:
         raise UserError("give at least one samples FILE (or --example PATH for a synthetic one)")
 
-    samples = read_samples(files, normalization=args.normalization)
+    samples = read_samples_checked(files, normalization=args.normalization)
+    out = Path(args.output)
+    # One writer per output folder: a second metrics (or eval, compare) writing here is refused
+    # before any work. The lock creates the folder (and removes it again if nothing is written).
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(run_lock(out))
+        except OSError as exc:
+            raise UserError(f"cannot write to {out}: {exc.strerror}") from None
+        summary = _summarize(args, files, samples)
+        return _write_outputs(args, out, summary, samples)
+
+
+def _summarize(args: argparse.Namespace, files: list[Path], samples: dict) -> dict:
+    from calibrated_lm import __version__
+    from calibrated_lm.calibration.report import summarize_tasks
+    from calibrated_lm.calibration.samples import task_groups
+
     groups = task_groups(samples)
     tasks = {name: (t.choice_scores, t.labels) for name, t in samples.items()}
     lengths = None
@@ -138,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
         "ci": "95% percentile bootstrap over items",
     }
     try:
-        summary = summarize_tasks(
+        return summarize_tasks(
             tasks,
             protocol=protocol,
             choice_char_lengths=lengths,
@@ -155,9 +222,17 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from None
 
-    out = Path(args.output)
+
+def _write_outputs(args: argparse.Namespace, out: Path, summary: dict, samples: dict) -> int:
+    from tqdm import tqdm
+
+    from calibrated_lm.calibration.diagrams import reliability_diagram
+    from calibrated_lm.calibration.samples import task_groups
+    from calibrated_lm.calibration.scores import choice_log_probabilities
+
+    groups = task_groups(samples)
+
     try:
-        out.mkdir(parents=True, exist_ok=True)
         write_json(out / "summary.json", summary, indent=2)
     except OSError as exc:
         raise UserError(f"cannot write to {out}: {exc.strerror}") from None

@@ -12,7 +12,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="score multiple-choice benchmarks with a causal LM and report its calibration",
         description="Score each choice's log-likelihood (lm-evaluation-harness prompts and "
         "conventions), write samples.jsonl, summary.json, reliability diagrams and report.md. "
-        "Rerunning the same command resumes where it stopped.",
+        "Rerunning the same command resumes where it stopped; a rerun with another model, "
+        "dtype, chat template, few-shot count or split is refused (see --overwrite).",
     )
     p.add_argument(
         "--model",
@@ -100,6 +101,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="also score each task's validation split (samples_validation.jsonl) so that "
         "`calibrated-lm compare` can fit a temperature on it",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start the run folder over: once the model is loaded, its earlier samples, "
+        "summary and report are removed (instead of refusing a run whose model or protocol "
+        "differs from theirs)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(run=run)
 
@@ -179,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         fit_split=args.fit_split,
         progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
     summary = run_eval(cfg)
     if not dist_info().is_main:
@@ -195,6 +204,9 @@ def run(args: argparse.Namespace) -> int:
         + (f" ({qps} questions/s)" if qps else "")
         + f"; total {timing['total_s']} s"
     )
+    if timing.get("questions_rescored_after_a_change"):
+        n = timing["questions_rescored_after_a_change"]
+        print(f"of which {n} re-scored because their question changed since it was scored")
     for paths in summary["_diagrams"].values():
         png = [p for p in paths if p.endswith(".png")][0]
         print(f"reliability diagram: {png}")

@@ -13,6 +13,13 @@ bootstrap 95% interval (:func:`calibrated_lm.calibration.paired.paired_bootstrap
 runs of a task scored different question sets, the report says so and which counts; runs
 with no question in common with the reference get no difference, and a run folder without any
 scored question is an error.
+
+Before anything is written, every option is checked and every run's records are read through
+the reader ``calibrated-lm metrics`` uses (:func:`calibrated_lm.calibration.samples.read_samples`:
+missing fields, NaN scores, non-integer or out-of-range labels, duplicate questions, lengths the
+normalisation needs), so a bad run is one sentence naming its file and line; a damaged
+``summary.json`` or a journal cut short by an interrupted eval is one too. The output folder is
+locked (:mod:`calibrated_lm.runlock`) while it is written.
 """
 
 from __future__ import annotations
@@ -44,24 +51,74 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def _cut_short(path: Path) -> UserError | None:
+    """A sentence when the last line of ``path`` was cut short (an interrupted eval)."""
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end == len(data) or not data[end:].strip():
+        return None
+    try:
+        json.loads(data[end:])
+        return None
+    except ValueError:
+        line = data[:end].count(b"\n") + 1
+        return UserError(
+            f"{path}:{line}: the last line is cut short (its eval was interrupted or is still "
+            "running); rerun that eval to finish it"
+        )
+
+
 def _load_run(path: Path) -> dict[str, Any]:
+    """A run folder's records and summary, read (not yet validated: see _validate_run)."""
     from calibrated_lm.evaluation.runner import FIT_SAMPLES, SAMPLES
     from calibrated_lm.evaluation.samples_file import read_records
 
     samples = path / SAMPLES
+    if not path.is_dir():
+        raise UserError(f"{path} is not an eval run folder (no such folder)")
     if not samples.exists():
         raise UserError(f"{path} is not an eval run folder (no {SAMPLES})")
-    records = read_records(samples, repair=False)
+    files = [samples] + ([path / FIT_SAMPLES] if (path / FIT_SAMPLES).exists() else [])
+    for f in files:
+        problem = _cut_short(f)
+        if problem is not None:
+            raise problem
+    try:
+        records = read_records(samples, repair=False)
+        fit = read_records(path / FIT_SAMPLES, repair=False)
+    except UnicodeDecodeError:
+        from calibrated_lm.calibration.command import utf8_error
+
+        raise (utf8_error(files) or UserError(f"{path}: not UTF-8 text")) from None
     if not records:
         raise UserError(f"{path}: {SAMPLES} holds no scored question")
     summary_path = path / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    return {
-        "path": path,
-        "summary": summary,
-        "records": records,
-        "fit": read_records(path / FIT_SAMPLES, repair=False),
-    }
+    summary: Any = {}
+    if summary_path.exists():
+        try:
+            summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            why = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8 text"
+            raise UserError(
+                f"{summary_path} is damaged ({why}); rerun that eval to rebuild it, or delete it"
+            ) from None
+        if not isinstance(summary, dict) or not isinstance(summary.get("protocol", {}), dict):
+            raise UserError(
+                f"{summary_path} is not an eval summary (expected an object with a protocol); "
+                "rerun that eval to rebuild it, or delete it"
+            )
+    return {"path": path, "summary": summary, "records": records, "fit": fit, "files": files}
+
+
+def _validate_run(run: dict[str, Any], normalization: str) -> None:
+    """Check every record as ``calibrated-lm metrics`` does (the same reader: fields, numbers,
+    labels in range, no duplicate question, lengths that ``normalization`` needs), file by
+    file, each error naming file and line."""
+    from calibrated_lm.calibration.command import read_samples_checked
+
+    for f, records in zip(run["files"], (run["records"], run["fit"])):
+        if records:  # an empty validation journal only means: no temperature for this run
+            read_samples_checked([f], normalization=normalization)
 
 
 def _by_task(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -92,7 +149,71 @@ def compare_runs(
     binning: str = "width",
     bootstrap: int = 1000,
 ) -> dict[str, Any]:
-    """Write ``compare.json``, ``compare.md`` and ``compare_<task>.png/.svg``; return the data."""
+    """Write ``compare.json``, ``compare.md`` and ``compare_<task>.png/.svg``; return the data.
+
+    Every option and every run folder is checked first (records through the reader that
+    ``calibrated-lm metrics`` uses); nothing is written before that, and the output folder is
+    locked while it is written."""
+    from calibrated_lm.calibration.command import check_counts
+    from calibrated_lm.runlock import run_lock
+
+    # Every option and every run before any output is written.
+    check_counts(n_bins=n_bins, bootstrap=bootstrap, binning=binning)
+    if normalization is not None and normalization not in NORMALIZATIONS:
+        raise UserError(f"--normalization must be none, chars or tokens, not {normalization!r}")
+    if len(paths) < 1:
+        raise UserError("compare needs at least one run folder")
+    if labels is not None:
+        if len(labels) != len(paths):
+            raise UserError(f"{len(labels)} labels for {len(paths)} runs")
+        _check_labels(labels, "--labels")
+    runs = [_load_run(Path(p)) for p in paths]
+    if labels is None:
+        labels = []
+        for r in runs:
+            model = r["summary"].get("protocol", {}).get("model")
+            labels.append(r["path"].name if model is None else f"{r['path'].name} ({model})")
+        if len(set(labels)) < len(labels):  # same folder names: the paths tell them apart
+            labels = [
+                str(r["path"]) + label[len(r["path"].name) :] for r, label in zip(runs, labels)
+            ]
+        _check_labels(labels, "the default labels (give --labels)")
+    if normalization is None:
+        normalization = runs[0]["summary"].get("protocol", {}).get("normalization", "none")
+        if normalization not in NORMALIZATIONS:
+            raise UserError(
+                f"{runs[0]['path']}/summary.json names an unknown normalization "
+                f"{normalization!r}; pass --normalization none, chars or tokens"
+            )
+    for r in runs:
+        _validate_run(r, normalization)
+    # The lock creates the output folder (and removes it again if nothing gets written).
+    with run_lock(output):
+        return _compare(runs, output, labels, normalization, n_bins, binning, bootstrap)
+
+
+NORMALIZATIONS = ("none", "chars", "tokens")
+
+
+def _check_labels(labels: list[str], what: str) -> None:
+    seen = set()
+    for label in labels:
+        if not label:
+            raise UserError(f"{what}: a run's label is empty")
+        if label in seen:
+            raise UserError(f"{what}: two runs are labelled {label!r}")
+        seen.add(label)
+
+
+def _compare(
+    runs: list[dict[str, Any]],
+    output: Path,
+    labels: list[str],
+    normalization: str,
+    n_bins: int,
+    binning: str,
+    bootstrap: int,
+) -> dict[str, Any]:
     from calibrated_lm.calibration import (
         apply_temperature,
         fit_temperature,
@@ -101,19 +222,6 @@ def compare_runs(
     )
     from calibrated_lm.evaluation.report import confidence_correct
 
-    if len(paths) < 1:
-        raise UserError("compare needs at least one run folder")
-    runs = [_load_run(p) for p in paths]
-    if labels is None:
-        labels = []
-        for r in runs:
-            model = r["summary"].get("protocol", {}).get("model")
-            labels.append(r["path"].name if model is None else f"{r['path'].name} ({model})")
-    if len(labels) != len(runs):
-        raise UserError(f"{len(labels)} labels for {len(runs)} runs")
-    if normalization is None:
-        normalization = runs[0]["summary"].get("protocol", {}).get("normalization", "none")
-    output.mkdir(parents=True, exist_ok=True)
     task_names: list[str] = []
     for r in runs:
         for t in _by_task(r["records"]):

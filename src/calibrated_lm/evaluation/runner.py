@@ -1,14 +1,34 @@
 """``calibrated-lm eval`` end to end: load, score what is not yet scored, summarise.
 
-Resume is by construction: questions already in ``samples.jsonl`` (key: task and id) are never
-recomputed, new ones are appended batch by batch, and the summary is rebuilt from the journal.
-``run.json`` pins what makes scores comparable (model, dtype, chat template, few-shot), so a
-rerun into the same folder with a different protocol is refused instead of mixing results.
+Resume is by construction: questions already in ``samples.jsonl`` are not recomputed, new ones
+are appended batch by batch, and the summary is rebuilt from the journal. A stored score is
+reused only when everything that determines it is unchanged:
+
+* the model: ``run.json`` pins a fingerprint of the weights (:func:`model_fingerprint`: each
+  config, weight and tokenizer file's size, modification time and a sha256 of its first and
+  last MiB; for a hub id, the id), the dtype, whether and which chat template renders the
+  prompts (``chat_template_sha256``), the few-shot count, the BOS convention, and each task's
+  split. A rerun into the folder that differs in any of them is refused with one sentence
+  naming what changed (``--overwrite`` starts over; another ``--output`` keeps both);
+* the question: every record carries ``request_sha256``, a hash of its (context,
+  continuation) requests and is reused only while that hash and its split match the question
+  as built now. An edited task file therefore re-scores exactly the questions whose prompts or
+  choices changed; before scoring, their superseded records are removed from the journal by an
+  atomic rewrite (so it never holds two records of one question), and records whose gold label
+  or subject changed without a change of prompt are corrected in the same rewrite.
+
+Journals or ``run.json`` files of older versions (no fingerprint, no question hashes) cannot be
+checked, so they are refused with a sentence suggesting ``--overwrite``. Every argument is
+checked before any task data is read, any model is loaded or any folder is created; the run
+folder is locked (:mod:`calibrated_lm.runlock`) for the life of the run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,10 +39,21 @@ from calibrated_lm.calibration.jsonfile import write_json
 from calibrated_lm.errors import UserError
 from calibrated_lm.evaluation import distributed as D
 from calibrated_lm.evaluation.items import Item
-from calibrated_lm.evaluation.samples_file import SamplesWriter, read_records, record_key
+from calibrated_lm.evaluation.samples_file import (
+    SamplesWriter,
+    latest_records,
+    read_records,
+    record_key,
+    request_sha256,
+    rewrite_records,
+)
 
 SAMPLES = "samples.jsonl"
 FIT_SAMPLES = "samples_validation.jsonl"  # held-out split for temperature fitting (compare)
+RUN_FILE = "run.json"
+# Version of what run.json and the records pin; older folders cannot be checked and are refused.
+CACHE_FORMAT = 2
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -44,6 +75,7 @@ class EvalConfig:
     fit_split: bool = False
     progress: bool = True
     seed: int = 0
+    overwrite: bool = False  # start over: drop the folder's earlier results once set up
     extra_protocol: dict[str, Any] = field(default_factory=dict)
 
 
@@ -64,6 +96,7 @@ def _record(
     rec["choices"] = list(item.choices)
     rec["prompt"] = item.requests[0][0]
     rec["split"] = item.split
+    rec["request_sha256"] = request_sha256(item.requests)
     return rec
 
 
@@ -190,70 +223,417 @@ def _free_cache() -> None:
         torch.cuda.empty_cache()
 
 
+# ----------------------------------------------------------------------------- arguments
+
+
+def parse_batch_size(value: Any) -> str | int:
+    """``--batch-size``: ``auto`` or a positive whole number (a string from the command line)."""
+    if value == "auto":
+        return "auto"
+    if isinstance(value, bool):
+        n = None
+    elif isinstance(value, int):
+        n = value
+    else:
+        try:
+            n = int(str(value).strip())
+        except ValueError:
+            n = None
+    if n is None:
+        raise UserError(f"--batch-size must be auto or a positive integer, not {value!r}")
+    if n < 1:
+        raise UserError(f"--batch-size must be auto or a positive integer, got {n}")
+    return n
+
+
+def validate_config(cfg: EvalConfig) -> None:
+    """Every option of ``cfg``, one sentence for the first bad one; reads no file, writes
+    nothing (asks torch only which devices exist)."""
+    from calibrated_lm.calibration.command import check_counts
+    from calibrated_lm.training.config_checks import check_device
+
+    check_counts(n_bins=cfg.n_bins, bootstrap=cfg.bootstrap, seed=cfg.seed, binning=cfg.binning)
+    if isinstance(cfg.num_fewshot, bool) or not isinstance(cfg.num_fewshot, int):
+        raise UserError(f"--num-fewshot must be a whole number, got {cfg.num_fewshot!r}")
+    if cfg.num_fewshot < 0:
+        raise UserError(f"--num-fewshot must be 0 or more, got {cfg.num_fewshot}")
+    limit = cfg.limit
+    if limit is not None and (
+        isinstance(limit, bool)
+        or not isinstance(limit, int | float)
+        or not math.isfinite(limit)
+        or not limit > 0
+    ):
+        raise UserError(f"--limit must be positive (a count, or a fraction below 1), got {limit}")
+    if cfg.normalization not in ("none", "chars", "tokens"):
+        raise UserError(f"--normalization must be none, chars or tokens, not {cfg.normalization!r}")
+    if cfg.dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, not {cfg.dtype!r}")
+    if not isinstance(cfg.chat_template, str) or not cfg.chat_template:
+        raise UserError(
+            f"--chat-template must be auto, on, off or a Jinja template file, "
+            f"not {cfg.chat_template!r}"
+        )
+    if cfg.split is not None and (not isinstance(cfg.split, str) or not cfg.split.strip()):
+        raise UserError(f"--split must name a split, e.g. validation, not {cfg.split!r}")
+    parse_batch_size(cfg.batch_size)
+    if not isinstance(cfg.device, str):
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, not {cfg.device!r}")
+    check_device(cfg.device)
+
+
+def _load_task_docs(task: str, split: str | None, limit: Any) -> None:
+    """Read one task's data (a bad file fails here, in a sentence naming file and line)."""
+    from calibrated_lm.evaluation.tasks import load_docs, task_spec
+
+    spec = task_spec(task)
+    try:
+        load_docs(task, split or (spec.eval_split if spec else "test"), limit)
+    except UnicodeDecodeError as exc:
+        from calibrated_lm.calibration.command import utf8_error
+
+        paths = [task] if task.endswith(".jsonl") else []
+        raise (utf8_error(paths) or UserError(f"task {task}: not UTF-8 text ({exc})")) from None
+
+
+# ----------------------------------------------------------------------------- what pins a run
+
+_MIB = 1 << 20
+# The files of a checkpoint folder that determine its scores: config, weights, tokenizer, chat
+# template and custom code (README, licences and the like are ignored).
+_MODEL_SUFFIXES = frozenset(
+    {".json", ".safetensors", ".bin", ".pt", ".pth", ".model", ".txt", ".jinja", ".tiktoken"}
+    | {".gguf", ".py", ".msgpack", ".h5", ".vocab", ".spm"}
+)
+
+
+def file_fingerprint(path: Path) -> dict[str, Any]:
+    """Size, modification time (ns) and a sha256 of the first and last MiB of ``path``."""
+    st = path.stat()
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        h.update(fh.read(_MIB))
+        if st.st_size > _MIB:
+            fh.seek(max(_MIB, st.st_size - _MIB))
+            h.update(fh.read(_MIB))
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256_head_tail": h.hexdigest()}
+
+
+def model_fingerprint(model: str) -> dict[str, Any]:
+    """What identifies MODEL's weights, cheaply (2 MiB read per file).
+
+    A checkpoint folder: :func:`file_fingerprint` of each of its config, weight and tokenizer
+    files (top level, not hidden); a ``.gguf`` file or an embedded model name: that of the
+    resolved file; a hub id: the id (a new revision pushed under it is not detected).
+    Resolving fails, as a :class:`UserError`, for a model that does not exist.
+    """
+    from calibrated_lm.models.loading import resolve_model
+
+    resolved = resolve_model(model)
+    if not isinstance(resolved, Path):
+        return {"hub_id": str(resolved)}
+    if resolved.is_file():
+        return {"files": {resolved.name: file_fingerprint(resolved)}}
+    files = sorted(
+        p
+        for p in resolved.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix in _MODEL_SUFFIXES
+    )
+    return {"files": {p.name: file_fingerprint(p) for p in files}}
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8")).hexdigest()
+
+
 def _protocol_key(
-    cfg: EvalConfig, chat: bool, dtype: str, add_bos: bool, template: str | None = None
+    cfg: EvalConfig,
+    chat: bool,
+    dtype: str,
+    add_bos: bool,
+    template: str | None = None,
+    *,
+    fingerprint: dict[str, Any] | None = None,
+    splits: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    key = {
+    key: dict[str, Any] = {
+        "cache_format": CACHE_FORMAT,
         "model": cfg.model,
+        "model_fingerprint": fingerprint,
         "dtype": dtype,
         "chat_template_used": chat,
         "num_fewshot": cfg.num_fewshot,
         "add_bos": add_bos,
+        "splits": dict(splits or {}),
     }
     if chat and template:
-        import hashlib
-
         key["chat_template_sha256"] = hashlib.sha256(template.encode("utf-8")).hexdigest()
     return key
 
 
-def _check_run_file(out: Path, key: dict[str, Any], info: D.DistInfo) -> None:
-    path = out / "run.json"
-    if path.exists():
+def _early_key(cfg: EvalConfig, fingerprint: dict[str, Any], splits: dict[str, str]) -> dict:
+    """The part of the protocol known before the model is loaded (for an early refusal)."""
+    key: dict[str, Any] = {
+        "cache_format": CACHE_FORMAT,
+        "model": cfg.model,  # named in messages, not compared: the fingerprint is
+        "model_fingerprint": fingerprint,
+        "num_fewshot": cfg.num_fewshot,
+        "splits": splits,
+    }
+    if cfg.dtype != "auto":
+        key["dtype"] = cfg.dtype
+    if cfg.chat_template == "off":
+        key["chat_template_used"] = False
+    else:
+        text = read_chat_template_file(cfg.chat_template)
+        if text is not None:
+            key["chat_template_used"] = True
+            key["chat_template_sha256"] = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return key
+
+
+_STALE_UNKNOWN = (
+    "so whether its scores match this model and these questions is unknown; rerun with "
+    "--overwrite to start over, or choose another --output to keep it"
+)
+
+
+def _refusal(out: Path, changes: list[str]) -> UserError:
+    return UserError(
+        f"{out} holds a run with a different protocol ({'; '.join(changes)}), whose scores "
+        "would not match this run's; rerun with --overwrite to start over, or choose another "
+        "--output to keep both"
+    )
+
+
+def _fingerprint_change(old: dict[str, Any], new: dict[str, Any]) -> str:
+    fo, fn = old.get("model_fingerprint") or {}, new.get("model_fingerprint") or {}
+    mo, mn = old.get("model"), new.get("model")
+    if "hub_id" in fo or "hub_id" in fn:
+        return f"model: {mo!r} -> {mn!r}"
+    a, b = fo.get("files", {}), fn.get("files", {})
+    changed = sorted(n for n in set(a) | set(b) if a.get(n) != b.get(n))
+    shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+    if mo is not None and mn is not None and mo != mn:
+        return f"model: {mo!r} -> {mn!r}, other files ({shown})"
+    return f"model_fingerprint: the files of {mn} changed since they were scored ({shown})"
+
+
+def _protocol_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between a stored run.json and ``new`` (only the keys ``new`` has)."""
+    changes = []
+    if "model_fingerprint" in new and old.get("model_fingerprint") != new["model_fingerprint"]:
+        changes.append(_fingerprint_change(old, new))
+    for k in ("dtype", "chat_template_used", "chat_template_sha256", "num_fewshot", "add_bos"):
+        if k in new and old.get(k) != new[k]:
+            changes.append(f"{k}: {old.get(k)!r} -> {new[k]!r}")
+    old_splits = old.get("splits") or {}
+    for task, split in (new.get("splits") or {}).items():
+        if task in old_splits and old_splits[task] != split:
+            changes.append(f"split of {task}: {old_splits[task]!r} -> {split!r}")
+    return changes
+
+
+def _journals(out: Path) -> list[Path]:
+    """Every samples journal of the folder (the main ones and any rank journals)."""
+    found = []
+    for name in (SAMPLES, FIT_SAMPLES):
+        path = out / name
+        if path.exists():
+            found.append(path)
+        found += D.rank_files(path)
+    return found
+
+
+def _read_run_file(out: Path) -> dict[str, Any] | None:
+    path = out / RUN_FILE
+    if not path.exists():
+        return None
+    try:
         old = json.loads(path.read_text(encoding="utf-8"))
-        if old != key:
-            diff = ", ".join(
-                f"{k}: {old.get(k)!r} -> {v!r}" for k, v in key.items() if old.get(k) != v
-            )
+    except (OSError, ValueError):
+        raise UserError(f"{path} is damaged (not readable JSON), {_STALE_UNKNOWN}") from None
+    if not isinstance(old, dict):
+        raise UserError(f"{path} is damaged (not a JSON object), {_STALE_UNKNOWN}")
+    return old
+
+
+def _check_run_file(out: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """Refuse a folder whose stored run does not match ``key`` (all or part of the protocol);
+    return the stored run.json (None for a fresh folder)."""
+    old = _read_run_file(out)
+    if old is None:
+        journals = [p for p in _journals(out) if p.stat().st_size > 0]
+        if journals:
             raise UserError(
-                f"{out} holds a run with a different protocol ({diff}); "
-                "choose another --output to keep both"
+                f"{out} holds {journals[0].name} but no {RUN_FILE}, so the model and protocol "
+                f"that scored it are unknown, {_STALE_UNKNOWN}"
             )
-    elif info.is_main:
-        path.write_text(json.dumps(key, indent=1) + "\n", encoding="utf-8")
+        return None
+    if old.get("cache_format") != CACHE_FORMAT or not old.get("model_fingerprint"):
+        raise UserError(
+            f"{out} holds a run of an older calibrated-lm, without model fingerprint and "
+            f"question hashes, {_STALE_UNKNOWN}"
+        )
+    changes = _protocol_changes(old, key)
+    if changes:
+        raise _refusal(out, changes)
+    return old
+
+
+def _check_journal_hashes(out: Path) -> None:
+    """Refuse records without a question hash: whether their question changed is unknown."""
+    for path in _journals(out):
+        for r in read_records(path, repair=False):
+            if not r.get("request_sha256"):
+                raise UserError(
+                    f"{path} holds records without question hashes (question {r['task']}/"
+                    f"{r['id']}, scored by an older calibrated-lm), {_STALE_UNKNOWN}"
+                )
+
+
+def _write_run_file(out: Path, old: dict[str, Any] | None, key: dict[str, Any]) -> None:
+    """Pin ``key``, keeping the splits of tasks scored earlier but not in this run."""
+    merged = dict(key)
+    merged["splits"] = {**((old or {}).get("splits") or {}), **key["splits"]}
+    if merged != old:
+        write_json(out / RUN_FILE, merged)
+
+
+def _start_over(out: Path, key: dict[str, Any]) -> None:
+    """``--overwrite``: replace the folder's earlier results by an empty run pinned to ``key``.
+
+    The new run.json is written to a temporary file first and renamed over the old one only
+    after every earlier journal and summary file is gone, so at any crash point the folder is
+    either the old run (perhaps missing some results, never holding another model's) or the
+    new, empty one.
+    """
+    tmp = out / (RUN_FILE + ".new")
+    write_json(tmp, key)
+    derived = [out / "summary.json", out / "report.md"]
+    derived += sorted(out.glob("reliability_*.png")) + sorted(out.glob("reliability_*.svg"))
+    for path in derived + _journals(out):
+        if path.exists():
+            path.unlink()
+    os.replace(tmp, out / RUN_FILE)
+
+
+def _prepare_journal(path: Path, items: Sequence[Item]) -> dict[str, int]:
+    """Make ``path`` hold only records that can be reused for ``items`` (and those of other
+    questions, untouched): merge leftover rank journals of an interrupted sharded run, drop
+    records whose requests or split no longer match their question (they are re-scored),
+    correct labels/subjects that changed without a change of prompt, keep one record per
+    question (the last). The journal is rewritten atomically only when something changed."""
+    if D.rank_files(path):
+        D.merge_rank_files(path)
+    records = read_records(path, repair=True)
+    latest = latest_records(records)
+    want = {(it.task, it.id): it for it in items}
+    keep: list[dict[str, Any]] = []
+    stale = corrected = 0
+    for r in latest:
+        it = want.get(record_key(r))
+        if it is None:
+            keep.append(r)
+            continue
+        if r.get("request_sha256") != request_sha256(it.requests) or r.get("split") != it.split:
+            stale += 1
+            continue
+        fresh = _refresh(r, it)
+        corrected += fresh != r
+        keep.append(fresh)
+    if stale or corrected or len(latest) != len(records):
+        rewrite_records(path, keep)
+    return {"stale": stale, "corrected": corrected}
+
+
+def _refresh(record: dict[str, Any], item: Item) -> dict[str, Any]:
+    """``record`` with the item's gold label, subject and choices (which do not change a
+    score): a task file that fixes a label is reflected without re-scoring."""
+    fresh = dict(record)
+    fresh["label"] = item.label
+    fresh["choices"] = list(item.choices)
+    fresh["choice_char_lengths"] = item.choice_char_lengths
+    if item.subject:
+        fresh["subject"] = item.subject
+    else:
+        fresh.pop("subject", None)
+    return fresh
+
+
+def _reusable(records: Sequence[dict[str, Any]], items: Sequence[Item]) -> set:
+    """Keys of ``items`` whose record in ``records`` matches them (requests and split)."""
+    by_key = {record_key(r): r for r in records}
+    done = set()
+    for it in items:
+        r = by_key.get((it.task, it.id))
+        if (
+            r is not None
+            and r.get("request_sha256") == request_sha256(it.requests)
+            and r.get("split") == it.split
+        ):
+            done.add((it.task, it.id))
+    return done
+
+
+def _task_splits(tasks: Sequence[str], split: str | None) -> dict[str, str]:
+    """The split each task is scored on (reported name -> split)."""
+    from calibrated_lm.evaluation.tasks import task_name, task_spec
+
+    out = {}
+    for task in tasks:
+        spec = task_spec(task)
+        out[task_name(task)] = split or (spec.eval_split if spec else "test")
+    return out
+
+
+# ----------------------------------------------------------------------------- the run
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate, write ``samples.jsonl``, ``summary.json``, diagrams and ``report.md``;
     return the summary (rank 0; other ranks return an empty dict)."""
     t_start = time.perf_counter()
-    from calibrated_lm.evaluation.tasks import build_items, load_docs, parse_task_list, task_spec
+    from calibrated_lm.evaluation.tasks import parse_task_list
 
-    if cfg.limit is not None and not cfg.limit > 0:
-        raise UserError(
-            f"--limit must be positive (a count, or a fraction below 1), got {cfg.limit}"
-        )
+    # Every option first: a typo costs neither task loading nor model loading, and no folder.
+    validate_config(cfg)
     tasks = parse_task_list(",".join(cfg.tasks))
     # Read every task's data once up front: a bad or empty task file fails in a second,
     # before a model is loaded or any output folder is created.
     for task in tasks:
-        spec = task_spec(task)
-        load_docs(task, cfg.split or (spec.eval_split if spec else "test"), cfg.limit)
-    if cfg.num_fewshot < 0:
-        raise UserError(f"--num-fewshot must be >= 0, got {cfg.num_fewshot}")
-    if cfg.normalization not in ("none", "chars", "tokens"):
-        raise UserError(f"--normalization must be none, chars or tokens, not {cfg.normalization!r}")
+        _load_task_docs(task, cfg.split, cfg.limit)
     read_chat_template_file(cfg.chat_template)  # a bad template file fails before loading
     info = D.dist_info()
-    from calibrated_lm.models.loading import resolve_model
-
-    resolve_model(cfg.model)  # a missing model fails before any folder is created
+    # Resolving the model (inside) makes a missing model fail before any folder is created.
+    fingerprint = model_fingerprint(cfg.model)
+    splits = _task_splits(tasks, cfg.split)
     out = Path(cfg.output)
+    if not cfg.overwrite:
+        # What can be refused before the model loads is refused now.
+        _check_run_file(out, _early_key(cfg, fingerprint, splits))
+        _check_journal_hashes(out)
     out.mkdir(parents=True, exist_ok=True)
+    # One eval per folder at a time (rank 0 holds the lock for the whole launch).
+    from calibrated_lm.runlock import run_lock
 
+    with run_lock(out, active=info.is_main):
+        return _run_locked(cfg, tasks, out, info, fingerprint, splits, t_start)
+
+
+def _run_locked(
+    cfg: EvalConfig,
+    tasks: list[str],
+    out: Path,
+    info: D.DistInfo,
+    fingerprint: dict[str, Any],
+    splits: dict[str, str],
+    t_start: float,
+) -> dict[str, Any]:
     import torch
 
     from calibrated_lm.evaluation.scoring import make_encoder, model_max_length
+    from calibrated_lm.evaluation.tasks import build_items, task_spec
     from calibrated_lm.models.loading import load_model
 
     device = cfg.device
@@ -269,10 +649,23 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     chat = use_chat_template(cfg.chat_template, tokenizer)
     encoder = make_encoder(tokenizer, model, chat=chat)
     key = _protocol_key(
-        cfg, chat, dtype, encoder.add_bos, getattr(tokenizer, "chat_template", None)
+        cfg,
+        chat,
+        dtype,
+        encoder.add_bos,
+        getattr(tokenizer, "chat_template", None),
+        fingerprint=fingerprint,
+        splits=splits,
     )
     D.barrier(info)
-    _check_run_file(out, key, info)
+    # Every rank checks (so every rank stops on a refusal); rank 0 writes.
+    old = None if cfg.overwrite else _check_run_file(out, key)
+    if info.is_main:
+        if cfg.overwrite:
+            _start_over(out, key)
+        else:
+            _write_run_file(out, old, key)
+    D.barrier(info)
     wrap = chat_wrapper(tokenizer) if chat else None
 
     streams: list[tuple[Path, list[Item]]] = []
@@ -292,19 +685,18 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     if fit_items:
         streams.append((out / FIT_SAMPLES, fit_items))
 
-    # Everyone reads the journals before anyone appends to them.
-    done: dict[Path, set] = {}
-    for path, _ in streams:
-        keys = {record_key(r) for r in read_records(path, repair=info.is_main)}
-        for f in D.rank_files(path):
-            keys |= {
-                record_key(r) for r in read_records(f, repair=f == D.rank_file(path, info.rank))
-            }
-        done[path] = keys
+    # Rank 0 makes every journal hold only reusable records for these questions; then
+    # everyone reads them, before anyone appends.
+    rescored = 0
+    if info.is_main:
+        for path, items in streams:
+            rescored += _prepare_journal(path, items)["stale"]
+    D.barrier(info)
+    done = {path: _reusable(read_records(path, repair=False), items) for path, items in streams}
     D.barrier(info)
 
     max_len = model_max_length(model, tokenizer)
-    rows, tokens, window_n, auto = _batch_plan(cfg.batch_size, dev)
+    rows, tokens, window_n, auto = _batch_plan(parse_batch_size(cfg.batch_size), dev)
     state = {"batch": rows, "tokens": tokens, "auto": auto}
     pending_total = 0
     work: list[tuple[Path, list[Item]]] = []
@@ -348,8 +740,10 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         for path, _ in streams:
             D.merge_rank_files(path)
 
-    wanted = {(it.task, it.id) for it in eval_items}
-    records = [r for r in read_records(out / SAMPLES) if record_key(r) in wanted]
+    # This run's questions, each by its one record that matches it (requests and split).
+    journal = latest_records(read_records(out / SAMPLES))
+    wanted = _reusable(journal, eval_items)
+    records = [r for r in journal if record_key(r) in wanted]
     if not records:
         raise UserError("no questions were scored")
     import transformers
@@ -382,6 +776,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         }
     protocol = {
         **key,
+        # run.json keeps the per-file fingerprint; the summary only its digest.
+        "model_fingerprint": _digest(key["model_fingerprint"]),
         "model_class": type(model).__name__,
         "device": dev,
         "world_size": info.world,
@@ -403,6 +799,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             "model_load_s": round(load_s, 2),
             "scoring_s": round(score_s, 2),
             "questions_scored_this_run": scored,
+            "questions_rescored_after_a_change": rescored,
             "questions_per_s": round(scored / score_s, 3) if scored and score_s > 0 else None,
             "total_s": round(time.perf_counter() - t_start, 2),
             "batch_size": state["batch"],

@@ -6,13 +6,21 @@ Each scored question is one JSON line (the format ``calibrated-lm metrics`` read
 batch of questions, so a crash loses at most the batch in flight. On reopening, a trailing
 fragment without its newline (a write cut short) is discarded; a damaged line elsewhere is an
 error naming its line, and nothing is deleted.
+
+Each record also carries ``request_sha256``, a hash of the question's scoring requests (every
+(context, continuation) pair, :func:`request_sha256`): a resumed eval reuses a record only when
+that hash (and the record's split) still matches the question, so an edited task file re-scores
+exactly the questions whose prompts changed. Where a journal holds several records of one key,
+the last one counts (:func:`latest_records`); ``eval`` removes superseded records by rewriting
+the journal atomically (:func:`rewrite_records`) before it scores their replacements.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +31,41 @@ Key = tuple[str, str]
 
 def record_key(record: dict[str, Any]) -> Key:
     return (str(record["task"]), str(record["id"]))
+
+
+def request_sha256(requests: Sequence[tuple[str, str]]) -> str:
+    """sha256 of a question's scoring requests, each (context, continuation), in order."""
+    text = json.dumps([[str(c), str(k)] for c, k in requests], separators=(",", ":"))
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def latest_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per key, the last one written (in the order keys first appear)."""
+    latest: dict[Key, dict[str, Any]] = {}
+    for r in records:
+        latest[record_key(r)] = r
+    return list(latest.values())
+
+
+def rewrite_records(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    """Replace ``path`` by exactly ``records``, atomically: a temporary file, fsynced, renamed
+    over it, so a crash leaves either the old journal or the new one, never a mix."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in records))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def read_records(path: Path, *, repair: bool = True) -> list[dict[str, Any]]:
@@ -58,6 +101,10 @@ def read_records(path: Path, *, repair: bool = True) -> list[dict[str, Any]]:
             continue
         try:
             obj = json.loads(raw)
+        except UnicodeDecodeError:
+            raise UserError(
+                f"{path}:{lineno}: not UTF-8 text (a damaged line); fix or delete that line"
+            ) from None
         except ValueError:
             raise UserError(
                 f"{path}:{lineno}: damaged line (not JSON); fix or delete that line to resume"

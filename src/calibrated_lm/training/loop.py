@@ -335,6 +335,24 @@ def train(
     model_and_tokenizer: tuple[Any, Any] | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
+    """Run (or resume) SFT as configured (:func:`_train`), holding the output folder's lock."""
+    # Run-folder lock (calibrated_lm.runlock): rank 0 holds OUTPUT/.lock for the whole run, so
+    # a second process training into the same --output is refused with one sentence. The
+    # (pure) argument check runs first so that a bad value still touches no folder.
+    from calibrated_lm.launcher import launch_env
+    from calibrated_lm.runlock import run_lock
+
+    validate_config(cfg)
+    with run_lock(cfg.output, active=launch_env().is_main):
+        return _train(cfg, model_and_tokenizer=model_and_tokenizer, on_step=on_step)
+
+
+def _train(
+    cfg: TrainConfig,
+    *,
+    model_and_tokenizer: tuple[Any, Any] | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Run (or resume) SFT as configured; returns the last logged record and the final path.
 
     ``model_and_tokenizer`` skips loading ``cfg.model`` (library use, tests); ``on_step`` is
