@@ -28,6 +28,7 @@ SLIM_FIELDS = (
     "choice_char_lengths",
     "choice_token_counts",
     "split",
+    "request_sha256",  # eval's resume check: without it a shipped-back journal is refused
 )
 
 

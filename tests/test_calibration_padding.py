@@ -159,3 +159,48 @@ def test_metrics_command_reports_infinite_nll(tmp_path, capsys):
         read_samples(path)["t"].choice_scores, [r["label"] for r in rows], bootstrap=0
     )
     assert summary["accuracy"] == pytest.approx(expected["accuracy"])
+
+
+def test_non_utf8_samples_and_task_files_name_the_line(tmp_path):
+    import pytest
+
+    from calibrated_lm.calibration import read_samples
+    from calibrated_lm.errors import UserError
+    from calibrated_lm.evaluation.data_jsonl import read_jsonl_task
+
+    good = b'{"task": "t", "id": 1, "choice_logprobs": [-1, -2], "label": 0}\n'
+    f = tmp_path / "s.jsonl"
+    f.write_bytes(good + b'{"task": "t\xff", "id": 2, "choice_logprobs": [-1], "label": 0}\n')
+    with pytest.raises(UserError, match=r"s.jsonl:2: not UTF-8 text \(byte 0xff at column 12\)"):
+        read_samples(f)
+    t = tmp_path / "task.jsonl"
+    t.write_bytes(b'{"context": "Q", "choices": ["a", "b"], "label": 0}\n\xfe\n')
+    with pytest.raises(UserError, match=r"task.jsonl:2: not UTF-8 text \(byte 0xfe at column 1\)"):
+        read_jsonl_task(t)
+
+
+def test_compare_keeps_a_minus_inf_choice_as_a_choice(tmp_path):
+    import json
+
+    import numpy as np
+
+    from calibrated_lm.evaluation.compare import compare_runs
+
+    run = tmp_path / "r"
+    run.mkdir()
+    rows = [
+        {
+            "task": "q",
+            "id": str(i),
+            "choice_logprobs": [-1.0, -2.0, float("-inf")],
+            "label": 2 if i == 0 else 0,
+            "choice_char_lengths": [1, 1, 1],
+        }  # fmt: skip
+        for i in range(20)
+    ]
+    (run / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = compare_runs([run], tmp_path / "out", bootstrap=10)
+    entry = next(iter(res["tasks"]["q"]["runs"].values()))
+    # Question 0's gold answer has p = 0: wrong, and NLL infinite (not "label 2 of 2 choices").
+    assert entry["accuracy"] == np.float64(19 / 20)
+    assert entry["nll"] == float("inf") or entry["nll"] is None

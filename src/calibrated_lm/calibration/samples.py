@@ -100,7 +100,9 @@ def _fail(path: Path, line: int, msg: str) -> UserError:
 
 def _records(path: Path) -> Iterable[tuple[int, dict]]:
     try:
-        handle = path.open(encoding="utf-8")
+        # Binary, decoded line by line inside the try below: a text-mode handle would raise
+        # UnicodeDecodeError from the iteration itself, outside any line's error handling.
+        handle = path.open("rb")
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -108,15 +110,22 @@ def _records(path: Path) -> Iterable[tuple[int, dict]]:
     except OSError as exc:
         raise UserError(f"{path}: cannot read ({exc.strerror})") from None
     with handle:
-        for lineno, text in enumerate(handle, start=1):
+        for lineno, raw in enumerate(handle, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise _fail(
+                    path,
+                    lineno,
+                    f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                    f"{exc.start + 1}); save the file as UTF-8",
+                ) from None
             if not text.strip():
                 continue
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise _fail(path, lineno, f"invalid JSON ({exc.msg}, column {exc.colno})") from None
-            except UnicodeDecodeError:
-                raise _fail(path, lineno, "not UTF-8 text") from None
             if not isinstance(obj, dict):
                 raise _fail(path, lineno, "expected a JSON object per line")
             yield lineno, obj

@@ -128,15 +128,17 @@ def _by_task(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def _scores(records: list[dict[str, Any]], normalization: str) -> tuple[np.ndarray, np.ndarray]:
-    """(-inf padded scores after normalisation, labels)."""
+def _scores(records: list[dict[str, Any]], normalization: str) -> tuple[list, np.ndarray]:
+    """(per-question score rows after normalisation, labels). Ragged rows, not a padded
+    array: a choice scored -inf is a real choice (p = 0), and only padding may be dropped."""
     from calibrated_lm.calibration.scores import normalize_scores, padded_scores
     from calibrated_lm.evaluation.report import _lengths
 
-    s, k = padded_scores([r["choice_logprobs"] for r in records])
+    rows = [r["choice_logprobs"] for r in records]
+    s, k = padded_scores(rows)
     unit = "tokens" if normalization == "tokens" else "chars"
     s = normalize_scores(s, k, normalization, [_lengths(r, unit) for r in records])
-    return s, np.array([int(r["label"]) for r in records])
+    return [s[i, : k[i]] for i in range(len(rows))], np.array([int(r["label"]) for r in records])
 
 
 def compare_runs(
@@ -215,7 +217,6 @@ def _compare(
     bootstrap: int,
 ) -> dict[str, Any]:
     from calibrated_lm.calibration import (
-        apply_temperature,
         fit_temperature,
         reliability_diagram,
         summarize,
@@ -259,7 +260,7 @@ def _compare(
                 fs, fy = _scores(fit, normalization)
                 temp = fit_temperature(fs, fy)
                 scaled = summarize(
-                    apply_temperature(s, temp),
+                    [row / temp for row in s],  # ragged: -inf choices stay choices
                     y,
                     n_bins=n_bins,
                     binning=binning,
