@@ -56,16 +56,9 @@ def rewrite_records(path: Path, records: Iterable[dict[str, Any]]) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    from calibrated_lm.durable import fsync_dir
+
+    fsync_dir(path.parent)
 
 
 def read_records(path: Path, *, repair: bool = True) -> list[dict[str, Any]]:

@@ -188,16 +188,9 @@ def remove_stale_temps(folder: Path) -> list[Path]:
 
 def _fsync_dir(folder: Path) -> None:
     """Make a rename inside ``folder`` durable (where the OS lets a folder be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    from calibrated_lm.durable import fsync_dir
+
+    fsync_dir(folder)
 
 
 def _fsync_tree(folder: Path) -> None:

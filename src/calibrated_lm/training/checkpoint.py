@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from calibrated_lm import durable
 from calibrated_lm.errors import UserError
 
 STATE_FILE = "state.json"
@@ -56,20 +57,8 @@ def checkpoint_root(output: Path) -> Path:
 
 
 def fsync_dir(path: Path) -> None:
-    """Make a rename or creation inside ``path`` durable (no-op where folders cannot be synced)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        if exc.errno in _DISK_FULL:
-            raise
-        return
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.EBADF, errno.EISDIR, errno.ENOTSUP):
-            raise
-    finally:
-        os.close(fd)
+    """Make a rename or creation inside ``path`` durable; a full disk is raised."""
+    durable.fsync_dir(path, strict=True)
 
 
 def _save(obj: Any, path: Path) -> None:
