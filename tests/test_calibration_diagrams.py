@@ -76,3 +76,12 @@ def test_plot_into_given_axes_returns_the_figure_with_counts_intervals_and_title
     assert plot_reliability({"m": (c, y)}, ax=ax2, title="T").axes == [ax2]
     assert ax2.get_title() == "T (n=400)"
     plt.close(fig2)
+
+
+def test_bins_at_accuracy_zero_and_one_draw(tmp_path):
+    # All-correct and all-wrong bins: the Wilson bounds meet the accuracy up to rounding.
+    # (an all-correct bin of 127 items has its Wilson upper bound 1.1e-16 below 1.0)
+    c = np.array([0.95] * 127 + [0.15] * 9 + [0.55] * 3)
+    y = np.array([1] * 127 + [0] * 9 + [1, 0, 1])
+    paths = reliability_diagram({"m": (c, y)}, tmp_path / "edge", n_bins=10)
+    assert paths[0].stat().st_size > 1000

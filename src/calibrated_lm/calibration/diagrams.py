@@ -36,6 +36,12 @@ def wilson_interval(successes: ArrayLike, n: ArrayLike, z: float = 1.96) -> np.n
     return np.stack([np.clip(centre - half, 0, 1), np.clip(centre + half, 0, 1)])
 
 
+def _yerr(acc: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> list[np.ndarray]:
+    """Error-bar lengths below and above the accuracy; rounding can put the accuracy a hair
+    outside its own interval (e.g. 1.0 vs an upper bound of 0.9999999999999999)."""
+    return [np.maximum(acc - lo, 0.0), np.maximum(hi - acc, 0.0)]
+
+
 def _bars(ax, hx, s, n_series, color, label, table, nonempty, acc, conf, cnt, n) -> None:
     """Equal-width bins: series side by side inside each bin, accuracy bar plus gap box, the
     accuracy's Wilson interval and (when there is room) the bin's item count."""
@@ -57,7 +63,7 @@ def _bars(ax, hx, s, n_series, color, label, table, nonempty, acc, conf, cnt, n)
     )  # fmt: skip
     ax.plot(left + width / 2, conf, ls="none", marker="_", ms=8, mew=1.6, color="0.15", zorder=4)
     lo, hi = wilson_interval(acc * cnt, cnt)
-    ax.errorbar(left + width / 2, acc, yerr=[acc - lo, hi - acc], fmt="none", ecolor="0.1",
+    ax.errorbar(left + width / 2, acc, yerr=_yerr(acc, lo, hi), fmt="none", ecolor="0.1",
                 elinewidth=0.8, capsize=1.5, zorder=5)  # fmt: skip
     if n_series <= 2:  # counts fit above the bars only while the bars are wide
         for x, y, c in zip(left + width / 2, np.maximum(hi, conf), cnt):
@@ -75,7 +81,7 @@ def _points(ax, hx, color, label, acc, conf, cnt, c) -> None:
     density over 20 equal-width bins (equal-mass counts would be flat by construction)."""
     ax.plot(conf, acc, marker="o", ms=4.5, lw=1.4, color=color, zorder=3, label=label)
     lo, hi = wilson_interval(acc * cnt, cnt)
-    ax.errorbar(conf, acc, yerr=[acc - lo, hi - acc], fmt="none", ecolor=color, elinewidth=0.8,
+    ax.errorbar(conf, acc, yerr=_yerr(acc, lo, hi), fmt="none", ecolor=color, elinewidth=0.8,
                 capsize=1.5, zorder=3)  # fmt: skip
     ax.vlines(conf, np.minimum(acc, conf), np.maximum(acc, conf), colors=color, linestyles=":",
               lw=1.2, zorder=2)  # fmt: skip
