@@ -12,6 +12,8 @@ criterion pre-registered in ``docs/issue12_plan.md``, writes into ``--results``:
 * ``training_curves.png``: loss and token confidence/accuracy per step;
 * ``samples/<eval>.jsonl.gz``: every evaluated model's per-question choice scores (slim
   records with token counts), so every number here can be recomputed;
+* ``records/``: each run's and evaluation's done marker, command, summary, training log and
+  per-example held-out statistics;
 * the ``control`` records of ``experiments/results/claims.json``.
 
     python experiments/control_report.py [--work runs/control]
@@ -129,6 +131,7 @@ def write_report(
         (results / "samples" / f"{p.name}.jsonl.gz").write_bytes(
             gzip.compress(slim_samples(p / "samples.jsonl"), mtime=0)
         )
+    _copy_records(work, results)
     base_held = read_json(work / "heldout_base" / "heldout.json")
     out: dict[str, Any] = {
         "criterion": "docs/issue12_plan.md (pre-registered)",
@@ -229,6 +232,29 @@ def write_report(
     (results / "tables.md").write_text(_tables(out), encoding="utf-8")
     C.update(records, source="control", path=claims_path)
     return out
+
+
+# The small records behind the tables (timings, commands, held-out statistics per example,
+# training logs), copied so that every number of the write-up has a committed source.
+_RECORD_FILES = {
+    "runs": ("done.json", "heldout.json", "metrics.jsonl", "command.txt"),
+    "evals": ("done.json", "run.json", "summary.json", "command.txt"),
+    "heldout_base": ("done.json", "heldout.json"),
+}
+
+
+def _copy_records(work: Path, results: Path) -> None:
+    import shutil
+
+    for kind, names in _RECORD_FILES.items():
+        folders = [work / kind] if kind == "heldout_base" else sorted((work / kind).glob("*"))
+        for folder in folders:
+            for name in names:
+                src = folder / name
+                if src.is_file():
+                    rel = src.relative_to(work)
+                    (results / "records" / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(src, results / "records" / rel)
 
 
 def _criterion(entry: dict[str, Any]) -> dict[str, Any]:
