@@ -35,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import claims as C  # noqa: E402
 from common import read_json, slim_samples  # noqa: E402
 
+from calibrated_lm.evaluation.report import record_probabilities as probabilities  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 PRIMARY = ("arc_easy", "arc_challenge", "piqa", "sciq", "openbookqa")
 SECONDARY = ("mmlu", "hellaswag")
@@ -51,13 +53,6 @@ def _records(path: Path) -> dict[str, dict[str, dict[str, Any]]]:
     for r in read_records(path, repair=False):
         out.setdefault(r["task"], {})[str(r["id"])] = r
     return out
-
-
-def probabilities(records: list[dict[str, Any]], norm: str) -> tuple[np.ndarray, np.ndarray]:
-    """(n, k_max) choice probabilities (0-padded) under ``norm``, and gold indices."""
-    from calibrated_lm.evaluation.report import record_probabilities
-
-    return record_probabilities(records, norm)
 
 
 def doses(work: Path) -> list[dict[str, Any]]:

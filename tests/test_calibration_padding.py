@@ -203,4 +203,4 @@ def test_compare_keeps_a_minus_inf_choice_as_a_choice(tmp_path):
     entry = next(iter(res["tasks"]["q"]["runs"].values()))
     # Question 0's gold answer has p = 0: wrong, and NLL infinite (not "label 2 of 2 choices").
     assert entry["accuracy"] == np.float64(19 / 20)
-    assert entry["nll"] == float("inf") or entry["nll"] is None
+    assert entry["nll"] == float("inf")

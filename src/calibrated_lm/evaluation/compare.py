@@ -132,12 +132,11 @@ def _scores(records: list[dict[str, Any]], normalization: str) -> tuple[list, np
     """(per-question score rows after normalisation, labels). Ragged rows, not a padded
     array: a choice scored -inf is a real choice (p = 0), and only padding may be dropped."""
     from calibrated_lm.calibration.scores import normalize_scores, padded_scores
-    from calibrated_lm.evaluation.report import _lengths
+    from calibrated_lm.evaluation.report import record_lengths
 
     rows = [r["choice_logprobs"] for r in records]
     s, k = padded_scores(rows)
-    unit = "tokens" if normalization == "tokens" else "chars"
-    s = normalize_scores(s, k, normalization, [_lengths(r, unit) for r in records])
+    s = normalize_scores(s, k, normalization, [record_lengths(r, normalization) for r in records])
     return [s[i, : k[i]] for i in range(len(rows))], np.array([int(r["label"]) for r in records])
 
 

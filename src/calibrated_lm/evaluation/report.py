@@ -23,7 +23,6 @@ def group_records(
 ) -> tuple[dict[str, tuple[list[list[float]], list[int]]], dict[str, list[list[int]]], dict]:
     """(tasks -> (scores, labels), tasks -> the lengths ``normalization`` divides by (character
     lengths for none/chars), groups -> member tasks)."""
-    unit = "tokens" if normalization == "tokens" else "chars"
     tasks: dict[str, tuple[list[list[float]], list[int]]] = {}
     lengths: dict[str, list[list[int]]] = {}
     groups: dict[str, list[str]] = {}
@@ -36,16 +35,19 @@ def group_records(
         scores, labels = tasks.setdefault(name, ([], []))
         scores.append(list(r["choice_logprobs"]))
         labels.append(int(r["label"]))
-        lengths.setdefault(name, []).append(list(_lengths(r, unit)))
+        lengths.setdefault(name, []).append(list(record_lengths(r, normalization)))
     return tasks, lengths, groups
 
 
-def _lengths(record: dict[str, Any], normalization: str) -> list:
-    """The record's per-choice lengths for ``normalization``; a UserError names what is missing
+def record_lengths(record: dict[str, Any], normalization: str) -> list:
+    """The record's per-choice lengths for ``normalization`` (token counts for "tokens",
+    character lengths otherwise); a UserError names what is missing
     (records of runs before token counts were stored have none)."""
     from calibrated_lm.calibration.scores import normalization_lengths
     from calibrated_lm.errors import UserError
 
+    # "none" divides by nothing; the character lengths stand in (every record has them).
+    normalization = "tokens" if normalization == "tokens" else "chars"
     value = normalization_lengths(record, normalization)
     if value is None:
         raise UserError(
@@ -72,10 +74,9 @@ def record_probabilities(
     gold indices)."""
     from calibrated_lm.calibration import choice_probabilities
 
-    unit = "tokens" if normalization == "tokens" else "chars"
     probs, _ = choice_probabilities(
         [r["choice_logprobs"] for r in records],
-        choice_char_lengths=[_lengths(r, unit) for r in records],
+        choice_char_lengths=[record_lengths(r, normalization) for r in records],
         normalization=normalization,
     )
     return np.nan_to_num(probs, nan=0.0), np.array([int(r["label"]) for r in records])
@@ -87,10 +88,9 @@ def confidence_correct(
     """Top-label confidence (softmax over the choices' scores) and correctness per question."""
     from calibrated_lm.calibration import choice_probabilities, top_label
 
-    unit = "tokens" if normalization == "tokens" else "chars"
     probs, _ = choice_probabilities(
         [r["choice_logprobs"] for r in records],
-        choice_char_lengths=[_lengths(r, unit) for r in records],
+        choice_char_lengths=[record_lengths(r, normalization) for r in records],
         normalization=normalization,
     )
     conf, pred = top_label(probs)
