@@ -65,6 +65,8 @@ from common import (  # noqa: E402
     write_json,
 )
 
+from calibrated_lm.training.stop import TrainingStopped  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WORK = ROOT / "runs" / "sft_calibration"
 DEFAULT_RESULTS = ROOT / "experiments" / "results" / "sft_calibration"
@@ -790,7 +792,13 @@ def run_units(exp: Experiment, limit_s: float | None, poll_s: float = 5.0) -> in
                     continue
                 print(f"[unit] {u.name} (est {est:.0f} s, at {clock.elapsed():.0f} s)", flush=True)
                 t0 = time.monotonic()
-                result = u.action()
+                try:
+                    result = u.action()
+                except TrainingStopped as exc:
+                    # The chunk's timeout (SIGTERM): the run checkpointed this step; the next
+                    # chunk resumes it. Nothing else starts in a process being stopped.
+                    print(f"[stopped] {u.name}: {exc}", flush=True)
+                    return sum(not x.done() for x in exp.units())
                 dt = time.monotonic() - t0
                 result["unit_s"] = round(dt, 1)
                 write_json(u.folder / DONE, result)

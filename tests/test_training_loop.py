@@ -386,3 +386,64 @@ def test_length_grouping_changes_micro_batches_not_the_sum_reduced_training(setu
     pa, pb = _params(Path(a["final"])), _params(Path(b["final"]))
     assert max(float((pa[k] - pb[k]).abs().max()) for k in pa) < 1e-5
     assert a["last"]["loss"] == pytest.approx(b["last"]["loss"], rel=1e-5)
+
+
+def test_sigterm_checkpoints_the_current_step_and_resume_matches(setup):
+    """A real SIGTERM mid-run (what `timeout` and schedulers send) ends the run after that
+    step with a checkpoint of it, even off the --save-every grid; resuming ends like a run
+    never stopped."""
+    import signal
+
+    from calibrated_lm.training.stop import TrainingStopped
+
+    ref = train(_cfg(setup, "ref_term", save_every=0))
+
+    def term_at_step_3(record):
+        if record["step"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(TrainingStopped) as info:
+        train(_cfg(setup, "termed", save_every=4), on_step=term_at_step_3)
+    assert info.value.step == 3 and info.value.signum == signal.SIGTERM
+    assert "SIGTERM" in str(info.value) and "--resume" in str(info.value)
+    out = Path(_cfg(setup, "termed").output)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000003"]
+    assert not (out / "final").exists()
+    # the handler is gone again: the default SIGTERM action is back
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    resumed = train(_cfg(setup, "termed", save_every=4, resume=True))
+    assert resumed["last"]["loss"] == pytest.approx(ref["last"]["loss"], rel=1e-6)
+    a, b = _params(Path(_cfg(setup, "ref_term").output) / "final"), _params(out / "final")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_cli_train_stopped_by_sigterm_says_so_and_exits_143(setup, tmp_path):
+    """End to end: `calibrated-lm train` in its own process, SIGTERM once it has logged a
+    step: exit status 128 + 15, a sentence naming the checkpoint, and that checkpoint."""
+    import signal
+    import time
+
+    root, model_dir, data = setup
+    out = tmp_path / "cli_term"
+    cmd = [sys.executable, "-c", "import sys; from calibrated_lm.cli import main; "
+           "sys.exit(main(sys.argv[1:]))", "train", "--model", str(model_dir), "--data",
+           str(data), "--output", str(out), "--batch-size", "2", "--grad-accum", "1",
+           "--max-steps", "100000", "--max-seq-len", "64", "--save-every", "0",
+           "--no-progress", "--device", "cpu"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no step logged within 120 s"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, (stdout, stderr)
+    assert "stopped: stopped by SIGTERM after step" in stderr and "Traceback" not in stderr
+    steps = [p.name for p in (out / "checkpoints").iterdir()]
+    assert len(steps) == 1 and steps[0].startswith("step-")
+    step = int(steps[0].split("-")[1])
+    assert f"after step {step} of 100000" in stderr

