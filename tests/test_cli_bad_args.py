@@ -46,12 +46,22 @@ def _garbage() -> st.SearchStrategy[str]:
     return words | st.text(min_size=0, max_size=6).filter(_not_an_int)
 
 
+def _valid_device(s: str) -> bool:
+    """The devices this machine has: on a GPU machine `cuda` and `cuda:0` are good values."""
+    import torch
+
+    if s in ("auto", "cpu") or (s.startswith("cpu") and s[3:4] in ("", ":")):
+        return True
+    if torch.cuda.is_available() and (s == "cuda" or s.startswith("cuda:")):
+        index = s[5:]
+        return index == "" or (index.isdigit() and int(index) < torch.cuda.device_count())
+    return False
+
+
 def _bad_device() -> st.SearchStrategy[str]:
     named = st.sampled_from(["tpu", "gpu", "cuda", "cuda:0", "cuda:7", "mps", "meta", "", "xla"])
-    drawn = st.text(alphabet="abcdefghijklmnopqrstuvwxyz:0123456789", max_size=8).filter(
-        lambda s: s not in ("auto", "cpu") and not (s.startswith("cpu") and s[3:4] in ("", ":"))
-    )
-    return named | drawn
+    drawn = st.text(alphabet="abcdefghijklmnopqrstuvwxyz:0123456789", max_size=8)
+    return (named | drawn).filter(lambda s: not _valid_device(s))
 
 
 def _snapshot(folder: Path) -> dict[str, str]:

@@ -28,10 +28,14 @@ def test_harness_flag_spellings_run_the_same_eval(tmp_path: Path, capsys) -> Non
     ]
     task.write_text("".join(json.dumps(r) + "\n" for r in rows))
     ours = ["eval", "--model", str(model), "--tasks", str(task), "--limit", "0.25"]
+    # --device cpu in both: on a GPU the default (auto) would score ours in another precision
+    # than theirs' dtype=float32, and this test is about the spellings.
     ours += ["--output", str(tmp_path / "a"), "--bootstrap", "0", "--no-progress"]
+    ours += ["--device", "cpu"]
     theirs = ["eval", "--model", "hf", "--model_args", f"pretrained={model},dtype=float32"]
     theirs += ["--tasks", str(task), "--limit", "0.25", "--output_path", str(tmp_path / "b")]
     theirs += ["--num_fewshot", "0", "--batch_size", "2", "--log_samples", "--bootstrap", "0"]
+    theirs += ["--device", "cpu"]
     assert main(ours) == 0 and main(theirs + ["--no-progress"]) == 0
     a = [json.loads(x) for x in (tmp_path / "a/samples.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (tmp_path / "b/samples.jsonl").read_text().splitlines()]
