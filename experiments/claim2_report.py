@@ -26,7 +26,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import claims as C  # noqa: E402
-from control_report import PRIMARY, SECONDARY, _records, probabilities  # noqa: E402
+from common import read_json, slim_samples  # noqa: E402
+from control_report import (  # noqa: E402
+    PRIMARY,
+    SECONDARY,
+    _copy_records,
+    _records,
+    heldout_pair,
+    probabilities,
+)
+from restore_units import RESTORED  # noqa: E402
 from sft_calibration import CLAIM2_EPS, CLAIM2_SEEDS, SFTRun  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,8 +45,28 @@ NONINFERIORITY = 0.01  # accuracy: one point
 NEGLIGIBLE_ECE = 0.005  # an ECE reduction smaller than this is not the claimed benefit
 
 
+def _run_name(eps: float, seed: int) -> str:
+    return SFTRun(eps, seed, lr=8e-5, epochs=3).name(8e-5)
+
+
 def _eval_dir(work: Path, eps: float, seed: int) -> Path:
-    return work / "evals" / f"{SFTRun(eps, seed, lr=8e-5, epochs=3).name(8e-5)}__{FORMAT}"
+    return work / "evals" / f"{_run_name(eps, seed)}__{FORMAT}"
+
+
+def heldout_changes(work: Path, eps: float, seeds: tuple[int, ...], draws: int) -> dict[str, Any]:
+    """Per seed: held-out token gap / NLL / accuracy of eps minus eps 0 (paired over held-out
+    examples). A seed whose eps-0 run was restored from the control has no per-example
+    held-out file (and its records counted one more token per example): named, not used."""
+    out: dict[str, Any] = {}
+    for s in seeds:
+        a = work / "runs" / _run_name(0.0, s) / "heldout.json"
+        b = work / "runs" / _run_name(eps, s) / "heldout.json"
+        if not (a.exists() and b.exists()):
+            why = "eps 0 run restored from the control" if b.exists() else "not trained"
+            out[str(s)] = {"missing": why}
+            continue
+        out[str(s)] = heldout_pair(read_json(a), read_json(b), draws)
+    return out
 
 
 def verdict(ece: dict[str, Any], acc: dict[str, Any]) -> str:
@@ -59,8 +88,20 @@ def write_report(
     seeds: tuple[int, ...] = CLAIM2_SEEDS,
     claims_path: Path = C.CLAIMS,
 ) -> dict[str, Any]:
+    import gzip
+
     from calibrated_lm.calibration.paired import two_level_bootstrap
 
+    # The per-question evidence and the unit records travel with the results: the work folder
+    # is not kept (a device machine keeps nothing, and runs/ is not committed).
+    # Units restored from the control (restore_units.py) are committed there already.
+    (results / "samples").mkdir(parents=True, exist_ok=True)
+    for p in sorted((work / "evals").glob("*")):
+        if (p / "done.json").exists() and not (p / RESTORED).exists():
+            (results / "samples" / f"{p.name}.jsonl.gz").write_bytes(
+                gzip.compress(slim_samples(p / "samples.jsonl"), mtime=0)
+            )
+    _copy_records(work, results, skip=RESTORED)
     recs = {
         (e, s): _records(_eval_dir(work, e, s) / "samples.jsonl")
         for e in CLAIM2_EPS
@@ -72,6 +113,7 @@ def write_report(
     for eps in CLAIM2_EPS[1:]:
         have = [s for s in seeds if (eps, s) in recs and (0.0, s) in recs]
         entry: dict[str, Any] = {"seeds": have, "missing": [], "tasks": {}, "verdict": None}
+        entry["heldout"] = heldout_changes(work, eps, tuple(have), bootstrap)
         entry["missing"] += [f"seed {s}" for s in seeds if s not in have]
         if not have:
             out["eps"][f"{eps:g}"] = entry
@@ -157,8 +199,11 @@ def _tables(out: dict[str, Any]) -> str:
         "eps - eps 0 (same seed), trained format, per-token scores; two-level bootstrap 95% "
         "intervals.",
         "",
-        "| eps | seeds | task | ECE eps 0 | ECE eps | d ECE [95% CI] | d acc [95% CI] |",
-        "|---|---|---|---|---|---|---|",
+        "conf - acc: the eps model's mean confidence minus its accuracy (> 0: over-confident).",
+        "",
+        "| eps | seeds | task | ECE eps 0 | ECE eps | d ECE [95% CI] | d acc [95% CI] | "
+        "conf - acc, eps 0 | conf - acc, eps |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for eps, e in out["eps"].items():
         rows = ([("primary mean", e["primary_mean"])] if "primary_mean" in e else []) + list(
@@ -170,7 +215,27 @@ def _tables(out: dict[str, Any]) -> str:
                 f"| {eps} | {','.join(map(str, e['seeds']))} | {task} | {ece['a']:.3f} | "
                 f"{ece['b']:.3f} | {ece['delta']:+.3f} [{ece['ci95'][0]:+.3f}, "
                 f"{ece['ci95'][1]:+.3f}] | {acc['delta']:+.3f} [{acc['ci95'][0]:+.3f}, "
-                f"{acc['ci95'][1]:+.3f}] |"
+                f"{acc['ci95'][1]:+.3f}] | "
+                f"{t['mean_confidence']['a'] - acc['a']:+.3f} | "
+                f"{t['mean_confidence']['b'] - acc['b']:+.3f} |"
+            )
+    lines += [
+        "",
+        "## Held-out SFT tokens: eps minus eps 0, same seed (paired over held-out examples)",
+        "",
+        "| eps | seed | token gap eps 0 | token gap eps | d gap [95% CI] | d token NLL [95% CI] |",
+        "|---|---|---|---|---|---|",
+    ]
+    for eps, e in out["eps"].items():
+        for seed, h in e.get("heldout", {}).items():
+            if "missing" in h:
+                lines.append(f"| {eps} | {seed} | - | - | ({h['missing']}) | - |")
+                continue
+            g, n = h["token_gap"], h["token_nll"]
+            lines.append(
+                f"| {eps} | {seed} | {g['a']:+.3f} | {g['b']:+.3f} | {g['delta']:+.3f} "
+                f"[{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}] | {n['delta']:+.3f} "
+                f"[{n['ci95'][0]:+.3f}, {n['ci95'][1]:+.3f}] |"
             )
     lines += ["", "## Verdicts", ""]
     for eps, e in out["eps"].items():

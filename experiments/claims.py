@@ -138,6 +138,9 @@ def blocks(records: Sequence[dict[str, Any]]) -> dict[str, str]:
     full = [r for r in records if r["claim"] == "control"]
     if full:
         out["control_full"] = table(full)
+    c2 = [r for r in records if r["claim"] == "2" and r.get("headline")]
+    if c2:
+        out["claim2"] = table(c2)
     return out
 
 

@@ -238,12 +238,16 @@ _RECORD_FILES = {
 }
 
 
-def _copy_records(work: Path, results: Path) -> None:
+def _copy_records(work: Path, results: Path, skip: str | None = None) -> None:
+    """Copy the unit records of ``work`` into ``results/records`` (folders holding a file
+    named ``skip`` left out)."""
     import shutil
 
     for kind, names in _RECORD_FILES.items():
         folders = [work / kind] if kind == "heldout_base" else sorted((work / kind).glob("*"))
         for folder in folders:
+            if skip and (folder / skip).exists():
+                continue
             for name in names:
                 src = folder / name
                 if src.is_file():

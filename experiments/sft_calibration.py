@@ -64,6 +64,7 @@ from common import (  # noqa: E402
     unbundle,
     write_json,
 )
+from restore_units import RESTORED  # noqa: E402
 
 from calibrated_lm.training.stop import TrainingStopped  # noqa: E402
 
@@ -349,7 +350,13 @@ class Experiment:
             t = self._train_unit(run, run_lr)
             if all(u.name != t.name for u in units):
                 units.append(t)
-            units += self._eval_units(name, str(w / "runs" / name / "final"), (t.name,))
+            evals = self._eval_units(name, str(w / "runs" / name / "final"), (t.name,))
+            if (t.folder / RESTORED).exists() and not (t.folder / "final").is_dir():
+                # Restored from committed results (restore_units.py): its weights are gone, so
+                # an evaluation not restored with it can never run; it is left out here and
+                # the report names the missing format.
+                evals = [u for u in evals if u.done()]
+            units += evals
         if p.reference:
             # needs prepare: the model is converted there
             units += self._eval_units("reference", p.reference, ("prepare",))
@@ -665,20 +672,29 @@ def heldout_stats(
 # Running
 
 
+def _timing_key(unit: Unit) -> str:
+    """Units timed together: evaluations per scoring format (a trained-format one scores the
+    secondary tasks too and takes ~4x a plain one), the rest per kind."""
+    parts = unit.name.split("/")
+    return f"{unit.kind}:{parts[2]}" if unit.kind == "eval" and len(parts) == 3 else unit.kind
+
+
 def _estimate(unit: Unit, timed: dict[str, list[float]], profile: Profile) -> float:
-    seen = timed.get(unit.kind)
+    seen = timed.get(_timing_key(unit)) or timed.get(unit.kind)
     if seen:  # the latest few: earlier units may have run under other settings
         return max(seen[-3:]) * 1.1
     return float(profile.est.get(unit.kind, 60))
 
 
 def _past_timings(units: list[Unit]) -> dict[str, list[float]]:
+    """Seconds of finished units, under both their kind and their :func:`_timing_key`."""
     timed: dict[str, list[float]] = {}
     for u in units:
         if u.done():
             d = read_json(u.folder / DONE)
             if "unit_s" in d:
-                timed.setdefault(u.kind, []).append(d["unit_s"])
+                for key in {u.kind, _timing_key(u)}:
+                    timed.setdefault(key, []).append(d["unit_s"])
     return timed
 
 

@@ -282,3 +282,74 @@ def test_paired_difference_detects_a_more_confident_model():
     acc = sft_report.paired_difference(_records(sharp), _records(base), "accuracy", draws=50)
     assert d["diff"] > 0.1 and d["differs"]
     assert acc["diff"] == 0.0
+
+
+def _committed(root: Path, evals: dict[str, list[dict]], runs: tuple[str, ...] = ()) -> Path:
+    """A results folder as a report commits it: records/evals/<unit>/, samples/<unit>.gz."""
+    import gzip
+
+    for unit, rows in evals.items():
+        rec = root / "records" / "evals" / unit
+        rec.mkdir(parents=True)
+        (rec / "done.json").write_text(json.dumps({"eval_s": 1.0}))
+        (rec / "summary.json").write_text("{}")
+        body = "".join(json.dumps(r) + "\n" for r in rows).encode()
+        (root / "samples").mkdir(exist_ok=True)
+        (root / "samples" / f"{unit}.jsonl.gz").write_bytes(gzip.compress(body))
+    for run in runs:
+        (root / "records" / "runs" / run).mkdir(parents=True)
+        (root / "records" / "runs" / run / "done.json").write_text(json.dumps({"steps": 564}))
+        (root / "records" / "runs" / run / "metrics.jsonl").write_text('{"step": 1}\n')
+    return root
+
+
+def test_restore_units_rebuilds_finished_units_and_their_lost_evaluations_are_left_out(tmp_path):
+    import restore_units as ru
+
+    rows = [{"task": "arc_easy", "id": "1", "choice_logprobs": [-1.0, -2.0], "label": 0}]
+    s1 = sc.SFTRun(0.0, 1, lr=8e-5, epochs=3).name(8e-5)
+    s2 = sc.SFTRun(0.05, 1, lr=8e-5, epochs=3).name(8e-5)
+    control = _committed(
+        tmp_path / "control",
+        {"base__trained": rows, "base__plain": rows, f"{s1}__trained": rows, f"{s1}__plain": rows},
+    )
+    claim2 = _committed(tmp_path / "claim2", {f"{s2}__trained": rows}, runs=(s2,))
+    work = tmp_path / "work"
+    ru.restore(control, ["base", s1], work)
+    ru.restore(claim2, [s2], work)
+    # evaluations come back whole, with their samples journal
+    got = [json.loads(x) for x in (work / "evals" / f"{s2}__trained" / "samples.jsonl").open()]
+    assert got == rows
+    # the committed training records of claim 2's run; a marker for the control's (no records)
+    assert json.loads((work / "runs" / s2 / "done.json").read_text()) == {"steps": 564}
+    assert "weights not kept" in (work / "runs" / s1 / "done.json").read_text()
+    for folder in (work / "runs" / s1, work / "runs" / s2, work / "evals" / "base__plain"):
+        assert (folder / ru.RESTORED).exists()
+    exp = sc.Experiment(sc.PROFILES["claim2"], work, [], "cpu")
+    names = {u.name: u for u in exp.units()}
+    assert names[f"train/{s1}"].done() and names[f"eval/{s1}/plain"].done()
+    assert names[f"train/{s2}"].done() and names[f"eval/{s2}/trained"].done()
+    # s2's plain evaluation was never run and its weights are gone: it is not a pending unit
+    assert f"eval/{s2}/plain" not in names
+    s3 = sc.SFTRun(0.1, 1, lr=8e-5, epochs=3).name(8e-5)
+    assert not names[f"train/{s3}"].done() and f"eval/{s3}/plain" in names
+    with pytest.raises(SystemExit, match="no committed evaluations"):
+        ru.restore(control, ["nothing_here"], tmp_path / "w2")
+
+
+def test_evaluations_are_estimated_per_format(tmp_path):
+    def unit(name: str, kind: str, secs: float | None) -> sc.Unit:
+        folder = tmp_path / name.replace("/", "_")
+        folder.mkdir()
+        if secs is not None:
+            (folder / sc.DONE).write_text(json.dumps({"unit_s": secs}))
+        return sc.Unit(name, kind, folder, lambda: {})
+
+    done = [unit("eval/a/trained", "eval", 80.0), unit("eval/a/plain", "eval", 21.0)]
+    plain, trained = unit("eval/b/plain", "eval", None), unit("eval/b/trained", "eval", None)
+    single = unit("eval/c", "eval", None)  # one-format profiles: the kind's timings
+    timed = sc._past_timings(done)
+    prof = sc.PROFILES["claim2"]
+    assert sc._estimate(plain, timed, prof) == pytest.approx(21.0 * 1.1)
+    assert sc._estimate(trained, timed, prof) == pytest.approx(80.0 * 1.1)
+    assert sc._estimate(single, timed, prof) == pytest.approx(80.0 * 1.1)
