@@ -18,7 +18,10 @@ config (``benchmarks/configs/gemma-3-270m.json``: timing does not depend on the 
 plus the profiler's top CUDA kernels of one step. Medians over ``--steps`` after warm-up.
 
     python benchmarks/profile_sft_step.py [--width 512] [--batch 32] [--micro 4] \\
-        [--steps 5] [--out profile.md] [--tiny]
+        [--steps 5] [--out profile.md] [--tiny] [--compile]
+
+The profiler table is of the eager step; ``--compile`` then times the step and the decoder
+with the decoder layers compiled (``calibrated_lm.models.compile``), in the same process.
 """
 
 from __future__ import annotations
@@ -101,6 +104,11 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="then compile the decoder layers (models/compile.py) and time step and decoder again",
+    )
     args = ap.parse_args()
 
     from calibrated_lm.loss import linear_cross_entropy
@@ -195,14 +203,30 @@ def main() -> int:
     with profile(activities=acts) as prof:
         step()
         _sync(dev)
+    if args.compile:
+        from calibrated_lm.models.compile import compile_decoder
+
+        compile_decoder(model)
+        t0 = time.perf_counter()
+        step()  # the first calls compile: timed apart
+        decoder(mbs)
+        _sync(dev)
+        res["compile_s"] = time.perf_counter() - t0
+        print(f"compile (first step + decoder): {res['compile_s']:.1f} s", flush=True)
+        for name, fn in (("step, compiled", step), ("decoder (padding mask), compiled",
+                                                    lambda: decoder(mbs))):  # fmt: skip
+            res[name] = _timed(fn, dev, args.steps)
+            print(f"{name}: {res[name] * 1e3:.1f} ms", flush=True)
+        res["compiled_input_tokens_per_s"] = n_inputs / res["step, compiled"]
     key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=70)
     lines = [
         f"# SFT step profile ({res['device']}, torch {res['torch']})",
         "",
         "Produced by `benchmarks/profile_sft_step.py` "
-        f"(`--width {args.width} --batch {args.batch} --micro {args.micro} --steps {args.steps}`"
-        f"{' --tiny' if args.tiny else ''}); random weights of the gemma-3-270m config.",
+        f"(`--width {args.width} --batch {args.batch} --micro {args.micro} --steps {args.steps}"
+        f"{' --tiny' if args.tiny else ''}{' --compile' if args.compile else ''}`); random "
+        "weights of the gemma-3-270m config; the profiler table is of the eager step.",
         "",
         f"{args.micro} micro-batches of {args.batch} x {args.width} (lengths uniform in "
         f"[{args.width // 2}, {args.width}]): {n_inputs:,} input tokens of "
@@ -211,11 +235,21 @@ def main() -> int:
         "| part | median ms | share of step |",
         "|---|---|---|",
     ]
-    for name in ("step", "decoder (padding mask)", "decoder (full rows)", "loss", "adamw"):
+    parts = ["step", "decoder (padding mask)", "decoder (full rows)", "loss", "adamw"]
+    if args.compile:
+        parts += ["step, compiled", "decoder (padding mask), compiled"]
+    for name in parts:
         lines.append(f"| {name} | {res[name] * 1e3:.1f} | {res[name] / res['step']:.2f} |")
     lines += [
         "",
-        f"Step throughput: {res['input_tokens_per_s']:,.0f} input tokens/s.",
+        f"Step throughput: {res['input_tokens_per_s']:,.0f} input tokens/s"
+        + (
+            f"; compiled decoder layers: {res['compiled_input_tokens_per_s']:,.0f} "
+            f"({res['step'] / res['step, compiled']:.2f}x; compiling took "
+            f"{res['compile_s']:.0f} s, not included)."
+            if args.compile
+            else "."
+        ),
         "",
         "```",
         table,
