@@ -334,3 +334,29 @@ def test_smooth_ece_fixed_point_within_stated_tolerance_of_exact():
     value, sigma = smooth_ece(c, y, return_bandwidth=True)
     assert 0.001 < sigma < 0.0029
     assert value == pytest.approx(_smooth_oracle(c, y, sigma), abs=1e-6)
+
+
+def test_a_figure_that_fails_to_save_leaves_the_previous_file(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from calibrated_lm.durable import save_figure
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    out = save_figure(fig, tmp_path / "r.png", dpi=50)
+    before = out.read_bytes()
+    assert before.startswith(b"\x89PNG")
+
+    def torn(self, fname, **kwargs):  # writes half a file, then the disk is full
+        open(fname, "wb").write(b"\x89PN")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(fig), "savefig", torn)
+    with pytest.raises(OSError, match="No space"):
+        save_figure(fig, out, dpi=50)
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.png"]
+    plt.close(fig)

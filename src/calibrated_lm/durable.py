@@ -31,3 +31,20 @@ def fsync_dir(path: str | os.PathLike[str], *, strict: bool = False) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def save_figure(fig: object, path: str | os.PathLike[str], **kwargs: object) -> Path:
+    """``fig.savefig(path, **kwargs)`` written to a temporary name in the same folder and
+    renamed into place: a crash or a full disk mid-write leaves the previous figure (or none),
+    never a torn file that image viewers reject."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fmt = kwargs.pop("format", None) or path.suffix.lstrip(".")  # the tmp name hides the type
+    try:
+        fig.savefig(tmp, format=fmt, **kwargs)  # type: ignore[attr-defined]
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fsync_dir(path.parent)
+    return path

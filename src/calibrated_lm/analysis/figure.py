@@ -51,11 +51,13 @@ def plot_capacity(report: CapacityReport, path_stem: Path, title: str = "") -> l
     ax2.legend(fontsize=7)
     fig.suptitle(title or f"V={report.vocab}, D={report.dim}, V/D={report.vocab / report.dim:.0f}")
     fig.tight_layout()
+    from calibrated_lm.durable import save_figure
+
     path_stem.parent.mkdir(parents=True, exist_ok=True)
     paths = []
     for ext in ("png", "svg"):
         out = path_stem.with_suffix(f".{ext}")
-        fig.savefig(out, dpi=120)
+        save_figure(fig, out, dpi=120)
         paths.append(out)
     plt.close(fig)
     return paths

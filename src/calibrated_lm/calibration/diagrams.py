@@ -231,9 +231,11 @@ def reliability_diagram(
     stem = Path(path_stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".svg")]
-    fig.savefig(paths[0], dpi=150, bbox_inches="tight")
+    from calibrated_lm.durable import save_figure
+
+    save_figure(fig, paths[0], dpi=150, bbox_inches="tight")
     # Text stays text in the SVG (searchable, editable) instead of outlines.
     with plt.rc_context({"svg.fonttype": "none"}):
-        fig.savefig(paths[1], bbox_inches="tight")
+        save_figure(fig, paths[1], bbox_inches="tight")
     plt.close(fig)
     return paths
