@@ -417,3 +417,55 @@ def test_patch_passes_its_block_floor_to_the_loss(monkeypatch, kwargs, expected)
     ids, labels = batch()
     model(input_ids=ids, labels=labels).loss.backward()
     assert patch_config(model).min_block_rows == expected and seen == [expected]
+
+
+def test_calls_that_would_bypass_the_fused_loss_are_refused():
+    """fused_lm_head=True, a wrapper that runs the decoder itself (TRL's fused head), and
+    num_items_in_batch without labels (HF Trainer's label smoother) each raise UserError."""
+    import types
+
+    from calibrated_lm.errors import UserError
+
+    model = tiny("llama")
+    patch_model(model, label_smoothing=0.1)
+    ids, labels = batch()
+    with pytest.raises(UserError, match="fused_lm_head=True.*CalibratedSFTTrainer"):
+        model(input_ids=ids, labels=labels, fused_lm_head=True)
+    with pytest.raises(UserError, match="leave label_smoothing_factor at 0"):
+        model(input_ids=ids, num_items_in_batch=torch.tensor(5))
+    model.model(input_ids=ids)  # a direct decoder call on a model whose forward is ours: fine
+    patched = model.forward
+
+    def calls_through(self, **kwargs):  # accelerate's autocast wrapper does this
+        return patched(**kwargs)
+
+    model.forward = types.MethodType(calls_through, model)
+    assert model(input_ids=ids, labels=labels).logits is None
+    model.forward = types.MethodType(lambda self, **kw: self.model(**kw), model)  # TRL's shape
+    with pytest.raises(UserError, match="ran its decoder directly.*unpatch_model"):
+        model(input_ids=ids)
+    with pytest.raises(UserError, match="cannot be restored"):
+        unpatch_model(model)
+    model.forward = patched
+    unpatch_model(model)
+    model(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(5))  # hook removed
+
+
+def test_patch_declares_loss_kwargs_and_stats_survive_an_output_rebuild():
+    """accelerate's mixed-precision wrapper rebuilds outputs as type(out)(dict(out))."""
+    from calibrated_lm.models.patching import LossStats
+
+    model = tiny("gemma3_text")
+    assert "accepts_loss_kwargs" not in model.__dict__
+    patch_model(model, label_smoothing=0.1)
+    assert model.accepts_loss_kwargs is True
+    ids, labels = batch()
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=labels, calibrated_lm_stats=True)
+        plain = model(input_ids=ids, labels=labels, use_cache=False)
+    rebuilt = type(out)(dict(out))
+    assert isinstance(rebuilt.loss_stats, LossStats)
+    assert rebuilt.loss_stats.n_tokens == int((labels[:, 1:] != -100).sum())
+    assert "loss_stats" not in plain and len(plain.to_tuple()) == 1  # only the loss
+    unpatch_model(model)
+    assert "accepts_loss_kwargs" not in model.__dict__

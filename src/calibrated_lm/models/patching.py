@@ -22,6 +22,15 @@ hidden states and of the softcap: the kernel sees one linear map and one softcap
 
 Under HF ``Trainer``'s gradient accumulation the model receives ``num_items_in_batch``;
 the loss is then token-summed and divided by it, exactly as transformers' own loss.
+
+The patch never lets a trainer silently train on another loss (plain cross-entropy, or a
+smoothed loss from full logits). Three ways around the patched forward are refused with a
+``UserError`` naming the fix: a call with ``fused_lm_head=True`` (TRL's own fused NLL head), a
+wrapper installed over the patched forward that calls the decoder directly (TRL's
+``add_fused_lm_head``, which every stock TRL trainer installs), and ``num_items_in_batch``
+without labels (HF ``Trainer`` with ``label_smoothing_factor > 0`` or a ``compute_loss_func``
+takes the labels away and builds the full logits). ``calibrated_lm.integrations`` has the
+trainers that go through the patch instead.
 """
 
 from __future__ import annotations
@@ -35,7 +44,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from calibrated_lm.errors import UserError
+
 _PATCH_ATTR = "_calibrated_lm_patch"
+# The decoder hook that refuses calls from a wrapper bypassing the patched forward.
+_GUARD_ATTR = "_calibrated_lm_guard"
+# patch_model sets ``accepts_loss_kwargs`` on the instance; what was there before (or _UNSET).
+_ACCEPTS_ATTR = "_calibrated_lm_accepts_loss_kwargs"
+_UNSET = object()
+_INTEGRATIONS_HINT = (
+    "train it with calibrated_lm.integrations.trl.CalibratedSFTTrainer (a drop-in for "
+    "trl.SFTTrainer), or call calibrated_lm.unpatch_model(model) before handing it to a trainer "
+    "that should use its own loss"
+)
 # A training step's activations dwarf a (1024 x V) logit block (512 MiB at V = 262,144 in
 # bf16), and blocks of 1024 tokens keep the weight gradient's read-modify-write to ~20% of the
 # products' time even for small hidden sizes (loss.chunking.grad_block_rows).
@@ -271,7 +292,33 @@ def _summarise(
     )
 
 
-def _make_forward(model: nn.Module, original, cfg: PatchConfig):
+@functools.cache
+def _output_class() -> type:
+    """``CausalLMOutputWithPast`` with a ``loss_stats`` field (built once, on first use).
+
+    A real field, not a plain attribute: accelerate's mixed-precision wrapper rebuilds the
+    output from its items (``type(out)(dict(out))``), which keeps fields and drops attributes.
+    ``loss_stats`` is None, so absent from the dict and tuple views, unless stats were asked for.
+    """
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    @dataclass
+    class CalibratedCausalLMOutput(CausalLMOutputWithPast):
+        loss_stats: LossStats | None = None
+
+    return CalibratedCausalLMOutput
+
+
+def _bypass_message(model: nn.Module, cfg: PatchConfig, how: str) -> str:
+    return (
+        f"calibrated_lm: {type(model).__name__} was patched by patch_model(label_smoothing="
+        f"{cfg.label_smoothing}), but {how}, so the trainer would compute its own loss (TRL's: "
+        f"plain cross-entropy) instead of the label-smoothed one; {_INTEGRATIONS_HINT}."
+    )
+
+
+def _make_forward(model: nn.Module, original, cfg: PatchConfig, depth: list[int]):
+    """The patched forward; ``depth[0]`` counts its calls in progress (for the decoder guard)."""
     base = model.base_model
     params = inspect.signature(original).parameters
 
@@ -281,11 +328,36 @@ def _make_forward(model: nn.Module, original, cfg: PatchConfig):
         if args:
             names = [n for n, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD]
             kwargs.update(zip(names, args))
+        if kwargs.pop("fused_lm_head", False):
+            # TRL's SFT/DPO/GRPO trainers ask for their own fused NLL head this way (reached here
+            # when the patch was applied after the trainer installed that head).
+            raise UserError(_bypass_message(model, cfg, "it was called with fused_lm_head=True"))
         labels = kwargs.pop("labels", None)
-        if labels is None and kwargs.get("shift_labels") is None:
-            return original(**kwargs)
+        depth[0] += 1
+        try:
+            if labels is None and kwargs.get("shift_labels") is None:
+                if kwargs.get("num_items_in_batch") is not None:
+                    # Only a trainer that wants a loss passes num_items_in_batch; without labels
+                    # it means HF Trainer took them away (label_smoothing_factor > 0 or a
+                    # compute_loss_func) and will compute its own loss from the full logits.
+                    raise UserError(
+                        f"calibrated_lm: {type(model).__name__} was patched by patch_model("
+                        f"label_smoothing={cfg.label_smoothing}), but the trainer removed the "
+                        "labels before calling it (transformers.Trainer does so when "
+                        "label_smoothing_factor > 0 or a compute_loss_func is set) and would "
+                        "compute its loss from the full logits; leave label_smoothing_factor at 0 "
+                        "and drop compute_loss_func (the patch already smooths), or use "
+                        "calibrated_lm.integrations.hf_trainer.CalibratedTrainer, which takes "
+                        "label_smoothing_factor as the patch's label_smoothing."
+                    )
+                return original(**kwargs)
+            return _fused_forward(kwargs, labels)
+        finally:
+            depth[0] -= 1
+
+    def _fused_forward(kwargs: dict[str, Any], labels: torch.Tensor | None):
         loss_kwargs = {k: kwargs.pop(k) for k in _LOSS_KWARGS if k in kwargs}
-        # Private switches of calibrated_lm's own training loop (not used by transformers).
+        # Private switches of calibrated_lm's own training loop and trainers (not transformers').
         reduction = kwargs.pop("calibrated_lm_reduction", None)
         want_stats = bool(kwargs.pop("calibrated_lm_stats", False))
         logits_to_keep = kwargs.pop("logits_to_keep", 0)
@@ -301,21 +373,47 @@ def _make_forward(model: nn.Module, original, cfg: PatchConfig):
             return_stats=want_stats,
             **loss_kwargs,
         )
-        from transformers.modeling_outputs import CausalLMOutputWithPast
-
-        result = CausalLMOutputWithPast(
+        output_class = _output_class()
+        # transformers 5.x renamed the field past_key_values to cache (the old name warns).
+        cache_field = "cache" if "cache" in output_class.__dataclass_fields__ else "past_key_values"
+        result = output_class(
             loss=loss,
             logits=None,
-            past_key_values=getattr(outputs, "past_key_values", None),
             hidden_states=getattr(outputs, "hidden_states", None),
             attentions=getattr(outputs, "attentions", None),
+            loss_stats=stats,
+            **{cache_field: getattr(outputs, cache_field, None)},
         )
-        if want_stats:
-            result.loss_stats = stats  # plain attribute: not part of the tuple/dict view
         return result.to_tuple() if return_dict is False else result
 
     forward.__calibrated_lm_original__ = original
     return forward
+
+
+def _make_guard(model: nn.Module, forward, cfg: PatchConfig, depth: list[int]):
+    """A forward pre-hook for the base decoder: refuse calls that bypass the patched forward.
+
+    TRL's ``add_fused_lm_head`` (installed by every stock TRL trainer) replaces
+    ``model.forward`` with a wrapper that, given ``fused_lm_head=True``, runs the decoder itself
+    and scores plain log-likelihoods: our forward is never reached. A decoder call while some
+    wrapper sits over the patched forward and no patched forward is running is that case.
+    Direct decoder calls on a model whose forward is still ours stay allowed (feature
+    extraction, ``_check_generic``); so do wrappers that call through (accelerate's autocast).
+    """
+
+    def guard(module: nn.Module, args: Any) -> None:
+        if depth[0] > 0 or model.__dict__.get("forward") is forward:
+            return
+        raise UserError(
+            _bypass_message(
+                model,
+                cfg,
+                "a wrapper over its forward (TRL's fused LM head, which stock trl trainers "
+                "install) ran its decoder directly",
+            )
+        )
+
+    return guard
 
 
 def _check_generic(model: nn.Module, cfg: PatchConfig) -> None:
@@ -376,6 +474,11 @@ def patch_model(
     ``model``. A PEFT model (``get_peft_model(...)``) is patched inside: its base causal LM,
     adapters included, gets the fused forward, so both orders of ``patch_model`` and
     ``get_peft_model`` train on the fused loss.
+
+    The patched model also declares ``accepts_loss_kwargs = True`` (HF Trainer then passes
+    ``num_items_in_batch``, so gradient accumulation is exact) and refuses, with a
+    ``UserError`` naming the fix, the calls that would bypass the fused loss: see the module
+    docstring (stock TRL trainers, HF Trainer's ``label_smoothing_factor``).
     Raises ``ValueError`` for models without a linear output head or base decoder, or whose
     logits are not ``head(hidden)`` up to the known scalings.
     """
@@ -386,17 +489,43 @@ def patch_model(
     if cfg.path == "generic":
         _check_generic(model, cfg)
     original = model.forward
-    model.forward = _make_forward(model, original, cfg)
+    depth = [0]
+    forward = _make_forward(model, original, cfg, depth)
+    model.forward = forward
+    guard = model.base_model.register_forward_pre_hook(_make_guard(model, forward, cfg, depth))
+    setattr(model, _GUARD_ATTR, guard)
+    # HF Trainer passes num_items_in_batch (exact gradient accumulation) only to models that
+    # declare they accept it; the patched forward always does, whatever the class says.
+    setattr(model, _ACCEPTS_ATTR, model.__dict__.get("accepts_loss_kwargs", _UNSET))
+    model.accepts_loss_kwargs = True
     setattr(model, _PATCH_ATTR, cfg)
     return outer
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:
-    """Restore the forward that ``patch_model`` replaced (no-op if not patched)."""
+    """Restore the forward that ``patch_model`` replaced (no-op if not patched).
+
+    Raises ``UserError`` when a wrapper that does not carry the patched forward's marker (TRL's
+    fused LM head) was installed over it since: the original cannot be put back under it.
+    """
     outer, model = model, _causal_lm(model)
     if getattr(model, _PATCH_ATTR, None) is None:
         return outer
-    original = model.forward.__calibrated_lm_original__
+    original = getattr(model.forward, "__calibrated_lm_original__", None)
+    if original is None:
+        raise UserError(
+            f"unpatch_model: another wrapper (TRL's fused LM head, accelerate's autocast) now sits "
+            f"over the patched forward of {type(model).__name__}, so it cannot be restored; "
+            "unpatch (or re-patch) the model before handing it to a trainer."
+        )
+    getattr(model, _GUARD_ATTR).remove()
+    delattr(model, _GUARD_ATTR)
+    previous = getattr(model, _ACCEPTS_ATTR)
+    delattr(model, _ACCEPTS_ATTR)
+    if previous is _UNSET:
+        del model.__dict__["accepts_loss_kwargs"]
+    else:
+        model.accepts_loss_kwargs = previous
     # The original was the bound class method: dropping the instance attribute restores it.
     if "forward" in model.__dict__:
         del model.__dict__["forward"]
