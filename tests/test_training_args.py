@@ -250,14 +250,45 @@ def _torn_state(ckpt: Path) -> None:
 
 
 def _truncated_model(ckpt: Path) -> None:
-    with (ckpt / "model.pt").open("r+b") as fh:
+    with (ckpt / "model.safetensors").open("r+b") as fh:
         fh.truncate(fh.seek(0, 2) // 2)
 
 
-def _garbled_model(ckpt: Path) -> None:
-    # Same size, zip directory intact: only loading it finds out.
-    with (ckpt / "model.pt").open("r+b") as fh:
+def _garbled_header(ckpt: Path) -> None:
+    # Same size: only the header check finds out.
+    with (ckpt / "model.safetensors").open("r+b") as fh:
         fh.write(b"\0" * 200)
+
+
+def _unlisted_truncated_model(ckpt: Path) -> None:
+    # As a checkpoint from before state.json listed its files, cut short: the header's sizes.
+    state = json.loads((ckpt / C.STATE_FILE).read_text())
+    del state["files"]
+    (ckpt / C.STATE_FILE).write_text(json.dumps(state))
+    _truncated_model(ckpt)
+
+
+def _garbled_tensors(ckpt: Path) -> None:
+    # The header parses and the file has the size it describes, but one tensor's shape no
+    # longer fits its byte range: only loading the tensors finds out.
+    f = ckpt / "model.safetensors"
+    raw = f.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    first = next(k for k in header if k != "__metadata__")
+    header[first]["shape"][0] += 1
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(n)  # padded like the original
+    assert len(text) == n
+    f.write_bytes(raw[:8] + text + raw[8 + n :])
+
+
+def _no_config(ckpt: Path) -> None:
+    (ckpt / "config.json").unlink()
+
+
+def _truncated_optimizer(ckpt: Path) -> None:
+    with (ckpt / "optimizer.pt").open("r+b") as fh:
+        fh.truncate(fh.seek(0, 2) // 2)
 
 
 @pytest.mark.parametrize(
@@ -265,8 +296,12 @@ def _garbled_model(ckpt: Path) -> None:
     [
         (_empty_state, "its state.json is empty"),
         (_torn_state, "its state.json is not valid JSON"),
-        (_truncated_model, r"its model.pt is truncated \(\d+ of \d+ bytes\)"),
-        (_garbled_model, "its model.pt cannot be loaded"),
+        (_truncated_model, r"its model.safetensors is truncated \(\d+ of \d+ bytes\)"),
+        (_garbled_header, r"its model.safetensors is not a complete safetensors file"),
+        (_unlisted_truncated_model, r"its model.safetensors is not a complete safetensors file"),
+        (_garbled_tensors, r"its model.safetensors cannot be loaded \(SafetensorError"),
+        (_no_config, r"its config.json is missing"),
+        (_truncated_optimizer, r"its optimizer.pt is truncated"),
     ],
 )
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(
@@ -293,20 +328,45 @@ def test_no_intact_checkpoint_is_a_sentence(run, tmp_path):
         train(replace(cfg, resume=True))
 
 
-def test_full_disk_during_a_checkpoint_keeps_the_earlier_ones(run, tmp_path, monkeypatch):
-    real_save = C._save
-    full = Path("/dev/full")
+def _fill_disk_at(monkeypatch, where: str, folder_suffix: str) -> None:
+    """Make the write of ``where`` (``optimizer``: torch.save of optimizer.pt; ``weights``:
+    save_pretrained's safetensors writer) fail as a full disk does, in folders whose name
+    ends with ``folder_suffix``."""
+    from safetensors import SafetensorError
+    from transformers import LlamaForCausalLM
 
-    def save(obj, path):
-        if path.name == "model.pt" and path.parent.name.endswith("000002"):
-            if full.exists():  # the kernel's own ENOSPC
-                with full.open("wb") as fh:
-                    torch.save(obj, fh)
-                    fh.flush()
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_save(obj, path)
+    if where == "optimizer":
+        real_save = C._save
+        full = Path("/dev/full")
 
-    monkeypatch.setattr(C, "_save", save)
+        def save(obj, path):
+            if path.name == "optimizer.pt" and path.parent.name.endswith(folder_suffix):
+                if full.is_char_device():  # the kernel's own ENOSPC
+                    with full.open("wb") as fh:
+                        torch.save(obj, fh)
+                        fh.flush()
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real_save(obj, path)
+
+        monkeypatch.setattr(C, "_save", save)
+        return
+    real_pretrained = LlamaForCausalLM.save_pretrained
+
+    def save_pretrained(self, folder, *args, **kwargs):
+        if Path(folder).name.endswith(folder_suffix):
+            (Path(folder) / "config.json").write_text("{}")  # a part written before it failed
+            # What safetensors' Rust writer raises (not an OSError).
+            raise SafetensorError(
+                "Error while serializing: I/O error: No space left on device (os error 28)"
+            )
+        return real_pretrained(self, folder, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaForCausalLM, "save_pretrained", save_pretrained)
+
+
+@pytest.mark.parametrize("where", ["optimizer", "weights"])
+def test_full_disk_during_a_checkpoint_keeps_the_earlier_ones(run, tmp_path, monkeypatch, where):
+    _fill_disk_at(monkeypatch, where, "000002")
     cfg = replace(run, output=str(tmp_path / "full"))
     with pytest.raises(
         UserError,
@@ -317,3 +377,19 @@ def test_full_disk_during_a_checkpoint_keeps_the_earlier_ones(run, tmp_path, mon
     root = Path(cfg.output) / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["step-000001"]
     C.inspect_checkpoint(root / "step-000001")
+
+
+def test_full_disk_while_saving_final_is_a_sentence_and_resume_saves_it(run, tmp_path, monkeypatch):
+    _fill_disk_at(monkeypatch, "weights", "-final")
+    cfg = replace(run, output=str(tmp_path / "full-final"))
+    with pytest.raises(
+        UserError,
+        match=r"no space left on the device while saving the model to .*final .*"
+        r"checkpoints already written are kept \(newest: step-000003\); .*--resume",
+    ):
+        train(cfg)
+    out = Path(cfg.output)
+    assert not (out / "final").exists() and not (out / ".tmp-final").exists()
+    monkeypatch.undo()
+    assert train(replace(cfg, resume=True))["steps"] == 3  # nothing to train: saves final/
+    assert (out / "final" / "model.safetensors").is_file()

@@ -14,8 +14,10 @@ def add_parser(subparsers) -> None:
         description=(
             "Supervised fine-tuning with label smoothing, computing the loss from the final "
             "hidden states without materialising the logits. Writes OUTPUT/metrics.jsonl, "
-            "atomic checkpoints under OUTPUT/checkpoints/ and the trained model to OUTPUT/final "
-            "(a save_pretrained folder: pass it to `calibrated-lm eval --model`). Data: JSON or "
+            "atomic checkpoints under OUTPUT/checkpoints/step-N/ and the trained model to "
+            "OUTPUT/final (save_pretrained folders, both: pass either to `calibrated-lm eval "
+            "--model`; a checkpoint also holds the optimizer, RNG and step state that --resume "
+            "needs). Data: JSON or "
             "JSONL in Alpaca (instruction/input/output[/history]), chat (messages), ShareGPT "
             "(conversations) or prompt/completion form; loss only on assistant tokens. Under "
             "torchrun / accelerate launch it trains with FSDP2. Every argument is checked "

@@ -18,11 +18,13 @@ written. ``--resume`` continues from the newest intact checkpoint (a damaged one
 with a note saying why) and refuses settings that would change the data order or the
 objective, and a data file whose content changed since the checkpoint (its sha256 is kept
 in ``state.json``).
+
+Each checkpoint (``checkpoint.py``) is a ``save_pretrained`` folder with the resume state
+beside it.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import math
@@ -44,11 +46,15 @@ from calibrated_lm.training.batching import StepPlan, collate
 from calibrated_lm.training.checkpoint import (
     CheckpointError,
     checkpoint_root,
+    fsync_dir,
     inspect_checkpoint,
+    is_disk_full,
     list_checkpoints,
     read_checkpoint,
+    save_pretrained_folder,
     set_rng_state,
     swap_in,
+    sync_folder,
     write_checkpoint,
 )
 from calibrated_lm.training.config_checks import validate_config
@@ -305,7 +311,8 @@ def _disk_full_final(exc: OSError, output: Path) -> UserError:
 def save_final(
     model: Any, tokenizer: Any, output: Path, info: D.DistInfo, zero3: bool = False
 ) -> Path:
-    """``save_pretrained`` the model and tokenizer into ``output/final`` atomically."""
+    """``save_pretrained`` the model and tokenizer into ``output/final`` atomically and durably
+    (temporary folder, fsync, rename)."""
     if zero3:
         from calibrated_lm.training import zero3 as Z
 
@@ -318,14 +325,16 @@ def save_final(
         if tmp.exists():
             shutil.rmtree(tmp)
         try:
-            model.save_pretrained(tmp, state_dict=state)
-            tokenizer.save_pretrained(tmp)
+            tmp.mkdir()
+            save_pretrained_folder(tmp, model, tokenizer, state, for_resume=False)
+            sync_folder(tmp)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            if is_disk_full(exc):
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise _disk_full_final(exc, output) from exc
             raise
         swap_in(tmp, final)
+        fsync_dir(output)
     D.barrier(info)
     return final
 
@@ -528,18 +537,33 @@ def _train(
         )
 
     def checkpoint(step: int) -> None:
+        epoch, in_epoch = divmod(step, plan.steps_per_epoch)
         state = {
             "step": step,
             "total_steps": total,
+            # Informational: the data order is a function of the seed and the step (batching).
+            "data_position": {
+                "epoch": epoch,
+                "step_in_epoch": in_epoch,
+                "steps_per_epoch": plan.steps_per_epoch,
+            },
             "config": asdict(cfg),
             "data_sha256": data_sha,
         }
+        if engine is not None:
+            # Gathered (a collective) only for the save_pretrained copy: ZeRO-3 resumes from
+            # its own partitions, written by Z.save below.
+            model_state = Z.full_model_state(model, info.main)
+        else:
+            model_state = D.full_model_state(model, info)
         write_checkpoint(
             output,
             step,
-            model_state=None if engine else D.full_model_state(model, info),
+            model_state=model_state,
             optim_state=None if engine else D.full_optim_state(model, optim, info),
             state=state,
+            model=model,
+            tokenizer=tokenizer,
             rank=info.rank,
             keep=cfg.keep_checkpoints,
             barrier=(lambda: D.barrier(info)) if info.enabled else None,
