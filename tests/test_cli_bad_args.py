@@ -139,6 +139,81 @@ def test_eval_bad_values(bad, output: Path) -> None:
     _assert_refused(argv, option, output)
 
 
+# ----------------------------------------------------------------------------- train
+
+_TRAIN_INT_MINIMUM = {
+    "--batch-size": 1,
+    "--grad-accum": 1,
+    "--max-seq-len": 2,
+    "--max-steps": 1,
+    "--log-every": 1,
+    "--save-every": 0,
+    "--keep-checkpoints": 1,
+    "--eval-every": 0,
+    "--seed": 0,
+}
+
+
+def _not_a_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return True
+    return False
+
+
+def _bad_report_to(value: str) -> bool:
+    from calibrated_lm.errors import UserError
+    from calibrated_lm.training.tracking import parse_report_to
+
+    try:
+        parse_report_to(value)
+    except UserError:
+        return True
+    return False
+
+
+@st.composite
+def train_bad(draw) -> tuple[str, str]:
+    option = draw(
+        st.sampled_from(
+            [*_TRAIN_INT_MINIMUM, "--lr", "--label-smoothing", "--max-grad-norm", "--report-to"]
+            + ["--device"]
+        )
+    )
+    if option in _TRAIN_INT_MINIMUM:
+        value = draw(_ints_below(_TRAIN_INT_MINIMUM[option]) | _garbage())
+        if option == "--seed":
+            value = draw(st.just(value) | st.integers(min_value=2**32).map(str))
+        elif option == "--eval-every":
+            # Any positive N without --eval-data FILE is refused too (nothing to score).
+            value = draw(st.just(value) | st.integers(1, 10**6).map(str))
+    elif option in ("--lr", "--label-smoothing", "--max-grad-norm"):
+        good = {
+            "--lr": lambda x: 0 < x < math.inf,
+            "--label-smoothing": lambda x: 0 <= x < 1,
+            "--max-grad-norm": lambda x: 0 <= x < math.inf,
+        }[option]
+        floats = st.floats(allow_nan=True, allow_infinity=True).filter(lambda x: not good(x))
+        words = st.text(max_size=6).filter(_not_a_float)
+        value = draw(floats.map(repr) | words)
+    elif option == "--report-to":
+        named = st.sampled_from(["", "all", "mlflow", "none,wandb", "tensorboard,", "wandb;tb"])
+        value = draw((named | st.text(max_size=12)).filter(_bad_report_to))
+    else:
+        value = draw(_bad_device())
+    return option, value
+
+
+@SETTINGS
+@given(bad=train_bad())
+def test_train_bad_values(bad, output: Path) -> None:
+    option, value = bad
+    argv = ["train", "--model", f"{NOWHERE}/model", "--data", f"{NOWHERE}/data.jsonl"]
+    argv += ["--output", str(output), f"{option}={value}", "--no-progress"]
+    _assert_refused(argv, option, output)
+
+
 # ----------------------------------------------------------------------------- metrics
 
 

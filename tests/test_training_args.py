@@ -67,6 +67,15 @@ BAD_VALUES = [
     ("device", "cuda", r"--device cuda: no CUDA GPU is available on this machine"),
     ("device", "cuda:1", r"--device cuda:1: no CUDA GPU is available"),
     ("device", "mps", r"--device mps: the Apple MPS backend is not available"),
+    ("eval_every", -1, r"--eval-every must be an integer of at least 0 .* got -1"),
+    ("eval_every", 2.5, r"--eval-every .* got 2.5"),
+    ("eval_every", 5, r"--eval-every 5 needs --eval-data FILE"),
+    ("eval_data", "", r"--eval-data must be a non-empty path"),
+    ("eval_data", 3, r"--eval-data must be a path, got 3"),
+    ("report_to", "mlflow", r"--report-to must be none, tensorboard, wandb .* got 'mlflow'"),
+    ("report_to", "tensorboard,", r"--report-to .* got 'tensorboard,'"),
+    ("report_to", "none,wandb", r"--report-to .* got 'none,wandb'"),
+    ("report_to", None, r"--report-to .* got None"),
 ]
 
 

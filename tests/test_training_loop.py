@@ -302,6 +302,52 @@ def test_fsdp2_two_gloo_ranks_match_one_rank(setup, tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+@pytest.mark.slow
+def test_fsdp2_checkpoints_resume_and_evaluate_like_one_rank(setup, tmp_path):
+    """2 gloo ranks stopped after step 2 and resumed: the checkpoint gathered on rank 0 loads
+    with from_pretrained, the resume ends like one rank's uninterrupted run, and the held-out
+    figures (3 micro-batches over 2 ranks: rank 1 runs a weight-0 copy) equal one rank's."""
+    root, model_dir, data = setup
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps(r) + "\n" for r in RECORDS[:5]))
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys\n"
+        "from calibrated_lm.training.loop import TrainConfig, train\n"
+        f"cfg = TrainConfig(model={str(model_dir)!r}, data={str(data)!r}, output=sys.argv[1],\n"
+        "    batch_size=2, grad_accum=int(sys.argv[2]), max_seq_len=64, max_steps=int(sys.argv[3]),\n"
+        f"    lr=3e-3, save_every=2, progress=False, device='cpu', eval_data={str(held)!r},\n"
+        "    eval_every=2, resume=len(sys.argv) > 4)\n"
+        "train(cfg)\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = tmp_path / "two"
+    for steps, *resume in ((2,), (4, "resume")):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(_free_port()), str(script), str(two), "1", str(steps),
+               *resume]  # fmt: skip
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one = tmp_path / "one"
+    train(
+        TrainConfig(model=str(model_dir), data=str(data), output=str(one), batch_size=2,
+                    grad_accum=2, max_seq_len=64, max_steps=4, lr=3e-3, save_every=2,
+                    progress=False, device="cpu", eval_data=str(held), eval_every=2)
+    )  # fmt: skip
+    got, want = _logged(two), _logged(one)
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-5)
+    for g, w in zip(got, want):
+        assert ("eval_ece" in g) == ("eval_ece" in w) == (g["step"] % 2 == 0)
+        for key in ("eval_loss", "eval_confidence", "eval_accuracy", "eval_ece", "eval_tokens"):
+            if key in w:
+                assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-7), (g["step"], key)
+    for folder in ("checkpoints/step-000002", "final"):
+        a, b = _params(one / folder), _params(two / folder)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=f"{folder} {k}")
+
+
 def test_bad_data_fails_before_the_model_is_loaded(tmp_path):
     bad = tmp_path / "d.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"question": 1}\n')

@@ -94,6 +94,29 @@ def add_parser(subparsers) -> None:
         help="DeepSpeed JSON config: shard with a ZeRO-3 engine instead of FSDP2 (several "
         "processes; the run sets batch sizes, clipping, bf16 and the optimizer)",
     )
+    p.add_argument(
+        "--eval-data",
+        default=None,
+        metavar="FILE",
+        help="held-out JSON/JSONL (any --data layout): its target tokens are scored after the "
+        "last step and every --eval-every steps; the step's metrics line gets eval_loss, "
+        "eval_confidence, eval_accuracy, eval_entropy, eval_ece (15 bins) and eval_tokens",
+    )
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="score --eval-data every N optimizer steps (default 0: only after the last step)",
+    )
+    p.add_argument(
+        "--report-to",
+        default="none",
+        metavar="BACKEND",
+        help="also log every metrics.jsonl line to tensorboard (OUTPUT/tensorboard), wandb, "
+        "or both (tensorboard,wandb); default none. Needs the package: pip install "
+        "'calibrated-lm[tracking]' or 'calibrated-lm[wandb]'",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(run=run)
 
@@ -129,6 +152,9 @@ def run(args: argparse.Namespace) -> int:
         gradient_checkpointing=args.gradient_checkpointing,
         group_by_length=not args.no_group_by_length,
         deepspeed=args.deepspeed,
+        eval_data=args.eval_data,
+        eval_every=args.eval_every,
+        report_to=args.report_to,
     )
     result = train(cfg)
     if not launch_env().is_main:  # one summary per run, not per rank

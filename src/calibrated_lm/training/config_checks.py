@@ -9,7 +9,11 @@ model loading nor a half-created output folder. Conventions it enforces:
   gradient still skips its step); a negative value would scale the gradient by a negative
   factor and train uphill, so it is refused, as are NaN and infinity;
 * ``--save-every 0`` writes only the end-of-run checkpoint;
-* ``--max-steps`` is ``None`` (train for ``--epochs``) or at least 1.
+* ``--max-steps`` is ``None`` (train for ``--epochs``) or at least 1;
+* ``--eval-every N`` (N >= 1: every N steps and after the last; 0: only after the last)
+  needs ``--eval-data FILE``; the file itself is read before the model is loaded (in the loop);
+* ``--report-to`` is ``none``, ``tensorboard``, ``wandb`` or ``tensorboard,wandb``, and a
+  backend whose package is not installed is refused (``tracking.check_report_to``).
 """
 
 from __future__ import annotations
@@ -156,3 +160,19 @@ def validate_config(cfg: Any) -> None:
     if not isinstance(cfg.device, str):
         raise UserError(f"--device must be one of {', '.join(DEVICES)}, got {cfg.device!r}")
     check_device(cfg.device)
+
+    eval_data = getattr(cfg, "eval_data", None)
+    if eval_data is not None:
+        if not isinstance(eval_data, str) and not hasattr(eval_data, "__fspath__"):
+            raise UserError(f"--eval-data must be a path, got {eval_data!r}")
+        if not str(eval_data):
+            raise UserError("--eval-data must be a non-empty path (or be left out)")
+    eval_every = getattr(cfg, "eval_every", 0)
+    _at_least("--eval-every", eval_every, 0, " (0 evaluates only after the last step)")
+    if eval_every > 0 and eval_data is None:
+        raise UserError(
+            f"--eval-every {eval_every} needs --eval-data FILE (the held-out records to score)"
+        )
+    from calibrated_lm.training.tracking import check_report_to
+
+    check_report_to(getattr(cfg, "report_to", "none"))

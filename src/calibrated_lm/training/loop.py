@@ -20,7 +20,9 @@ objective, and a data file whose content changed since the checkpoint (its sha25
 in ``state.json``).
 
 Each checkpoint (``checkpoint.py``) is a ``save_pretrained`` folder with the resume state
-beside it.
+beside it. Logged records go to ``metrics.jsonl`` and the ``--report-to`` trackers
+(``tracking.py``); with ``--eval-data`` the evaluated steps' records also carry held-out
+loss, confidence, accuracy and ECE (``heldout_eval.py``).
 """
 
 from __future__ import annotations
@@ -99,7 +101,8 @@ class TrainConfig:
 
     ``max_grad_norm``: a positive number clips the global gradient norm to it; ``None`` or
     ``0`` means no clipping (``--max-grad-norm 0``); negative values are refused.
-    ``save_every`` 0 writes only the end-of-run checkpoint.
+    ``save_every`` 0 writes only the end-of-run checkpoint. ``eval_every`` (with
+    ``eval_data``) N >= 1 evaluates every N steps and after the last; 0 only after the last.
     """
 
     model: str
@@ -133,6 +136,12 @@ class TrainConfig:
     group_by_length: bool = True
     # DeepSpeed JSON config: shard with a ZeRO-3 engine instead of FSDP2 (see zero3.py).
     deepspeed: str | None = None
+    # Held-out file scored every eval_every steps (0: only after the last step); see
+    # heldout_eval.py. Neither changes training, so a resume may change them.
+    eval_data: str | None = None
+    eval_every: int = 0
+    # "none", "tensorboard", "wandb" or "tensorboard,wandb" (tracking.py); metrics.jsonl always.
+    report_to: str = "none"
     world_size: int = field(default=1, repr=False)
 
 
@@ -378,7 +387,9 @@ def _train(
 
     from calibrated_lm.models.attention import training_attention
     from calibrated_lm.models.patching import patch_model
+    from calibrated_lm.training import heldout_eval as H
     from calibrated_lm.training.data import check_layouts, load_dataset, read_records
+    from calibrated_lm.training.tracking import open_trackers
 
     # Every argument, before a process group, a model or a file: one sentence per bad value.
     validate_config(cfg)
@@ -411,8 +422,10 @@ def _train(
         )
     if cfg.resume and not checkpoints:
         raise UserError(f"--resume: no checkpoint in {output / 'checkpoints'} to resume from")
-    # Bad data fails here, before minutes of model loading.
+    # Bad data fails here, before minutes of model loading (held-out data too).
     check_layouts(read_records(cfg.data), str(cfg.data))
+    if cfg.eval_data:
+        H.check_eval_file(cfg.eval_data)
     data_sha = file_sha256(cfg.data)
     # So does a resume that would not continue the same run (settings, data content).
     candidates: list[tuple[Path, dict[str, Any]]] = []
@@ -448,6 +461,9 @@ def _train(
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    eval_set = None
+    if cfg.eval_data:
+        eval_set = H.load_eval_set(cfg.eval_data, tokenizer, max_seq_len=cfg.max_seq_len)
 
     patch_model(
         model,
@@ -535,6 +551,13 @@ def _train(
             f"({data.template} template), {data.n_target_tokens} target tokens, dropped: "
             f"{sum(dropped.values())} {dropped if dropped else ''}".rstrip()
         )
+        if eval_set is not None:
+            dropped = dict(eval_set.dropped)
+            print(
+                f"eval data: {eval_set.n_records} records, {len(eval_set.examples)} examples, "
+                f"{eval_set.n_target_tokens} target tokens, dropped: "
+                f"{sum(dropped.values())} {dropped if dropped else ''}".rstrip()
+            )
 
     def checkpoint(step: int) -> None:
         epoch, in_epoch = divmod(step, plan.steps_per_epoch)
@@ -583,6 +606,16 @@ def _train(
     step = start
     consecutive_skips = 0
     skipped_steps = 0
+    # metrics.jsonl (truncated above on a resume) and the --report-to backends, main rank only.
+    tracker = open_trackers(
+        cfg.report_to,
+        output,
+        metrics_file=METRICS_FILE,
+        config=asdict(cfg),
+        start_step=start,
+        resume=cfg.resume,
+        main=info.main,
+    )
     stopper = stop if stop is not None else StopRequest()
     stopper.__enter__()  # left in the finally below, before the final save
     try:
@@ -691,11 +724,32 @@ def _train(
             }
             if bad_params:
                 record["nonfinite_grads"] = bad_params
+            evaluated = eval_set is not None and (
+                step + 1 == total or (cfg.eval_every > 0 and (step + 1) % cfg.eval_every == 0)
+            )
+            if evaluated:
+                record.update(
+                    H.evaluate(
+                        engine if engine is not None else model,
+                        model,
+                        eval_set,
+                        batch_size=cfg.batch_size,
+                        pad_id=pad_id,
+                        info=info,
+                        autocast=autocast,
+                    )
+                )
+                ece = record["eval_ece"]
+                if info.main:  # the figures are all-reduced: one line per run, not per rank
+                    bar.write(
+                        f"step {step + 1}: held-out loss {record['eval_loss']:.4f}, confidence "
+                        f"{record['eval_confidence']:.3f}, accuracy "
+                        f"{record['eval_accuracy']:.3f}, ECE "
+                        f"{'n/a' if ece is None else f'{ece:.4f}'} ({record['eval_tokens']} tokens)"
+                    )
             bar.update(1)
-            if (step + 1) % cfg.log_every == 0 or step + 1 == total:
-                if info.main:
-                    with metrics_path.open("a") as fh:
-                        fh.write(json.dumps(record) + "\n")
+            if (step + 1) % cfg.log_every == 0 or step + 1 == total or evaluated:
+                tracker.log(record)
                 bar.set_postfix(
                     loss=f"{record['loss']:.4f}",
                     lr=f"{lr:.2e}",
@@ -741,6 +795,7 @@ def _train(
     finally:
         stopper.__exit__()
         bar.close()
+        tracker.close()
     if total > start:
         checkpoint(total)
     final = save_final(model, tokenizer, output, info, zero3=engine is not None)

@@ -1,0 +1,353 @@
+"""Tracking and held-out evaluation of ``calibrated-lm train``: ``--report-to tensorboard|wandb``
+logs what ``metrics.jsonl`` logs (resumes included); ``--eval-data/--eval-every`` adds held-out
+loss, confidence, accuracy, entropy and ECE, equal to an independent computation from the
+logits, without changing training; bad values and files are sentences before any loading."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers_tiny_lm import build_tiny_lm
+from test_training_loop import RECORDS, _logged, _params
+
+from calibrated_lm.calibration.metrics import calibration_error
+from calibrated_lm.errors import UserError
+from calibrated_lm.training import tracking as T
+from calibrated_lm.training.heldout_eval import ECE_BINS, EVAL_KEYS
+from calibrated_lm.training.loop import TrainConfig, train
+
+HELD_OUT = [
+    {"prompt": "Which planet is red?", "completion": "Mars is the red planet"},
+    {"instruction": "Boiling point of water?", "output": "100 degrees"},
+    {"messages": [{"role": "user", "content": "A star?"},
+                  {"role": "assistant", "content": "the sun is a star"}]},
+    {"prompt": "Calibration is", "completion": "confidence that matches accuracy on average"},
+    {"prompt": "France", "completion": "Paris"},
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tracking")
+    model_dir = build_tiny_lm(root / "model", seed=1)
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    held = root / "held.jsonl"
+    held.write_text("".join(json.dumps(r) + "\n" for r in HELD_OUT))
+    return root, model_dir, data, held
+
+
+def _cfg(setup, out: str, **kw) -> TrainConfig:
+    root, model_dir, data, _ = setup
+    base = dict(
+        model=str(model_dir),
+        data=str(data),
+        output=str(root / out),
+        batch_size=2,
+        grad_accum=2,
+        max_seq_len=64,
+        max_steps=4,
+        lr=3e-3,
+        warmup_ratio=0.2,
+        save_every=2,
+        progress=False,
+        device="cpu",
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+class _Killed(Exception):
+    pass
+
+
+def _kill_at(step: int):
+    def on_step(record):
+        if record["step"] == step:
+            raise _Killed
+
+    return on_step
+
+
+# ----------------------------------------------------------------------------- held-out
+
+
+def _reference_eval(model_dir: Path, held: Path, label_smoothing: float) -> dict[str, float]:
+    """The held-out figures from the full logits of the plain (unpatched) transformers model."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from calibrated_lm.training.data import read_records, tokenize_records
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    data = tokenize_records(read_records(held), tok, max_seq_len=64)
+    conf, correct, losses = [], [], []
+    with torch.no_grad():
+        for ex in data.examples:
+            logits = model(input_ids=torch.tensor([ex.input_ids])).logits[0, :-1].float()
+            target = torch.tensor(ex.labels[1:])
+            keep = target != -100
+            logits, target = logits[keep], target[keep]
+            probs = logits.softmax(-1)
+            conf.append(probs.max(-1).values)
+            correct.append(logits.argmax(-1) == target)
+            losses.append(
+                F.cross_entropy(logits, target, label_smoothing=label_smoothing, reduction="none")
+            )
+    c, y, loss = torch.cat(conf), torch.cat(correct), torch.cat(losses)
+    return {
+        "eval_loss": float(loss.mean()),
+        "eval_confidence": float(c.mean()),
+        "eval_accuracy": float(y.float().mean()),
+        "eval_ece": calibration_error(c.numpy(), y.numpy(), n_bins=ECE_BINS),
+        "eval_tokens": int(c.numel()),
+    }
+
+
+def test_held_out_figures_equal_an_independent_computation_from_the_logits(setup):
+    _, _, _, held = setup
+    cfg = _cfg(setup, "heldout", max_steps=2, eval_data=str(held), eval_every=1)
+    train(cfg)
+    rows = _logged(Path(cfg.output))
+    assert [r["step"] for r in rows] == [1, 2] and all(set(EVAL_KEYS) <= set(r) for r in rows)
+    want = _reference_eval(Path(cfg.output) / "final", held, cfg.label_smoothing)
+    got = rows[-1]  # evaluated after step 2: the weights saved in final/
+    assert got["eval_tokens"] == want["eval_tokens"] > 20
+    for key in ("eval_loss", "eval_confidence", "eval_accuracy", "eval_ece"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+    assert 0 < got["eval_entropy"] < np.log(300)
+    assert rows[0]["eval_loss"] != pytest.approx(rows[1]["eval_loss"], rel=1e-6)
+
+
+def test_eval_every_picks_the_steps_and_evaluation_does_not_change_training(setup):
+    _, _, _, held = setup
+    plain = train(_cfg(setup, "no_eval", max_steps=5, save_every=0, log_every=3))
+    cfg = _cfg(setup, "eval_2", max_steps=5, save_every=0, log_every=3, eval_data=str(held),
+               eval_every=2)  # fmt: skip
+    evaluated = train(cfg)
+    rows = _logged(Path(cfg.output))
+    # Logged: every 3rd step, every evaluated step (2, 4) and the last one (evaluated too).
+    assert [r["step"] for r in rows] == [2, 3, 4, 5]
+    assert [("eval_loss" in r) for r in rows] == [True, False, True, True]
+    plain_rows = {r["step"]: r for r in _logged(Path(_cfg(setup, "no_eval").output))}
+    assert [r["step"] for r in plain_rows.values()] == [3, 5]
+    for r in rows:
+        if r["step"] in plain_rows:
+            assert r["loss"] == plain_rows[r["step"]]["loss"]  # bit for bit
+    a, b = _params(Path(plain["final"])), _params(Path(evaluated["final"]))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # --eval-every 0: only after the last step.
+    cfg0 = _cfg(setup, "eval_0", max_steps=3, save_every=0, eval_data=str(held))
+    train(cfg0)
+    assert [("eval_ece" in r) for r in _logged(Path(cfg0.output))] == [False, False, True]
+
+
+def test_killed_run_with_evaluation_resumes_to_the_same_figures(setup):
+    _, _, _, held = setup
+    ref = _cfg(setup, "eval_ref", eval_data=str(held), eval_every=1)
+    train(ref)
+    killed = _cfg(setup, "eval_killed", eval_data=str(held), eval_every=3)
+    with pytest.raises(_Killed):
+        train(killed, on_step=_kill_at(3))
+    # Resumed with another --eval-every: allowed, it changes no training.
+    train(replace(killed, resume=True, eval_every=1))
+    want = {r["step"]: r for r in _logged(Path(ref.output))}
+    got = _logged(Path(killed.output))
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    for r in got:
+        if "eval_loss" in r:
+            for key in EVAL_KEYS:
+                assert r[key] == pytest.approx(want[r["step"]][key], rel=1e-6), (r["step"], key)
+    assert [("eval_loss" in r) for r in got] == [False, False, True, True]
+
+
+def test_bad_eval_files_are_sentences_before_the_model_is_loaded(setup, tmp_path):
+    root, _, data, _ = setup
+    nowhere = dict(model=str(tmp_path / "no-such-model"), data=str(data),
+                   output=str(tmp_path / "o"), progress=False, device="cpu")  # fmt: skip
+    with pytest.raises(UserError, match=r"--eval-data: data file .*missing.jsonl does not exist"):
+        train(TrainConfig(**nowhere, eval_data=str(tmp_path / "missing.jsonl")))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"question": 1}\n')
+    with pytest.raises(UserError, match=r"--eval-data .*bad.jsonl: record at line 2: unknown"):
+        train(TrainConfig(**nowhere, eval_data=str(bad)))
+    torn = tmp_path / "torn.jsonl"
+    torn.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "compl')
+    with pytest.raises(
+        UserError, match=r"--eval-data: .*torn.jsonl: malformed JSON record at line 2"
+    ):
+        train(TrainConfig(**nowhere, eval_data=str(torn)))
+    # Readable records of which none keeps a target token: after the model is loaded.
+    empty = tmp_path / "no_answers.jsonl"
+    empty.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    cfg = _cfg(setup, "x", output=str(tmp_path / "e"), eval_data=str(empty), max_steps=1)
+    with pytest.raises(UserError, match=r"--eval-data .*no_answers.jsonl: no example left .*"
+                                        r"1 no assistant turn"):  # fmt: skip
+        train(cfg)
+    assert not list((tmp_path / "e").glob("checkpoints/*"))
+
+
+# ----------------------------------------------------------------------------- trackers
+
+
+def _tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_logs_what_metrics_jsonl_logs_and_a_resume_adds_no_duplicates(setup):
+    pytest.importorskip("tensorboard")
+    _, _, _, held = setup
+    cfg = _cfg(setup, "tb", report_to="tensorboard", eval_data=str(held), eval_every=2)
+    with pytest.raises(_Killed):
+        train(cfg, on_step=_kill_at(3))  # step 3 logged, then lost: redone after the resume
+    train(replace(cfg, resume=True))
+    rows = _logged(Path(cfg.output))
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    scalars = _tensorboard_scalars(Path(cfg.output) / T.TENSORBOARD_DIR)
+    numeric = {k for r in rows for k, v in r.items() if k != "step" and v is not None}
+    assert set(scalars) == numeric  # every field, eval_* included
+    for key in ("loss", "lr", "confidence", "accuracy", "grad_norm", "eval_loss", "eval_ece"):
+        want = [(r["step"], r[key]) for r in rows if key in r]
+        assert [s for s, _ in scalars[key]] == [s for s, _ in want], key  # purged, not doubled
+        assert [v for _, v in scalars[key]] == pytest.approx([v for _, v in want], rel=1e-6)
+    assert [v for _, v in scalars["skipped"]] == [0.0] * 4
+
+
+class _FakeRun:
+    def __init__(self, calls, kwargs):
+        self.calls, self.kwargs = calls, kwargs
+
+    def log(self, data, step):
+        self.calls.append(("log", step, dict(data)))
+
+    def finish(self):
+        self.calls.append(("finish",))
+
+
+@pytest.fixture
+def fake_wandb(monkeypatch):
+    """A stand-in ``wandb`` module that records its calls (wandb itself is not a dependency)."""
+    calls: list = []
+    module = types.ModuleType("wandb")
+    ids = iter(["run-a", "run-b"])
+
+    def init(**kwargs):
+        calls.append(("init", kwargs))
+        return _FakeRun(calls, kwargs)
+
+    module.init = init
+    module.util = types.SimpleNamespace(generate_id=lambda: next(ids))
+    monkeypatch.setitem(sys.modules, "wandb", module)
+    return calls
+
+
+def test_wandb_gets_every_record_and_a_resume_continues_the_same_run(setup, fake_wandb):
+    cfg = _cfg(setup, "wb", report_to="wandb", max_steps=3)
+    with pytest.raises(_Killed):
+        train(cfg, on_step=_kill_at(3))
+    train(replace(cfg, resume=True))
+    inits = [c[1] for c in fake_wandb if c[0] == "init"]
+    assert [i["id"] for i in inits] == ["run-a", "run-a"]  # kept in OUTPUT/tracking.json
+    assert all(i["resume"] == "allow" and i["dir"] == cfg.output for i in inits)
+    assert inits[0]["config"]["label_smoothing"] == 0.1 and inits[0]["name"] == "wb"
+    logs = [c for c in fake_wandb if c[0] == "log"]
+    assert [c[1] for c in logs] == [1, 2, 3, 3]  # step 3 again after the resume (W&B drops it)
+    last = {step: data for _, step, data in logs}  # step 3: the resumed run's line
+    first = {}  # what W&B keeps: it ignores a step logged again
+    for _, step, data in logs:
+        first.setdefault(step, data)
+    rows = _logged(Path(cfg.output))
+    assert last[3] == T.scalars(rows[2])  # the resumed run's step 3: metrics.jsonl's line
+    for row in rows:
+        # The redone step 3 logs the same figures (an exact resume) but its speed.
+        same = {k: v for k, v in first[row["step"]].items() if k != "tokens_per_s"}
+        assert same == pytest.approx({k: v for k, v in T.scalars(row).items() if k in same})
+        assert set(first[row["step"]]) == set(T.scalars(row))
+    assert sum(c[0] == "finish" for c in fake_wandb) == 2  # closed on the exception too
+    assert json.loads((Path(cfg.output) / T.TRACKING_FILE).read_text()) == {"wandb_run_id": "run-a"}
+    # A new run in another folder gets a new id.
+    train(_cfg(setup, "wb2", report_to="wandb", max_steps=1))
+    assert [c[1]["id"] for c in fake_wandb if c[0] == "init"][-1] == "run-b"
+
+
+def test_failing_wandb_init_is_a_sentence(setup, fake_wandb, monkeypatch):
+    def init(**kwargs):
+        raise RuntimeError("api_key not configured (no-tty)\nmore lines")
+
+    monkeypatch.setattr(sys.modules["wandb"], "init", init)
+    with pytest.raises(UserError, match=r"--report-to wandb: wandb.init failed \(api_key not "
+                                        r"configured \(no-tty\)\); log in .*WANDB_MODE=offline"):  # fmt: skip
+        train(_cfg(setup, "wb_fail", report_to="wandb", max_steps=1))
+
+
+def test_missing_tracker_package_is_a_sentence_before_loading(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.delitem(sys.modules, "wandb", raising=False)
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    cfg = TrainConfig(model=str(tmp_path / "m"), data=str(tmp_path / "d.jsonl"),
+                      output=str(tmp_path / "o"), report_to="tensorboard,wandb", device="cpu")  # fmt: skip
+    with pytest.raises(UserError, match=r"--report-to wandb needs the wandb package, which is "
+                                        r"not installed: pip install 'calibrated-lm\[wandb\]'"):  # fmt: skip
+        train(cfg)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("value", "want"),
+    [
+        ("none", ()),
+        ("tensorboard", ("tensorboard",)),
+        ("TensorBoard, wandb", ("tensorboard", "wandb")),
+        ("wandb,tensorboard,wandb", ("wandb", "tensorboard")),
+    ],
+)
+def test_report_to_values(value, want):
+    assert T.parse_report_to(value) == want
+
+
+@pytest.mark.parametrize("value", ["", "all", "none,tensorboard", "tensorboard;wandb", ",", 1])
+def test_bad_report_to_values_are_sentences(value):
+    with pytest.raises(UserError, match=r"--report-to must be none, tensorboard, wandb or a"):
+        T.parse_report_to(value)
+
+
+def test_scalars_are_the_numeric_fields_but_the_step():
+    record = {"step": 3, "loss": 1.5, "skipped": True, "grad_norm": None, "target_tokens": 7,
+              "nonfinite_grads": ["a"], "note": "x"}  # fmt: skip
+    assert T.scalars(record) == {"loss": 1.5, "skipped": 1.0, "target_tokens": 7.0}
+
+
+def test_cli_train_with_eval_and_tensorboard(setup, capsys):
+    pytest.importorskip("tensorboard")
+    from calibrated_lm.cli import main
+
+    root, model_dir, data, held = setup
+    out = root / "cli"
+    argv = ["train", "--model", str(model_dir), "--data", str(data), "--output", str(out),
+            "--batch-size", "4", "--grad-accum", "1", "--max-steps", "2", "--max-seq-len", "64",
+            "--eval-data", str(held), "--eval-every", "1", "--report-to", "tensorboard",
+            "--no-progress", "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "eval data: 5 records, 5 examples" in printed
+    rows = _logged(out)
+    assert all("eval_ece" in r for r in rows)
+    scalars = _tensorboard_scalars(out / T.TENSORBOARD_DIR)
+    assert [s for s, _ in scalars["eval_accuracy"]] == [1, 2]
