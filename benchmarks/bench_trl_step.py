@@ -1,0 +1,226 @@
+"""One TRL SFT step on the gemma-3-270m shape: TRL's own paths vs the patched fused loss.
+
+Issue 13, item 1's benchmark. Each variant trains a randomly initialised model of
+``benchmarks/configs/gemma-3-270m.json`` (D = 640, V = 262,144, tied head; timing and memory
+do not depend on the weights) for ``--warmup + --steps`` optimizer steps of ``--batch`` x
+``--width`` tokens (default 8 x 1024, pre-tokenized random ids, every token a target), bf16
+autocast over fp32 weights, AdamW, through ``trl.SFTTrainer``'s own training loop:
+
+* ``trl_nll``: stock ``trl.SFTTrainer``, unpatched model: TRL's chunked fused NLL head (no
+  smoothing): the speed and memory to match;
+* ``trl_ls``: stock ``trl.SFTTrainer`` with ``label_smoothing_factor=0.1``: HF's
+  ``LabelSmoother`` on the full (B, L, V) logits plus TRL's no-grad fused pass for its metrics:
+  what label smoothing costs in TRL today;
+* ``calibrated``: ``CalibratedSFTTrainer`` on ``patch_model(model, label_smoothing=0.1)``: our
+  fused kernel (Triton on CUDA), TRL's metrics from its statistics.
+
+Each variant runs in its own process (a clean CUDA allocator, so the peak is the variant's).
+Reported: median step time over the timed steps (``on_step_begin`` to ``on_step_end``, CUDA
+synchronised), tokens per second, peak allocated memory over the timed steps, and the first
+logged loss (the smoothed variants agree with each other; ``trl_nll`` is plain NLL).
+
+    python benchmarks/bench_trl_step.py [--width 1024] [--batch 8] [--steps 5] [--warmup 2] \\
+        [--variants trl_nll,trl_ls,calibrated] [--out results/trl_step_h200.md] [--json ...]
+    python benchmarks/bench_trl_step.py --tiny     # CPU smoke run of the script, not a measurement
+
+Not yet run on a GPU (written on a CPU-only machine; ``--tiny`` checks it end to end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+CONFIG = Path(__file__).resolve().parent / "configs" / "gemma-3-270m.json"
+VARIANTS = ("trl_nll", "trl_ls", "calibrated")
+EPS = 0.1
+
+
+def build_model(tiny: bool, device: str):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = json.loads(CONFIG.read_text())
+    if tiny:
+        cfg.update(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            layer_types=["sliding_attention", "full_attention"],
+            vocab_size=1000,
+            head_dim=16,
+            num_attention_heads=2,
+            sliding_window=16,
+        )
+    config = AutoConfig.for_model(**{k: v for k, v in cfg.items() if not k.startswith("_")})
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device)
+
+
+def build_tokenizer():
+    """A two-token tokenizer: the data is pre-tokenized, TRL only needs pad and EOS ids."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({"<pad>": 0, "<eos>": 1}, unk_token="<pad>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+
+
+def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Train ``variant`` in this process and return its timings."""
+    import datasets
+    import torch
+    import trl
+    from transformers import TrainerCallback
+
+    from calibrated_lm import patch_model
+    from calibrated_lm.integrations.trl import CalibratedSFTTrainer
+
+    cuda = torch.cuda.is_available() and not args.tiny
+    device = "cuda" if cuda else "cpu"
+    model = build_model(args.tiny, device)
+    steps = args.warmup + args.steps
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, model.config.vocab_size, (steps * args.batch, args.width), generator=g)
+    data = datasets.Dataset.from_dict({"input_ids": ids.tolist()})
+
+    times: list[float] = []
+    peaks: list[int] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *_: Any, **__: Any) -> None:
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *_: Any, **__: Any) -> None:
+            if cuda:
+                torch.cuda.synchronize()
+                peaks.append(torch.cuda.max_memory_allocated())
+            times.append(time.perf_counter() - self.t0)
+
+    config = trl.SFTConfig(
+        output_dir=str(Path(args.tmp) / variant),
+        max_steps=steps,
+        per_device_train_batch_size=args.batch,
+        learning_rate=1e-5,
+        bf16=cuda,
+        use_cpu=not cuda,
+        max_length=None,
+        label_smoothing_factor=EPS if variant == "trl_ls" else 0.0,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    common = dict(
+        args=config, train_dataset=data, processing_class=build_tokenizer(), callbacks=[Clock()]
+    )
+    if variant == "calibrated":
+        trainer = CalibratedSFTTrainer(model=patch_model(model, label_smoothing=EPS), **common)
+    else:
+        trainer = trl.SFTTrainer(model=model, **common)
+    trainer.train()
+    timed = times[args.warmup :]
+    step_s = statistics.median(timed)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    return {
+        "variant": variant,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "tokens_per_step": args.batch * args.width,
+        "median_step_s": round(step_s, 4),
+        "tokens_per_s": round(args.batch * args.width / step_s, 1),
+        "peak_allocated_gib": round(max(peaks[args.warmup :]) / 2**30, 3) if peaks else None,
+        "first_loss": round(logs[0]["loss"], 5) if logs else None,
+        "first_entropy": round(logs[0].get("entropy", float("nan")), 5) if logs else None,
+        "versions": {
+            "torch": torch.__version__,
+            "trl": trl.__version__,
+            "transformers": __import__("transformers").__version__,
+        },
+    }
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    head = "| variant | step (s) | tokens/s | peak allocated (GiB) | first loss | first entropy |"
+    rows = [head, "|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        rows.append(
+            f"| {r['variant']} | {r['median_step_s']} | {r['tokens_per_s']} | "
+            f"{r['peak_allocated_gib']} | {r['first_loss']} | {r['first_entropy']} |"
+        )
+    return "\n".join(rows)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--width", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--tiny", action="store_true", help="small config on the CPU: a smoke run")
+    ap.add_argument("--out", type=Path, default=None, help="markdown table")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: one variant
+    ap.add_argument("--tmp", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.tiny and args.width == 1024:
+        args.width = 64
+
+    if args.one:
+        print("RESULT " + json.dumps(run_variant(args.one, args)), flush=True)
+        return 0
+
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in args.variants.split(","):
+            if variant not in VARIANTS:
+                raise SystemExit(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+            cmd = [sys.executable, __file__, "--one", variant, "--tmp", tmp]
+            cmd += ["--width", str(args.width), "--batch", str(args.batch)]
+            cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+            cmd += ["--tiny"] if args.tiny else []
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                # An out-of-memory trl_ls at large V is a result too: record it, go on.
+                tail = (proc.stderr or proc.stdout)[-2000:]
+                oom = "OutOfMemoryError" in tail or "out of memory" in tail
+                print(f"{variant}: failed{' (out of memory)' if oom else ''}\n{tail}")
+                results.append(
+                    {
+                        "variant": variant + (" (OOM)" if oom else " (failed)"),
+                        "median_step_s": None,
+                        "tokens_per_s": None,
+                        "peak_allocated_gib": None,
+                        "first_loss": None,
+                        "first_entropy": None,
+                    }
+                )
+                continue
+            results.append(json.loads(lines[-1][len("RESULT ") :]))
+            print(json.dumps(results[-1]), flush=True)
+    text = table(results)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
