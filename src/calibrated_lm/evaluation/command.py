@@ -33,7 +33,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         required=True,
         help="comma-separated: mmlu (or one subject, e.g. mmlu_anatomy), arc_easy, "
         "arc_challenge, hellaswag, piqa, sciq, openbookqa, winogrande, boolq, commonsense_qa, "
-        "social_iqa, or FILE.jsonl",
+        "social_iqa (the task files of calibrated_lm/evaluation/tasks/), a task file "
+        "FILE.yaml, a FILE.jsonl of {context, choices, label} lines, or a BIG-bench FILE.json",
     )
     p.add_argument(
         "--output",

