@@ -300,11 +300,16 @@ class Unit:
 class Experiment:
     """The unit list of one profile over one work folder."""
 
-    def __init__(self, profile: Profile, work: Path, data: list[Path], device: str) -> None:
+    def __init__(
+        self, profile: Profile, work: Path, data: list[Path], device: str, compile: bool = False
+    ) -> None:
         self.p = profile
         self.work = work
         self.data = data
         self.device = device
+        # An implementation switch (models/compile.py), not part of the protocol: recorded in
+        # each training unit's command.txt.
+        self.compile = compile
 
     # -- learning rate ------------------------------------------------------------------------
     def selected_lr(self) -> float | None:
@@ -444,6 +449,7 @@ class Experiment:
             save_every=p.save_every,
             keep_checkpoints=1,
             progress=True,
+            compile=self.compile,
         )
         _write_command(out, _train_cli(cfg))
         t0 = time.monotonic()
@@ -583,6 +589,8 @@ def _train_cli(cfg: Any) -> str:
         parts.append(f"--temperature {cfg.temperature:g}")
     if cfg.softcap is not None:
         parts.append(f"--softcap {cfg.softcap:g}")
+    if cfg.compile:
+        parts.append("--compile")
     return " ".join(parts)
 
 
@@ -898,6 +906,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--device", default="auto")
     r.add_argument("--time-limit", type=float, default=None, help="seconds for this chunk")
     r.add_argument("--plan", action="store_true", help="print the units and chunks, run nothing")
+    r.add_argument("--compile", action="store_true", help="train with the decoder layers compiled")
     r.add_argument(
         "--gpu-memory-fraction",
         type=float,
@@ -931,7 +940,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     if args.cmd == "run":
-        exp = Experiment(PROFILES[args.profile], args.work, list(args.data), args.device)
+        exp = Experiment(
+            PROFILES[args.profile], args.work, list(args.data), args.device, args.compile
+        )
         if args.plan:
             plan(exp, args.time_limit)
             return 0

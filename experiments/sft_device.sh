@@ -12,6 +12,7 @@
 # as the backstop), then packs the small results into $OUT/sft_results.tgz. Rerun to continue.
 # WORKERS > 1 runs that many `sft_calibration.py run` processes on the one GPU; they split the
 # units between them (see run_units). Each worker's full log is $OUT/run_log_wN.txt.
+# SFT_RUN_EXTRA adds options to every worker's `sft_calibration.py run` (e.g. --compile).
 set -u
 STASH=$HOME/sft_stash
 SITE=$HOME/sft_site
@@ -90,6 +91,7 @@ run)
     for w in $(seq 1 "$workers"); do
         timeout "$limit" python3 experiments/sft_calibration.py run --profile "$profile" \
             --data "$DATA"/instruct/*.json --work "$WORK" --time-limit $((limit - 40)) "${frac[@]}" \
+            ${SFT_RUN_EXTRA:-} \
             >"$OUT/run_log_w$w.txt" 2>&1 &
         pids+=($!)
         sleep 2  # let the first worker take the first unit

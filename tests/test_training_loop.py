@@ -493,3 +493,32 @@ def test_cli_train_stopped_by_sigterm_says_so_and_exits_143(setup, tmp_path):
     assert len(steps) == 1 and steps[0].startswith("step-")
     step = int(steps[0].split("-")[1])
     assert f"after step {step} of 100000" in stderr
+
+
+def test_compile_trains_like_eager(setup, monkeypatch):
+    """--compile compiles the decoder layers and changes no number (aot_eager here: the graph
+    capture without code generation, so the test stays fast on a CPU)."""
+    from calibrated_lm.models import compile as C
+
+    real = C.compile_decoder
+    calls = []
+
+    def traced(model, **kw):
+        calls.append(real(model, backend="aot_eager"))
+        return calls[-1]
+
+    monkeypatch.setattr(C, "compile_decoder", traced)
+    eager = train(_cfg(setup, "eager_c", max_steps=3, save_every=0))
+    compiled = train(_cfg(setup, "compiled_c", max_steps=3, save_every=0, compile=True))
+    assert calls == [2]  # the tiny model's two decoder layers
+    assert compiled["last"]["loss"] == pytest.approx(eager["last"]["loss"], rel=1e-5)
+    root = Path(_cfg(setup, "x").output).parent
+    a, b = _params(root / "eager_c" / "final"), _params(root / "compiled_c" / "final")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_compile_with_deepspeed_is_refused_before_loading(setup):
+    with pytest.raises(UserError, match="--compile does not work with --deepspeed"):
+        train(_cfg(setup, "nope", compile=True, deepspeed="ds.json"))

@@ -82,6 +82,12 @@ def add_parser(subparsers) -> None:
         help="recompute decoder activations in backward (less memory, ~30%% more compute)",
     )
     p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile each decoder layer (fuses the elementwise work; the first steps "
+        "are slower while it compiles)",
+    )
+    p.add_argument(
         "--no-group-by-length",
         action="store_true",
         help="keep the shuffled micro-batches as drawn (default: each step's examples are "
@@ -150,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
         log_every=args.log_every,
         progress=not args.no_progress,
         gradient_checkpointing=args.gradient_checkpointing,
+        compile=args.compile,
         group_by_length=not args.no_group_by_length,
         deepspeed=args.deepspeed,
         eval_data=args.eval_data,

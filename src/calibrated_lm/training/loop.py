@@ -132,6 +132,9 @@ class TrainConfig:
     log_every: int = 1
     progress: bool = True
     gradient_checkpointing: bool = False
+    # torch.compile each decoder layer (models/compile.py): same numbers, fewer kernels. Not a
+    # setting of the objective, so a resume may turn it on or off.
+    compile: bool = False
     # Cut each step's examples into micro-batches of similar length (same step, less padding).
     group_by_length: bool = True
     # DeepSpeed JSON config: shard with a ZeRO-3 engine instead of FSDP2 (see zero3.py).
@@ -482,6 +485,10 @@ def _train(
     except torch.OutOfMemoryError as exc:
         raise _oom_error(exc, info.device, model, cfg, "moving the model to the device") from exc
     model.train()
+    if cfg.compile:
+        from calibrated_lm.models.compile import compile_decoder
+
+        compile_decoder(model)  # after sharding: FSDP2's hooks stay outside the graphs
     optim = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999)
     )
