@@ -56,8 +56,8 @@ try:
     from lm_eval.api.task import ConfigurableTask
 except ImportError as exc:  # the plugin is only for lm-eval users
     raise ImportError(
-        "calibrated_lm.integrations.lm_eval needs lm-evaluation-harness 0.4.x: "
-        "pip install 'lm_eval>=0.4,<0.5'"
+        "calibrated_lm.integrations.lm_eval needs lm-evaluation-harness 0.4.13 or later 0.4.x: "
+        "pip install 'lm_eval>=0.4.13,<0.5'"
     ) from exc
 
 Item = tuple[int, Sequence[float]]  # (gold index, per-choice scores) of one question
