@@ -133,7 +133,9 @@ class CalibratedSFTTrainer(trl.SFTTrainer):
             outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
         return loss, outputs
 
-    def _record_metrics(self, mode: str, inputs: dict[str, Any], stats: Any, device) -> None:
+    def _record_metrics(
+        self, mode: str, inputs: dict[str, Any], stats: Any, device: torch.device
+    ) -> None:
         """TRL's ``entropy``/``mean_token_accuracy``/``num_tokens`` bookkeeping, on our stats.
 
         Gathered as TRL gathers them (token-weighted sums across processes, then one ratio per
