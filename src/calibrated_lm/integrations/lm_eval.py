@@ -21,9 +21,9 @@ ll, the confidence max(p) and the prediction argmax(ll), i.e. the prediction of 
 ``acc_norm``. These are the numbers `calibrated-lm eval` computes with ``--normalization none``
 (or ``chars``) on the same per-choice scores.
 
-Example task file (next to lm-eval's own ``arc_easy.yaml``)::
+Example task file (``include`` is a path, absolute or relative to this file)::
 
-    include: arc_easy.yaml
+    include: /path/to/site-packages/lm_eval/tasks/arc/arc_easy.yaml
     task: arc_easy_calibration
     class: !function calibrated_lm.integrations.lm_eval.CalibratedMultipleChoiceTask
     metric_list:
