@@ -760,7 +760,7 @@ def _subtasks(file: Path, value: Any) -> Subtasks:
     if not isinstance(value, dict) or "name" not in value or len(value) != 2:
         raise UserError(
             f"{file}: subtasks must be {{name: PATTERN, VARIABLE: [values]}}, e.g. "
-            "{name: mmlu_{subject}, subject: [anatomy, astronomy]}"
+            "{name: quiz_{topic}, topic: [algebra, biology]}"
         )
     pattern = value["name"]
     (variable,) = [k for k in value if k != "name"]

@@ -29,7 +29,6 @@ from calibrated_lm.errors import UserError
 from calibrated_lm.evaluation.items import Doc, Item
 from calibrated_lm.evaluation.taskfile import (
     BUILTIN_DIR,
-    RESERVED,
     RowError,
     TaskDef,
     builtin_stems,
@@ -189,16 +188,15 @@ class Task:
         """Make the questions of rows ``len(done)`` to ``n`` and append them to ``done``."""
         sdef = self.definition.splits[split]
         ids = self._ids.setdefault(split, set())
-        if not done and rows.rows:
-            clash = [r for r in RESERVED if r in rows.rows[0]]
-            if clash:
-                raise UserError(
-                    f"{rows.where(0)}: the field name {clash[0]} is reserved for templates "
-                    "(a row's position); rename the field"
-                )
         lines = rows.lines
         for i in range(len(done), n):
             row = rows.rows[i]
+            if "_index" in row or "_line" in row:
+                clash = "_index" if "_index" in row else "_line"
+                raise UserError(
+                    f"{rows.where(i)}: the field name {clash} is reserved for templates (a "
+                    "row's position); rename the field"
+                )
             try:
                 doc = sdef.doc(row, i, lines[i] if lines else i + 1)
             except RowError as exc:
