@@ -1,8 +1,9 @@
 """The unit of evaluation: one multiple-choice question, as data.
 
-Every task source (Arrow folders, OLMES request files, JSON Lines) produces :class:`Doc`
-records; a prompt template (``templates``) turns a doc into the text the model sees. Keeping the
-two apart lets few-shot examples reuse the same template as the question itself.
+A task file's templates (:mod:`calibrated_lm.evaluation.taskfile`) turn each row of its data
+(Arrow folders, OLMES request files, JSON Lines, JSON) into a :class:`Doc`;
+:func:`calibrated_lm.evaluation.tasks.build_items` turns docs into the requests the model scores.
+Keeping the two apart lets few-shot examples reuse a question's own prompt.
 """
 
 from __future__ import annotations

@@ -27,7 +27,9 @@ undefined names an error instead of an empty string. The keys (README, "Task fil
     this template the continuation scored after each.
 ``id``, ``subject``, ``description``
     Templates for a question's id (default: its row index, ``{{ _index }}``), its subject
-    (reported per subject when given) and a line put once before any few-shot examples.
+    (reported per subject when given; empty: none) and a text put once before any few-shot
+    examples. Besides a row's fields, templates see ``_index`` (its position in the split) and
+    ``_line`` (its line in a JSON Lines file, else ``_index + 1``).
 ``fields``
     Named expressions evaluated first, in order, and usable by the other templates.
 ``subtasks``

@@ -137,6 +137,7 @@ class Task:
         return self.members or [self]
 
     def check_split(self, split: str) -> str:
+        """``split``, if the task has it (else a :class:`UserError` listing those it has)."""
         if split not in self.definition.splits:
             names = ", ".join(self.definition.splits)
             raise UserError(f"task {self.key} ships splits {names}; not {split!r}")
