@@ -60,7 +60,7 @@ $(MIN_STAMP): pyproject.toml Makefile
 	@test -x $(MIN_VENV)/bin/python || $(PYTHON) -m venv $(MIN_VENV)
 	$(MIN_VENV)/bin/python -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
 	$(MIN_VENV)/bin/python -m pip install -q --disable-pip-version-check $(MIN_SPECS) \
-		numpy matplotlib tqdm scipy platformdirs pyarrow gguf pytest hypothesis
+		numpy matplotlib tqdm scipy platformdirs pyarrow gguf pyyaml jinja2 pytest hypothesis
 	$(MIN_VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps -e . $(DATA_PKGS)
 	@rm -f $(MIN_VENV)/.deps-* && touch $@
 
