@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_tiny_lm import build_tiny_lm
-from test_training_loop import RECORDS, _logged, _params
+from helpers_train import Killed, kill_at, logged, params, small_cfg, write_setup
 
 from calibrated_lm.cli import main
 from calibrated_lm.training import checkpoint as C
@@ -22,46 +21,17 @@ from calibrated_lm.training.loop import TrainConfig, train
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hf_ckpt")
-    model_dir = build_tiny_lm(root / "model", seed=1)
-    data = root / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    return root, model_dir, data
+    return write_setup(tmp_path_factory.mktemp("hf_ckpt"))
 
 
 def _cfg(setup, out: str, **kw) -> TrainConfig:
-    root, model_dir, data = setup
-    base = dict(
-        model=str(model_dir),
-        data=str(data),
-        output=str(root / out),
-        batch_size=2,
-        grad_accum=2,
-        max_seq_len=64,
-        max_steps=4,
-        lr=3e-3,
-        warmup_ratio=0.2,
-        save_every=2,
-        progress=False,
-        device="cpu",
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    return small_cfg(*setup, out, **kw)
 
 
-class _Killed(Exception):
-    pass
+_Killed, _kill_at = Killed, kill_at
 
 
-def _kill_at(step: int):
-    def on_step(record):
-        if record["step"] == step:
-            raise _Killed
-
-    return on_step
-
-
-def _assert_same_params(a: dict, b: dict) -> None:
+def _assert_sameparams(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
@@ -112,7 +82,7 @@ def test_every_checkpoint_loads_with_from_pretrained_and_holds_its_steps_weights
         }
         assert set(state["files"]) == names - {"state.json"}
     # The last checkpoint and final/ hold the same model.
-    _assert_same_params(_params(Path(cfg.output) / "final"), _params(root / "step-000004"))
+    _assert_sameparams(params(Path(cfg.output) / "final"), params(root / "step-000004"))
 
 
 def test_calibrated_lm_eval_scores_a_checkpoint(setup, tmp_path):
@@ -157,10 +127,10 @@ def test_tied_head_checkpoint_resumes_exactly(setup, tmp_path):
     ckpt = C.read_checkpoint(Path(killed.output) / "checkpoints" / "step-000002")
     assert ckpt["model"]["lm_head.weight"] is ckpt["model"]["model.embed_tokens.weight"]
     train(_cfg(setup, "x", model=str(tied_dir), output=killed.output, resume=True))
-    assert [r["loss"] for r in _logged(Path(killed.output))] == pytest.approx(
-        [r["loss"] for r in _logged(Path(ref.output))], rel=1e-6
+    assert [r["loss"] for r in logged(Path(killed.output))] == pytest.approx(
+        [r["loss"] for r in logged(Path(ref.output))], rel=1e-6
     )
-    _assert_same_params(_params(Path(ref.output) / "final"), _params(Path(killed.output) / "final"))
+    _assert_sameparams(params(Path(ref.output) / "final"), params(Path(killed.output) / "final"))
 
 
 def _to_legacy(folder: Path) -> None:
@@ -193,8 +163,8 @@ def test_pickled_checkpoint_of_before_the_hf_layout_still_resumes_exactly(setup,
     ]  # fmt: skip
     C.inspect_checkpoint(folder)
     result = train(_cfg(setup, "legacy", resume=True))
-    assert result["last"]["loss"] == pytest.approx(_logged(Path(ref.output))[-1]["loss"], rel=1e-6)
-    _assert_same_params(_params(Path(ref.output) / "final"), _params(Path(old.output) / "final"))
+    assert result["last"]["loss"] == pytest.approx(logged(Path(ref.output))[-1]["loss"], rel=1e-6)
+    _assert_sameparams(params(Path(ref.output) / "final"), params(Path(old.output) / "final"))
     # The new checkpoint written after the resume is in the HF layout.
     assert (Path(old.output) / "checkpoints" / "step-000004" / "config.json").is_file()
 

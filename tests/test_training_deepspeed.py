@@ -136,7 +136,9 @@ def test_train_command_under_zero3_matches_one_rank_and_resumes(tmp_path: Path) 
     including an epoch's last step (one micro-batch: the second rank runs a weight-0 copy),
     and a run stopped at step 2 and resumed ends like the uninterrupted one."""
     from helpers_tiny_lm import build_tiny_lm
-    from test_training_loop import RECORDS, _logged, _params
+    from helpers_train import RECORDS
+    from helpers_train import logged as _logged
+    from helpers_train import params as _params
 
     from calibrated_lm.training.loop import TrainConfig, train
 

@@ -12,65 +12,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_tiny_lm import build_tiny_lm
+from helpers_train import RECORDS, logged, params, small_cfg, write_setup  # noqa: F401
 
 from calibrated_lm.errors import UserError
 from calibrated_lm.training.loop import TrainConfig, train
 
-RECORDS = [
-    {"instruction": "Which gas do plants take in?", "input": "", "output": "carbon dioxide"},
-    {"prompt": "The capital of France is", "completion": "Paris, on the Seine."},
-    {
-        "messages": [
-            {"role": "user", "content": "Boiling point?"},
-            {"role": "assistant", "content": "100 degrees"},
-        ]
-    },
-    {"instruction": "Name a star.", "output": "the sun is a star", "history": [["Hi", "Hello"]]},
-    {"prompt": "Calibration means", "completion": "confidence matches accuracy"},
-    {"instruction": "A planet?", "input": "A. Mars B. Venus", "output": "A. Mars"},
-    {"prompt": "Multiple choice:", "completion": "Answer: C. Jupiter"},
-] * 2
-
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    model_dir = build_tiny_lm(root / "model", seed=1)
-    data = root / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    return root, model_dir, data
+    return write_setup(tmp_path_factory.mktemp("train"))
 
 
 def _cfg(setup, out: str, **kw) -> TrainConfig:
-    root, model_dir, data = setup
-    base = dict(
-        model=str(model_dir),
-        data=str(data),
-        output=str(root / out),
-        batch_size=2,
-        grad_accum=2,
-        max_seq_len=64,
-        max_steps=6,
-        lr=3e-3,
-        warmup_ratio=0.2,
-        save_every=2,
-        progress=False,
-        device="cpu",
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    return small_cfg(*setup, out, **{"max_steps": 6, **kw})
 
 
-def _params(folder: Path) -> dict[str, torch.Tensor]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _logged(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+_params, _logged = params, logged
 
 
 def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(setup):

@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers_tiny_lm import build_tiny_lm
-from test_training_loop import RECORDS, _logged, _params
+from helpers_train import Killed, kill_at, logged, params, small_cfg, write_setup
 
 from calibrated_lm.calibration.metrics import calibration_error
 from calibrated_lm.errors import UserError
@@ -35,45 +34,17 @@ HELD_OUT = [
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tracking")
-    model_dir = build_tiny_lm(root / "model", seed=1)
-    data = root / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    root, model_dir, data = write_setup(tmp_path_factory.mktemp("tracking"))
     held = root / "held.jsonl"
     held.write_text("".join(json.dumps(r) + "\n" for r in HELD_OUT))
     return root, model_dir, data, held
 
 
 def _cfg(setup, out: str, **kw) -> TrainConfig:
-    root, model_dir, data, _ = setup
-    base = dict(
-        model=str(model_dir),
-        data=str(data),
-        output=str(root / out),
-        batch_size=2,
-        grad_accum=2,
-        max_seq_len=64,
-        max_steps=4,
-        lr=3e-3,
-        warmup_ratio=0.2,
-        save_every=2,
-        progress=False,
-        device="cpu",
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    return small_cfg(*setup[:3], out, **kw)
 
 
-class _Killed(Exception):
-    pass
-
-
-def _kill_at(step: int):
-    def on_step(record):
-        if record["step"] == step:
-            raise _Killed
-
-    return on_step
+_Killed, _kill_at = Killed, kill_at
 
 
 # ----------------------------------------------------------------------------- held-out
@@ -116,7 +87,7 @@ def test_held_out_figures_equal_an_independent_computation_from_the_logits(setup
     _, _, _, held = setup
     cfg = _cfg(setup, "heldout", max_steps=2, eval_data=str(held), eval_every=1)
     train(cfg)
-    rows = _logged(Path(cfg.output))
+    rows = logged(Path(cfg.output))
     assert [r["step"] for r in rows] == [1, 2] and all(set(EVAL_KEYS) <= set(r) for r in rows)
     want = _reference_eval(Path(cfg.output) / "final", held, cfg.label_smoothing)
     got = rows[-1]  # evaluated after step 2: the weights saved in final/
@@ -133,22 +104,22 @@ def test_eval_every_picks_the_steps_and_evaluation_does_not_change_training(setu
     cfg = _cfg(setup, "eval_2", max_steps=5, save_every=0, log_every=3, eval_data=str(held),
                eval_every=2)  # fmt: skip
     evaluated = train(cfg)
-    rows = _logged(Path(cfg.output))
+    rows = logged(Path(cfg.output))
     # Logged: every 3rd step, every evaluated step (2, 4) and the last one (evaluated too).
     assert [r["step"] for r in rows] == [2, 3, 4, 5]
     assert [("eval_loss" in r) for r in rows] == [True, False, True, True]
-    plain_rows = {r["step"]: r for r in _logged(Path(_cfg(setup, "no_eval").output))}
+    plain_rows = {r["step"]: r for r in logged(Path(_cfg(setup, "no_eval").output))}
     assert [r["step"] for r in plain_rows.values()] == [3, 5]
     for r in rows:
         if r["step"] in plain_rows:
             assert r["loss"] == plain_rows[r["step"]]["loss"]  # bit for bit
-    a, b = _params(Path(plain["final"])), _params(Path(evaluated["final"]))
+    a, b = params(Path(plain["final"])), params(Path(evaluated["final"]))
     for k in a:
         assert torch.equal(a[k], b[k]), k
     # --eval-every 0: only after the last step.
     cfg0 = _cfg(setup, "eval_0", max_steps=3, save_every=0, eval_data=str(held))
     train(cfg0)
-    assert [("eval_ece" in r) for r in _logged(Path(cfg0.output))] == [False, False, True]
+    assert [("eval_ece" in r) for r in logged(Path(cfg0.output))] == [False, False, True]
 
 
 def test_killed_run_with_evaluation_resumes_to_the_same_figures(setup):
@@ -160,8 +131,8 @@ def test_killed_run_with_evaluation_resumes_to_the_same_figures(setup):
         train(killed, on_step=_kill_at(3))
     # Resumed with another --eval-every: allowed, it changes no training.
     train(replace(killed, resume=True, eval_every=1))
-    want = {r["step"]: r for r in _logged(Path(ref.output))}
-    got = _logged(Path(killed.output))
+    want = {r["step"]: r for r in logged(Path(ref.output))}
+    got = logged(Path(killed.output))
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     for r in got:
         if "eval_loss" in r:
@@ -214,7 +185,7 @@ def test_tensorboard_logs_what_metrics_jsonl_logs_and_a_resume_adds_no_duplicate
     with pytest.raises(_Killed):
         train(cfg, on_step=_kill_at(3))  # step 3 logged, then lost: redone after the resume
     train(replace(cfg, resume=True))
-    rows = _logged(Path(cfg.output))
+    rows = logged(Path(cfg.output))
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     scalars = _tensorboard_scalars(Path(cfg.output) / T.TENSORBOARD_DIR)
     numeric = {k for r in rows for k, v in r.items() if k != "step" and v is not None}
@@ -269,7 +240,7 @@ def test_wandb_gets_every_record_and_a_resume_continues_the_same_run(setup, fake
     first = {}  # what W&B keeps: it ignores a step logged again
     for _, step, data in logs:
         first.setdefault(step, data)
-    rows = _logged(Path(cfg.output))
+    rows = logged(Path(cfg.output))
     assert last[3] == T.scalars(rows[2])  # the resumed run's step 3: metrics.jsonl's line
     for row in rows:
         # The redone step 3 logs the same figures (an exact resume) but its speed.
@@ -347,7 +318,7 @@ def test_cli_train_with_eval_and_tensorboard(setup, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "eval data: 5 records, 5 examples" in printed
-    rows = _logged(out)
+    rows = logged(out)
     assert all("eval_ece" in r for r in rows)
     scalars = _tensorboard_scalars(out / T.TENSORBOARD_DIR)
     assert [s for s, _ in scalars["eval_accuracy"]] == [1, 2]
