@@ -38,30 +38,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-CONFIG = Path(__file__).resolve().parent / "configs" / "gemma-3-270m.json"
 VARIANTS = ("trl_nll", "trl_ls", "calibrated")
 EPS = 0.1
 
 
 def build_model(tiny: bool, device: str):
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from random_models import random_model
 
-    cfg = json.loads(CONFIG.read_text())
-    if tiny:
-        cfg.update(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            layer_types=["sliding_attention", "full_attention"],
-            vocab_size=1000,
-            head_dim=16,
-            num_attention_heads=2,
-            sliding_window=16,
-        )
-    config = AutoConfig.for_model(**{k: v for k, v in cfg.items() if not k.startswith("_")})
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device)
+    return random_model("gemma-3-270m", tiny=tiny, device=device)
 
 
 def build_tokenizer():

@@ -35,8 +35,6 @@ from typing import Any
 
 import torch
 
-CONFIG = Path(__file__).resolve().parent / "configs" / "gemma-3-270m.json"
-
 
 def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
@@ -57,24 +55,10 @@ def _timed(fn, dev: torch.device, steps: int, warmup: int = 2) -> float:
 
 
 def build(tiny: bool, dev: torch.device):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from random_models import random_model
 
-    cfg = json.loads(CONFIG.read_text())
-    if tiny:  # a CPU check of the script, not a measurement
-        cfg.update(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            layer_types=["sliding_attention", "full_attention"],
-            vocab_size=1000,
-            head_dim=16,
-            num_attention_heads=2,
-            sliding_window=16,
-        )
-    config = AutoConfig.for_model(**{k: v for k, v in cfg.items() if not k.startswith("_")})
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(dev)
-    return model, config
+    model = random_model("gemma-3-270m", tiny=tiny, device=dev)
+    return model, model.config
 
 
 def batches(cfg, n: int, batch: int, width: int, dev: torch.device, full: bool = False):
