@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from calibrated_lm.calibration import fit_temperature
+from calibrated_lm.errors import UserError
 from calibrated_lm.evaluation.compare import compare_runs
 
 
@@ -104,3 +105,49 @@ def test_compare_refuses_an_empty_run(tmp_path: Path) -> None:
     (tmp_path / "empty/samples.jsonl").write_text("")
     with pytest.raises(UserError, match="holds no scored question"):
         compare_runs([tmp_path / "empty"], tmp_path / "cmp")
+
+
+def test_compare_reads_lm_eval_log_samples_folders(tmp_path: Path) -> None:
+    """Two lm-evaluation-harness --output_path folders (samples in a per-model sub-folder):
+    paired on doc_id, the differences those of the harness's own scores; MMLU subtasks pooled."""
+    from test_calibration_samples import _arc_docs, write_lm_eval_samples
+
+    from calibrated_lm.calibration.paired import paired_bootstrap
+
+    docs = _arc_docs(150, seed=3)
+    sharp = [{**d, "lls": [v * 2.5 for v in d["lls"]]} for d in docs]
+    stamp = "2026-12-02T05-00-00.000000"
+    for name, ds in (("a", docs), ("b", sharp)):
+        (tmp_path / name / "model__x").mkdir(parents=True)
+        write_lm_eval_samples(tmp_path / name / "model__x" / f"samples_arc_easy_{stamp}.jsonl", ds)
+        write_lm_eval_samples(
+            tmp_path / name / "model__x" / f"samples_mmlu_anatomy_{stamp}.jsonl", ds[:40]
+        )
+    result = compare_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "cmp", bootstrap=50)
+    assert result["warnings"] == []  # the same questions in both
+    rows = result["tasks"]["arc_easy"]["runs"]
+    paired = next(e for label, e in rows.items() if label.startswith("b"))["paired"]
+    assert paired["n"] == 150
+
+    def probs(ds):
+        p = np.zeros((len(ds), 5))
+        for i, d in enumerate(ds):
+            s = np.array(d["lls"])
+            e = np.exp(s - s.max())
+            p[i, : len(s)] = e / e.sum()
+        return p
+
+    y = np.array([d["gold_index"] for d in docs])
+    want = paired_bootstrap(probs(docs), probs(sharp), y, draws=50)
+    assert paired["accuracy"]["delta"] == pytest.approx(0.0)  # scaling keeps every argmax
+    assert paired["ece"]["delta"] == pytest.approx(want["ece"]["delta"])
+    assert "mmlu" in result["tasks"]  # mmlu_<subject> files pooled into mmlu
+
+    # the same task twice in one folder is ambiguous: refused with the file names
+    write_lm_eval_samples(
+        tmp_path / "a" / "model__x" / "samples_arc_easy_2026-12-01T00-00-00.jsonl", docs
+    )
+    with pytest.raises(UserError, match="2 lm-eval sample files of task arc_easy"):
+        compare_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "cmp2")
+    with pytest.raises(UserError, match="no lm-eval samples_<task>_<date>.jsonl"):
+        compare_runs([tmp_path / "cmp"], tmp_path / "cmp3")

@@ -297,6 +297,11 @@ def _gold(obj: dict, scores: np.ndarray, choices: list[str] | None, path: Path, 
     raise _fail(path, line, f"cannot find the gold choice (target {target!r}, {k} choices)")
 
 
+def lm_eval_task_name(path: Path) -> str:
+    """The task of an lm-eval ``samples_<task>_<date>.jsonl`` file, from its name."""
+    return _lm_eval_task(path)
+
+
 def _lm_eval_task(path: Path) -> str:
     m = _LM_EVAL_NAME.match(path.stem)
     if m:

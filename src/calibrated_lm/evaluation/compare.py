@@ -41,7 +41,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="compare eval runs: overlaid reliability diagrams, metrics with CIs, temperatures",
         description="Side-by-side calibration report of several `calibrated-lm eval` runs.",
     )
-    p.add_argument("runs", nargs="+", type=Path, help="run folders written by calibrated-lm eval")
+    p.add_argument(
+        "runs",
+        nargs="+",
+        type=Path,
+        help="run folders written by calibrated-lm eval, or lm-eval --output_path folders "
+        "(with --log_samples)",
+    )
     p.add_argument("--output", type=Path, default=Path("runs/compare"))
     p.add_argument("--labels", default=None, help="comma-separated names for the runs")
     p.add_argument("--normalization", choices=["none", "chars", "tokens"], default=None)
@@ -68,8 +74,53 @@ def _cut_short(path: Path) -> UserError | None:
         )
 
 
+def _lm_eval_files(path: Path) -> list[Path]:
+    """lm-evaluation-harness ``--log_samples`` files under ``path`` (it writes them into a
+    sub-folder named after the model): one per task, or a sentence naming the duplicates."""
+    files = sorted(path.rglob("samples_*.jsonl"))
+    by_task: dict[str, list[Path]] = {}
+    from calibrated_lm.calibration.samples import lm_eval_task_name
+
+    for f in files:
+        by_task.setdefault(lm_eval_task_name(f), []).append(f)
+    for task, fs in by_task.items():
+        if len(fs) > 1:
+            raise UserError(
+                f"{path} holds {len(fs)} lm-eval sample files of task {task} "
+                f"({', '.join(str(f.relative_to(path)) for f in fs)}); keep one, or give "
+                "the folder of one run"
+            )
+    return files
+
+
+def _load_lm_eval_run(path: Path, files: list[Path]) -> dict[str, Any]:
+    """An lm-eval output folder as a run: its questions in our record form. Ids are the
+    harness's ``doc_id`` (prefixed by the subject for MMLU's subtasks), so an lm-eval run pairs
+    with another lm-eval run of the same tasks, not with a calibrated-lm run."""
+    from calibrated_lm.calibration.command import read_samples_checked
+
+    records: list[dict[str, Any]] = []
+    for name, t in read_samples_checked(files).items():
+        subject = name[len(t.group) + 1 :] if t.group else None
+        for i, (scores, label) in enumerate(zip(t.choice_scores, t.labels)):
+            rec: dict[str, Any] = {
+                "task": t.group or name,
+                "id": f"{subject}/{t.ids[i]}" if subject else t.ids[i],
+                "choice_logprobs": [float(x) for x in scores],
+                "label": int(label),
+                "subject": subject,
+            }
+            if t.choice_char_lengths[i] is not None:
+                rec["choice_char_lengths"] = [int(x) for x in t.choice_char_lengths[i]]
+            records.append(rec)
+    summary = {"protocol": {"model": None, "normalization": "none", "source": "lm-eval"}}
+    return {"path": path, "summary": summary, "records": records, "fit": [], "files": files,
+            "lm_eval": True}  # fmt: skip
+
+
 def _load_run(path: Path) -> dict[str, Any]:
-    """A run folder's records and summary, read (not yet validated: see _validate_run)."""
+    """A run folder's records and summary, read (not yet validated: see _validate_run): our
+    eval folder, or an lm-evaluation-harness ``--output_path`` folder of ``--log_samples``."""
     from calibrated_lm.evaluation.runner import FIT_SAMPLES, SAMPLES
     from calibrated_lm.evaluation.samples_file import read_records
 
@@ -77,7 +128,13 @@ def _load_run(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         raise UserError(f"{path} is not an eval run folder (no such folder)")
     if not samples.exists():
-        raise UserError(f"{path} is not an eval run folder (no {SAMPLES})")
+        harness = _lm_eval_files(path)
+        if harness:
+            return _load_lm_eval_run(path, harness)
+        raise UserError(
+            f"{path} is not an eval run folder (no {SAMPLES}, and no lm-eval "
+            "samples_<task>_<date>.jsonl from --log_samples below it)"
+        )
     files = [samples] + ([path / FIT_SAMPLES] if (path / FIT_SAMPLES).exists() else [])
     for f in files:
         problem = _cut_short(f)
@@ -116,6 +173,14 @@ def _validate_run(run: dict[str, Any], normalization: str) -> None:
     file, each error naming file and line."""
     from calibrated_lm.calibration.command import read_samples_checked
 
+    if run.get("lm_eval"):  # read (so checked) by the same reader when loaded
+        if normalization == "tokens":
+            raise UserError(
+                f"{run['path']}: lm-eval sample files hold no token counts; compare with "
+                "--normalization none or chars"
+            )
+        read_samples_checked(run["files"], normalization=normalization)
+        return
     for f, records in zip(run["files"], (run["records"], run["fit"])):
         if records:  # an empty validation journal only means: no temperature for this run
             read_samples_checked([f], normalization=normalization)
