@@ -104,3 +104,41 @@ def test_mmlu_subject_tasks() -> None:
     assert len(load_docs("mmlu", limit=0.01)) == sum(
         -(-len(load_docs(f"mmlu_{s}")) // 100) for s in {d.subject for d in load_docs("mmlu")}
     )
+
+
+def test_eval_writes_an_lm_eval_style_results_file(tmp_path: Path) -> None:
+    """results_<date>.json beside summary.json: the harness's keys, acc/acc_norm recomputed
+    from the scores, calibration metrics equal to the summary's; one file after a rerun."""
+    import numpy as np
+
+    model = build_tiny_lm(tmp_path / "tiny")
+    rows = [{"context": f"Q{i}?", "choices": ["yes", "no", "maybe or not"], "label": i % 3}
+            for i in range(12)]  # fmt: skip
+    task = tmp_path / "qa.jsonl"
+    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    argv = ["eval", "--model", str(model), "--tasks", str(task), "--output", str(out),
+            "--device", "cpu", "--bootstrap", "0", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    (path,) = sorted(out.glob("results_*.json"))
+    res = json.loads(path.read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    (name,) = res["results"]
+    row = res["results"][name]
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    correct = [int(np.argmax(s["choice_logprobs"])) == s["label"] for s in samples]
+    per_char = [
+        int(np.argmax(np.array(s["choice_logprobs"]) / np.array(s["choice_char_lengths"])))
+        == s["label"]
+        for s in samples
+    ]
+    assert row["acc,none"] == pytest.approx(np.mean(correct))
+    assert row["acc_stderr,none"] == pytest.approx(np.std(correct, ddof=1) / np.sqrt(12))
+    assert row["acc_norm,none"] == pytest.approx(np.mean(per_char))
+    for key in ("ece", "rms_ce", "smooth_ece", "mean_confidence", "brier", "nll"):
+        assert row[f"{key},none"] == summary["tasks"][name][key]
+        assert row[f"{key}_stderr,none"] == "N/A"
+    assert res["n-samples"][name] == {"original": 12, "effective": 12}
+    assert res["higher_is_better"][name]["ece"] is False and res["n-shot"][name] == 0
+    assert main(argv) == 0  # a rerun (nothing to score) replaces the file
+    assert len(list(out.glob("results_*.json"))) == 1

@@ -517,7 +517,7 @@ def _start_over(out: Path, key: dict[str, Any]) -> None:
     """
     tmp = out / (RUN_FILE + ".new")
     write_json(tmp, key)
-    derived = [out / "summary.json", out / "report.md"]
+    derived = [out / "summary.json", out / "report.md", *sorted(out.glob("results_*.json"))]
     derived += sorted(out.glob("reliability_*.png")) + sorted(out.glob("reliability_*.svg"))
     for path in derived + _journals(out):
         if path.exists():
@@ -589,6 +589,18 @@ def _task_splits(tasks: Sequence[Task], split: str | None) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- the run
+
+
+def _write_lm_eval_results(out: Path, summary: dict[str, Any], records: list) -> Path:
+    """The harness-style ``results_<date>.json`` (evaluation/lm_eval_results.py), replacing
+    the one an earlier (resumed) run of this folder wrote."""
+    from calibrated_lm.evaluation.lm_eval_results import lm_eval_results, results_file_name
+
+    path = write_json(out / results_file_name(), lm_eval_results(summary, records))
+    for old in out.glob("results_*.json"):
+        if old != path:
+            old.unlink()
+    return path
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
@@ -818,6 +830,7 @@ def _run_locked(
     )
     summary["protocol"]["timing"]["total_s"] = round(time.perf_counter() - t_start, 2)
     write_json(out / "summary.json", summary)
+    _write_lm_eval_results(out, summary, records)
     label = Path(cfg.model).name if cfg.model.endswith(".gguf") else cfg.model
     label += ", chat template" if chat else ""
     diagrams = write_diagrams(
