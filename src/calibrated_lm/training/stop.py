@@ -35,7 +35,7 @@ class TrainingStopped(UserError):
 
 
 class StopRequest:
-    """Context manager: while active, SIGTERM and SIGINT set a flag instead of ending the
+    """Context manager: while active, SIGTERM and SIGINT (unless ignored) set a flag instead of ending the
     process. Handlers can only be installed from the main thread; elsewhere (a trainer run in
     a worker thread) it is inert and :meth:`requested` is False unless :meth:`request` is
     called."""
@@ -47,6 +47,8 @@ class StopRequest:
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
             for s in _SIGNALS:
+                if signal.getsignal(s) is signal.SIG_IGN:
+                    continue  # ignored on purpose (nohup, a shell's background job): stays so
                 self._previous[s] = signal.signal(s, self._handle)
         return self
 
