@@ -35,10 +35,10 @@ class TrainingStopped(UserError):
 
 
 class StopRequest:
-    """Context manager: while active, SIGTERM and SIGINT (unless ignored) set a flag instead of ending the
-    process. Handlers can only be installed from the main thread; elsewhere (a trainer run in
-    a worker thread) it is inert and :meth:`requested` is False unless :meth:`request` is
-    called."""
+    """Context manager: while active, SIGTERM and SIGINT (unless ignored) set a flag instead of
+    ending the process. Handlers can only be installed from the main thread; elsewhere (a
+    trainer run in a worker thread) it is inert and :meth:`requested` is False unless
+    :meth:`request` is called."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
