@@ -7,19 +7,16 @@ first would fail differently (and the sentence must name the option)."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import math
 import re
 from pathlib import Path
 
 import pytest
+from helpers_cli import run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from calibrated_lm.cli import main
 
 SETTINGS = settings(
     max_examples=25,
@@ -72,14 +69,7 @@ def _snapshot(folder: Path) -> dict[str, str]:
     } | {"<dirs>": ",".join(sorted(p.name for p in folder.rglob("*") if p.is_dir()))}
 
 
-def _run(argv: list[str]) -> tuple[int, str]:
-    err, out = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-        try:
-            code = main(argv)
-        except SystemExit as exc:
-            code = exc.code
-    return code, err.getvalue()
+_run = run_cli
 
 
 def _assert_refused(argv: list[str], option: str, output: Path) -> None:

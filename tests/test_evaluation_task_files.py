@@ -3,13 +3,12 @@ every bad task file refused as ``FILE: what is wrong`` (exit 2) before any model
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import io
 import json
 from pathlib import Path
 
 import pytest
+from helpers_cli import run_cli
 
 from calibrated_lm.cli import main
 from calibrated_lm.errors import UserError
@@ -203,14 +202,7 @@ def test_no_task_is_known_to_python_by_name() -> None:
 # ----------------------------------------------------------------------------- bad task files
 
 
-def _run(argv: list[str]) -> tuple[int, str]:
-    err, out = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-        try:
-            code = main(argv)
-        except SystemExit as exc:
-            code = exc.code
-    return code, err.getvalue()
+_run = run_cli
 
 
 BAD = [

@@ -296,16 +296,27 @@ def tokenize_records(
     return data
 
 
-def load_dataset(path: str | Path, tokenizer: Any, *, max_seq_len: int, progress: bool = False):
-    """Read and tokenize ``path``; an empty result raises :class:`UserError` with the counts."""
+def load_dataset(
+    path: str | Path,
+    tokenizer: Any,
+    *,
+    max_seq_len: int,
+    progress: bool = False,
+    label: str | None = None,
+    what: str = "training example",
+    hint: str = "check the data",
+):
+    """Read and tokenize ``path``; an empty result raises :class:`UserError` with the counts.
+    ``label`` names the file in messages (default: the path), ``what`` its examples."""
+    name = label or str(path)
     records = read_records(path)
     data = tokenize_records(
-        records, tokenizer, max_seq_len=max_seq_len, source=str(path), progress=progress
+        records, tokenizer, max_seq_len=max_seq_len, source=name, progress=progress
     )
     if not data.examples:
         reasons = ", ".join(f"{n} {why}" for why, n in data.dropped.items()) or "no records"
         raise UserError(
-            f"{path}: no training example left after filtering ({data.n_records} records: "
-            f"{reasons}); raise --max-seq-len or check the data"
+            f"{name}: no {what} left after filtering ({data.n_records} records: "
+            f"{reasons}); raise --max-seq-len or {hint}"
         )
     return data

@@ -44,7 +44,7 @@ from calibrated_lm.calibration.binning import bin_sums
 from calibrated_lm.errors import UserError
 from calibrated_lm.training import distributed as D
 from calibrated_lm.training.batching import collate
-from calibrated_lm.training.data import Dataset, check_layouts, read_records, tokenize_records
+from calibrated_lm.training.data import Dataset, check_layouts, load_dataset, read_records
 
 ECE_BINS = 15
 FLAG = "--eval-data"
@@ -70,15 +70,10 @@ def check_eval_file(path: str | Path) -> None:
 
 def load_eval_set(path: str | Path, tokenizer: Any, *, max_seq_len: int) -> Dataset:
     """Tokenize the held-out file like the training data; none left is a :class:`UserError`."""
-    records = read_records(path)
-    data = tokenize_records(records, tokenizer, max_seq_len=max_seq_len, source=f"{FLAG} {path}")
-    if not data.examples:
-        reasons = ", ".join(f"{n} {why}" for why, n in data.dropped.items()) or "no records"
-        raise UserError(
-            f"{FLAG} {path}: no example left after filtering ({data.n_records} records: "
-            f"{reasons}); raise --max-seq-len or check the file"
-        )
-    return data
+    return load_dataset(
+        path, tokenizer, max_seq_len=max_seq_len, label=f"{FLAG} {path}", what="example",
+        hint="check the file",
+    )  # fmt: skip
 
 
 @contextlib.contextmanager
