@@ -140,8 +140,16 @@ def test_claim2_report_verdicts_and_missing_seeds(tmp_path: Path) -> None:
         ev(0.0, s, 2.5)  # over-confident eps 0
         ev(0.1, s, 1.0 + 0.05 * s)  # smoothed: calibrated again, same answers
     ev(0.2, 1, 1.0)  # one seed only
+    # A run trained here: its training records are committed beside its evaluations (the
+    # next session's stage restores the run from them and must not train it again).
+    trained = work / "runs" / SFTRun(0.2, 1, lr=8e-5, epochs=3).name(8e-5)
+    trained.mkdir(parents=True)
+    for f in ("done.json", "metrics.jsonl", "command.txt"):
+        (trained / f).write_text("{}\n")
     claims = tmp_path / "claims.json"
     out = R2.write_report(work, tmp_path / "res", bootstrap=100, claims_path=claims)
+    kept = tmp_path / "res/records/runs" / trained.name
+    assert sorted(p.name for p in kept.iterdir()) == ["command.txt", "done.json", "metrics.jsonl"]
     e1 = out["eps"]["0.1"]
     assert e1["seeds"] == [1, 2, 3] and e1["verdict"] == "reproduced"
     assert e1["primary_mean"]["ece"]["ci95"][1] < 0
