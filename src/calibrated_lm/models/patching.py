@@ -20,6 +20,12 @@ carries ``logits=None`` in that case. Without labels the original forward runs u
 Because ``cap_c(z) / T = cap_{c/T}(z / T)``, temperature is folded into a scale of the
 hidden states and of the softcap: the kernel sees one linear map and one softcap.
 
+``head_subset=S`` (issue 12, claim 3) restricts the softmax to the V' tokens of S: the loss
+is the one above over the kept rows of ``W`` only (smoothing mass eps / V' per kept token,
+targets outside S left out and counted in ``LossStats.n_outside``), a tied head is untied
+first, and the logits without labels are the full ones with -inf outside S
+(``calibrated_lm.models.restricted_head`` has the formulas).
+
 Under HF ``Trainer``'s gradient accumulation the model receives ``num_items_in_batch``;
 the loss is then token-summed and divided by it, exactly as transformers' own loss.
 
@@ -45,6 +51,8 @@ import torch
 from torch import nn
 
 from calibrated_lm.errors import UserError
+from calibrated_lm.models.head_subset import HeadSubset
+from calibrated_lm.models.restricted_head import RestrictedHead, check_vocab, untie_head
 
 _PATCH_ATTR = "_calibrated_lm_patch"
 # The decoder hook that refuses calls from a wrapper bypassing the patched forward.
@@ -91,16 +99,21 @@ class PatchConfig:
     path: str  # "known" (architecture in SUPPORTED_MODEL_TYPES) or "generic"
     impl: str = "auto"  # linear_cross_entropy's implementation switch
     min_block_rows: int = 0  # linear_cross_entropy's gradient-block floor
+    head: RestrictedHead | None = None  # the softmax's kept tokens (head_subset), or all V
 
 
 @dataclass
 class LossStats:
-    """Calibration statistics of one labelled forward, averaged over the target tokens."""
+    """Calibration statistics of one labelled forward, averaged over the target tokens.
+
+    With a head subset, ``n_tokens`` counts the scored targets inside it and ``n_outside``
+    the targets outside it, which the loss leaves out (0 without a subset)."""
 
     n_tokens: int
     confidence: float
     accuracy: float
     entropy: float
+    n_outside: int = 0
 
 
 def _output_head(model: nn.Module) -> nn.Module:
@@ -185,7 +198,9 @@ def fused_lm_loss(
     ``"mean"`` over target tokens, or to ``sum / num_items_in_batch`` when that is given;
     ``"sum"`` returns the token sum (times ``T``). ``ignore_index`` marks labels to skip
     (None: none). ``head`` must be on ``hidden``'s device (a DTensor head is gathered onto its
-    mesh's device first). Returns ``(loss, stats or None)``.
+    mesh's device first). With ``cfg.head`` (a head subset) only its rows of ``head`` enter
+    the loss, the targets are re-indexed into them and those outside it are ignored (their
+    count in ``stats.n_outside``). Returns ``(loss, stats or None)``.
     """
     from calibrated_lm.loss import linear_cross_entropy
 
@@ -198,6 +213,11 @@ def fused_lm_loss(
     # gloo CPU mesh), which must be the hidden states' device: nothing is moved implicitly.
     weight = _full(weight)
     bias = _full(bias) if bias is not None else None
+    if cfg.head is not None:
+        # Rows first, cast after: only V' x D elements are copied; the backward of
+        # index_select hands the gradient to the kept rows of the parameter.
+        weight = cfg.head.rows(weight)
+        bias = cfg.head.rows(bias) if bias is not None else None
     if weight.device != hidden.device:
         raise ValueError(
             f"fused_lm_loss: the output head's weight is on {weight.device} but the hidden "
@@ -222,6 +242,9 @@ def fused_lm_loss(
         targets, shift = labels.to(hidden.device), True
     else:
         raise ValueError("fused_lm_loss needs labels or shift_labels")
+    n_outside = None
+    if cfg.head is not None:
+        targets, ignore_index, n_outside = cfg.head.remap(targets, ignore_index, shift)
     if reduction is None:
         reduction = "sum" if num_items_in_batch is not None else "mean"
     out = linear_cross_entropy(
@@ -246,7 +269,11 @@ def fused_lm_loss(
         loss = loss / num_items_in_batch
     if cfg.temperature != 1.0:
         loss = loss * cfg.temperature
-    summary = _summarise(stats, targets, shift, ignore_index) if return_stats else None
+    summary = None
+    if return_stats:
+        summary = _summarise(stats, targets, shift, ignore_index)
+        if n_outside is not None:
+            summary = dataclasses.replace(summary, n_outside=int(n_outside))
     return loss, summary
 
 
@@ -350,7 +377,8 @@ def _make_forward(model: nn.Module, original, cfg: PatchConfig, depth: list[int]
                         "calibrated_lm.integrations.hf_trainer.CalibratedTrainer, which takes "
                         "label_smoothing_factor as the patch's label_smoothing."
                     )
-                return original(**kwargs)
+                out = original(**kwargs)
+                return _restrict_logits(out, cfg.head) if cfg.head is not None else out
             return _fused_forward(kwargs, labels)
         finally:
             depth[0] -= 1
@@ -388,6 +416,18 @@ def _make_forward(model: nn.Module, original, cfg: PatchConfig, depth: list[int]
 
     forward.__calibrated_lm_original__ = original
     return forward
+
+
+def _restrict_logits(out: Any, head: RestrictedHead) -> Any:
+    """The unlabelled forward's output with -inf at the logits of tokens outside the subset
+    (a ModelOutput's ``logits``, or the first item of a ``return_dict=False`` tuple)."""
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        out.logits = head.mask_logits(logits)
+        return out
+    if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):
+        return (head.mask_logits(out[0]), *out[1:])
+    return out
 
 
 def _make_guard(model: nn.Module, forward, cfg: PatchConfig, depth: list[int]):
@@ -463,6 +503,7 @@ def patch_model(
     *,
     impl: str = "auto",
     min_block_rows: int = DEFAULT_MIN_BLOCK_ROWS,
+    head_subset: HeadSubset | None = None,
 ) -> nn.Module:
     """Make ``model(…, labels=…)`` return the fused label-smoothed loss (see module docstring).
 
@@ -475,17 +516,32 @@ def patch_model(
     adapters included, gets the fused forward, so both orders of ``patch_model`` and
     ``get_peft_model`` train on the fused loss.
 
+    ``head_subset`` restricts the output softmax to its V' tokens (module docstring): the loss
+    over the kept rows only, with eps / V' of smoothing per kept token and targets outside
+    the subset left out (counted in ``loss_stats.n_outside``); the logits without labels are
+    the full-V ones with -inf outside it. A head tied to the input embedding is untied (a copy;
+    ``config.tie_word_embeddings = False``), and stays untied after ``unpatch_model``. Under HF
+    Trainer's ``num_items_in_batch`` the loss is divided by the trainer's count of targets,
+    which includes those outside the subset. Its ``vocab_size`` must be the head's rows.
+
     The patched model also declares ``accepts_loss_kwargs = True`` (HF Trainer then passes
     ``num_items_in_batch``, so gradient accumulation is exact) and refuses, with a
     ``UserError`` naming the fix, the calls that would bypass the fused loss: see the module
     docstring (stock TRL trainers, HF Trainer's ``label_smoothing_factor``).
     Raises ``ValueError`` for models without a linear output head or base decoder, or whose
-    logits are not ``head(hidden)`` up to the known scalings.
+    logits are not ``head(hidden)`` up to the known scalings, or a head subset of another
+    vocabulary size.
     """
     outer, model = model, _causal_lm(model)
     cfg = _resolve(model, label_smoothing, softcap, temperature, z_loss, impl)
-    cfg = dataclasses.replace(cfg, min_block_rows=min_block_rows)
+    head = None
+    if head_subset is not None:
+        check_vocab(model, head_subset)
+        head = RestrictedHead(head_subset)
+    cfg = dataclasses.replace(cfg, min_block_rows=min_block_rows, head=head)
     unpatch_model(model)
+    if head is not None:
+        untie_head(model)
     if cfg.path == "generic":
         _check_generic(model, cfg)
     original = model.forward
