@@ -51,7 +51,7 @@ def _records(path: Path) -> dict[str, dict[str, dict[str, Any]]]:
 
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for r in read_records(path, repair=False):
-        out.setdefault(r["task"], {})[str(r["id"])] = r
+        out.setdefault(r.task, {})[str(r.id)] = r
     return out
 
 

@@ -84,7 +84,7 @@ def _records(path: Path) -> dict[str, dict[tuple[str, str], dict[str, Any]]]:
 
     by: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}
     for r in read_records(path / "samples.jsonl", repair=False):
-        by.setdefault(r["task"], {})[(r["task"], str(r["id"]))] = r
+        by.setdefault(r.task, {})[r.key] = r
     return by
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from calibrated_lm.calibration import fit_temperature
+from calibrated_lm.calibration.samples import read_sample_records
 from calibrated_lm.errors import UserError
 from calibrated_lm.evaluation.compare import compare_runs
 
@@ -87,8 +88,8 @@ def test_compare_reports_paired_differences_on_shared_questions(tmp_path: Path) 
     rows = result["tasks"]["quiz"]["runs"]
     paired = next(e for label, e in rows.items() if label.startswith("sharp"))["paired"]
     assert paired["n"] == 120
-    ref = [json.loads(x) for x in (tmp_path / "ref/samples.jsonl").read_text().splitlines()]
-    sh = [json.loads(x) for x in (tmp_path / "sharp/samples.jsonl").read_text().splitlines()]
+    ref = read_sample_records(tmp_path / "ref/samples.jsonl")
+    sh = read_sample_records(tmp_path / "sharp/samples.jsonl")
     pa, yy = record_probabilities(ref[:120], "none")
     pb, _ = record_probabilities(sh, "none")
     want = paired_bootstrap(pa, pb, yy, draws=100)

@@ -34,12 +34,13 @@ def test_shard_is_a_partition() -> None:
 
 
 def test_merge_skips_duplicates_and_partial_lines(tmp_path: Path) -> None:
+    def rec(i: str) -> str:  # a journal holds whole records: the reader checks each one
+        return json.dumps({"task": "t", "id": i, "choice_logprobs": [-1.0, -2.0], "label": 0})
+
     main = tmp_path / "samples.jsonl"
-    main.write_text(json.dumps({"task": "t", "id": "a"}) + "\n")
-    rank_file(main, 0).write_text(
-        json.dumps({"task": "t", "id": "a"}) + "\n" + json.dumps({"task": "t", "id": "b"}) + "\n"
-    )
-    rank_file(main, 1).write_text(json.dumps({"task": "t", "id": "c"}) + "\n" + '{"task": "t", "i')
+    main.write_text(rec("a") + "\n")
+    rank_file(main, 0).write_text(rec("a") + "\n" + rec("b") + "\n")
+    rank_file(main, 1).write_text(rec("c") + "\n" + '{"task": "t", "i')
     assert merge_rank_files(main) == 2
     ids = [json.loads(x)["id"] for x in main.read_text().splitlines()]
     assert ids == ["a", "b", "c"]

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from calibrated_lm.calibration.record import SampleRecord
+
 EXP = Path(__file__).resolve().parents[1] / "experiments"
 sys.path.insert(0, str(EXP))
 
@@ -254,9 +256,9 @@ def test_lr_table_lists_the_finished_eps0_runs_in_lr_order(tmp_path):
     ]
 
 
-def _records(conf_correct: list[tuple[list[float], int]]) -> list[dict]:
+def _records(conf_correct: list[tuple[list[float], int]]) -> list[SampleRecord]:
     return [
-        {"task": "t", "id": str(i), "choice_logprobs": s, "label": y, "choice_char_lengths": [1, 1]}
+        SampleRecord("t", str(i), tuple(s), y, choice_char_lengths=(1, 1))
         for i, (s, y) in enumerate(conf_correct)
     ]
 

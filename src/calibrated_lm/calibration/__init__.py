@@ -18,8 +18,15 @@ from calibrated_lm.calibration.metrics import (
     classwise_calibration_error,
     debiased_calibration_error,
 )
+from calibrated_lm.calibration.record import SampleRecord, task_name
 from calibrated_lm.calibration.report import METRICS, summarize, summarize_tasks
-from calibrated_lm.calibration.samples import TaskSamples, read_samples, task_groups
+from calibrated_lm.calibration.samples import (
+    TaskSamples,
+    read_sample_records,
+    read_samples,
+    task_groups,
+    write_sample_records,
+)
 from calibrated_lm.calibration.scores import (
     accuracy,
     brier_score,
@@ -36,6 +43,7 @@ from calibrated_lm.calibration.temperature import apply_temperature, fit_tempera
 __all__ = [
     "METRICS",
     "BinTable",
+    "SampleRecord",
     "TaskSamples",
     "accuracy",
     "apply_temperature",
@@ -54,6 +62,7 @@ __all__ = [
     "nll",
     "percentile_interval",
     "plot_reliability",
+    "read_sample_records",
     "read_samples",
     "reliability_diagram",
     "smooth_ece",
@@ -61,7 +70,9 @@ __all__ = [
     "summarize",
     "summarize_tasks",
     "task_groups",
+    "task_name",
     "top_label",
     "top_label_brier",
     "wilson_interval",
+    "write_sample_records",
 ]

@@ -22,8 +22,8 @@ Confidence is the softmax over an item's choices of the same scores that make th
                                                  token; ntok_ik is choice k's token count)
 
 Both length normalisations divide by per-choice lengths; the functions below take them as
-``choice_char_lengths`` whichever the unit (use :func:`normalization_lengths` to pick the
-right field of a samples record).
+``choice_char_lengths`` whichever the unit (a samples record picks the right field with
+:meth:`calibrated_lm.calibration.record.SampleRecord.lengths`).
 """
 
 from __future__ import annotations
@@ -41,22 +41,6 @@ from calibrated_lm.calibration.validation import (
 )
 
 NORMALIZATIONS = ("none", "chars", "tokens")
-# The samples-record field each length normalisation divides by.
-LENGTH_FIELDS = {"chars": "choice_char_lengths", "tokens": "choice_token_counts"}
-
-
-def normalization_lengths(record: dict, normalization: str) -> list | None:
-    """The per-choice lengths of a samples record that ``normalization`` divides by (None for
-    ``none``, or when the record lacks them; ``chars`` falls back to the choice texts)."""
-    field = LENGTH_FIELDS.get(normalization)
-    if field is None:
-        return None
-    value = record.get(field)
-    if value is None and normalization == "chars" and isinstance(record.get("choices"), list):
-        value = [len(c) for c in record["choices"]]
-    return value
-
-
 ChoiceScores = ArrayLike | Sequence[Sequence[float]]
 
 

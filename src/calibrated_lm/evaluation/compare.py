@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from calibrated_lm.calibration.jsonfile import write_json
+from calibrated_lm.calibration.record import SampleRecord
 from calibrated_lm.errors import UserError
 
 
@@ -94,25 +96,17 @@ def _lm_eval_files(path: Path) -> list[Path]:
 
 
 def _load_lm_eval_run(path: Path, files: list[Path]) -> dict[str, Any]:
-    """An lm-eval output folder as a run: its questions in our record form. Ids are the
-    harness's ``doc_id`` (prefixed by the subject for MMLU's subtasks), so an lm-eval run pairs
-    with another lm-eval run of the same tasks, not with a calibrated-lm run."""
+    """An lm-eval output folder as a run: its questions as records. Ids are the harness's
+    ``doc_id`` (prefixed by the subject for MMLU's subtasks), so an lm-eval run pairs with
+    another lm-eval run of the same tasks, not with a calibrated-lm run."""
     from calibrated_lm.calibration.command import read_samples_checked
+    from calibrated_lm.calibration.samples import read_sample_records
 
-    records: list[dict[str, Any]] = []
-    for name, t in read_samples_checked(files).items():
-        subject = name[len(t.group) + 1 :] if t.group else None
-        for i, (scores, label) in enumerate(zip(t.choice_scores, t.labels)):
-            rec: dict[str, Any] = {
-                "task": t.group or name,
-                "id": f"{subject}/{t.ids[i]}" if subject else t.ids[i],
-                "choice_logprobs": [float(x) for x in scores],
-                "label": int(label),
-                "subject": subject,
-            }
-            if t.choice_char_lengths[i] is not None:
-                rec["choice_char_lengths"] = [int(x) for x in t.choice_char_lengths[i]]
-            records.append(rec)
+    read_samples_checked(files)  # every file checked as ``metrics`` checks it
+    records: list[SampleRecord] = []
+    for f in files:
+        for r in read_sample_records(f):
+            records.append(replace(r, id=f"{r.subject}/{r.id}") if r.subject else r)
     summary = {"protocol": {"model": None, "normalization": "none", "source": "lm-eval"}}
     return {"path": path, "summary": summary, "records": records, "fit": [], "files": files,
             "lm_eval": True}  # fmt: skip
@@ -186,23 +180,24 @@ def _validate_run(run: dict[str, Any], normalization: str) -> None:
             read_samples_checked([f], normalization=normalization)
 
 
-def _by_task(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    out: dict[str, list[dict[str, Any]]] = {}
+def _by_task(records: list[SampleRecord]) -> dict[str, list[SampleRecord]]:
+    """Records per top-level task (a group's subjects together), first-seen order."""
+    out: dict[str, list[SampleRecord]] = {}
     for r in records:
-        out.setdefault(r["task"], []).append(r)
+        out.setdefault(r.task, []).append(r)
     return out
 
 
-def _scores(records: list[dict[str, Any]], normalization: str) -> tuple[list, np.ndarray]:
+def _scores(records: list[SampleRecord], normalization: str) -> tuple[list, np.ndarray]:
     """(per-question score rows after normalisation, labels). Ragged rows, not a padded
     array: a choice scored -inf is a real choice (p = 0), and only padding may be dropped."""
     from calibrated_lm.calibration.scores import normalize_scores, padded_scores
     from calibrated_lm.evaluation.report import record_lengths
 
-    rows = [r["choice_logprobs"] for r in records]
+    rows = [r.choice_logprobs for r in records]
     s, k = padded_scores(rows)
     s = normalize_scores(s, k, normalization, [record_lengths(r, normalization) for r in records])
-    return [s[i, : k[i]] for i in range(len(rows))], np.array([int(r["label"]) for r in records])
+    return [s[i, : k[i]] for i in range(len(rows))], np.array([r.label for r in records])
 
 
 def compare_runs(
@@ -299,7 +294,7 @@ def _compare(
         series = {}
         rows = {}
         keyed = {
-            label: {str(r["id"]): r for r in _by_task(run["records"]).get(task, [])}
+            label: {str(r.id): r for r in _by_task(run["records"]).get(task, [])}
             for label, run in zip(labels, runs)
         }
         present = {label: ids for label, ids in keyed.items() if ids}
@@ -358,7 +353,7 @@ PAIRED_KEYS = ("accuracy", "ece", "rms_ce", "brier", "nll")
 
 def _paired_vs_reference(
     rows: dict[str, dict[str, Any]],
-    keyed: dict[str, dict[str, dict[str, Any]]],
+    keyed: dict[str, dict[str, SampleRecord]],
     reference: str,
     normalization: str,
     n_bins: int,

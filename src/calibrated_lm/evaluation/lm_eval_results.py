@@ -26,12 +26,14 @@ from typing import Any
 
 import numpy as np
 
+from calibrated_lm.calibration.record import SampleRecord
+
 CALIBRATION_KEYS = ("ece", "rms_ce", "smooth_ece", "mean_confidence", "brier", "nll")
 HIGHER_IS_BETTER = {"acc": True, "acc_norm": True, "ece": False, "rms_ce": False,
                     "smooth_ece": False, "mean_confidence": True, "brier": False, "nll": False}  # fmt: skip
 
 
-def _accuracy(records: Sequence[dict[str, Any]], normalization: str) -> tuple[float, float | None]:
+def _accuracy(records: Sequence[SampleRecord], normalization: str) -> tuple[float, float | None]:
     from calibrated_lm.evaluation.report import record_probabilities
 
     probs, y = record_probabilities(records, normalization)
@@ -41,19 +43,18 @@ def _accuracy(records: Sequence[dict[str, Any]], normalization: str) -> tuple[fl
     return float(correct.mean()), stderr
 
 
-def lm_eval_results(summary: dict[str, Any], records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def lm_eval_results(summary: dict[str, Any], records: Sequence[SampleRecord]) -> dict[str, Any]:
     """The harness-style results object of a run (``summary`` from ``build_summary``,
     ``records`` the scored questions it summarises)."""
     from calibrated_lm.evaluation.report import group_records
 
     proto = summary.get("protocol", {})
     _, _, groups = group_records(records, "none")
-    by_task: dict[str, list[dict[str, Any]]] = {}
+    by_task: dict[str, list[SampleRecord]] = {}
     for r in records:
-        name = f"{r['task']}_{r['subject']}" if r.get("subject") else r["task"]
-        by_task.setdefault(name, []).append(r)
-        if r.get("subject"):
-            by_task.setdefault(r["task"], []).append(r)
+        by_task.setdefault(r.name, []).append(r)
+        if r.group is not None:
+            by_task.setdefault(r.group, []).append(r)
     results: dict[str, dict[str, Any]] = {}
     for task, entry in summary.get("tasks", {}).items():
         recs = by_task.get(task)

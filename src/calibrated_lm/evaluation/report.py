@@ -15,91 +15,83 @@ from typing import Any
 
 import numpy as np
 
-TABLE_METRICS = ("accuracy", "mean_confidence", "ece", "rms_ce", "brier", "nll")
+from calibrated_lm.calibration.record import SampleRecord, groups_of, records_by_name
 
 
 def group_records(
-    records: Sequence[dict[str, Any]], normalization: str = "chars"
-) -> tuple[dict[str, tuple[list[list[float]], list[int]]], dict[str, list[list[int]]], dict]:
+    records: Sequence[SampleRecord], normalization: str = "chars"
+) -> tuple[dict[str, tuple[list[list[float]], list[int]]], dict[str, list[list[float]]], dict]:
     """(tasks -> (scores, labels), tasks -> the lengths ``normalization`` divides by (character
-    lengths for none/chars), groups -> member tasks)."""
+    lengths for none/chars), groups -> member tasks), tasks named by
+    :func:`calibrated_lm.calibration.record.task_name`."""
     tasks: dict[str, tuple[list[list[float]], list[int]]] = {}
-    lengths: dict[str, list[list[int]]] = {}
-    groups: dict[str, list[str]] = {}
-    for r in records:
-        name = f"{r['task']}_{r['subject']}" if r.get("subject") else r["task"]
-        if r.get("subject"):
-            members = groups.setdefault(r["task"], [])
-            if name not in members:
-                members.append(name)
-        scores, labels = tasks.setdefault(name, ([], []))
-        scores.append(list(r["choice_logprobs"]))
-        labels.append(int(r["label"]))
-        lengths.setdefault(name, []).append(list(record_lengths(r, normalization)))
-    return tasks, lengths, groups
+    lengths: dict[str, list[list[float]]] = {}
+    for name, recs in records_by_name(records).items():
+        tasks[name] = ([list(r.choice_logprobs) for r in recs], [r.label for r in recs])
+        lengths[name] = [record_lengths(r, normalization) for r in recs]
+    return tasks, lengths, groups_of(records)
 
 
-def record_lengths(record: dict[str, Any], normalization: str) -> list:
+def record_lengths(record: SampleRecord, normalization: str) -> list:
     """The record's per-choice lengths for ``normalization`` (token counts for "tokens",
     character lengths otherwise); a UserError names what is missing
     (records of runs before token counts were stored have none)."""
-    from calibrated_lm.calibration.scores import normalization_lengths
     from calibrated_lm.errors import UserError
 
     # "none" divides by nothing; the character lengths stand in (every record has them).
     normalization = "tokens" if normalization == "tokens" else "chars"
-    value = normalization_lengths(record, normalization)
+    value = record.lengths(normalization)
     if value is None:
         raise UserError(
-            f"question {record.get('task')}/{record.get('id')} has no per-choice "
+            f"question {record.task}/{record.id} has no per-choice "
             f"{'token counts' if normalization == 'tokens' else 'character lengths'} for "
             f"--normalization {normalization} (scored before they were stored: rescore it)"
         )
     return list(value)
 
 
-def top_level_tasks(records: Sequence[dict[str, Any]]) -> list[str]:
+def top_level_tasks(records: Sequence[SampleRecord]) -> list[str]:
     """Task names as the user gave them (a group counts once), in first-seen order."""
     seen: list[str] = []
     for r in records:
-        if r["task"] not in seen:
-            seen.append(r["task"])
+        if r.task not in seen:
+            seen.append(r.task)
     return seen
 
 
 def record_probabilities(
-    records: Sequence[dict[str, Any]], normalization: str
+    records: Sequence[SampleRecord], normalization: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """((n, k_max) choice probabilities under ``normalization``, 0 past an item's choices;
     gold indices)."""
     from calibrated_lm.calibration import choice_probabilities
 
     probs, _ = choice_probabilities(
-        [r["choice_logprobs"] for r in records],
+        [r.choice_logprobs for r in records],
         choice_char_lengths=[record_lengths(r, normalization) for r in records],
         normalization=normalization,
     )
-    return np.nan_to_num(probs, nan=0.0), np.array([int(r["label"]) for r in records])
+    return np.nan_to_num(probs, nan=0.0), np.array([r.label for r in records])
 
 
 def confidence_correct(
-    records: Sequence[dict[str, Any]], normalization: str
+    records: Sequence[SampleRecord], normalization: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-label confidence (softmax over the choices' scores) and correctness per question."""
     from calibrated_lm.calibration import choice_probabilities, top_label
 
     probs, _ = choice_probabilities(
-        [r["choice_logprobs"] for r in records],
+        [r.choice_logprobs for r in records],
         choice_char_lengths=[record_lengths(r, normalization) for r in records],
         normalization=normalization,
     )
     conf, pred = top_label(probs)
-    labels = np.array([int(r["label"]) for r in records])
+    labels = np.array([r.label for r in records])
     return conf, (pred == labels).astype(np.float64)
 
 
 def build_summary(
-    records: Sequence[dict[str, Any]],
+    records: Sequence[SampleRecord],
     *,
     protocol: dict[str, Any],
     normalization: str,
@@ -127,7 +119,7 @@ def build_summary(
 
 
 def write_diagrams(
-    records: Sequence[dict[str, Any]],
+    records: Sequence[SampleRecord],
     out_dir: Path,
     *,
     label: str,
@@ -140,7 +132,7 @@ def write_diagrams(
 
     paths: dict[str, list[Path]] = {}
     for task in top_level_tasks(records):
-        sub = [r for r in records if r["task"] == task]
+        sub = [r for r in records if r.task == task]
         conf, correct = confidence_correct(sub, normalization)
         paths[task] = reliability_diagram(
             {label: (conf, correct)},
@@ -208,7 +200,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def summary_order(summary: dict[str, Any], records: Sequence[dict[str, Any]]) -> list[str]:
+def summary_order(summary: dict[str, Any], records: Sequence[SampleRecord]) -> list[str]:
     """Top-level tasks (groups pooled) then ``all``; subjects stay in summary.json only."""
     order = top_level_tasks(records)
     if len(order) > 1:
@@ -219,7 +211,7 @@ def summary_order(summary: dict[str, Any], records: Sequence[dict[str, Any]]) ->
 def write_report(
     out_dir: Path,
     summary: dict[str, Any],
-    records: Sequence[dict[str, Any]],
+    records: Sequence[SampleRecord],
     diagrams: dict[str, list[Path]],
 ) -> Path:
     proto = summary["protocol"]

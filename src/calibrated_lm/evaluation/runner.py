@@ -31,11 +31,12 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from calibrated_lm.calibration.jsonfile import write_json
+from calibrated_lm.calibration.record import SampleRecord
 from calibrated_lm.errors import UserError
 from calibrated_lm.evaluation import distributed as D
 from calibrated_lm.evaluation.items import Item
@@ -82,23 +83,20 @@ class EvalConfig:
 
 def _record(
     item: Item, scores: Sequence[float], token_counts: Sequence[int] | None = None
-) -> dict[str, Any]:
-    rec: dict[str, Any] = {
-        "task": item.task,
-        "id": item.id,
-        "choice_logprobs": [float(s) for s in scores],
-        "label": item.label,
-    }
-    if item.subject:
-        rec["subject"] = item.subject
-    rec["choice_char_lengths"] = item.choice_char_lengths
-    if token_counts is not None:
-        rec["choice_token_counts"] = [int(n) for n in token_counts]
-    rec["choices"] = list(item.choices)
-    rec["prompt"] = item.requests[0][0]
-    rec["split"] = item.split
-    rec["request_sha256"] = request_sha256(item.requests)
-    return rec
+) -> SampleRecord:
+    return SampleRecord(
+        task=item.task,
+        id=item.id,
+        choice_logprobs=tuple(float(s) for s in scores),
+        label=item.label,
+        subject=item.subject or None,
+        choice_char_lengths=tuple(item.choice_char_lengths),
+        choice_token_counts=(None if token_counts is None else tuple(int(n) for n in token_counts)),
+        choices=tuple(item.choices),
+        prompt=item.requests[0][0],
+        split=item.split,
+        request_sha256=request_sha256(item.requests),
+    )
 
 
 def chat_wrapper(tokenizer: Any):
@@ -492,10 +490,10 @@ def _check_journal_hashes(out: Path) -> None:
     """Refuse records without a question hash: whether their question changed is unknown."""
     for path in _journals(out):
         for r in read_records(path, repair=False):
-            if not r.get("request_sha256"):
+            if not r.request_sha256:
                 raise UserError(
-                    f"{path} holds records without question hashes (question {r['task']}/"
-                    f"{r['id']}, scored by an older calibrated-lm), {_STALE_UNKNOWN}"
+                    f"{path} holds records without question hashes (question {r.task}/"
+                    f"{r.id}, scored by an older calibrated-lm), {_STALE_UNKNOWN}"
                 )
 
 
@@ -536,14 +534,14 @@ def _prepare_journal(path: Path, items: Sequence[Item]) -> dict[str, int]:
     records = read_records(path, repair=True)
     latest = latest_records(records)
     want = {(it.task, it.id): it for it in items}
-    keep: list[dict[str, Any]] = []
+    keep: list[SampleRecord] = []
     stale = corrected = 0
     for r in latest:
         it = want.get(record_key(r))
         if it is None:
             keep.append(r)
             continue
-        if r.get("request_sha256") != request_sha256(it.requests) or r.get("split") != it.split:
+        if r.request_sha256 != request_sha256(it.requests) or r.split != it.split:
             stale += 1
             continue
         fresh = _refresh(r, it)
@@ -554,21 +552,19 @@ def _prepare_journal(path: Path, items: Sequence[Item]) -> dict[str, int]:
     return {"stale": stale, "corrected": corrected}
 
 
-def _refresh(record: dict[str, Any], item: Item) -> dict[str, Any]:
+def _refresh(record: SampleRecord, item: Item) -> SampleRecord:
     """``record`` with the item's gold label, subject and choices (which do not change a
     score): a task file that fixes a label is reflected without re-scoring."""
-    fresh = dict(record)
-    fresh["label"] = item.label
-    fresh["choices"] = list(item.choices)
-    fresh["choice_char_lengths"] = item.choice_char_lengths
-    if item.subject:
-        fresh["subject"] = item.subject
-    else:
-        fresh.pop("subject", None)
-    return fresh
+    return replace(
+        record,
+        label=item.label,
+        choices=tuple(item.choices),
+        choice_char_lengths=tuple(item.choice_char_lengths),
+        subject=item.subject or None,
+    )
 
 
-def _reusable(records: Sequence[dict[str, Any]], items: Sequence[Item]) -> set:
+def _reusable(records: Sequence[SampleRecord], items: Sequence[Item]) -> set:
     """Keys of ``items`` whose record in ``records`` matches them (requests and split)."""
     by_key = {record_key(r): r for r in records}
     done = set()
@@ -576,8 +572,8 @@ def _reusable(records: Sequence[dict[str, Any]], items: Sequence[Item]) -> set:
         r = by_key.get((it.task, it.id))
         if (
             r is not None
-            and r.get("request_sha256") == request_sha256(it.requests)
-            and r.get("split") == it.split
+            and r.request_sha256 == request_sha256(it.requests)
+            and r.split == it.split
         ):
             done.add((it.task, it.id))
     return done

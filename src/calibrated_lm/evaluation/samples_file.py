@@ -1,8 +1,8 @@
 """``samples.jsonl`` as an append-only, crash-safe journal: the basis of resume.
 
-Each scored question is one JSON line (the format ``calibrated-lm metrics`` reads: ``task``,
-``id``, ``choice_logprobs``, ``label``, optional ``subject``, ``choice_char_lengths``,
-``choices``, ``prompt``, plus ``split``). Lines are appended and flushed to disk after every
+Each scored question is one :class:`~calibrated_lm.calibration.record.SampleRecord`, one JSON
+line (the format ``calibrated-lm metrics`` reads, parsed and serialised only by that class).
+Lines are appended and flushed to disk after every
 batch of questions, so a crash loses at most the batch in flight. On reopening, a trailing
 fragment without its newline (a write cut short) is discarded; a damaged line elsewhere is an
 error naming its line, and nothing is deleted.
@@ -22,15 +22,17 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
+from calibrated_lm.calibration.record import SampleRecord
+from calibrated_lm.calibration.samples import dumps_records, write_sample_records
 from calibrated_lm.errors import UserError
 
 Key = tuple[str, str]
 
 
-def record_key(record: dict[str, Any]) -> Key:
-    return (str(record["task"]), str(record["id"]))
+def record_key(record: SampleRecord) -> Key:
+    """(task, id as text): one question of a journal."""
+    return record.key
 
 
 def request_sha256(requests: Sequence[tuple[str, str]]) -> str:
@@ -39,30 +41,23 @@ def request_sha256(requests: Sequence[tuple[str, str]]) -> str:
     return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
-def latest_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+def latest_records(records: Iterable[SampleRecord]) -> list[SampleRecord]:
     """One record per key, the last one written (in the order keys first appear)."""
-    latest: dict[Key, dict[str, Any]] = {}
+    latest: dict[Key, SampleRecord] = {}
     for r in records:
         latest[record_key(r)] = r
     return list(latest.values())
 
 
-def rewrite_records(path: Path, records: Iterable[dict[str, Any]]) -> None:
+def rewrite_records(path: Path, records: Iterable[SampleRecord]) -> None:
     """Replace ``path`` by exactly ``records``, atomically: a temporary file, fsynced, renamed
     over it, so a crash leaves either the old journal or the new one, never a mix."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        fh.write("".join(json.dumps(r) + "\n" for r in records))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    from calibrated_lm.durable import fsync_dir
-
-    fsync_dir(path.parent)
+    write_sample_records(path, records)
 
 
-def read_records(path: Path, *, repair: bool = True) -> list[dict[str, Any]]:
-    """All complete records of ``path`` ([] when absent).
+def read_records(path: Path, *, repair: bool = True) -> list[SampleRecord]:
+    """All complete records of ``path`` ([] when absent), each checked by
+    :meth:`SampleRecord.from_json` (a bad field is a ``UserError`` naming file and line).
 
     With ``repair``, a final line cut short by a crash (no trailing newline, or not valid JSON
     at the very end) is truncated away so appending continues on a clean line boundary.
@@ -88,7 +83,7 @@ def read_records(path: Path, *, repair: bool = True) -> list[dict[str, Any]]:
         elif repair:
             with path.open("r+b") as fh:
                 fh.truncate(end)
-    records: list[dict[str, Any]] = []
+    records: list[SampleRecord] = []
     for lineno, raw in enumerate(data[:end].splitlines(), start=1):
         if not raw.strip():
             continue
@@ -104,7 +99,7 @@ def read_records(path: Path, *, repair: bool = True) -> list[dict[str, Any]]:
             ) from None
         if not isinstance(obj, dict) or "task" not in obj or "id" not in obj:
             raise UserError(f"{path}:{lineno}: not a samples record (needs task and id)")
-        records.append(obj)
+        records.append(SampleRecord.from_json(obj, f"{path}:{lineno}"))
     return records
 
 
@@ -116,10 +111,8 @@ class SamplesWriter:
         self.path = path
         self._fh = path.open("a", encoding="utf-8")
 
-    def write(self, records: Iterable[dict[str, Any]]) -> None:
-        # ASCII escapes keep every record on one line for any reader (U+2028 and friends are
-        # line breaks to str.splitlines).
-        text = "".join(json.dumps(r) + "\n" for r in records)
+    def write(self, records: Iterable[SampleRecord]) -> None:
+        text = dumps_records(records)
         if not text:
             return
         self._fh.write(text)
