@@ -120,8 +120,69 @@ def load(folder: str | Path) -> HeadSubset | None:
     path = Path(folder) / FILE
     if not path.exists():
         return None
+    return read(path)
+
+
+def read(path: str | Path) -> HeadSubset:
+    """The subset in the file ``path`` (any name); ValueError naming the file when it is not
+    one (OSError when it cannot be read)."""
+    path = Path(path)
     try:
-        body = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a valid head subset ({exc})") from exc
+    return _parse(text, path)
+
+
+def _parse(text: str, path: Path) -> HeadSubset:
+    try:
+        body = json.loads(text)
         return HeadSubset(np.asarray(body["kept"], dtype=np.int64), int(body["vocab_size"]))
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{path}: not a valid head subset ({exc})") from exc
+
+
+@dataclass(frozen=True, eq=False)
+class SubsetFile:
+    """A head subset file as a run read it. ``data`` is copied verbatim into every model
+    folder a training run saves, so one ``sha256`` names the subset in the trained model, its
+    checkpoints and the base model scored with it."""
+
+    path: Path
+    data: bytes
+    sha256: str
+    subset: HeadSubset
+
+    def record(self) -> dict[str, object]:
+        """What a run records of it: path, sha256, V' (``size``) and V (``vocab_size``)."""
+        return {
+            "path": str(self.path),
+            "sha256": self.sha256,
+            "size": self.subset.size,
+            "vocab_size": self.subset.vocab_size,
+        }
+
+
+def open_file(path: str | Path, flag: str = "--head-subset") -> SubsetFile:
+    """Read ``path`` (a head subset file, or a model folder holding ``head_subset.json``);
+    a missing or invalid file is a :class:`~calibrated_lm.errors.UserError` naming ``flag``."""
+    import hashlib
+
+    from calibrated_lm.errors import UserError
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / FILE
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise UserError(
+            f"{flag} {path}: cannot read the head subset ({exc.strerror or exc})"
+        ) from None
+    try:
+        subset = _parse(data.decode("utf-8"), p)
+    except UnicodeDecodeError:
+        raise UserError(f"{flag} {p}: not a valid head subset (not UTF-8 text)") from None
+    except ValueError as exc:
+        raise UserError(f"{flag} {exc}") from None
+    return SubsetFile(p.resolve(), data, hashlib.sha256(data).hexdigest(), subset)

@@ -6,6 +6,8 @@ load ``final/``, with the resume state beside it in files ``from_pretrained`` do
 
 * ``config.json``, ``generation_config.json``, ``model.safetensors`` (or shards with their
   ``model.safetensors.index.json``) and the tokenizer files: the full (unsharded) model;
+* ``head_subset.json`` (runs with ``--head-subset``): the subset file, byte for byte, so that
+  evaluating the folder restricts the softmax as training did (``head_restriction``);
 * ``optimizer.pt``: the full optimizer state dict (AdamW moments and step counts);
 * ``rng-rank{r}.pt``: Python, NumPy, torch CPU and CUDA generator states of each rank;
 * ``resume-extra.pt`` (rarely): model tensors that ``save_pretrained`` left out and that no
@@ -47,7 +49,7 @@ import random
 import re
 import shutil
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +157,7 @@ def save_pretrained_folder(
     state_dict: dict[str, torch.Tensor],
     *,
     for_resume: bool = True,
+    files: Mapping[str, bytes] | None = None,
 ) -> dict[str, Any] | None:
     """``save_pretrained`` ``model`` with the weights of ``state_dict`` (a full, unsharded
     state dict on CPU) and ``tokenizer`` into ``folder``; returns the ``weights`` entry of
@@ -165,7 +168,8 @@ def save_pretrained_folder(
     saved one is recorded as ``tied`` to it, saved keys the model does not have are
     ``unused``, and any other left-out tensor is written to ``resume-extra.pt``. A full disk
     is raised as ``OSError(ENOSPC)`` whatever library reported it. Without ``for_resume``
-    (``final/``) nothing of that is worked out and ``None`` is returned.
+    (``final/``) nothing of that is worked out and ``None`` is returned. ``files``: more
+    files (name -> bytes) written beside ``config.json``, such as ``head_subset.json``.
     """
     folder = Path(folder)
     try:
@@ -174,6 +178,9 @@ def save_pretrained_folder(
         model.save_pretrained(folder, state_dict=dict(state_dict))
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
+        for name, data in (files or {}).items():
+            with open(folder / name, "wb") as fh:
+                fh.write(data)
     except Exception as exc:
         if is_disk_full(exc) and not isinstance(exc, OSError):
             raise OSError(errno.ENOSPC, f"No space left on device ({exc})") from exc
@@ -296,6 +303,7 @@ def write_checkpoint(
     keep: int = 2,
     barrier: Callable[[], None] | None = None,
     extra: Callable[[Path], None] | None = None,
+    files: Mapping[str, bytes] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically (layout: module docstring) and return its folder.
 
@@ -304,7 +312,8 @@ def write_checkpoint(
     ``state.json`` (``state`` plus ``weights`` and ``files``); every rank writes its RNG
     states. ``barrier`` (a callable) synchronises ranks between writing and renaming.
     ``extra`` (a callable, run on every rank) writes more into the temporary folder, e.g.
-    DeepSpeed's partitions; ``None`` states are not written. Older checkpoints beyond the
+    DeepSpeed's partitions; ``None`` states are not written. ``files`` (name -> bytes) go
+    beside ``config.json`` with the weights (rank 0). Older checkpoints beyond the
     newest ``keep`` are removed after the rename. A full disk raises :class:`UserError`
     (temporary folder removed, earlier checkpoints kept).
     """
@@ -329,7 +338,7 @@ def write_checkpoint(
         weights = None
         if rank == 0:
             if model_state is not None:
-                weights = save_pretrained_folder(tmp, model, tokenizer, model_state)
+                weights = save_pretrained_folder(tmp, model, tokenizer, model_state, files=files)
             if optim_state is not None:
                 _save(optim_state, tmp / OPTIMIZER_FILE)
         if barrier:

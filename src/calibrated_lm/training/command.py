@@ -123,6 +123,16 @@ def add_parser(subparsers) -> None:
         "or both (tensorboard,wandb); default none. Needs the package: pip install "
         "'calibrated-lm[tracking]' or 'calibrated-lm[wandb]'",
     )
+    p.add_argument(
+        "--head-subset",
+        default=None,
+        metavar="FILE",
+        help="head_subset.json (calibrated_lm.models.head_subset), or a folder holding one: "
+        "the output softmax over its V' tokens only (the head untied from the input "
+        "embedding, only its kept rows trained, targets outside the subset left out of the "
+        "loss; each metrics line gets outside_subset_share). The file is saved into every "
+        "checkpoint and final/, so `calibrated-lm eval` scores with it; a resume keeps it",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(run=run)
 
@@ -162,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
         eval_data=args.eval_data,
         eval_every=args.eval_every,
         report_to=args.report_to,
+        head_subset=args.head_subset,
     )
     result = train(cfg)
     if not launch_env().is_main:  # one summary per run, not per rank

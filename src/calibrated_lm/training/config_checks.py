@@ -13,7 +13,9 @@ model loading nor a half-created output folder. Conventions it enforces:
 * ``--eval-every N`` (N >= 1: every N steps and after the last; 0: only after the last)
   needs ``--eval-data FILE``; the file itself is read before the model is loaded (in the loop);
 * ``--report-to`` is ``none``, ``tensorboard``, ``wandb`` or ``tensorboard,wandb``, and a
-  backend whose package is not installed is refused (``tracking.check_report_to``).
+  backend whose package is not installed is refused (``tracking.check_report_to``);
+* ``--head-subset`` is a path (read before the model loads, ``head_restriction``), not
+  combined with ``--deepspeed``.
 """
 
 from __future__ import annotations
@@ -176,6 +178,16 @@ def validate_config(cfg: Any) -> None:
     from calibrated_lm.training.tracking import check_report_to
 
     check_report_to(getattr(cfg, "report_to", "none"))
+    head_subset = getattr(cfg, "head_subset", None)
+    if head_subset is not None:
+        if not isinstance(head_subset, str) and not hasattr(head_subset, "__fspath__"):
+            raise UserError(f"--head-subset must be a path, got {head_subset!r}")
+        if not str(head_subset):
+            raise UserError("--head-subset must be a non-empty path (or be left out)")
+        if getattr(cfg, "deepspeed", None):
+            # ZeRO-3 would partition the untied head copy made after the model is built;
+            # untested, so refused (as --compile is).
+            raise UserError("--head-subset does not work with --deepspeed; leave one of them out")
     if getattr(cfg, "compile", False) and getattr(cfg, "deepspeed", None):
         # ZeRO-3 gathers each layer's parameters in hooks around its forward, which a
         # compiled layer's graph would have to capture; untested here, so refused.

@@ -13,7 +13,9 @@ record (``metrics.jsonl`` and the trackers) then also holds:
 * ``eval_ece``: the top-label expected calibration error of those token confidences against
   argmax correctness, with ``ECE_BINS`` equal-width bins (the binning of
   ``calibrated_lm.calibration.calibration_error``);
-* ``eval_tokens``: how many target tokens were scored.
+* ``eval_tokens``: how many target tokens were scored;
+* ``eval_outside_subset_tokens`` (``--head-subset`` runs only): how many held-out targets lie
+  outside the head subset and were left out of the figures above.
 
 Confidence and accuracy are of the distribution the model is trained on (after
 ``--temperature`` / ``--softcap``), like the training figures. The per-token statistics come
@@ -162,6 +164,7 @@ def evaluate(
 
     sums = np.zeros(4)  # loss, confidence, accuracy, entropy (token sums)
     tokens = 0.0
+    outside = 0.0  # targets outside a head subset (left out of the figures)
     bins = np.zeros((3, ECE_BINS))  # count, confidence sum, correct sum
     saved_rng = rng_state()
     was_training = model.training
@@ -194,6 +197,7 @@ def evaluate(
                     stats.entropy * n,
                 ]
                 tokens += n
+                outside += stats.n_outside
                 _, count, conf_sum, acc_sum = bin_sums(
                     np.clip(confidence.astype(np.float64), 0.0, 1.0),
                     correct.astype(np.float64),
@@ -205,9 +209,13 @@ def evaluate(
         if was_training:
             model.train()
         set_rng_state(saved_rng)
-    totals = _all_reduce(np.concatenate([sums, [tokens], bins.ravel()]), info)
-    sums, tokens, bins = totals[:4], float(totals[4]), totals[5:].reshape(3, ECE_BINS)
+    totals = _all_reduce(np.concatenate([sums, [tokens, outside], bins.ravel()]), info)
+    sums, tokens, outside = totals[:4], float(totals[4]), float(totals[5])
+    bins = totals[6:].reshape(3, ECE_BINS)
     denom = max(tokens, 1.0)
+    extra = {}
+    if _has_head_subset(model):
+        extra["eval_outside_subset_tokens"] = int(outside)
     return {
         "eval_loss": float(sums[0] / denom),
         "eval_confidence": float(sums[1] / denom),
@@ -215,4 +223,12 @@ def evaluate(
         "eval_entropy": float(sums[3] / denom),
         "eval_ece": expected_calibration_error(*bins),
         "eval_tokens": int(tokens),
+        **extra,
     }
+
+
+def _has_head_subset(model: torch.nn.Module) -> bool:
+    from calibrated_lm.models.patching import patch_config
+
+    cfg = patch_config(model)
+    return cfg is not None and cfg.head is not None

@@ -22,7 +22,9 @@ in ``state.json``).
 Each checkpoint (``checkpoint.py``) is a ``save_pretrained`` folder with the resume state
 beside it. Logged records go to ``metrics.jsonl`` and the ``--report-to`` trackers
 (``tracking.py``); with ``--eval-data`` the evaluated steps' records also carry held-out
-loss, confidence, accuracy and ECE (``heldout_eval.py``).
+loss, confidence, accuracy and ECE (``heldout_eval.py``). ``--head-subset FILE`` restricts the
+output softmax to V' tokens (``head_restriction.py``): the token-summed loss then divides by
+the targets inside the subset, and each record carries the share of targets left out.
 """
 
 from __future__ import annotations
@@ -145,6 +147,9 @@ class TrainConfig:
     eval_every: int = 0
     # "none", "tensorboard", "wandb" or "tensorboard,wandb" (tracking.py); metrics.jsonl always.
     report_to: str = "none"
+    # head_subset.json (or a folder holding one): the softmax over its V' tokens only
+    # (head_restriction.py). Its content, not its path, is checked on a resume.
+    head_subset: str | None = None
     world_size: int = field(default=1, repr=False)
 
 
@@ -321,10 +326,15 @@ def _disk_full_final(exc: OSError, output: Path) -> UserError:
 
 
 def save_final(
-    model: Any, tokenizer: Any, output: Path, info: D.DistInfo, zero3: bool = False
+    model: Any,
+    tokenizer: Any,
+    output: Path,
+    info: D.DistInfo,
+    zero3: bool = False,
+    files: dict[str, bytes] | None = None,
 ) -> Path:
     """``save_pretrained`` the model and tokenizer into ``output/final`` atomically and durably
-    (temporary folder, fsync, rename)."""
+    (temporary folder, fsync, rename); ``files`` (name -> bytes) are written beside them."""
     if zero3:
         from calibrated_lm.training import zero3 as Z
 
@@ -338,7 +348,7 @@ def save_final(
             shutil.rmtree(tmp)
         try:
             tmp.mkdir()
-            save_pretrained_folder(tmp, model, tokenizer, state, for_resume=False)
+            save_pretrained_folder(tmp, model, tokenizer, state, for_resume=False, files=files)
             sync_folder(tmp)
         except OSError as exc:
             if is_disk_full(exc):
@@ -390,6 +400,7 @@ def _train(
 
     from calibrated_lm.models.attention import training_attention
     from calibrated_lm.models.patching import patch_model
+    from calibrated_lm.training import head_restriction as R
     from calibrated_lm.training import heldout_eval as H
     from calibrated_lm.training.data import check_layouts, load_dataset, read_records
     from calibrated_lm.training.tracking import open_trackers
@@ -429,6 +440,7 @@ def _train(
     check_layouts(read_records(cfg.data), str(cfg.data))
     if cfg.eval_data:
         H.check_eval_file(cfg.eval_data)
+    subset = R.open_for_run(cfg.head_subset)
     data_sha = file_sha256(cfg.data)
     # So does a resume that would not continue the same run (settings, data content).
     candidates: list[tuple[Path, dict[str, Any]]] = []
@@ -439,6 +451,15 @@ def _train(
             if info.main and note not in noted:
                 _note(note)
             noted.add(note)
+        given, subset = subset, R.for_resume(subset, candidates[0][0])
+        if given is None and subset is not None:
+            # Kept from the checkpoint; the record names the file the run was started with.
+            cfg.head_subset = candidates[0][1]["config"].get("head_subset") or str(subset.path)
+            if info.main:
+                size, sha = subset.subset.size, subset.sha256[:12]
+                _note(
+                    f"--resume: training on with the checkpoint's head subset (V' = {size}, {sha}...)"
+                )
     output.mkdir(parents=True, exist_ok=True)
     _seed_everything(cfg.seed)
 
@@ -467,6 +488,12 @@ def _train(
     eval_set = None
     if cfg.eval_data:
         eval_set = H.load_eval_set(cfg.eval_data, tokenizer, max_seq_len=cfg.max_seq_len)
+    kept = None  # (V,) bool of the head subset's tokens
+    subset_files: dict[str, bytes] = {}  # written into every checkpoint and final/
+    if subset is not None:
+        R.check_model(subset, model)
+        kept = R.kept_mask(subset)
+        subset_files = {R.FILE: subset.data}
 
     patch_model(
         model,
@@ -474,6 +501,7 @@ def _train(
         softcap=cfg.softcap,
         temperature=cfg.temperature,
         z_loss=cfg.z_loss,
+        head_subset=subset.subset if subset is not None else None,
     )
     try:
         if info.enabled and not cfg.deepspeed:
@@ -516,6 +544,7 @@ def _train(
                     if info.main and note not in noted:
                         _note(note)
                     noted.add(note)
+                R.for_resume(subset, path)  # the same subset as the newest one
             problem = None
             try:
                 ckpt = read_checkpoint(path, info.rank, weights=engine is None)
@@ -565,6 +594,12 @@ def _train(
                 f"{eval_set.n_target_tokens} target tokens, dropped: "
                 f"{sum(dropped.values())} {dropped if dropped else ''}".rstrip()
             )
+    data_outside_share = None
+    if subset is not None:
+        inside, outside = R.data_counts((ex.labels for ex in data.examples), kept)
+        data_outside_share = R.share(inside, outside)
+        if info.main:
+            print(R.describe(subset, inside, outside))
 
     def checkpoint(step: int) -> None:
         epoch, in_epoch = divmod(step, plan.steps_per_epoch)
@@ -580,6 +615,8 @@ def _train(
             "config": asdict(cfg),
             "data_sha256": data_sha,
         }
+        if subset is not None:
+            state["head_subset"] = subset.record()
         if engine is not None:
             # Gathered (a collective) only for the save_pretrained copy: ZeRO-3 resumes from
             # its own partitions, written by Z.save below.
@@ -599,6 +636,7 @@ def _train(
             barrier=(lambda: D.barrier(info)) if info.enabled else None,
             # DeepSpeed writes its partitions (a collective) into the temporary folder.
             extra=(lambda folder: Z.save(engine, folder)) if engine else None,
+            files=subset_files,
         )
 
     autocast = info.device.type == "cuda"
@@ -636,7 +674,15 @@ def _train(
                 collate([data.examples[i] for i in b], pad_id)
                 for b in all_batches[info.rank :: info.world]
             ]
-            local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in mine_batches)
+            # Targets the loss scores: with a head subset, those inside it (the others are left
+            # out, so they must not dilute the token-summed loss's denominator either).
+            if kept is None:
+                local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in mine_batches)
+                local_outside = 0
+            else:
+                counts = [R.count_targets(b["labels"], kept) for b in mine_batches]
+                local_tokens = sum(c[0] for c in counts)
+                local_outside = sum(c[1] for c in counts)
             # Every rank must run as many forwards as the others (FSDP2 and ZeRO-3 gather
             # parameters inside them): a rank short of micro-batches at an epoch's end repeats
             # the step's first one with weight 0.
@@ -729,6 +775,10 @@ def _train(
                 "grad_norm": grad_norm if finite else None,
                 "skipped": not finite and engine is None,
             }
+            if subset is not None:
+                outside = int(D.all_reduce_sum(local_outside, info))
+                record["outside_subset_tokens"] = outside
+                record["outside_subset_share"] = R.share(int(step_tokens), outside)
             if bad_params:
                 record["nonfinite_grads"] = bad_params
             evaluated = eval_set is not None and (
@@ -805,7 +855,7 @@ def _train(
         tracker.close()
     if total > start:
         checkpoint(total)
-    final = save_final(model, tokenizer, output, info, zero3=engine is not None)
+    final = save_final(model, tokenizer, output, info, zero3=engine is not None, files=subset_files)
     D.teardown(info)
     return {
         "last": record,
@@ -814,4 +864,5 @@ def _train(
         "dropped": dict(data.dropped),
         "skipped_steps": skipped_steps,
         "template": data.template,
+        "outside_subset_share": data_outside_share,
     }
