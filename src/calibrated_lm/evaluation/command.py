@@ -109,6 +109,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "summary and report are removed (instead of refusing a run whose model or protocol "
         "differs from theirs)",
     )
+    p.add_argument(
+        "--head-subset",
+        default=None,
+        metavar="FILE",
+        help="head_subset.json (or a folder holding one): each score is a log-softmax over "
+        "its V' kept tokens only (a choice token outside it is refused). Default: the model "
+        "folder's own head_subset.json, which `calibrated-lm train --head-subset` saves; "
+        "give it to score a base model with the same restriction",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(run=run)
 
@@ -189,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
         fit_split=args.fit_split,
         progress=not args.no_progress,
         overwrite=args.overwrite,
+        head_subset=args.head_subset,
     )
     summary = run_eval(cfg)
     if not dist_info().is_main:
@@ -199,6 +209,12 @@ def run(args: argparse.Namespace) -> int:
     print()
     chat = summary["protocol"]["chat_template_used"]
     print(f"chat template: {'used' if chat else 'not used'} (--chat-template {args.chat_template})")
+    subset = summary["protocol"].get("head_subset")
+    if subset:
+        print(
+            f"head subset: softmax over V' = {subset['size']} of {subset['vocab_size']} tokens "
+            f"({subset['path']}, sha256 {subset['sha256'][:12]}...)"
+        )
     qps = timing["questions_per_s"]
     print(
         f"scored {timing['questions_scored_this_run']} questions in {timing['scoring_s']} s"

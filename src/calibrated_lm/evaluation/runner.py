@@ -17,6 +17,11 @@ reused only when everything that determines it is unchanged:
   atomic rewrite (so it never holds two records of one question), and records whose gold label
   or subject changed without a change of prompt are corrected in the same rewrite.
 
+With a head subset (``--head-subset FILE``, or a ``head_subset.json`` in the model folder, which
+``calibrated-lm train --head-subset`` saves there) every score is a log-softmax over the kept
+tokens only (``scoring``); ``run.json`` and the summary's protocol record the file's path,
+sha256 and V', and a rerun with another subset (or none) is refused like another model.
+
 Journals or ``run.json`` files of older versions (no fingerprint, no question hashes) cannot be
 checked, so they are refused with a sentence suggesting ``--overwrite``. Every argument is
 checked before any task data is read, any model is loaded or any folder is created; the run
@@ -49,6 +54,7 @@ from calibrated_lm.evaluation.samples_file import (
     rewrite_records,
 )
 from calibrated_lm.evaluation.tasks import Task
+from calibrated_lm.models.head_subset import SubsetFile
 
 SAMPLES = "samples.jsonl"
 FIT_SAMPLES = "samples_validation.jsonl"  # held-out split for temperature fitting (compare)
@@ -78,6 +84,9 @@ class EvalConfig:
     progress: bool = True
     seed: int = 0
     overwrite: bool = False  # start over: drop the folder's earlier results once set up
+    # head_subset.json (or a folder holding one): the softmax over its kept tokens only; by
+    # default the model folder's own head_subset.json, if any (resolve_head_subset).
+    head_subset: str | None = None
     extra_protocol: dict[str, Any] = field(default_factory=dict)
 
 
@@ -175,18 +184,23 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def _score_with_backoff(
-    model, encoder, window, state, max_len, score_items=None, token_counts=None
+    model, encoder, window, state, max_len, score_items=None, token_counts=None, head_subset=None
 ):
     """Score one window; on out-of-memory halve an automatic batch, else explain and stop.
 
     ``score_items`` defaults to :func:`calibrated_lm.evaluation.scoring.score_items`
     (``benchmarks/bench_scoring.py`` passes an earlier version's). ``token_counts``, a list,
-    receives each item's per-choice continuation token counts (default scorer only)."""
-    extra = {}
+    receives each item's per-choice continuation token counts, and ``head_subset`` restricts
+    the softmax (default scorer only)."""
+    extra: dict[str, Any] = {}
     if score_items is None:
         from calibrated_lm.evaluation.scoring import score_items
 
         extra = {"token_counts": token_counts} if token_counts is not None else {}
+        if head_subset is not None:
+            extra["head_subset"] = head_subset
+    elif head_subset is not None:
+        raise ValueError("a head subset needs the default scorer")
 
     while True:
         try:
@@ -276,6 +290,11 @@ def validate_config(cfg: EvalConfig) -> None:
     if cfg.split is not None and (not isinstance(cfg.split, str) or not cfg.split.strip()):
         raise UserError(f"--split must name a split, e.g. validation, not {cfg.split!r}")
     parse_batch_size(cfg.batch_size)
+    hsub = cfg.head_subset
+    if hsub is not None and (
+        not (isinstance(hsub, str) or hasattr(hsub, "__fspath__")) or not str(hsub)
+    ):
+        raise UserError(f"--head-subset must be a path (or be left out), not {hsub!r}")
     if not isinstance(cfg.device, str):
         raise UserError(f"--device must be auto, cpu, cuda or cuda:N, not {cfg.device!r}")
     check_device(cfg.device)
@@ -347,6 +366,41 @@ def model_fingerprint(model: str) -> dict[str, Any]:
     return {"files": {p.name: file_fingerprint(p) for p in files}}
 
 
+def resolve_head_subset(cfg: EvalConfig) -> SubsetFile | None:
+    """The head subset the run scores with: ``--head-subset`` and/or the model folder's own
+    ``head_subset.json`` (a hub model's is not looked up). Both, with other content: a
+    :class:`UserError` (which of them the scores mean would be a guess)."""
+    from calibrated_lm.models.head_subset import FILE, open_file
+
+    given = open_file(cfg.head_subset) if cfg.head_subset is not None else None
+    folder = Path(str(cfg.model)).expanduser()
+    saved = None
+    if folder.is_dir() and (folder / FILE).is_file():
+        saved = open_file(folder / FILE, f"--model {cfg.model}:")
+    if given is not None and saved is not None and given.sha256 != saved.sha256:
+        raise UserError(
+            f"--head-subset {given.path} (V' = {given.subset.size}) is not the head subset "
+            f"saved with the model in {saved.path} (V' = {saved.subset.size}); leave "
+            "--head-subset out to score with the model's own"
+        )
+    return given or saved
+
+
+def _subset_key(subset: SubsetFile | None) -> dict[str, Any]:
+    """run.json's record of the head subset (absent without one, as in older folders)."""
+    return {} if subset is None else {"head_subset": subset.record()}
+
+
+def _check_subset_vocab(subset: SubsetFile, model: Any) -> None:
+    rows = model.get_output_embeddings().weight.shape[0]
+    if subset.subset.vocab_size != rows:
+        raise UserError(
+            f"the head subset {subset.path} was chosen from a vocabulary of "
+            f"{subset.subset.vocab_size} tokens, but {type(model).__name__}'s output head has "
+            f"{rows} rows; choose it with this model's tokenizer"
+        )
+
+
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8")).hexdigest()
 
@@ -360,6 +414,7 @@ def _protocol_key(
     *,
     fingerprint: dict[str, Any] | None = None,
     splits: dict[str, str] | None = None,
+    subset: SubsetFile | None = None,
 ) -> dict[str, Any]:
     key: dict[str, Any] = {
         "cache_format": CACHE_FORMAT,
@@ -373,10 +428,16 @@ def _protocol_key(
     }
     if chat and template:
         key["chat_template_sha256"] = hashlib.sha256(template.encode("utf-8")).hexdigest()
+    key.update(_subset_key(subset))
     return key
 
 
-def _early_key(cfg: EvalConfig, fingerprint: dict[str, Any], splits: dict[str, str]) -> dict:
+def _early_key(
+    cfg: EvalConfig,
+    fingerprint: dict[str, Any],
+    splits: dict[str, str],
+    subset: SubsetFile | None = None,
+) -> dict:
     """The part of the protocol known before the model is loaded (for an early refusal)."""
     key: dict[str, Any] = {
         "cache_format": CACHE_FORMAT,
@@ -384,6 +445,7 @@ def _early_key(cfg: EvalConfig, fingerprint: dict[str, Any], splits: dict[str, s
         "model_fingerprint": fingerprint,
         "num_fewshot": cfg.num_fewshot,
         "splits": splits,
+        **_subset_key(subset),
     }
     if cfg.dtype != "auto":
         key["dtype"] = cfg.dtype
@@ -432,6 +494,12 @@ def _protocol_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     for k in ("dtype", "chat_template_used", "chat_template_sha256", "num_fewshot", "add_bos"):
         if k in new and old.get(k) != new[k]:
             changes.append(f"{k}: {old.get(k)!r} -> {new[k]!r}")
+    # Always compared (a key without one means none): scores over another softmax differ.
+    old_sub = (old.get("head_subset") or {}).get("sha256")
+    new_sub = (new.get("head_subset") or {}).get("sha256")
+    if old_sub != new_sub:
+        shown = [f"{h[:12]}..." if h else "none" for h in (old_sub, new_sub)]
+        changes.append(f"head_subset: {shown[0]} -> {shown[1]}")
     old_splits = old.get("splits") or {}
     for task, split in (new.get("splits") or {}).items():
         if task in old_splits and old_splits[task] != split:
@@ -620,18 +688,19 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     info = D.dist_info()
     # Resolving the model (inside) makes a missing model fail before any folder is created.
     fingerprint = model_fingerprint(cfg.model)
+    subset = resolve_head_subset(cfg)
     splits = _task_splits(tasks, cfg.split)
     out = Path(cfg.output)
     if not cfg.overwrite:
         # What can be refused before the model loads is refused now.
-        _check_run_file(out, _early_key(cfg, fingerprint, splits))
+        _check_run_file(out, _early_key(cfg, fingerprint, splits, subset))
         _check_journal_hashes(out)
     out.mkdir(parents=True, exist_ok=True)
     # One eval per folder at a time (rank 0 holds the lock for the whole launch).
     from calibrated_lm.runlock import run_lock
 
     with run_lock(out, active=info.is_main):
-        return _run_locked(cfg, tasks, out, info, fingerprint, splits, t_start)
+        return _run_locked(cfg, tasks, out, info, fingerprint, splits, t_start, subset)
 
 
 def _run_locked(
@@ -642,6 +711,7 @@ def _run_locked(
     fingerprint: dict[str, Any],
     splits: dict[str, str],
     t_start: float,
+    subset: SubsetFile | None = None,
 ) -> dict[str, Any]:
     import torch
 
@@ -657,6 +727,8 @@ def _run_locked(
     t0 = time.perf_counter()
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=device)
     load_s = time.perf_counter() - t0
+    if subset is not None:
+        _check_subset_vocab(subset, model)
     dev = str(next(model.parameters()).device)
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     chat = use_chat_template(cfg.chat_template, tokenizer)
@@ -669,6 +741,7 @@ def _run_locked(
         getattr(tokenizer, "chat_template", None),
         fingerprint=fingerprint,
         splits=splits,
+        subset=subset,
     )
     D.barrier(info)
     # Every rank checks (so every rank stops on a refusal); rank 0 writes.
@@ -719,6 +792,12 @@ def _run_locked(
         mine = D.shard(pending, info)
         pending_total += len(mine)
         work.append((path, mine))
+    if subset is not None:
+        from calibrated_lm.evaluation.scoring import check_items_in_subset
+
+        # Every choice scorable under the restricted softmax, before anything is scored.
+        for _, mine in work:
+            check_items_in_subset(encoder, mine, subset.subset)
 
     from tqdm import tqdm
 
@@ -738,7 +817,13 @@ def _run_locked(
                     window = mine[start : start + window_n]
                     counts: list[list[int]] = []
                     scores = _score_with_backoff(
-                        model, encoder, window, state, max_len, token_counts=counts
+                        model,
+                        encoder,
+                        window,
+                        state,
+                        max_len,
+                        token_counts=counts,
+                        head_subset=subset.subset if subset is not None else None,
                     )
                     writer.write(_record(it, s, n) for it, s, n in zip(window, scores, counts))
                     scored += len(window)
@@ -762,11 +847,8 @@ def _run_locked(
 
     from calibrated_lm import __version__
     from calibrated_lm.evaluation.report import (
-        HEADER,
         build_summary,
-        summary_order,
-        table_rows,
-        text_table,
+        report_table,
         write_diagrams,
         write_report,
     )
@@ -793,7 +875,12 @@ def _run_locked(
         "prompt_format": "lm-evaluation-harness task templates; continuation = "
         + ("bare choice after the chat generation prompt" if chat else '" " + choice'),
         "scoring": "sum of continuation-token log-probs; context and context+continuation "
-        "tokenised separately, continuation = tokens past the context (harness _encode_pair)",
+        "tokenised separately, continuation = tokens past the context (harness _encode_pair)"
+        + (
+            f"; log-softmax over the V' = {subset.subset.size} tokens of the head subset only"
+            if subset is not None
+            else ""
+        ),
         "confidence": "softmax over the choices of the (normalised) scores",
         "max_length": max_len,
         "limit": cfg.limit,
@@ -838,6 +925,6 @@ def _run_locked(
         binning=cfg.binning,
     )
     write_report(out, summary, records, diagrams)
-    summary["_table"] = text_table(HEADER, table_rows(summary, summary_order(summary, records)))
+    summary["_table"] = report_table(summary, records)
     summary["_diagrams"] = {k: [str(p) for p in v] for k, v in diagrams.items()}
     return summary

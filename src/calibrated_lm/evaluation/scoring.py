@@ -8,6 +8,12 @@ to the model's window) and
 
     score = Σ_{t in cont} log p(t | tokens before t).
 
+With a head subset S (``calibrated_lm.models.head_subset``, claim 3 of issue 12) the softmax
+is over the V' kept tokens only, ``p(t | .) = exp(z_t) / Σ_{j in S} exp(z_j)``, the
+restricted model that ``calibrated-lm train --head-subset`` trains; a continuation token
+outside S has no probability under it and is refused (:func:`check_in_subset`), never scored
+as -inf.
+
 Two things make it fast without changing any score:
 
 * requests whose input is a prefix of another request's input of the same question share that
@@ -26,6 +32,7 @@ from typing import Any
 
 from calibrated_lm.errors import UserError
 from calibrated_lm.evaluation.items import Item
+from calibrated_lm.models.head_subset import HeadSubset
 
 
 @dataclass
@@ -218,14 +225,20 @@ def _block_mask(batch: list[_Row], width: int, dtype: Any, device: Any = "cpu") 
 _LOGSOFTMAX_CHUNK = 2048
 
 
-def _target_logprobs(logits: Any, b_idx: Any, p_idx: Any, t_idx: Any) -> list[float]:
-    """log_softmax(logits[b, p])[t] for each (b, p, t), in fp32, only at those positions."""
+def _target_logprobs(
+    logits: Any, b_idx: Any, p_idx: Any, t_idx: Any, kept: Any = None
+) -> list[float]:
+    """log_softmax(logits[b, p])[t] for each (b, p, t), in fp32, only at those positions.
+
+    With ``kept`` (the V' token ids of a head subset, on the logits' device) the softmax is
+    over those columns only, and ``t_idx`` must already index into them."""
     import torch
 
     out = []
     for s in range(0, b_idx.numel(), _LOGSOFTMAX_CHUNK):
         sl = slice(s, s + _LOGSOFTMAX_CHUNK)
-        rows = logits[b_idx[sl], p_idx[sl]].float()
+        rows = logits[b_idx[sl], p_idx[sl]]
+        rows = (rows if kept is None else rows.index_select(1, kept)).float()
         picked = rows.gather(1, t_idx[sl, None]).squeeze(1)
         out.append(picked - torch.logsumexp(rows, dim=-1))
     return torch.cat(out).double().tolist()
@@ -245,15 +258,21 @@ def score_rows(
     n_requests: int,
     batch_size: int,
     max_tokens: int | None = None,
+    head_subset: HeadSubset | None = None,
 ) -> list[float]:
     """Summed continuation log-likelihood per request: the exactly rounded (``math.fsum``)
-    float64 sum of the fp32 log-softmax values of its tokens."""
+    float64 sum of the fp32 log-softmax values of its tokens (over the kept tokens of
+    ``head_subset`` only, when given; every target must then be kept)."""
     import math
 
     import torch
 
     param = next(model.parameters())
     device = param.device
+    kept = index_map = None
+    if head_subset is not None:
+        kept = torch.as_tensor(head_subset.kept, dtype=torch.long, device=device)
+        index_map = torch.as_tensor(head_subset.index_map(), dtype=torch.long, device=device)
     scores = [float("nan")] * n_requests
     order = sorted(rows, key=lambda r: -len(r.tokens))
     for batch in _batches(order, batch_size, max_tokens):
@@ -287,15 +306,55 @@ def score_rows(
                 where[2].extend(cont)
                 owners.extend([req] * len(cont))
         b_idx, p_idx, t_idx = torch.tensor(where, dtype=torch.long).to(device)
+        if index_map is not None:
+            t_idx = index_map[t_idx]  # V -> V' (check_in_subset has ruled out -1)
         with torch.inference_mode():
             out = model(input_ids=ids.to(device), logits_to_keep=keep, **kwargs)
-            values = _target_logprobs(out.logits[:, -keep:, :], b_idx, p_idx, t_idx)
+            values = _target_logprobs(out.logits[:, -keep:, :], b_idx, p_idx, t_idx, kept)
         sums: dict[int, list[float]] = {}
         for req, v in zip(owners, values):
             sums.setdefault(req, []).append(v)
         for req, vs in sums.items():
             scores[req] = math.fsum(vs)
     return scores
+
+
+def check_in_subset(
+    items: Sequence[Item],
+    encoded: Sequence[Sequence[tuple[list[int], list[int]]]],
+    subset: HeadSubset,
+    tokenizer: Any = None,
+) -> None:
+    """:class:`UserError` naming the first choice with a continuation token outside
+    ``subset`` (the restricted softmax gives it no probability, so its score would be -inf).
+
+    ``encoded[i][j]`` is ``(ctx_ids, cont_ids)`` of choice j of item i (``Encoder``)."""
+    index_map = subset.index_map()
+    for item, pairs in zip(items, encoded):
+        for j, (_, cont) in enumerate(pairs):
+            missing = [t for t in cont if index_map[t] < 0]
+            if not missing:
+                continue
+            shown = f"token id(s) {missing[:8]}"
+            if tokenizer is not None:
+                shown += f" ({[tokenizer.decode([t]) for t in missing[:8]]})"
+            choice = item.choices[j] if j < len(item.choices) else item.requests[j][1]
+            raise UserError(
+                f"{item.task} question {item.id}: choice {j} ({choice!r}) has {shown} outside "
+                f"the head subset (V' = {subset.size}), whose softmax gives them no "
+                "probability; choose the subset with every scored answer token required "
+                "(calibrated_lm.models.head_subset.select_vocabulary(required=...))"
+            )
+
+
+def check_items_in_subset(encoder: Encoder, items: Sequence[Item], subset: HeadSubset) -> None:
+    """:func:`check_in_subset` for ``items`` as ``encoder`` tokenises them (before scoring:
+    a run refused here has written nothing)."""
+    step = 1024  # questions per tokenizer call: bounded memory on large tasks
+    for s in range(0, len(items), step):
+        chunk = items[s : s + step]
+        encoded = [encoder.encode_pairs(item.requests) for item in chunk]
+        check_in_subset(chunk, encoded, subset, encoder.tokenizer)
 
 
 def model_max_length(model: Any, tokenizer: Any) -> int:
@@ -318,6 +377,7 @@ def score_items(
     max_tokens: int | None = None,
     pack: bool | None = None,
     token_counts: list[list[int]] | None = None,
+    head_subset: HeadSubset | None = None,
 ) -> list[list[float]]:
     """Per item, per choice: the summed continuation log-likelihood.
 
@@ -325,7 +385,9 @@ def score_items(
     choices that share a context in one packed row; the scores are the same as unpacked.
     When ``token_counts`` is a list, it is extended with, per item, the number of
     continuation tokens each choice's score sums over (after any left-truncation to the
-    window), the length that per-token normalisation divides by.
+    window), the length that per-token normalisation divides by. ``head_subset``: the
+    log-softmax over its kept tokens only (module docstring); a choice with a continuation
+    token outside it is a :class:`UserError` (:func:`check_in_subset`).
     """
     if pack is None:
         pack = supports_packing(model)
@@ -334,13 +396,15 @@ def score_items(
     if pack and isinstance(window, int) and window > 0:
         pack_len = min(max_len, window)
     encoded = [encoder.encode_pairs(item.requests) for item in items]
+    if head_subset is not None:
+        check_in_subset(items, encoded, head_subset, encoder.tokenizer)
     if token_counts is not None:
         # plan_rows keeps at most max_len continuation tokens of a request (the window holds
         # max_len + 1 tokens, the last of which is only predicted).
         token_counts.extend([min(len(c), max_len) for _, c in item] for item in encoded)
     rows = plan_rows(encoded, max_len, pack=pack, pack_len=pack_len)
     n_req = sum(len(i.requests) for i in items)
-    flat = score_rows(model, rows, n_req, batch_size, max_tokens)
+    flat = score_rows(model, rows, n_req, batch_size, max_tokens, head_subset)
     out: list[list[float]] = []
     pos = 0
     for item in items:
