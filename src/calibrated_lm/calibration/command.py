@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import re
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -121,33 +120,16 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "task"
 
 
-def _fmt(x: float | None, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    return f"{x:.{digits}f}"
-
-
 def format_table(tasks: dict[str, dict]) -> str:
-    """Plain-text table: one row per task, ``all`` last."""
-    header = ["task", "n", "acc", "conf", "ECE [95% CI]", "RMS-CE", "MCE", "smECE", "Brier", "NLL"]
-    rows = []
-    for name, s in tasks.items():
-        ci = s.get("ece_ci95")
-        ece = _fmt(s["ece"]) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
-        rows.append(
-            [
-                name,
-                str(s["n"]),
-                _fmt(s["accuracy"]),
-                _fmt(s["mean_confidence"]),
-                ece,
-                _fmt(s["rms_ce"]),
-                _fmt(s["mce"]),
-                _fmt(s["smooth_ece"]),
-                _fmt(s["brier"]),
-                _fmt(s["nll"]),
-            ]
-        )
+    """Plain-text table: one row per task, ``all`` last; the columns are the registry's
+    ``metrics`` view (:mod:`calibrated_lm.calibration.registry`), with short headings."""
+    from calibrated_lm.calibration.registry import metrics
+
+    shown = metrics("metrics")
+    header = ["task", "n"] + [m.heading("metrics", short=True) for m in shown]
+    rows = [
+        [name, str(s["n"])] + [m.cell(s, "metrics") for m in shown] for name, s in tasks.items()
+    ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = []
     for r in [header, *rows]:

@@ -9,82 +9,24 @@ import numpy as np
 
 from calibrated_lm.calibration.binning import bin_table
 from calibrated_lm.calibration.bootstrap import percentile_interval
-from calibrated_lm.calibration.metrics import (
-    calibration_error,
-    classwise_calibration_error,
-    debiased_calibration_error,
-    debiased_from_bins,
-)
+from calibrated_lm.calibration.items import ItemArrays
+from calibrated_lm.calibration.metrics import debiased_from_bins
+from calibrated_lm.calibration.registry import BUILTIN, Metric
+from calibrated_lm.calibration.registry import metrics as registered_metrics
 from calibrated_lm.calibration.resampled import (
     errors_from_sums,
     multiplicities,
     weighted_bin_sums,
 )
-from calibrated_lm.calibration.scores import (
-    ChoiceScores,
-    choice_log_probabilities,
-    top_label_brier,
-)
-from calibrated_lm.calibration.smooth import smooth_ece, smooth_ece_resampled
+from calibrated_lm.calibration.scores import ChoiceScores, choice_log_probabilities
+from calibrated_lm.calibration.smooth import smooth_ece_resampled
 from calibrated_lm.calibration.validation import as_labels, check_bins
 
-# Metrics with a bootstrap interval, in the order tables and JSON list them.
-METRICS = (
-    "accuracy",
-    "mean_confidence",
-    "overconfidence",
-    "ece",
-    "rms_ce",
-    "mce",
-    "classwise_ece",
-    "debiased_ece",
-    "debiased_rms_ce",
-    "smooth_ece",
-    "brier",
-    "top_label_brier",
-    "nll",
-)
-
-
-class _Items:
-    """Validated per-item arrays that every metric is computed from."""
-
-    def __init__(self, logp: np.ndarray, n_choices: np.ndarray, labels: np.ndarray):
-        self.logp = logp
-        self.n_choices = n_choices
-        self.labels = labels
-        self.probs = np.exp(logp)
-        self.pred = self.probs.argmax(axis=1)
-        rows = np.arange(logp.shape[0])
-        self.confidence = self.probs[rows, self.pred]
-        self.correct = (self.pred == labels).astype(np.float64)
-        self.gold_logp = logp[rows, labels]
-        py = np.exp(self.gold_logp)
-        self.brier = np.einsum("ij,ij->i", self.probs, self.probs) - 2.0 * py + 1.0
-
-
-def _point_metrics(items: _Items, n_bins: int, binning: str) -> dict[str, float]:
-    """Every metric except smooth ECE, through the documented public functions."""
-    c, y = items.confidence, items.correct
-    out = {
-        "accuracy": float(y.mean()),
-        "mean_confidence": float(c.mean()),
-        "ece": calibration_error(c, y, n_bins=n_bins, binning=binning, norm="l1"),
-        "rms_ce": calibration_error(c, y, n_bins=n_bins, binning=binning, norm="l2"),
-        "mce": calibration_error(c, y, n_bins=n_bins, binning=binning, norm="max"),
-        "classwise_ece": classwise_calibration_error(
-            items.probs, items.labels, n_choices=items.n_choices, n_bins=n_bins, binning=binning
-        ),
-        "debiased_ece": debiased_calibration_error(c, y, n_bins=n_bins, binning=binning, norm="l1"),
-        "debiased_rms_ce": debiased_calibration_error(
-            c, y, n_bins=n_bins, binning=binning, norm="l2"
-        ),
-        "brier": float(items.brier.mean()),
-        "top_label_brier": top_label_brier(c, y),
-        "nll": float(-items.gold_logp.mean()),
-    }
-    out["overconfidence"] = out["mean_confidence"] - out["accuracy"]
-    return out
+# The built-in metrics, in the order tables and JSON list them (the registry may hold more:
+# summarize reports every registered metric).
+METRICS = BUILTIN
+# The point functions the vectorised bootstrap (_resampled_metrics) stands in for.
+_BUILTIN_POINTS = {m.name: m.point for m in registered_metrics() if m.name in BUILTIN}
 
 
 def _weighted_means(w: np.ndarray, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -100,9 +42,11 @@ def _weighted_means(w: np.ndarray, columns: dict[str, np.ndarray]) -> dict[str, 
 
 
 def _resampled_metrics(
-    items: _Items, weights: np.ndarray, n_bins: int, binning: str
+    items: ItemArrays, weights: np.ndarray, n_bins: int, binning: str
 ) -> dict[str, np.ndarray]:
-    """Every metric except smooth ECE for each row of item multiplicities ``weights``."""
+    """Every built-in metric except smooth ECE for each row of item multiplicities
+    ``weights``, from shared weighted sums (a registered metric not computed here is
+    recomputed draw by draw, :func:`_per_draw`)."""
     c, y = items.confidence, items.correct
     ones = np.ones_like(c)
     out = _weighted_means(
@@ -165,17 +109,16 @@ def summarize(
         choice_scores, choice_char_lengths=choice_char_lengths, normalization=normalization
     )
     y = as_labels(labels, logp.shape[0], n_choices)
-    items = _Items(logp, n_choices, y)
-    point = _point_metrics(items, n_bins, binning)
-    point["smooth_ece"], bandwidth = smooth_ece(
-        items.confidence, items.correct, return_bandwidth=True
-    )
+    items = ItemArrays(logp, n_choices, y)
+    registry = registered_metrics()
+    with_ci = [m for m in registry if m.has_ci]
     out: dict[str, Any] = {"n": int(y.shape[0])}
-    for name in METRICS:
-        out[name] = point[name]
+    for m in registry:
+        out[m.name] = m.point(items, n_bins, binning)
+    bandwidth = items.smooth[1]
     if bootstrap:
         n = y.shape[0]
-        draws: dict[str, list[np.ndarray]] = {name: [] for name in METRICS}
+        draws: dict[str, list[np.ndarray]] = {m.name: [] for m in with_ci}
         # Draws are made chunk by chunk, keeping (draws x items) arrays to a few million
         # entries; consecutive calls on one generator give the same indices as a single
         # bootstrap_indices(n, bootstrap, seed) call.
@@ -184,18 +127,30 @@ def summarize(
         for start in range(0, int(bootstrap), chunk):
             idx = rng.integers(0, n, size=(min(chunk, int(bootstrap) - start), n), dtype=np.int64)
             weights = multiplicities(idx, n)
-            for name, values in _resampled_metrics(items, weights, n_bins, binning).items():
-                draws[name].append(values)
-            draws["smooth_ece"].append(smooth_ece_resampled(items.confidence, items.correct, idx))
-        for name in METRICS:
-            out[f"{name}_ci95"] = percentile_interval(np.concatenate(draws[name]))
+            batch = _resampled_metrics(items, weights, n_bins, binning)
+            batch["smooth_ece"] = smooth_ece_resampled(items.confidence, items.correct, idx)
+            for m in with_ci:
+                # The built-ins' shared fast path, unless a registration replaced one.
+                fast = m.name in batch and m.point is _BUILTIN_POINTS.get(m.name)
+                draws[m.name].append(
+                    batch[m.name] if fast else _per_draw(m, items, idx, n_bins, binning)
+                )
+        for m in with_ci:
+            out[f"{m.name}_ci95"] = percentile_interval(np.concatenate(draws[m.name]))
     else:
-        for name in METRICS:
-            out[f"{name}_ci95"] = None
+        for m in with_ci:
+            out[f"{m.name}_ci95"] = None
     out["smooth_ece_bandwidth"] = bandwidth
     out["n_choices"] = {"min": int(n_choices.min()), "max": int(n_choices.max())}
     out["bins"] = bin_table(items.confidence, items.correct, n_bins=n_bins, binning=binning).rows()
     return out
+
+
+def _per_draw(
+    metric: Metric, items: ItemArrays, idx: np.ndarray, n_bins: int, binning: str
+) -> np.ndarray:
+    """``metric`` on each resample (row of ``idx``): the general path, one call per draw."""
+    return np.array([metric.point(items.take(row), n_bins, binning) for row in idx])
 
 
 def _strip_padding(choice_scores: ChoiceScores) -> list[np.ndarray]:

@@ -34,6 +34,8 @@ import numpy as np
 
 from calibrated_lm.calibration.jsonfile import write_json
 from calibrated_lm.calibration.record import SampleRecord
+from calibrated_lm.calibration.registry import Metric
+from calibrated_lm.calibration.registry import metrics as registered_metrics
 from calibrated_lm.errors import UserError
 
 
@@ -327,9 +329,9 @@ def _compare(
                 )
                 entry["temperature"] = temp
                 entry["fit_n"] = len(fit)
-                for k in ("ece", "rms_ce", "nll", "brier"):
-                    entry[f"{k}_after_T"] = scaled[k]
-                    entry[f"{k}_after_T_ci95"] = scaled.get(f"{k}_ci95")
+                for m in registered_metrics("after_T"):
+                    entry[f"{m.name}_after_T"] = scaled[m.name]
+                    entry[f"{m.name}_after_T_ci95"] = scaled.get(f"{m.name}_ci95")
             rows[label] = entry
             series[label] = confidence_correct(recs, normalization)
         if not rows:
@@ -348,7 +350,12 @@ def _compare(
     return result
 
 
-PAIRED_KEYS = ("accuracy", "ece", "rms_ce", "brier", "nll")
+def paired_metrics() -> list[Metric]:
+    """The registry's ``paired`` view, as far as
+    :func:`~calibrated_lm.calibration.paired.paired_bootstrap` computes it."""
+    from calibrated_lm.calibration.paired import PAIRED_METRICS
+
+    return [m for m in registered_metrics("paired") if m.name in PAIRED_METRICS]
 
 
 def _paired_vs_reference(
@@ -382,55 +389,56 @@ def _paired_vs_reference(
         pa = np.pad(pa, ((0, 0), (0, width - pa.shape[1])))
         pb = np.pad(pb, ((0, 0), (0, width - pb.shape[1])))
         res = paired_bootstrap(pa, pb, y, draws=max(bootstrap, 1), n_bins=n_bins)
-        entry["paired"] = {"n": len(shared), **{k: res[k] for k in PAIRED_KEYS}}
+        entry["paired"] = {"n": len(shared), **{m.name: res[m.name] for m in paired_metrics()}}
 
 
-def _cell(entry: dict[str, Any], key: str) -> str:
-    v = entry.get(key)
-    if v is None:
-        return "-"
-    ci = entry.get(f"{key}_ci95")
-    return f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
-
-
-HEADER = ["run", "n", "accuracy", "ECE", "RMS-CE", "T (fit on val)", "ECE after T", "RMS after T"]
+def header() -> list[str]:
+    """The per-run table's heading: the registry's ``compare`` view, the temperature, and the
+    ``compare`` metrics that are also recomputed after scaling (``after_T``)."""
+    shown = registered_metrics("compare")
+    after = [m for m in shown if "after_T" in m.views]
+    return (
+        ["run", "n"]
+        + [m.heading("compare", ci_suffix=False) for m in shown]
+        + ["T (fit on val)"]
+        + [f"{m.label} after T" for m in after]
+    )
 
 
 def table(result: dict[str, Any], task: str) -> list[list[str]]:
+    """One row per run of ``task``, the columns of :func:`header`."""
+    shown = registered_metrics("compare")
+    after = [m for m in shown if "after_T" in m.views]
     rows = []
     for label, e in result["tasks"][task]["runs"].items():
         t = e.get("temperature")
         rows.append(
-            [
-                label,
-                str(e["n"]),
-                _cell(e, "accuracy"),
-                _cell(e, "ece"),
-                _cell(e, "rms_ce"),
-                "-" if t is None else f"{t:.3f} (n={e['fit_n']})",
-                _cell(e, "ece_after_T"),
-                _cell(e, "rms_ce_after_T"),
-            ]
+            [label, str(e["n"])]
+            + [m.cell(e, "compare") for m in shown]
+            + ["-" if t is None else f"{t:.3f} (n={e['fit_n']})"]
+            + [m.cell(e, "compare", key=f"{m.name}_after_T") for m in after]
         )
     return rows
 
 
-PAIRED_HEADER = ["run - reference", "shared n", "accuracy", "ECE", "RMS-CE", "Brier", "NLL"]
+def paired_header() -> list[str]:
+    return ["run - reference", "shared n"] + [m.label for m in paired_metrics()]
 
 
 def paired_table(result: dict[str, Any], task: str) -> list[list[str]]:
     """One row per non-reference run: each metric's difference [95% CI] on shared questions."""
+    shown = paired_metrics()
     rows = []
     for label, e in result["tasks"][task]["runs"].items():
         p = e.get("paired")
         if p is None:
             continue
         if not p["n"]:
-            rows.append([label, "0"] + ["-"] * len(PAIRED_KEYS))
+            rows.append([label, "0"] + ["-"] * len(shown))
             continue
         cells = [
-            f"{p[k]['delta']:+.3f} [{p[k]['ci95'][0]:+.3f}, {p[k]['ci95'][1]:+.3f}]"
-            for k in PAIRED_KEYS
+            f"{p[m.name]['delta']:+.3f} [{p[m.name]['ci95'][0]:+.3f}, {p[m.name]['ci95'][1]:+.3f}]"
+            for m in shown
         ]
         rows.append([label, str(p["n"])] + cells)
     return rows
@@ -446,10 +454,10 @@ def _markdown(result: dict[str, Any]) -> str:
         lines += ["", f"**Warning**: {w}."]
     for task, data in result["tasks"].items():
         png = [p for p in data["diagram"] if p.endswith(".png")][0]
-        lines += ["", f"## {task}", "", markdown_table(HEADER, table(result, task)), ""]
+        lines += ["", f"## {task}", "", markdown_table(header(), table(result, task)), ""]
         paired = paired_table(result, task)
         if paired:
-            lines += [markdown_table(PAIRED_HEADER, paired), ""]
+            lines += [markdown_table(paired_header(), paired), ""]
         lines.append(f"![{task}]({Path(png).name})")
     return "\n".join(lines) + "\n"
 
@@ -471,11 +479,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: {w}")
     for task, data in result["tasks"].items():
         print(f"\n{task}")
-        print(text_table(HEADER, table(result, task)))
+        print(text_table(header(), table(result, task)))
         paired = paired_table(result, task)
         if paired:
             print(f"paired differences vs {result['reference']} (95% CI):")
-            print(text_table(PAIRED_HEADER, paired))
+            print(text_table(paired_header(), paired))
         print(f"diagram: {[p for p in data['diagram'] if p.endswith('.png')][0]}")
     print(f"\nreport: {args.output / 'compare.md'}")
     return 0

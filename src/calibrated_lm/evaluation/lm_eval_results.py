@@ -8,12 +8,14 @@ read our runs too: per task, under the harness's ``"<metric>,<filter>"`` keys (f
 * ``acc`` / ``acc_norm``: accuracy of the argmax of the summed / per-character log-likelihoods
   (the harness's two multiple-choice accuracies), each with ``_stderr`` = sample standard
   deviation / sqrt(n), the harness's ``mean_stderr``;
-* our calibration metrics as in ``summary.json`` (``ece``, ``rms_ce``, ``smooth_ece``,
-  ``mean_confidence``, ``brier``, ``nll``), under the run's ``--normalization``; their
+* our calibration metrics as in ``summary.json`` (the ``lm_eval`` view of
+  :mod:`calibrated_lm.calibration.registry`: ``mean_confidence``, ``ece``, ``rms_ce``,
+  ``smooth_ece``, ``brier``, ``nll``), under the run's ``--normalization``; their
   stderr is ``"N/A"`` as the harness writes for metrics it does not bootstrap (our 95%
   intervals stay in ``summary.json``);
 
-plus ``group_subtasks`` (MMLU's subjects), ``n-shot``, ``n-samples``, ``higher_is_better``,
+plus ``group_subtasks`` (MMLU's subjects), ``n-shot``, ``n-samples``, ``higher_is_better``
+(each metric's direction in the registry; null for ``mean_confidence``, which has none),
 ``versions`` and a ``config`` naming the model. ``summary.json`` stays the full record.
 """
 
@@ -28,9 +30,15 @@ import numpy as np
 
 from calibrated_lm.calibration.record import SampleRecord
 
-CALIBRATION_KEYS = ("ece", "rms_ce", "smooth_ece", "mean_confidence", "brier", "nll")
-HIGHER_IS_BETTER = {"acc": True, "acc_norm": True, "ece": False, "rms_ce": False,
-                    "smooth_ece": False, "mean_confidence": True, "brier": False, "nll": False}  # fmt: skip
+
+def higher_is_better() -> dict[str, bool | None]:
+    """The harness's ``higher_is_better`` of every metric written: ``acc``/``acc_norm`` (our
+    accuracy) and the registry's ``lm_eval`` view, from each metric's direction (None for a
+    metric without a better direction, such as mean confidence)."""
+    from calibrated_lm.calibration.registry import get, metrics
+
+    acc = get("accuracy").higher_is_better
+    return {"acc": acc, "acc_norm": acc} | {m.name: m.higher_is_better for m in metrics("lm_eval")}
 
 
 def _accuracy(records: Sequence[SampleRecord], normalization: str) -> tuple[float, float | None]:
@@ -46,6 +54,7 @@ def _accuracy(records: Sequence[SampleRecord], normalization: str) -> tuple[floa
 def lm_eval_results(summary: dict[str, Any], records: Sequence[SampleRecord]) -> dict[str, Any]:
     """The harness-style results object of a run (``summary`` from ``build_summary``,
     ``records`` the scored questions it summarises)."""
+    from calibrated_lm.calibration.registry import metrics
     from calibrated_lm.evaluation.report import group_records
 
     proto = summary.get("protocol", {})
@@ -64,7 +73,7 @@ def lm_eval_results(summary: dict[str, Any], records: Sequence[SampleRecord]) ->
         acc_n, acc_n_se = _accuracy(recs, "chars")
         row: dict[str, Any] = {"alias": task, "acc,none": acc, "acc_stderr,none": acc_se,
                                "acc_norm,none": acc_n, "acc_norm_stderr,none": acc_n_se}  # fmt: skip
-        for key in CALIBRATION_KEYS:
+        for key in (m.name for m in metrics("lm_eval")):
             if key in entry:
                 row[f"{key},none"] = entry[key]
                 row[f"{key}_stderr,none"] = "N/A"
@@ -81,7 +90,7 @@ def lm_eval_results(summary: dict[str, Any], records: Sequence[SampleRecord]) ->
         "n-samples": {
             t: {"original": len(by_task[t]), "effective": len(by_task[t])} for t in results
         },  # fmt: skip
-        "higher_is_better": {t: dict(HIGHER_IS_BETTER) for t in results},
+        "higher_is_better": {t: higher_is_better() for t in results},
         "versions": {
             t: proto.get("tasks", {}).get(t, {}).get("metadata", {}).get("version") for t in results
         },  # fmt: skip

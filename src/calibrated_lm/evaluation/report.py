@@ -145,45 +145,35 @@ def write_diagrams(
     return paths
 
 
-def _fmt(x: Any, digits: int = 3) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, float):
-        return f"{x:.{digits}f}"
-    return str(x)
+def report_header() -> list[str]:
+    """The heading of ``eval``'s table: task, n, then the registry's ``report`` view."""
+    from calibrated_lm.calibration.registry import metrics
 
-
-def _ci(entry: dict[str, Any], name: str) -> str:
-    ci = entry.get(f"{name}_ci95")
-    value = _fmt(entry.get(name))
-    if not ci:
-        return value
-    return f"{value} [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return ["task", "n"] + [m.heading("report") for m in metrics("report")]
 
 
 def table_rows(summary: dict[str, Any], order: Sequence[str]) -> list[list[str]]:
+    """One row per task of ``order`` present in the summary, the columns of
+    :func:`report_header`."""
+    from calibrated_lm.calibration.registry import metrics
+
+    shown = metrics("report")
     rows = []
     for name in order:
         e = summary["tasks"].get(name)
         if e is None:
             continue
-        rows.append(
-            [
-                name,
-                str(e["n"]),
-                _ci(e, "accuracy"),
-                _fmt(e["mean_confidence"]),
-                _ci(e, "ece"),
-                _ci(e, "rms_ce"),
-                _fmt(e["brier"]),
-                _fmt(e["nll"]),
-            ]
-        )
+        rows.append([name, str(e["n"])] + [m.cell(e, "report") for m in shown])
     return rows
 
 
-HEADER = ["task", "n", "accuracy [95% CI]", "mean conf", "ECE [95% CI]", "RMS-CE [95% CI]"]
-HEADER += ["Brier", "NLL"]
+def report_table(summary: dict[str, Any], records: Sequence[SampleRecord]) -> str:
+    """``eval``'s terminal table: top-level tasks and ``all`` (:func:`summary_order`)."""
+    return text_table(report_header(), table_rows(summary, summary_order(summary, records)))
+
+
+# The built-in heading, for callers that import it (the table itself uses report_header()).
+HEADER = report_header()
 
 
 def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -219,7 +209,7 @@ def write_report(
     lines = [
         f"# Calibration report: {proto.get('model')}",
         "",
-        markdown_table(HEADER, rows),
+        markdown_table(report_header(), rows),
         "",
         "## Protocol",
         "",

@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from calibrated_lm.calibration.metrics import calibration_error
+from calibrated_lm.calibration.registry import get as _registry_get
 from calibrated_lm.calibration.smooth import smooth_ece as _smooth_ece
 
 try:
@@ -101,7 +102,9 @@ def mean_confidence(items: Sequence[Item]) -> float:
 
 AGGREGATIONS = {"ece": ece, "rms_ce": rms_ce, "smooth_ece": smooth_ece,
                 "mean_confidence": mean_confidence}  # fmt: skip
-HIGHER_IS_BETTER = {"ece": False, "rms_ce": False, "smooth_ece": False, "mean_confidence": True}
+# From the metrics registry's directions: None (mean confidence) is left unregistered, so
+# lm-eval does not claim a better direction for it.
+HIGHER_IS_BETTER = {m: _registry_get(m).higher_is_better for m in AGGREGATIONS}
 METRIC_NAMES = tuple(AGGREGATIONS) + tuple(f"{m}_norm" for m in AGGREGATIONS)
 
 
@@ -113,8 +116,9 @@ for _name in METRIC_NAMES:
     _base = _name.removesuffix("_norm")
     try:
         register_aggregation(_name)(AGGREGATIONS[_base])
-        register_metric(metric=_name, higher_is_better=HIGHER_IS_BETTER[_base],
-                        output_type="multiple_choice", aggregation=_name)(_passthrough)  # fmt: skip
+        _hib = HIGHER_IS_BETTER[_base]
+        register_metric(metric=_name, output_type="multiple_choice", aggregation=_name,
+                        **({} if _hib is None else {"higher_is_better": _hib}))(_passthrough)  # fmt: skip
     except (AssertionError, ValueError, KeyError):  # registered already (module reloaded)
         pass
 

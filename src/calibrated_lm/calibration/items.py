@@ -1,0 +1,46 @@
+"""The validated per-question arrays every calibration metric is computed from."""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import numpy as np
+
+
+class ItemArrays:
+    """One task's questions after the softmax: ``logp`` (n, k) choice log-probabilities
+    (-inf past an item's ``n_choices``), gold ``labels``; derived top-label ``confidence``,
+    prediction ``pred``, ``correct`` (0/1), gold log-probability ``gold_logp`` and per-item
+    multiclass Brier term ``brier``.
+
+    Inputs are trusted (built by :func:`calibrated_lm.calibration.report.summarize` after
+    validation); a metric function reads these arrays and must not modify them."""
+
+    def __init__(self, logp: np.ndarray, n_choices: np.ndarray, labels: np.ndarray) -> None:
+        self.logp = logp
+        self.n_choices = n_choices
+        self.labels = labels
+        self.probs = np.exp(logp)
+        self.pred = self.probs.argmax(axis=1)
+        rows = np.arange(logp.shape[0])
+        self.confidence = self.probs[rows, self.pred]
+        self.correct = (self.pred == labels).astype(np.float64)
+        self.gold_logp = logp[rows, labels]
+        py = np.exp(self.gold_logp)
+        self.brier = np.einsum("ij,ij->i", self.probs, self.probs) - 2.0 * py + 1.0
+
+    @property
+    def n(self) -> int:
+        return int(self.labels.shape[0])
+
+    def take(self, idx: np.ndarray) -> ItemArrays:
+        """The items at ``idx`` (with repeats: one bootstrap resample)."""
+        return ItemArrays(self.logp[idx], self.n_choices[idx], self.labels[idx])
+
+    @cached_property
+    def smooth(self) -> tuple[float, float]:
+        """(smooth ECE, its bandwidth), computed once for both."""
+        from calibrated_lm.calibration.smooth import smooth_ece
+
+        value, bandwidth = smooth_ece(self.confidence, self.correct, return_bandwidth=True)
+        return float(value), float(bandwidth)
