@@ -85,6 +85,8 @@ class SFTRun:
     temperature: float | None = None
     softcap: float | None = None
     epochs: float | None = None  # None: the profile's
+    # Claim 3: the softmax restricted to this many tokens (CLAIM3_SUBSETS), None: all V.
+    vocab: int | None = None
 
     def name(self, lr: float | None) -> str:
         """Folder name, e.g. ``sft_lr2e-05_eps0.1_T0.5_s1`` (``lr?`` before selection), with
@@ -97,6 +99,8 @@ class SFTRun:
             parts.append(f"T{self.temperature:g}")
         if self.softcap is not None:
             parts.append(f"C{self.softcap:g}")
+        if self.vocab is not None:
+            parts.append(f"V{self.vocab}")
         parts.append(f"s{self.seed}")
         return "_".join(parts)
 
@@ -109,6 +113,8 @@ class SFTRun:
             s += f", T={self.temperature:g}"
         if self.softcap is not None:
             s += f", C={self.softcap:g}"
+        if self.vocab is not None:
+            s += f", V'={self.vocab}"
         return s
 
 
@@ -139,6 +145,8 @@ class Profile:
     # Checkpoint every N steps (0: none). With checkpoints a training unit may start although
     # it will not end within the chunk: the chunk's timeout stops it, the next one resumes.
     save_every: int = 0
+    # V' of the head subsets (CLAIM3_SUBSETS) under which the base is scored too.
+    base_subsets: tuple[int, ...] = ()
 
     def eval_formats(self) -> dict[str, str]:
         return self.formats or {"plain": self.tasks}
@@ -238,11 +246,35 @@ _CLAIM2 = dataclasses.replace(
     _CONTROL,
     runs=tuple(SFTRun(e, s, lr=8e-5, epochs=3) for s in CLAIM2_SEEDS for e in CLAIM2_EPS),
 )
+# Issue 12's claim 3 (docs/issue12_plan.md, step 5 as amended): the claim-2 setting with the
+# softmax restricted to V' tokens (experiments/claim3_subsets.py built the committed subsets),
+# V' = 262,144 being claim 2's own runs (restored, not trained again). The primary test's
+# runs first (V' 24,576, two seeds), then V' 65,536, then the remedies at full V. The base is
+# scored under each restriction too (its D(V') baseline, and the regime check's reference).
+CLAIM3_SUBSETS = {
+    v: ROOT / "experiments" / "results" / "claim3_subsets" / f"V{v}" / "head_subset.json"
+    for v in (65536, 24576)
+}
+_C3 = {"lr": 8e-5, "epochs": 3}
+_CLAIM3_RUNS = (
+    *(SFTRun(e, s, vocab=24576, **_C3) for s in (1, 2) for e in (0.0, 0.1)),
+    *(SFTRun(e, s, vocab=65536, **_C3) for s in (1, 2) for e in (0.0, 0.1)),
+    *(
+        SFTRun(e, s, temperature=t, softcap=c, **_C3)
+        for t, c in ((0.5, None), (None, 32.0))
+        for s in (1, 2)
+        for e in (0.0, 0.1)
+    ),
+)
+_CLAIM3 = dataclasses.replace(
+    _CONTROL, runs=_CLAIM3_RUNS, base_subsets=tuple(sorted(CLAIM3_SUBSETS, reverse=True))
+)
 PROFILES: dict[str, Profile] = {
     "full": _FULL,
     "budget": _BUDGET,
     "control": _CONTROL,
     "claim2": _CLAIM2,
+    "claim3": _CLAIM3,
     # CPU check of the control's pipeline (both formats, per-example held-out statistics,
     # checkpointed training): no evidence in its numbers.
     "control_smoke": dataclasses.replace(
@@ -322,6 +354,8 @@ class Experiment:
         p, w = self.p, self.work
         units = [Unit("prepare", "prepare", w / "data", self._prepare)]
         units += self._eval_units("base", p.base, ("prepare",))  # held-out stats need data
+        for v in p.base_subsets:
+            units += self._eval_units(f"base_V{v}", p.base, ("prepare",), subset=v)
         if p.heldout_per_example:
             units.append(
                 Unit(
@@ -367,9 +401,12 @@ class Experiment:
             units += self._eval_units("reference", p.reference, ("prepare",))
         return units
 
-    def _eval_units(self, name: str, model: str, needs: tuple[str, ...]) -> list[Unit]:
+    def _eval_units(
+        self, name: str, model: str, needs: tuple[str, ...], subset: int | None = None
+    ) -> list[Unit]:
         """One evaluation unit per scoring format (one folder ``evals/<name>`` when the
-        profile has only the plain format, ``evals/<name>__<format>`` otherwise)."""
+        profile has only the plain format, ``evals/<name>__<format>`` otherwise). ``subset``:
+        score under that head subset (a fine-tuned model folder carries its own)."""
         formats = self.p.eval_formats()
         units = []
         for fmt, tasks in formats.items():
@@ -380,7 +417,9 @@ class Experiment:
                     f"eval/{name}" if single else f"eval/{name}/{fmt}",
                     "eval_ref" if name == "reference" else "eval",
                     self.work / "evals" / folder,
-                    lambda n=name, m=model, f=folder, fm=fmt, t=tasks: self._eval(n, m, f, fm, t),
+                    lambda n=name, m=model, f=folder, fm=fmt, t=tasks: self._eval(
+                        n, m, f, fm, t, subset
+                    ),
                     needs=needs,
                 )
             )
@@ -450,6 +489,7 @@ class Experiment:
             keep_checkpoints=1,
             progress=True,
             compile=self.compile,
+            head_subset=str(CLAIM3_SUBSETS[run.vocab]) if run.vocab is not None else None,
         )
         _write_command(out, _train_cli(cfg))
         t0 = time.monotonic()
@@ -512,6 +552,7 @@ class Experiment:
         folder: str | None = None,
         fmt: str = "plain",
         tasks: str | None = None,
+        subset: int | None = None,
     ) -> dict[str, Any]:
         from calibrated_lm.evaluation.runner import EvalConfig, run_eval
 
@@ -529,6 +570,7 @@ class Experiment:
             batch_size=p.eval_batch,
             device=self.device,
             fit_split=p.fit_split,
+            head_subset=str(CLAIM3_SUBSETS[subset]) if subset is not None else None,
         )
         _write_command(out, _eval_cli(cfg))
         t0 = time.monotonic()
@@ -591,6 +633,8 @@ def _train_cli(cfg: Any) -> str:
         parts.append(f"--softcap {cfg.softcap:g}")
     if cfg.compile:
         parts.append("--compile")
+    if cfg.head_subset:
+        parts.append(f"--head-subset {cfg.head_subset}")
     return " ".join(parts)
 
 
@@ -610,6 +654,8 @@ def _eval_cli(cfg: Any) -> str:
         parts.append(f"--limit {cfg.limit}")
     if cfg.fit_split:
         parts.append("--fit-split")
+    if cfg.head_subset:
+        parts.append(f"--head-subset {cfg.head_subset}")
     return " ".join(parts)
 
 

@@ -355,3 +355,32 @@ def test_evaluations_are_estimated_per_format(tmp_path):
     assert sc._estimate(plain, timed, prof) == pytest.approx(21.0 * 1.1)
     assert sc._estimate(trained, timed, prof) == pytest.approx(80.0 * 1.1)
     assert sc._estimate(single, timed, prof) == pytest.approx(80.0 * 1.1)
+
+
+def test_claim3_plan_scores_the_base_under_each_subset_and_trains_the_primary_runs_first(
+    tmp_path,
+):
+    from calibrated_lm.models import head_subset as HS
+
+    prof = sc.PROFILES["claim3"]
+    for v, path in sc.CLAIM3_SUBSETS.items():  # the committed subsets, of gemma's 262,144
+        subset = HS.load(path.parent)
+        assert subset is not None and subset.size == v and subset.vocab_size == 262144
+    names = [u.name for u in sc.Experiment(prof, tmp_path, [], "cpu").units()]
+    for v in (65536, 24576):
+        assert f"eval/base_V{v}/trained" in names and f"eval/base_V{v}/plain" in names
+    trains = [n for n in names if n.startswith("train/")]
+    assert trains[:2] == [
+        "train/sft_lr8e-05_ep3_eps0_V24576_s1",
+        "train/sft_lr8e-05_ep3_eps0.1_V24576_s1",
+    ]
+    assert "train/sft_lr8e-05_ep3_eps0.1_T0.5_s2" in trains
+    # V' = 262,144 is claim 2's runs: not trained again here.
+    assert not any("V" not in n and "T0.5" not in n and "C32" not in n for n in trains)
+    run = prof.runs[0]
+    from calibrated_lm.training.loop import TrainConfig
+
+    line = sc._train_cli(
+        TrainConfig(model="m", data="d", output="o", head_subset=str(sc.CLAIM3_SUBSETS[run.vocab]))
+    )
+    assert f"--head-subset {sc.CLAIM3_SUBSETS[24576]}" in line
