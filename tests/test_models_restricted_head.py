@@ -81,17 +81,21 @@ def _untied_copy(model):
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1])
-@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize(("tied", "untie"), [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize(
     ("arch", "softcap"), [("llama", None), ("llama", 3.0), ("gemma3_text", None)]
 )
-def test_subset_loss_and_gradients_equal_the_masked_full_softmax(arch, softcap, tied, eps):
+def test_subset_loss_and_gradients_equal_the_masked_full_softmax(arch, softcap, tied, untie, eps):
     model = tiny(arch, tied=tied)
-    ref = _untied_copy(model)
+    ref = copy.deepcopy(model)
     ids, labels = batch()
-    patch_model(model, label_smoothing=eps, softcap=softcap, head_subset=SUBSET)
-    # The head is its own parameter now; the input embedding is the original's, all V rows.
-    assert not is_tied(model) and model.config.tie_word_embeddings is False
+    patch_model(model, label_smoothing=eps, softcap=softcap, head_subset=SUBSET, untie_head=untie)
+    # A tied head stays tied unless asked; untied, it is its own copy and the input
+    # embedding is the original's, all V rows.
+    assert is_tied(model) == (tied and not untie)
+    assert model.config.tie_word_embeddings == (tied and not untie)
+    if untie:
+        ref = _untied_copy(ref)
     torch.testing.assert_close(
         model.get_input_embeddings().weight, ref.get_input_embeddings().weight
     )
@@ -112,7 +116,16 @@ def test_subset_loss_and_gradients_equal_the_masked_full_softmax(arch, softcap, 
         torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
     head_grad = model.get_output_embeddings().weight.grad
     outside = torch.as_tensor(SUBSET.index_map()) < 0
+    if is_tied(model):
+        # The shared rows of tokens outside S get the input embedding's gradient only: none
+        # for tokens that are not in the batch either.
+        outside &= ~torch.isin(torch.arange(outside.numel()), ids.flatten())
     assert head_grad[outside].abs().max() == 0 and head_grad[~outside].abs().max() > 0
+
+
+def test_untie_head_needs_a_subset():
+    with pytest.raises(ValueError, match="untie_head=True needs a head_subset"):
+        patch_model(tiny("llama", tied=True), untie_head=True)
 
 
 def test_temperature_and_sum_reduction_with_a_subset():
@@ -152,8 +165,8 @@ def test_unlabelled_logits_are_minus_inf_outside_the_subset_and_generate_stays_i
     )
     gen = model.generate(ids[:1, :4], max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert not outside[gen[0, 4:]].any()
-    unpatch_model(model)  # back to the full softmax; the head stays untied
-    assert not is_tied(model)
+    unpatch_model(model)  # back to the full softmax; the tie was never broken
+    assert is_tied(model)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, full, rtol=0, atol=0)
 

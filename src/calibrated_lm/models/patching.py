@@ -22,8 +22,8 @@ hidden states and of the softcap: the kernel sees one linear map and one softcap
 
 ``head_subset=S`` (issue 12, claim 3) restricts the softmax to the V' tokens of S: the loss
 is the one above over the kept rows of ``W`` only (smoothing mass eps / V' per kept token,
-targets outside S left out and counted in ``LossStats.n_outside``), a tied head is untied
-first, and the logits without labels are the full ones with -inf outside S
+targets outside S left out and counted in ``LossStats.n_outside``), a tied head kept tied
+unless ``untie_head=True``, and the logits without labels are the full ones with -inf outside S
 (``calibrated_lm.models.restricted_head`` has the formulas).
 
 Under HF ``Trainer``'s gradient accumulation the model receives ``num_items_in_batch``;
@@ -52,7 +52,8 @@ from torch import nn
 
 from calibrated_lm.errors import UserError
 from calibrated_lm.models.head_subset import HeadSubset
-from calibrated_lm.models.restricted_head import RestrictedHead, check_vocab, untie_head
+from calibrated_lm.models.restricted_head import RestrictedHead, check_vocab
+from calibrated_lm.models.restricted_head import untie_head as _untie_head
 
 _PATCH_ATTR = "_calibrated_lm_patch"
 # The decoder hook that refuses calls from a wrapper bypassing the patched forward.
@@ -504,6 +505,7 @@ def patch_model(
     impl: str = "auto",
     min_block_rows: int = DEFAULT_MIN_BLOCK_ROWS,
     head_subset: HeadSubset | None = None,
+    untie_head: bool = False,
 ) -> nn.Module:
     """Make ``model(…, labels=…)`` return the fused label-smoothed loss (see module docstring).
 
@@ -519,8 +521,11 @@ def patch_model(
     ``head_subset`` restricts the output softmax to its V' tokens (module docstring): the loss
     over the kept rows only, with eps / V' of smoothing per kept token and targets outside
     the subset left out (counted in ``loss_stats.n_outside``); the logits without labels are
-    the full-V ones with -inf outside it. A head tied to the input embedding is untied (a copy;
-    ``config.tie_word_embeddings = False``), and stays untied after ``unpatch_model``. Under HF
+    the full-V ones with -inf outside it. A head tied to the input embedding stays tied by
+    default: the shared matrix keeps all V rows for the inputs, and the kept rows get the
+    head's gradients as without a subset (so a restricted run differs from a full one in the
+    softmax's support only). ``untie_head=True`` gives the head its own copy first
+    (``config.tie_word_embeddings = False``; it stays untied after ``unpatch_model``). Under HF
     Trainer's ``num_items_in_batch`` the loss is divided by the trainer's count of targets,
     which includes those outside the subset. Its ``vocab_size`` must be the head's rows.
 
@@ -540,8 +545,10 @@ def patch_model(
         head = RestrictedHead(head_subset)
     cfg = dataclasses.replace(cfg, min_block_rows=min_block_rows, head=head)
     unpatch_model(model)
-    if head is not None:
-        untie_head(model)
+    if untie_head:
+        if head is None:
+            raise ValueError("patch_model: untie_head=True needs a head_subset")
+        _untie_head(model)
     if cfg.path == "generic":
         _check_generic(model, cfg)
     original = model.forward

@@ -15,8 +15,9 @@ What ``patch_model(..., head_subset=S)`` does with S (|S| = V' of the head's V r
   Gradients reach the kept rows of ``W`` only (``index_select``'s backward);
 * the logits without labels (generation, any generic scorer): the full-V logits, with
   ``-inf`` at every token outside S, so ``log_softmax`` over them is the restricted one;
-* a head tied to the input embedding is untied first (:func:`untie_head`): the input
-  embedding keeps all V rows, untouched by the head's gradients.
+* a head tied to the input embedding stays tied unless asked (``untie_head=True``, then
+  :func:`untie_head`): the shared matrix keeps all V rows for the inputs, and only the kept
+  rows receive the head's gradients, as they would without a subset.
 """
 
 from __future__ import annotations

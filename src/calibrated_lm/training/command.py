@@ -128,8 +128,8 @@ def add_parser(subparsers) -> None:
         default=None,
         metavar="FILE",
         help="head_subset.json (calibrated_lm.models.head_subset), or a folder holding one: "
-        "the output softmax over its V' tokens only (the head untied from the input "
-        "embedding, only its kept rows trained, targets outside the subset left out of the "
+        "the output softmax over its V' tokens only (a tied head stays tied; only its kept "
+        "rows get the head's gradients, targets outside the subset left out of the "
         "loss; each metrics line gets outside_subset_share). The file is saved into every "
         "checkpoint and final/, so `calibrated-lm eval` scores with it; a resume keeps it",
     )

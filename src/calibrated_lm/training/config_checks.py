@@ -185,7 +185,7 @@ def validate_config(cfg: Any) -> None:
         if not str(head_subset):
             raise UserError("--head-subset must be a non-empty path (or be left out)")
         if getattr(cfg, "deepspeed", None):
-            # ZeRO-3 would partition the untied head copy made after the model is built;
+            # ZeRO-3 partitions the head weight the restricted loss index-selects from;
             # untested, so refused (as --compile is).
             raise UserError("--head-subset does not work with --deepspeed; leave one of them out")
     if getattr(cfg, "compile", False) and getattr(cfg, "deepspeed", None):

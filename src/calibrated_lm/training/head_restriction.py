@@ -6,7 +6,7 @@ holding one. The run
 * reads and checks it before the model is loaded (:func:`open_for_run`), and its V against
   the model's head once loaded (:func:`check_model`);
 * patches the model with it (``patch_model(..., head_subset=...)``): the loss is the
-  restricted softmax's over the kept head rows (a tied head untied), and targets outside the
+  restricted softmax's over the kept head rows (a tied head stays tied), and targets outside the
   subset are left out of it. The loop's token-summed loss divides by the targets *inside* the
   subset (:func:`count_targets`), so every kept token weighs the same, and each logged record
   carries ``outside_subset_tokens`` and ``outside_subset_share`` = outside / (inside + outside)
