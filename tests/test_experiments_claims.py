@@ -172,3 +172,54 @@ def test_claim2_verdict_rules() -> None:
     assert R2.verdict({"ci95": [-0.004, 0.02]}, acc_ok) == "not reproduced"
     assert R2.verdict({"ci95": [-0.03, 0.02]}, {"ci95": [-0.05, -0.02]}) == "not reproduced"
     assert R2.verdict({"ci95": [-0.03, 0.02]}, acc_ok) == "inconclusive"
+
+
+def test_claim3_report_interaction_regime_check_and_missing_runs(tmp_path: Path) -> None:
+    import claim3_report as R3
+    from sft_calibration import SFTRun
+
+    rng = np.random.default_rng(0)
+    c2, c3 = tmp_path / "c2", tmp_path / "c3"
+
+    def ev(work, eps, seed, sharp, fmt="trained", **kw):
+        name = SFTRun(eps, seed, lr=8e-5, epochs=3, **kw).name(8e-5)
+        _samples(work / f"evals/{name}__{fmt}/samples.jsonl", rng, 150, sharp, tasks=R3.PRIMARY)
+
+    for s in (1, 2):
+        # Full V: eps 0 over-confident, smoothing barely helps (sharpness 2.5 -> 2.4).
+        ev(c2, 0.0, s, 2.5)
+        ev(c2, 0.1, s, 2.4)
+        # V' 24,576: the same over-confidence, smoothing calibrates (2.5 -> 1.0).
+        ev(c3, 0.0, s, 2.5, vocab=24576)
+        ev(c3, 0.1, s, 1.0, vocab=24576)
+        # V' 65,536: eps 0 not over-confident (under-confident): the regime check fails.
+        ev(c3, 0.0, s, 0.3, vocab=65536)
+        ev(c3, 0.1, s, 0.3, vocab=65536)
+    ev(c3, 0.0, 1, 2.5, temperature=0.5)  # one remedy run only
+    claims = tmp_path / "claims.json"
+    out = R3.write_report(c3, c2, tmp_path / "res", bootstrap=200, claims_path=claims)
+    tests = out["tests"]
+    primary = tests["primary: I = D(24,576) - D(262,144)"]
+    assert primary["verdict"] == "reproduced" and primary["contrast"]["ci95"][1] < 0
+    small, full = primary["arms"]["V'=24576"], primary["arms"]["V'=262144"]
+    assert small["D"] < full["D"] < 0 and small["gap_ci95"][0] > 0
+    assert primary["contrast"]["delta"] == pytest.approx(small["D"] - full["D"])
+    middle = tests["D(65,536) - D(262,144)"]
+    assert middle["verdict"] == "inconclusive" and "V'=65536" in middle["reason"]
+    remedy = tests["remedy T 0.5 (as saved): D_R - D(262,144)"]
+    assert remedy["verdict"] is None and "T 0.5, as saved eps 0.1 seed 1" in remedy["missing"]
+    text = (tmp_path / "res/tables.md").read_text()
+    assert "**reproduced**" in text and "no verdict; missing" in text
+    recs = [r for r in json.loads(claims.read_text()) if r["claim"] == "3"]
+    assert {r["setting"] for r in recs} == {
+        "primary: I = D(24,576) - D(262,144)",
+        "D(65,536) - D(262,144)",
+    }
+
+
+def test_claim3_contrast_verdict_rules() -> None:
+    import claim3_report as R3
+
+    assert R3.contrast_verdict([-0.03, -0.01]) == "reproduced"
+    assert R3.contrast_verdict([-0.004, 0.02]) == "not reproduced"
+    assert R3.contrast_verdict([-0.03, 0.01]) == "inconclusive"

@@ -1,0 +1,328 @@
+"""Report of issue 12's claim-3 test (``sft_calibration.py run --profile claim3``).
+
+Against the test pre-registered (and amended before any run) in ``docs/issue12_plan.md``,
+step 5. All scores are the trained format with per-token normalisation, the five primary
+tasks averaged draw by draw; ECE is the metric.
+
+* The smoothing effect at V': ``D(V') = ECE(eps 0.1) - ECE(eps 0)``, same seed, averaged over
+  seeds; two-level paired bootstrap (seeds, then questions), ``--bootstrap`` draws.
+  V' = 262,144 is claim 2's runs (``--claim2-work``), the others the restricted-head runs.
+* Primary test: the interaction ``I = D(24,576) - D(262,144)``, its interval from the same
+  draws: every D is bootstrapped with the same seed and question resampling (one question set
+  per task, shared by every model compared), so ``I``'s draws are differences of D's draws.
+* Regime check first: at each V' of the test, eps 0's confidence minus accuracy (primary mean,
+  seeds and questions resampled) must have its interval above 0, else that test gets no
+  verdict (inconclusive, reason given).
+* Verdicts: reproduced when I's interval lies below 0; not reproduced when it lies above
+  ``-NEGLIGIBLE`` (-0.005); inconclusive otherwise.
+* Remedies (T 0.5, C 32 at full V): ``D_R = ECE(eps 0.1, R) - ECE(eps 0, R)`` scored as saved
+  (``__trained``) and with the training T / C applied (``__trained_applied``), compared with
+  ``D(262,144)``: supported when ``D_R - D(262,144)`` lies below 0, not supported when above
+  ``-NEGLIGIBLE``, inconclusive otherwise.
+
+A comparison with any of its runs missing is listed with what is missing and gets no verdict.
+Writes ``--results``/``results.json`` and ``tables.md`` and the claim-3 records of
+``experiments/results/claims.json``.
+
+    python experiments/claim3_report.py --work runs/claim3 --claim2-work runs/claim2 \\
+        [--results experiments/results/sft_claim3] [--bootstrap 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import claims as C  # noqa: E402
+from control_report import PRIMARY, _records, probabilities  # noqa: E402
+from sft_calibration import SFTRun  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+NORM = "tokens"
+SEEDS = (1, 2)
+FULL_V = 262144
+SMALL_V = 24576
+MIDDLE_V = 65536
+EPS = 0.1
+NEGLIGIBLE = 0.005
+REMEDIES = {"T 0.5": {"temperature": 0.5}, "C 32": {"softcap": 32.0}}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm of a comparison: the runs' keyword arguments beyond eps and seed, the work
+    folder holding them, and the evaluation folder suffix (the scoring format)."""
+
+    label: str
+    work: Path
+    kwargs: tuple[tuple[str, Any], ...] = ()
+    fmt: str = "trained"
+
+    def folder(self, eps: float, seed: int) -> Path:
+        run = SFTRun(eps, seed, lr=8e-5, epochs=3, **dict(self.kwargs))
+        return self.work / "evals" / f"{run.name(8e-5)}__{self.fmt}"
+
+
+def _load(arms: Sequence[Arm], seeds: Sequence[int]) -> tuple[dict, list[str]]:
+    """(records by (arm label, eps, seed), missing folders named)."""
+    recs, missing = {}, []
+    for arm in arms:
+        for eps in (0.0, EPS):
+            for s in seeds:
+                f = arm.folder(eps, s)
+                if (f / "done.json").exists():
+                    recs[(arm.label, eps, s)] = _records(f / "samples.jsonl")
+                else:
+                    missing.append(f"{arm.label} eps {eps:g} seed {s}")
+    return recs, missing
+
+
+def _shared_keys(recs: dict, task: str) -> list[str] | None:
+    """The question ids every loaded model scored for ``task`` (None if one lacks the task)."""
+    sets = []
+    for r in recs.values():
+        if task not in r:
+            return None
+        sets.append(set(r[task]))
+    return sorted(set.intersection(*sets)) if sets else None
+
+
+def _seed_probs(
+    recs: dict, label: str, eps: float, seeds: Sequence[int], task: str, keys: list[str]
+) -> list[np.ndarray]:
+    """One (n, k) probability array per seed, the questions in ``keys`` order."""
+    return [probabilities([recs[(label, eps, s)][task][k] for k in keys], NORM)[0] for s in seeds]
+
+
+def _gap_draws(
+    probs: Sequence[np.ndarray], y: np.ndarray, draws: int, seed: int = 0
+) -> tuple[float, np.ndarray]:
+    """Seed-mean confidence minus accuracy of one arm's eps-0 models: the point value and
+    its two-level bootstrap draws (the same seed and question resampling as the paired
+    bootstrap, so tasks average draw by draw)."""
+    from calibrated_lm.calibration.bootstrap import bootstrap_indices
+    from calibrated_lm.calibration.resampled import multiplicities
+
+    n = y.shape[0]
+    cols = np.stack([p.max(axis=1) - (p.argmax(axis=1) == y) for p in probs])  # (S, n)
+    w = multiplicities(bootstrap_indices(n, draws, seed), n)  # (draws, n)
+    per_seed = cols @ w.T / n  # (S, draws)
+    picks = np.random.default_rng(seed + 1).integers(0, len(probs), size=(draws, len(probs)))
+    return float(cols.mean()), per_seed[picks, np.arange(draws)[:, None]].mean(axis=1)
+
+
+def effects(
+    arms: Sequence[Arm], seeds: Sequence[int], draws: int
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Per arm: D (ECE eps 0.1 - eps 0, primary mean), its draws, and the eps-0 gap's, on
+    the questions every model of ``arms`` scored; plus what is missing."""
+    from calibrated_lm.calibration import percentile_interval
+    from calibrated_lm.calibration.paired import two_level_bootstrap
+
+    recs, missing = _load(arms, seeds)
+    out: dict[str, dict[str, Any]] = {a.label: {"tasks": {}} for a in arms}
+    if missing:
+        return out, missing
+    d_draws: dict[str, list[np.ndarray]] = {a.label: [] for a in arms}
+    g_draws: dict[str, list[np.ndarray]] = {a.label: [] for a in arms}
+    points: dict[str, list[tuple[float, float, float]]] = {a.label: [] for a in arms}
+    for task in PRIMARY:
+        keys = _shared_keys(recs, task)
+        if not keys:
+            missing.append(f"task {task}")
+            continue
+        for arm in arms:
+            y = probabilities([recs[(arm.label, 0.0, seeds[0])][task][k] for k in keys], NORM)[1]
+            pa = _seed_probs(recs, arm.label, 0.0, seeds, task, keys)
+            pb = _seed_probs(recs, arm.label, EPS, seeds, task, keys)
+            res = two_level_bootstrap(pa, pb, y, draws=draws, seed=0, return_draws=True)
+            gap, gd = _gap_draws(pa, y, draws)
+            ece = res["ece"]
+            out[arm.label]["tasks"][task] = {
+                "n": len(keys),
+                "ece_eps0": ece["a"],
+                "ece_eps": ece["b"],
+                "D": ece["delta"],
+                "D_ci95": ece["ci95"],
+                "gap_eps0": gap,
+            }
+            d_draws[arm.label].append(np.asarray(ece["draws"]))
+            g_draws[arm.label].append(gd)
+            points[arm.label].append((ece["a"], ece["b"], gap))
+    if missing:
+        return out, missing
+    for arm in arms:
+        a, b, g = np.mean(points[arm.label], axis=0)
+        d = np.mean(np.stack(d_draws[arm.label]), axis=0)
+        gd = np.mean(np.stack(g_draws[arm.label]), axis=0)
+        out[arm.label].update(
+            ece_eps0=float(a),
+            ece_eps=float(b),
+            D=float(b - a),
+            D_ci95=percentile_interval(d),
+            gap_eps0=float(g),
+            gap_ci95=percentile_interval(gd),
+            _draws=d,
+        )
+    return out, missing
+
+
+def contrast_verdict(ci: Sequence[float]) -> str:
+    """Below 0: the predicted direction; above -NEGLIGIBLE: not it; else inconclusive."""
+    lo, hi = ci
+    if hi < 0:
+        return "reproduced"
+    if lo > -NEGLIGIBLE:
+        return "not reproduced"
+    return "inconclusive"
+
+
+def _contrast(
+    arms: Sequence[Arm],
+    small: str,
+    large: str,
+    seeds: Sequence[int],
+    draws: int,
+    regime: Sequence[str],
+) -> dict[str, Any]:
+    """D(small) - D(large) on shared questions, with the regime check on ``regime`` arms."""
+    from calibrated_lm.calibration import percentile_interval
+
+    eff, missing = effects(arms, seeds, draws)
+    entry: dict[str, Any] = {
+        "arms": {k: {x: y for x, y in v.items() if x != "_draws"} for k, v in eff.items()},
+        "missing": missing,
+        "verdict": None,
+    }
+    if missing:
+        return entry
+    diff = eff[small]["_draws"] - eff[large]["_draws"]
+    entry["contrast"] = {
+        "a": eff[large]["D"],
+        "b": eff[small]["D"],
+        "delta": eff[small]["D"] - eff[large]["D"],
+        "ci95": percentile_interval(diff),
+    }
+    failed = [r for r in regime if not eff[r]["gap_ci95"][0] > 0]
+    if failed:
+        entry["verdict"] = "inconclusive"
+        entry["reason"] = "regime check failed (eps 0 not over-confident) at " + ", ".join(failed)
+    else:
+        entry["verdict"] = contrast_verdict(entry["contrast"]["ci95"])
+    return entry
+
+
+def write_report(
+    work: Path,
+    claim2_work: Path,
+    results: Path,
+    *,
+    bootstrap: int = 1000,
+    seeds: tuple[int, ...] = SEEDS,
+    claims_path: Path = C.CLAIMS,
+) -> dict[str, Any]:
+    full = Arm(f"V'={FULL_V}", claim2_work)
+    out: dict[str, Any] = {"criterion": "docs/issue12_plan.md, step 5 (amended)", "tests": {}}
+    small = Arm(f"V'={SMALL_V}", work, (("vocab", SMALL_V),))
+    middle = Arm(f"V'={MIDDLE_V}", work, (("vocab", MIDDLE_V),))
+    out["tests"]["primary: I = D(24,576) - D(262,144)"] = _contrast(
+        [small, full], small.label, full.label, seeds, bootstrap, [small.label, full.label]
+    )
+    out["tests"]["D(65,536) - D(262,144)"] = _contrast(
+        [middle, full], middle.label, full.label, seeds, bootstrap, [middle.label, full.label]
+    )
+    for name, kw in REMEDIES.items():
+        for fmt, how in (("trained", "as saved"), ("trained_applied", "applied")):
+            arm = Arm(f"{name}, {how}", work, tuple(kw.items()), fmt)
+            out["tests"][f"remedy {name} ({how}): D_R - D(262,144)"] = _contrast(
+                [arm, full], arm.label, full.label, seeds, bootstrap, [full.label]
+            )
+    records = []
+    for test, e in out["tests"].items():
+        if e["verdict"] is None:
+            continue
+        c = e["contrast"]
+        verdict = e["verdict"]
+        if test.startswith("remedy"):
+            verdict = {"reproduced": "supported", "not reproduced": "not supported"}.get(
+                verdict, verdict
+            )
+            e["verdict"] = verdict
+        records.append(
+            C.record(
+                "3",
+                test,
+                "primary mean",
+                "d_ece_contrast",
+                c["a"],
+                c["b"],
+                c["ci95"],
+                verdict=verdict + (f" ({e['reason']})" if "reason" in e else ""),
+                headline=test.startswith("primary"),
+            )
+        )
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "results.json").write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    (results / "tables.md").write_text(_tables(out), encoding="utf-8")
+    if records:
+        C.update(records, source="claim3", path=claims_path)
+    return out
+
+
+def _ci(ci: Sequence[float]) -> str:
+    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
+def _tables(out: dict[str, Any]) -> str:
+    lines = [
+        "# Claim 3: the label-smoothing benefit against the vocabulary at D = 640",
+        "",
+        "Generated by `experiments/claim3_report.py`; pre-registered (and amended before any "
+        "run) in `docs/issue12_plan.md`, step 5. D = ECE(eps 0.1) - ECE(eps 0), same seed, "
+        "trained format, per-token scores, primary-task mean; two-level bootstrap 95% "
+        "intervals; gap = eps 0's confidence minus accuracy (the regime check).",
+        "",
+        "| test | arm | ECE eps 0 | ECE eps 0.1 | D [95% CI] | gap eps 0 [95% CI] |",
+        "|---|---|---|---|---|---|",
+    ]
+    for test, e in out["tests"].items():
+        for label, a in e["arms"].items():
+            if "D" not in a:
+                continue
+            lines.append(
+                f"| {test} | {label} | {a['ece_eps0']:.3f} | {a['ece_eps']:.3f} | "
+                f"{a['D']:+.3f} {_ci(a['D_ci95'])} | {a['gap_eps0']:+.3f} {_ci(a['gap_ci95'])} |"
+            )
+    lines += ["", "## Contrasts and verdicts", ""]
+    for test, e in out["tests"].items():
+        if e["verdict"] is None:
+            lines.append(f"- {test}: no verdict; missing: {', '.join(e['missing'])}")
+            continue
+        c = e["contrast"]
+        why = f" ({e['reason']})" if "reason" in e else ""
+        lines.append(f"- {test}: {c['delta']:+.3f} {_ci(c['ci95'])}: **{e['verdict']}**{why}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "claim3")
+    ap.add_argument("--claim2-work", type=Path, default=ROOT / "runs" / "claim2")
+    ap.add_argument("--results", type=Path, default=ROOT / "experiments/results/sft_claim3")
+    ap.add_argument("--bootstrap", type=int, default=1000)
+    args = ap.parse_args(argv)
+    write_report(args.work, args.claim2_work, args.results, bootstrap=args.bootstrap)
+    print((args.results / "tables.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
