@@ -118,6 +118,32 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "folder's own head_subset.json, which `calibrated-lm train --head-subset` saves; "
         "give it to score a base model with the same restriction",
     )
+    p.add_argument(
+        "--uncovered",
+        choices=["error", "skip"],
+        default="error",
+        help="with a head subset, a question with a choice token outside it: error (default) "
+        "refuses the run before scoring; skip leaves it out, counted per task in the summary "
+        "and report (a task with no question left is refused)",
+    )
+    p.add_argument(
+        "--logit-softcap",
+        type=float,
+        default=None,
+        metavar="C",
+        help="score log-softmax(C tanh(z / C)) (then any --logit-temperature), e.g. a model "
+        "trained with --softcap C scored with it applied; z are the model's logits, already "
+        "capped by its own final_logit_softcapping if its config has one (Gemma 2/3), and "
+        "restricted to the head subset if any",
+    )
+    p.add_argument(
+        "--logit-temperature",
+        type=float,
+        default=None,
+        metavar="T",
+        help="score log-softmax(z / T), e.g. a model trained with --temperature T scored with "
+        "it applied (after --logit-softcap)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(run=run)
 
@@ -199,6 +225,9 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         overwrite=args.overwrite,
         head_subset=args.head_subset,
+        uncovered=args.uncovered,
+        logit_softcap=args.logit_softcap,
+        logit_temperature=args.logit_temperature,
     )
     summary = run_eval(cfg)
     if not dist_info().is_main:
@@ -215,6 +244,10 @@ def run(args: argparse.Namespace) -> int:
             f"head subset: softmax over V' = {subset['size']} of {subset['vocab_size']} tokens "
             f"({subset['path']}, sha256 {subset['sha256'][:12]}...)"
         )
+    from calibrated_lm.evaluation.report import scoring_notes
+
+    for note in scoring_notes(summary["protocol"]):
+        print(note)
     qps = timing["questions_per_s"]
     print(
         f"scored {timing['questions_scored_this_run']} questions in {timing['scoring_s']} s"

@@ -198,6 +198,21 @@ def summary_order(summary: dict[str, Any], records: Sequence[SampleRecord]) -> l
     return order
 
 
+def scoring_notes(proto: dict[str, Any]) -> list[str]:
+    """What the report states above its table because the numbers mean something else
+    without it: a logit transform applied at scoring time, and the questions
+    ``--uncovered skip`` left out (per task, with their share)."""
+    from calibrated_lm.evaluation import logit_transform, uncovered
+
+    notes = []
+    described = logit_transform.from_key(proto).describe()
+    if described:
+        notes.append(f"Scored with {described}.")
+    for task, c in (proto.get("uncovered_questions") or {}).items():
+        notes.append(uncovered.describe(task, c))
+    return notes
+
+
 def write_report(
     out_dir: Path,
     summary: dict[str, Any],
@@ -206,9 +221,11 @@ def write_report(
 ) -> Path:
     proto = summary["protocol"]
     rows = table_rows(summary, summary_order(summary, records))
-    lines = [
-        f"# Calibration report: {proto.get('model')}",
-        "",
+    lines = [f"# Calibration report: {proto.get('model')}", ""]
+    notes = scoring_notes(proto)
+    if notes:
+        lines += [f"- {n}" for n in notes] + [""]
+    lines += [
         markdown_table(report_header(), rows),
         "",
         "## Protocol",

@@ -21,6 +21,10 @@ With a head subset (``--head-subset FILE``, or a ``head_subset.json`` in the mod
 ``calibrated-lm train --head-subset`` saves there) every score is a log-softmax over the kept
 tokens only (``scoring``); ``run.json`` and the summary's protocol record the file's path,
 sha256 and V', and a rerun with another subset (or none) is refused like another model.
+``--uncovered skip`` leaves out the questions the subset cannot score, counted per task
+(:mod:`calibrated_lm.evaluation.uncovered`); ``--logit-softcap C`` / ``--logit-temperature T``
+score ``log_softmax(C tanh(z / C) / T)`` (:mod:`calibrated_lm.evaluation.logit_transform`).
+Both are pinned in ``run.json`` like the subset: a rerun with another value is refused.
 
 Journals or ``run.json`` files of older versions (no fingerprint, no question hashes) cannot be
 checked, so they are refused with a sentence suggesting ``--overwrite``. Every argument is
@@ -45,6 +49,7 @@ from calibrated_lm.calibration.record import SampleRecord
 from calibrated_lm.errors import UserError
 from calibrated_lm.evaluation import distributed as D
 from calibrated_lm.evaluation.items import Item
+from calibrated_lm.evaluation.logit_transform import LogitTransform
 from calibrated_lm.evaluation.samples_file import (
     SamplesWriter,
     latest_records,
@@ -87,6 +92,13 @@ class EvalConfig:
     # head_subset.json (or a folder holding one): the softmax over its kept tokens only; by
     # default the model folder's own head_subset.json, if any (resolve_head_subset).
     head_subset: str | None = None
+    # error: a question with a choice token outside the head subset is refused; skip: such
+    # questions are left out and counted per task (evaluation/uncovered.py). Subset only.
+    uncovered: str = "error"
+    # Scoring-time logit transforms, z -> C tanh(z / C) then / T (evaluation/logit_transform.py):
+    # a model trained with a training temperature or softcap scored with it applied.
+    logit_softcap: float | None = None
+    logit_temperature: float | None = None
     extra_protocol: dict[str, Any] = field(default_factory=dict)
 
 
@@ -184,23 +196,35 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def _score_with_backoff(
-    model, encoder, window, state, max_len, score_items=None, token_counts=None, head_subset=None
+    model,
+    encoder,
+    window,
+    state,
+    max_len,
+    score_items=None,
+    token_counts=None,
+    head_subset=None,
+    transform: LogitTransform | None = None,
 ):
     """Score one window; on out-of-memory halve an automatic batch, else explain and stop.
 
     ``score_items`` defaults to :func:`calibrated_lm.evaluation.scoring.score_items`
     (``benchmarks/bench_scoring.py`` passes an earlier version's). ``token_counts``, a list,
-    receives each item's per-choice continuation token counts, and ``head_subset`` restricts
-    the softmax (default scorer only)."""
+    receives each item's per-choice continuation token counts, ``head_subset`` restricts
+    the softmax and ``transform`` maps the logits (default scorer only)."""
     extra: dict[str, Any] = {}
+    if transform is not None and transform.is_identity:
+        transform = None
     if score_items is None:
         from calibrated_lm.evaluation.scoring import score_items
 
         extra = {"token_counts": token_counts} if token_counts is not None else {}
         if head_subset is not None:
             extra["head_subset"] = head_subset
-    elif head_subset is not None:
-        raise ValueError("a head subset needs the default scorer")
+        if transform is not None:
+            extra["transform"] = transform
+    elif head_subset is not None or transform is not None:
+        raise ValueError("a head subset or logit transform needs the default scorer")
 
     while True:
         try:
@@ -295,6 +319,10 @@ def validate_config(cfg: EvalConfig) -> None:
         not (isinstance(hsub, str) or hasattr(hsub, "__fspath__")) or not str(hsub)
     ):
         raise UserError(f"--head-subset must be a path (or be left out), not {hsub!r}")
+    from calibrated_lm.evaluation import uncovered
+
+    uncovered.check_mode(cfg.uncovered)
+    _transform(cfg)  # a bad --logit-softcap / --logit-temperature is refused here
     if not isinstance(cfg.device, str):
         raise UserError(f"--device must be auto, cpu, cuda or cuda:N, not {cfg.device!r}")
     check_device(cfg.device)
@@ -391,6 +419,24 @@ def _subset_key(subset: SubsetFile | None) -> dict[str, Any]:
     return {} if subset is None else {"head_subset": subset.record()}
 
 
+def _transform(cfg: EvalConfig) -> LogitTransform:
+    """The run's logit transform (a UserError for a value that is not finite and > 0)."""
+    return LogitTransform(softcap=cfg.logit_softcap, temperature=cfg.logit_temperature)
+
+
+def _scoring_key(cfg: EvalConfig, subset: SubsetFile | None) -> dict[str, Any]:
+    """What run.json pins beyond the model and prompts about how a score is computed: the
+    head subset, ``--uncovered`` (with a subset) and the logit transform; each absent when
+    not in use, as in older folders."""
+    from calibrated_lm.evaluation import uncovered
+
+    return {
+        **_subset_key(subset),
+        **uncovered.key(cfg.uncovered, subset is not None),
+        **_transform(cfg).key(),
+    }
+
+
 def _check_subset_vocab(subset: SubsetFile, model: Any) -> None:
     rows = model.get_output_embeddings().weight.shape[0]
     if subset.subset.vocab_size != rows:
@@ -428,7 +474,7 @@ def _protocol_key(
     }
     if chat and template:
         key["chat_template_sha256"] = hashlib.sha256(template.encode("utf-8")).hexdigest()
-    key.update(_subset_key(subset))
+    key.update(_scoring_key(cfg, subset))
     return key
 
 
@@ -445,7 +491,7 @@ def _early_key(
         "model_fingerprint": fingerprint,
         "num_fewshot": cfg.num_fewshot,
         "splits": splits,
-        **_subset_key(subset),
+        **_scoring_key(cfg, subset),
     }
     if cfg.dtype != "auto":
         key["dtype"] = cfg.dtype
@@ -500,6 +546,10 @@ def _protocol_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     if old_sub != new_sub:
         shown = [f"{h[:12]}..." if h else "none" for h in (old_sub, new_sub)]
         changes.append(f"head_subset: {shown[0]} -> {shown[1]}")
+    from calibrated_lm.evaluation import logit_transform, uncovered
+
+    changes += uncovered.key_changes(old, new)
+    changes += logit_transform.key_changes(old, new)
     old_splits = old.get("splits") or {}
     for task, split in (new.get("splits") or {}).items():
         if task in old_splits and old_splits[task] != split:
@@ -647,6 +697,28 @@ def _reusable(records: Sequence[SampleRecord], items: Sequence[Item]) -> set:
     return done
 
 
+def _leave_out_uncovered(
+    encoder: Any,
+    items: list[Item],
+    subset: SubsetFile,
+    splits: dict[str, str],
+    tasks: Sequence[Task],
+) -> tuple[list[Item], dict[str, dict[str, Any]]]:
+    """``--uncovered skip``: the covered ``items`` and per-task counts of those left out
+    (:func:`calibrated_lm.evaluation.uncovered.counts`, with each task's split); a task with
+    no covered question is a :class:`UserError`. Every question is tokenised, resumed ones
+    too: the counts describe the run's questions, not only this session's."""
+    from calibrated_lm.evaluation import uncovered
+
+    covered, left = uncovered.partition(encoder, items, subset.subset)
+    names = [t.name for t in tasks if t.name in splits]
+    per_task = uncovered.counts(items, left, names)
+    for name, c in per_task.items():
+        c["split"] = splits.get(name)
+    uncovered.refuse_empty(per_task, subset.subset.size)
+    return covered, per_task
+
+
 def _task_splits(tasks: Sequence[Task], split: str | None) -> dict[str, str]:
     """The split each task is scored on (reported name -> split)."""
     return {task.name: split or task.eval_split for task in tasks}
@@ -689,6 +761,9 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     # Resolving the model (inside) makes a missing model fail before any folder is created.
     fingerprint = model_fingerprint(cfg.model)
     subset = resolve_head_subset(cfg)
+    from calibrated_lm.evaluation.uncovered import check_mode_with_subset
+
+    check_mode_with_subset(cfg.uncovered, subset is not None)
     splits = _task_splits(tasks, cfg.split)
     out = Path(cfg.output)
     if not cfg.overwrite:
@@ -766,6 +841,17 @@ def _run_locked(
             fit_items += build_items(
                 task, split=fit, limit=None, num_fewshot=cfg.num_fewshot, chat=wrap
             )
+    left_out: dict[str, dict[str, Any]] = {}
+    if subset is not None and cfg.uncovered == "skip":
+        # Before any journal is touched: a task with no scorable question changes nothing.
+        fit_splits = {t.name: _fit_split(cfg, t) for t in tasks if _fit_split(cfg, t)}
+        eval_items, left_out["eval"] = _leave_out_uncovered(
+            encoder, eval_items, subset, splits, tasks
+        )
+        if fit_items:
+            fit_items, left_out["fit"] = _leave_out_uncovered(
+                encoder, fit_items, subset, fit_splits, tasks
+            )
     streams.append((out / SAMPLES, eval_items))
     if fit_items:
         streams.append((out / FIT_SAMPLES, fit_items))
@@ -792,7 +878,7 @@ def _run_locked(
         mine = D.shard(pending, info)
         pending_total += len(mine)
         work.append((path, mine))
-    if subset is not None:
+    if subset is not None and cfg.uncovered == "error":
         from calibrated_lm.evaluation.scoring import check_items_in_subset
 
         # Every choice scorable under the restricted softmax, before anything is scored.
@@ -801,6 +887,7 @@ def _run_locked(
 
     from tqdm import tqdm
 
+    transform = _transform(cfg)
     t_score = time.perf_counter()
     scored = 0
     with tqdm(
@@ -824,6 +911,7 @@ def _run_locked(
                         max_len,
                         token_counts=counts,
                         head_subset=subset.subset if subset is not None else None,
+                        transform=transform,
                     )
                     writer.write(_record(it, s, n) for it, s, n in zip(window, scores, counts))
                     scored += len(window)
@@ -880,11 +968,15 @@ def _run_locked(
             f"; log-softmax over the V' = {subset.subset.size} tokens of the head subset only"
             if subset is not None
             else ""
-        ),
+        )
+        + (f"; {transform.describe()}" if not transform.is_identity else ""),
         "confidence": "softmax over the choices of the (normalised) scores",
         "max_length": max_len,
         "limit": cfg.limit,
         "tasks": task_proto,
+        # --uncovered skip: per task, questions left out (scored split; fit split apart).
+        **({"uncovered_questions": left_out["eval"]} if "eval" in left_out else {}),
+        **({"uncovered_questions_fit_split": left_out["fit"]} if "fit" in left_out else {}),
         "versions": {
             "calibrated_lm": __version__,
             "torch": torch.__version__,

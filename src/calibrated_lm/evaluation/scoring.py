@@ -12,7 +12,9 @@ With a head subset S (``calibrated_lm.models.head_subset``, claim 3 of issue 12)
 is over the V' kept tokens only, ``p(t | .) = exp(z_t) / Σ_{j in S} exp(z_j)``, the
 restricted model that ``calibrated-lm train --head-subset`` trains; a continuation token
 outside S has no probability under it and is refused (:func:`check_in_subset`), never scored
-as -inf.
+as -inf. A :class:`~calibrated_lm.evaluation.logit_transform.LogitTransform` (``eval
+--logit-softcap C / --logit-temperature T``) maps those logits, ``z -> C tanh(z / C) / T``,
+after the restriction and before the log-softmax.
 
 Two things make it fast without changing any score:
 
@@ -32,6 +34,7 @@ from typing import Any
 
 from calibrated_lm.errors import UserError
 from calibrated_lm.evaluation.items import Item
+from calibrated_lm.evaluation.logit_transform import LogitTransform
 from calibrated_lm.models.head_subset import HeadSubset
 
 
@@ -226,12 +229,18 @@ _LOGSOFTMAX_CHUNK = 2048
 
 
 def _target_logprobs(
-    logits: Any, b_idx: Any, p_idx: Any, t_idx: Any, kept: Any = None
+    logits: Any,
+    b_idx: Any,
+    p_idx: Any,
+    t_idx: Any,
+    kept: Any = None,
+    transform: LogitTransform | None = None,
 ) -> list[float]:
     """log_softmax(logits[b, p])[t] for each (b, p, t), in fp32, only at those positions.
 
     With ``kept`` (the V' token ids of a head subset, on the logits' device) the softmax is
-    over those columns only, and ``t_idx`` must already index into them."""
+    over those columns only, and ``t_idx`` must already index into them. ``transform`` maps
+    the (restricted, fp32) logits first: log_softmax(transform(z))[t]."""
     import torch
 
     out = []
@@ -239,6 +248,8 @@ def _target_logprobs(
         sl = slice(s, s + _LOGSOFTMAX_CHUNK)
         rows = logits[b_idx[sl], p_idx[sl]]
         rows = (rows if kept is None else rows.index_select(1, kept)).float()
+        if transform is not None:
+            rows = transform.apply(rows)  # in fp32: z / T of bf16 logits keeps fp32 precision
         picked = rows.gather(1, t_idx[sl, None]).squeeze(1)
         out.append(picked - torch.logsumexp(rows, dim=-1))
     return torch.cat(out).double().tolist()
@@ -259,10 +270,12 @@ def score_rows(
     batch_size: int,
     max_tokens: int | None = None,
     head_subset: HeadSubset | None = None,
+    transform: LogitTransform | None = None,
 ) -> list[float]:
     """Summed continuation log-likelihood per request: the exactly rounded (``math.fsum``)
     float64 sum of the fp32 log-softmax values of its tokens (over the kept tokens of
-    ``head_subset`` only, when given; every target must then be kept)."""
+    ``head_subset`` only, when given; every target must then be kept; of the logits mapped
+    by ``transform``, when given)."""
     import math
 
     import torch
@@ -270,6 +283,8 @@ def score_rows(
     param = next(model.parameters())
     device = param.device
     kept = index_map = None
+    if transform is not None and transform.is_identity:
+        transform = None
     if head_subset is not None:
         kept = torch.as_tensor(head_subset.kept, dtype=torch.long, device=device)
         index_map = torch.as_tensor(head_subset.index_map(), dtype=torch.long, device=device)
@@ -310,7 +325,9 @@ def score_rows(
             t_idx = index_map[t_idx]  # V -> V' (check_in_subset has ruled out -1)
         with torch.inference_mode():
             out = model(input_ids=ids.to(device), logits_to_keep=keep, **kwargs)
-            values = _target_logprobs(out.logits[:, -keep:, :], b_idx, p_idx, t_idx, kept)
+            values = _target_logprobs(
+                out.logits[:, -keep:, :], b_idx, p_idx, t_idx, kept, transform
+            )
         sums: dict[int, list[float]] = {}
         for req, v in zip(owners, values):
             sums.setdefault(req, []).append(v)
@@ -378,6 +395,7 @@ def score_items(
     pack: bool | None = None,
     token_counts: list[list[int]] | None = None,
     head_subset: HeadSubset | None = None,
+    transform: LogitTransform | None = None,
 ) -> list[list[float]]:
     """Per item, per choice: the summed continuation log-likelihood.
 
@@ -387,7 +405,8 @@ def score_items(
     continuation tokens each choice's score sums over (after any left-truncation to the
     window), the length that per-token normalisation divides by. ``head_subset``: the
     log-softmax over its kept tokens only (module docstring); a choice with a continuation
-    token outside it is a :class:`UserError` (:func:`check_in_subset`).
+    token outside it is a :class:`UserError` (:func:`check_in_subset`). ``transform``: the
+    logits (after that restriction) mapped by it before the log-softmax.
     """
     if pack is None:
         pack = supports_packing(model)
@@ -404,7 +423,7 @@ def score_items(
         token_counts.extend([min(len(c), max_len) for _, c in item] for item in encoded)
     rows = plan_rows(encoded, max_len, pack=pack, pack_len=pack_len)
     n_req = sum(len(i.requests) for i in items)
-    flat = score_rows(model, rows, n_req, batch_size, max_tokens, head_subset)
+    flat = score_rows(model, rows, n_req, batch_size, max_tokens, head_subset, transform)
     out: list[list[float]] = []
     pos = 0
     for item in items:
