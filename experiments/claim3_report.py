@@ -85,6 +85,28 @@ def _load(arms: Sequence[Arm], seeds: Sequence[int]) -> tuple[dict, list[str]]:
     return recs, missing
 
 
+def primary_left_out(arms: Sequence[Arm], seeds: Sequence[int]) -> list[str]:
+    """Primary-task questions a head subset left out (``eval --uncovered skip``, recorded in
+    each evaluation's summary.json), one entry per evaluation and task. The amended protocol
+    keeps every primary answer token, so this must be empty; if not, D would be computed on
+    a selection of the questions, and the comparison gets no verdict."""
+    found = []
+    for arm in arms:
+        for eps in (0.0, EPS):
+            for s in seeds:
+                summary = arm.folder(eps, s) / "summary.json"
+                if not summary.exists():
+                    continue
+                proto = json.loads(summary.read_text(encoding="utf-8")).get("protocol", {})
+                for task, c in (proto.get("uncovered_questions") or {}).items():
+                    if task in PRIMARY and c.get("left_out"):
+                        found.append(
+                            f"{arm.label} eps {eps:g} seed {s}: {task} {c['left_out']} of "
+                            f"{c['questions']}"
+                        )
+    return found
+
+
 def _shared_keys(recs: dict, task: str) -> list[str] | None:
     """The question ids every loaded model scored for ``task`` (None if one lacks the task)."""
     sets = []
@@ -212,7 +234,11 @@ def _contrast(
         "ci95": percentile_interval(diff),
     }
     failed = [r for r in regime if not eff[r]["gap_ci95"][0] > 0]
-    if failed:
+    left_out = primary_left_out(arms, seeds)
+    if left_out:
+        entry["verdict"] = "inconclusive"
+        entry["reason"] = "primary questions left out by the head subset: " + "; ".join(left_out)
+    elif failed:
         entry["verdict"] = "inconclusive"
         entry["reason"] = "regime check failed (eps 0 not over-confident) at " + ", ".join(failed)
     else:

@@ -147,6 +147,10 @@ class Profile:
     save_every: int = 0
     # V' of the head subsets (CLAIM3_SUBSETS) under which the base is scored too.
     base_subsets: tuple[int, ...] = ()
+    # Claim 3: a run trained with a temperature T or softcap C is scored a second time in the
+    # trained format with them applied (format "trained_applied", eval --logit-temperature T /
+    # --logit-softcap C), beside "as saved".
+    score_applied: bool = False
 
     def eval_formats(self) -> dict[str, str]:
         return self.formats or {"plain": self.tasks}
@@ -251,6 +255,8 @@ _CLAIM2 = dataclasses.replace(
 # V' = 262,144 being claim 2's own runs (restored, not trained again). The primary test's
 # runs first (V' 24,576, two seeds), then V' 65,536, then the remedies at full V. The base is
 # scored under each restriction too (its D(V') baseline, and the regime check's reference).
+# The scoring format of a remedy run with its training T / C applied (claim3_report reads it).
+APPLIED = "trained_applied"
 CLAIM3_SUBSETS = {
     v: ROOT / "experiments" / "results" / "claim3_subsets" / f"V{v}" / "head_subset.json"
     for v in (65536, 24576)
@@ -267,7 +273,10 @@ _CLAIM3_RUNS = (
     ),
 )
 _CLAIM3 = dataclasses.replace(
-    _CONTROL, runs=_CLAIM3_RUNS, base_subsets=tuple(sorted(CLAIM3_SUBSETS, reverse=True))
+    _CONTROL,
+    runs=_CLAIM3_RUNS,
+    base_subsets=tuple(sorted(CLAIM3_SUBSETS, reverse=True)),
+    score_applied=True,
 )
 PROFILES: dict[str, Profile] = {
     "full": _FULL,
@@ -389,7 +398,9 @@ class Experiment:
             t = self._train_unit(run, run_lr)
             if all(u.name != t.name for u in units):
                 units.append(t)
-            evals = self._eval_units(name, str(w / "runs" / name / "final"), (t.name,))
+            evals = self._eval_units(
+                name, str(w / "runs" / name / "final"), (t.name,), restricted=run.vocab, run=run
+            )
             if (t.folder / RESTORED).exists() and not (t.folder / "final").is_dir():
                 # Restored from committed results (restore_units.py): its weights are gone, so
                 # an evaluation not restored with it can never run; it is left out here and
@@ -402,23 +413,38 @@ class Experiment:
         return units
 
     def _eval_units(
-        self, name: str, model: str, needs: tuple[str, ...], subset: int | None = None
+        self,
+        name: str,
+        model: str,
+        needs: tuple[str, ...],
+        subset: int | None = None,
+        restricted: int | None = None,
+        run: SFTRun | None = None,
     ) -> list[Unit]:
         """One evaluation unit per scoring format (one folder ``evals/<name>`` when the
         profile has only the plain format, ``evals/<name>__<format>`` otherwise). ``subset``:
-        score under that head subset (a fine-tuned model folder carries its own)."""
-        formats = self.p.eval_formats()
+        score under that head subset; ``restricted``: the V' of the subset the model folder
+        carries itself (a run trained with --head-subset). Either way questions the subset
+        cannot score are left out and counted (``--uncovered skip``: HellaSwag's; the
+        required tokens keep every primary and MMLU question). With the profile's
+        ``score_applied``, a ``run`` trained with T or C gets a ``trained_applied`` unit too."""
+        formats = dict(self.p.eval_formats())
+        applied = run is not None and (run.temperature is not None or run.softcap is not None)
+        if self.p.score_applied and applied:
+            formats[APPLIED] = formats["trained"]
+        skip = subset is not None or restricted is not None
         units = []
         for fmt, tasks in formats.items():
             single = list(formats) == ["plain"]
             folder = name if single else f"{name}__{fmt}"
+            transform = (run.softcap, run.temperature) if fmt == APPLIED and run else None
             units.append(
                 Unit(
                     f"eval/{name}" if single else f"eval/{name}/{fmt}",
                     "eval_ref" if name == "reference" else "eval",
                     self.work / "evals" / folder,
-                    lambda n=name, m=model, f=folder, fm=fmt, t=tasks: self._eval(
-                        n, m, f, fm, t, subset
+                    lambda n=name, m=model, f=folder, fm=fmt, t=tasks, tr=transform: self._eval(
+                        n, m, f, fm, t, subset, skip, tr
                     ),
                     needs=needs,
                 )
@@ -553,7 +579,10 @@ class Experiment:
         fmt: str = "plain",
         tasks: str | None = None,
         subset: int | None = None,
+        skip_uncovered: bool = False,
+        transform: tuple[float | None, float | None] | None = None,
     ) -> dict[str, Any]:
+        """``transform``: (softcap C, temperature T) applied to the logits at scoring time."""
         from calibrated_lm.evaluation.runner import EvalConfig, run_eval
 
         out = self.work / "evals" / (folder or name)
@@ -571,6 +600,9 @@ class Experiment:
             device=self.device,
             fit_split=p.fit_split,
             head_subset=str(CLAIM3_SUBSETS[subset]) if subset is not None else None,
+            uncovered="skip" if skip_uncovered else "error",
+            logit_softcap=transform[0] if transform else None,
+            logit_temperature=transform[1] if transform else None,
         )
         _write_command(out, _eval_cli(cfg))
         t0 = time.monotonic()
@@ -656,6 +688,12 @@ def _eval_cli(cfg: Any) -> str:
         parts.append("--fit-split")
     if cfg.head_subset:
         parts.append(f"--head-subset {cfg.head_subset}")
+    if cfg.uncovered != "error":
+        parts.append(f"--uncovered {cfg.uncovered}")
+    if cfg.logit_softcap is not None:
+        parts.append(f"--logit-softcap {cfg.logit_softcap:g}")
+    if cfg.logit_temperature is not None:
+        parts.append(f"--logit-temperature {cfg.logit_temperature:g}")
     return " ".join(parts)
 
 
@@ -734,7 +772,10 @@ def _timing_key(unit: Unit) -> str:
 
 
 def _estimate(unit: Unit, timed: dict[str, list[float]], profile: Profile) -> float:
-    seen = timed.get(_timing_key(unit)) or timed.get(unit.kind)
+    key = _timing_key(unit)
+    # Scored like a trained-format unit (the same tasks and template), so timed like one.
+    like = key.replace(APPLIED, "trained") if key.endswith(APPLIED) else key
+    seen = timed.get(key) or timed.get(like) or timed.get(unit.kind)
     if seen:  # the latest few: earlier units may have run under other settings
         return max(seen[-3:]) * 1.1
     return float(profile.est.get(unit.kind, 60))

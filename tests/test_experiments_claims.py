@@ -217,6 +217,38 @@ def test_claim3_report_interaction_regime_check_and_missing_runs(tmp_path: Path)
     }
 
 
+def test_claim3_report_refuses_a_verdict_when_primary_questions_were_left_out(
+    tmp_path: Path,
+) -> None:
+    """The amended protocol keeps every primary answer token in the subsets; an evaluation
+    whose summary records a primary question left out (``--uncovered skip``) makes the test
+    inconclusive with the evaluation named, while HellaSwag's left-out share is allowed."""
+    import claim3_report as R3
+    from sft_calibration import SFTRun
+
+    rng = np.random.default_rng(0)
+    c2, c3 = tmp_path / "c2", tmp_path / "c3"
+    for s in (1, 2):
+        for work, kw, sharp in ((c2, {}, (2.5, 2.4)), (c3, {"vocab": 24576}, (2.5, 1.0))):
+            for eps, sh in zip((0.0, 0.1), sharp):
+                name = SFTRun(eps, s, lr=8e-5, epochs=3, **kw).name(8e-5)
+                folder = work / f"evals/{name}__trained"
+                _samples(folder / "samples.jsonl", rng, 150, sh, tasks=R3.PRIMARY)
+                if kw:
+                    left = {"hellaswag": {"questions": 100, "left_out": 80, "share": 0.8}}
+                    if (eps, s) == (0.1, 2):
+                        left["arc_easy"] = {"questions": 150, "left_out": 3, "share": 0.02}
+                    (folder / "summary.json").write_text(
+                        json.dumps({"protocol": {"uncovered_questions": left}})
+                    )
+    arms = [R3.Arm("V'=24576", c3, (("vocab", 24576),)), R3.Arm("V'=262144", c2)]
+    assert R3.primary_left_out(arms, (1, 2)) == ["V'=24576 eps 0.1 seed 2: arc_easy 3 of 150"]
+    out = R3.write_report(c3, c2, tmp_path / "res", bootstrap=100, claims_path=tmp_path / "c")
+    primary = out["tests"]["primary: I = D(24,576) - D(262,144)"]
+    assert primary["verdict"] == "inconclusive"
+    assert "left out by the head subset" in primary["reason"] and "arc_easy 3" in primary["reason"]
+
+
 def test_claim3_contrast_verdict_rules() -> None:
     import claim3_report as R3
 

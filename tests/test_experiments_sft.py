@@ -384,3 +384,47 @@ def test_claim3_plan_scores_the_base_under_each_subset_and_trains_the_primary_ru
         TrainConfig(model="m", data="d", output="o", head_subset=str(sc.CLAIM3_SUBSETS[run.vocab]))
     )
     assert f"--head-subset {sc.CLAIM3_SUBSETS[24576]}" in line
+
+
+def test_claim3_scores_restricted_runs_skipping_uncovered_and_remedies_also_applied(
+    tmp_path, monkeypatch
+):
+    """Every evaluation under a head subset (the base's, and a run trained with one) leaves out
+    the questions the subset cannot score; a remedy run is scored as saved and, in a
+    ``trained_applied`` unit, with its training T or C applied at scoring time; the command line
+    written beside each evaluation says so."""
+    prof = sc.PROFILES["claim3"]
+    exp = sc.Experiment(prof, tmp_path, [], "cpu")
+    units = {u.name: u for u in exp.units()}
+    applied = [n for n in units if n.endswith("/trained_applied")]
+    # Only remedy runs (T 0.5 or C 32) get the applied format: 2 remedies x 2 eps x 2 seeds.
+    assert len(applied) == 8 and all(("T0.5" in n) != ("C32" in n) for n in applied)
+    assert "eval/base/trained_applied" not in units
+
+    seen = []
+
+    def fake_run_eval(cfg):
+        seen.append(cfg)
+        return {"protocol": {"timing": {}}}
+
+    import calibrated_lm.evaluation.runner as R
+
+    monkeypatch.setattr(R, "run_eval", fake_run_eval)
+    units["eval/base_V24576/trained"].action()
+    units["eval/sft_lr8e-05_ep3_eps0.1_V24576_s1/trained"].action()
+    units["eval/sft_lr8e-05_ep3_eps0_T0.5_s1/trained"].action()
+    units["eval/sft_lr8e-05_ep3_eps0_T0.5_s1/trained_applied"].action()
+    units["eval/sft_lr8e-05_ep3_eps0.1_C32_s2/trained_applied"].action()
+    base_v, run_v, as_saved, t_applied, c_applied = seen
+    assert base_v.uncovered == "skip" and base_v.head_subset == str(sc.CLAIM3_SUBSETS[24576])
+    # The trained run's folder carries its own head_subset.json: skip, no explicit subset.
+    assert run_v.uncovered == "skip" and run_v.head_subset is None
+    assert as_saved.uncovered == "error" and as_saved.logit_temperature is None
+    assert (t_applied.logit_temperature, t_applied.logit_softcap) == (0.5, None)
+    assert (c_applied.logit_temperature, c_applied.logit_softcap) == (None, 32.0)
+    assert t_applied.chat_template == as_saved.chat_template != "off"
+    assert t_applied.tasks == as_saved.tasks
+    folder = tmp_path / "evals" / "sft_lr8e-05_ep3_eps0_T0.5_s1__trained_applied"
+    assert "--logit-temperature 0.5" in (folder / "command.txt").read_text()
+    line = (tmp_path / "evals" / "base_V24576__trained" / "command.txt").read_text()
+    assert "--uncovered skip" in line and "--head-subset" in line
