@@ -77,7 +77,7 @@ def test_lm_eval_run_reports_the_same_calibration_as_calibrated_lm_eval(tmp_path
     # The same questions through calibrated-lm (harness prompt, summed log-likelihoods).
     out = tmp_path / "ours"
     argv = ["eval", "--model", str(model), "--tasks", str(data), "--output", str(out),
-            "--device", "cpu", "--bootstrap", "0", "--no-progress"]  # fmt: skip
+            "--device", "cpu", "--bootstrap", "1000", "--no-progress"]  # fmt: skip
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     ours = next(iter(summary["tasks"].values()))
@@ -85,6 +85,17 @@ def test_lm_eval_run_reports_the_same_calibration_as_calibrated_lm_eval(tmp_path
     for key, name in (("ece", "ece"), ("rms_ce", "rms_ce"), ("smooth_ece", "smooth_ece"),
                       ("mean_confidence", "mean_confidence")):  # fmt: skip
         assert theirs[f"{key},none"] == pytest.approx(ours[name], abs=1e-6), key
+
+    # Standard errors in lm-eval's own key spelling, "<metric>_stderr,<filter>": finite, and
+    # about a quarter of our 95% bootstrap interval (a normal interval is +-1.96 SE; the
+    # percentile interval of 30 questions is only roughly normal).
+    assert isinstance(theirs["acc_stderr,none"], float)  # lm-eval's own, still there
+    for key in ("ece", "rms_ce", "smooth_ece", "mean_confidence"):
+        se = theirs[f"{key}_stderr,none"]
+        assert isinstance(se, float) and np.isfinite(se) and se > 0, key
+        lo, hi = ours[f"{key}_ci95"]
+        assert 0.6 < (hi - lo) / (2 * 1.96 * se) < 1.6, (key, se, lo, hi)
+    assert np.isfinite(theirs["ece_norm_stderr,none"]) and theirs["ece_norm_stderr,none"] > 0
 
     # ece_norm: the per-question item holds ll / len(choice), as lm-eval's acc_norm divides.
     sample = res["samples"]["qa_cal"][0]
@@ -104,3 +115,53 @@ def test_aggregations_follow_their_definitions():
     # bins: 0.75 (correct) and 0.5 (wrong: argmax of a tie is 0): |1 - .75|/2 + |0 - .5|/2
     assert plugin.ece(items) == pytest.approx(0.375)
     assert plugin.rms_ce(items) == pytest.approx(np.sqrt((0.25**2 + 0.5**2) / 2))
+
+
+def _items(n: int, seed: int) -> list[tuple[int, list[float]]]:
+    rng = np.random.default_rng(seed)
+    return [(int(rng.integers(4)), (rng.normal(size=4) * 2).tolist()) for _ in range(n)]
+
+
+def test_bootstrap_stderr_is_lm_evals_estimator_and_shrinks_with_more_items():
+    from lm_eval.api.metrics import mean_stderr
+
+    # Mean confidence: the bootstrap SE of a mean is the closed-form SE lm-eval gives a mean,
+    # s / sqrt(n), up to sqrt((n - 1) / n) and the Monte-Carlo error of 1,000 draws (~2%).
+    items = _items(400, 0)
+    conf = [float(np.max(np.exp(s) / np.sum(np.exp(s)))) for _, s in items]
+    se = plugin.bootstrap_stderr("mean_confidence", items, 100_000)
+    assert se == pytest.approx(mean_stderr(conf), rel=0.08)
+    assert plugin.bootstrap_stderr("ece", items, 1000, seed=0) == plugin.bootstrap_stderr(
+        "ece", items, 1000, seed=0
+    )  # seeded
+    # ECE's standard error falls about as 1 / sqrt(n): 16x the items, about a quarter.
+    small = plugin.bootstrap_stderr("ece", _items(100, 1), 1000)
+    large = plugin.bootstrap_stderr("ece", _items(1600, 1), 1000)
+    assert 0.1 < large / small < 0.45
+    assert np.isnan(plugin.bootstrap_stderr("ece", items[:1], 1000))
+
+
+def test_the_stderr_lookup_is_wrapped_for_the_plugin_only():
+    import lm_eval.evaluator_utils as eu
+    from lm_eval.api import metrics as lm_metrics
+
+    assert eu.stderr_for_metric is lm_metrics.stderr_for_metric  # both references wrapped
+    # lm-eval's own metrics: its own answers.
+    assert eu.stderr_for_metric(lm_metrics.mean, 100) is lm_metrics.mean_stderr
+    assert eu.stderr_for_metric(lm_metrics.mean, 0) is None
+    # The plugin's: our bootstrap, none with --bootstrap_iters 0 (lm-eval then writes N/A).
+    assert eu.stderr_for_metric(plugin.ece, 0) is None
+    items = _items(50, 2)
+    assert eu.stderr_for_metric(plugin.smooth_ece, 200)(items) == pytest.approx(
+        plugin.bootstrap_stderr("smooth_ece", items, 200)
+    )
+
+
+def test_reloading_the_plugin_wraps_the_lookup_once():
+    import importlib
+
+    import lm_eval.evaluator_utils as eu
+
+    before = eu.stderr_for_metric
+    importlib.reload(plugin)
+    assert eu.stderr_for_metric is before

@@ -10,74 +10,15 @@ import numpy as np
 from calibrated_lm.calibration.binning import bin_table
 from calibrated_lm.calibration.bootstrap import percentile_interval
 from calibrated_lm.calibration.items import ItemArrays
-from calibrated_lm.calibration.metrics import debiased_from_bins
-from calibrated_lm.calibration.registry import BUILTIN, Metric
+from calibrated_lm.calibration.metric_draws import index_chunks, metric_draws
+from calibrated_lm.calibration.registry import BUILTIN
 from calibrated_lm.calibration.registry import metrics as registered_metrics
-from calibrated_lm.calibration.resampled import (
-    errors_from_sums,
-    multiplicities,
-    weighted_bin_sums,
-)
 from calibrated_lm.calibration.scores import ChoiceScores, choice_log_probabilities
-from calibrated_lm.calibration.smooth import smooth_ece_resampled
 from calibrated_lm.calibration.validation import as_labels, check_bins
 
 # The built-in metrics, in the order tables and JSON list them (the registry may hold more:
 # summarize reports every registered metric).
 METRICS = BUILTIN
-# The point functions the vectorised bootstrap (_resampled_metrics) stands in for.
-_BUILTIN_POINTS = {m.name: m.point for m in registered_metrics() if m.name in BUILTIN}
-
-
-def _weighted_means(w: np.ndarray, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Row-wise weighted means of per-item columns in one product; +inf where a drawn item
-    is infinite (a plain product would turn 0 * inf into NaN)."""
-    x = np.stack(list(columns.values()), axis=1)
-    finite = np.isfinite(x)
-    means = (w @ np.where(finite, x, 0.0)) / w.sum(axis=1)[:, None]
-    for j in np.flatnonzero(~finite.all(axis=0)):
-        hit = w[:, ~finite[:, j]].sum(axis=1) > 0
-        means[:, j] = np.where(hit, np.inf, means[:, j])
-    return {name: means[:, j] for j, name in enumerate(columns)}
-
-
-def _resampled_metrics(
-    items: ItemArrays, weights: np.ndarray, n_bins: int, binning: str
-) -> dict[str, np.ndarray]:
-    """Every built-in metric except smooth ECE for each row of item multiplicities
-    ``weights``, from shared weighted sums (a registered metric not computed here is
-    recomputed draw by draw, :func:`_per_draw`)."""
-    c, y = items.confidence, items.correct
-    ones = np.ones_like(c)
-    out = _weighted_means(
-        weights,
-        {
-            "accuracy": y,
-            "mean_confidence": c,
-            "brier": items.brier,
-            "top_label_brier": (c - y) ** 2,
-            "nll": -items.gold_logp,
-        },
-    )
-    out["overconfidence"] = out["mean_confidence"] - out["accuracy"]
-    sums = weighted_bin_sums(c, np.stack([ones, c, y], axis=1), weights, n_bins, binning)
-    out.update(errors_from_sums(sums))
-    debiased = debiased_from_bins(sums[..., 0], sums[..., 1], sums[..., 2])
-    out["debiased_ece"], out["debiased_rms_ce"] = debiased["l1"], debiased["l2"]
-    per_class = []
-    for k in range(items.probs.shape[1]):
-        has = items.n_choices > k
-        if not has.any():
-            continue
-        pk = items.probs[:, k]
-        yk = (items.labels == k).astype(np.float64)
-        w_k = weights * has[None, :]
-        s_k = weighted_bin_sums(pk, np.stack([ones, pk, yk], axis=1), w_k, n_bins, binning)
-        ece_k = errors_from_sums(s_k)["ece"]
-        # A class absent from a draw has no bins; it is left out of that draw's mean.
-        per_class.append(np.where(w_k.sum(axis=1) > 0, ece_k, np.nan))
-    out["classwise_ece"] = np.nanmean(np.stack(per_class, axis=1), axis=1)
-    return out
 
 
 def summarize(
@@ -117,24 +58,13 @@ def summarize(
         out[m.name] = m.point(items, n_bins, binning)
     bandwidth = items.smooth[1]
     if bootstrap:
-        n = y.shape[0]
+        # Draws are made chunk by chunk (index_chunks: the indices of one
+        # bootstrap_indices(n, bootstrap, seed) call), each through metric_draws: the
+        # built-ins' shared sums, any other registered metric through its own function.
         draws: dict[str, list[np.ndarray]] = {m.name: [] for m in with_ci}
-        # Draws are made chunk by chunk, keeping (draws x items) arrays to a few million
-        # entries; consecutive calls on one generator give the same indices as a single
-        # bootstrap_indices(n, bootstrap, seed) call.
-        rng = np.random.default_rng(seed)
-        chunk = max(1, 4_000_000 // (n * max(1, items.probs.shape[1] // 2)))
-        for start in range(0, int(bootstrap), chunk):
-            idx = rng.integers(0, n, size=(min(chunk, int(bootstrap) - start), n), dtype=np.int64)
-            weights = multiplicities(idx, n)
-            batch = _resampled_metrics(items, weights, n_bins, binning)
-            batch["smooth_ece"] = smooth_ece_resampled(items.confidence, items.correct, idx)
-            for m in with_ci:
-                # The built-ins' shared fast path, unless a registration replaced one.
-                fast = m.name in batch and m.point is _BUILTIN_POINTS.get(m.name)
-                draws[m.name].append(
-                    batch[m.name] if fast else _per_draw(m, items, idx, n_bins, binning)
-                )
+        for idx in index_chunks(y.shape[0], int(bootstrap), seed, items.probs.shape[1]):
+            for name, values in metric_draws(with_ci, items, idx, n_bins, binning).items():
+                draws[name].append(values)
         for m in with_ci:
             out[f"{m.name}_ci95"] = percentile_interval(np.concatenate(draws[m.name]))
     else:
@@ -144,13 +74,6 @@ def summarize(
     out["n_choices"] = {"min": int(n_choices.min()), "max": int(n_choices.max())}
     out["bins"] = bin_table(items.confidence, items.correct, n_bins=n_bins, binning=binning).rows()
     return out
-
-
-def _per_draw(
-    metric: Metric, items: ItemArrays, idx: np.ndarray, n_bins: int, binning: str
-) -> np.ndarray:
-    """``metric`` on each resample (row of ``idx``): the general path, one call per draw."""
-    return np.array([metric.point(items.take(row), n_bins, binning) for row in idx])
 
 
 def _strip_padding(choice_scores: ChoiceScores) -> list[np.ndarray]:

@@ -39,6 +39,26 @@ Example task file (``include`` is a path, absolute or relative to this file)::
 
 Importing this module also registers the metrics and aggregations under these names in
 lm-eval's registry, so ``aggregation: ece`` works as well once it is imported.
+
+Standard errors. lm-eval 0.4.x writes ``<metric>_stderr,<filter>`` beside every metric, from
+``lm_eval.api.metrics.stderr_for_metric(aggregation, bootstrap_iters)``, which knows only its
+own aggregation functions (``mean`` in closed form; ``median``, ``f1``, ``bleu`` ... through
+``bootstrap_stderr``: the sample standard deviation of the statistic over resamples of the
+items with replacement) and answers "N/A" for any other, such as a plugin's. Importing this
+module therefore wraps that lookup, in ``lm_eval.api.metrics`` and in
+``lm_eval.evaluator_utils`` (which holds its own reference): for this plugin's aggregations it
+returns :func:`bootstrap_stderr`, the same estimator as the harness's own, i.e.
+
+    SE = sqrt( sum_b (m_b - mean(m))^2 / (B - 1) ),   m_b = metric(items resampled, draw b),
+
+over B = min(``--bootstrap_iters``, :data:`STDERR_DRAWS_MAX`) draws, computed vectorised by
+:func:`calibrated_lm.calibration.metric_draws.metric_draws` (the draws ``calibrated-lm eval``
+makes for its intervals); every other metric is passed to lm-eval's own lookup unchanged, and
+``--bootstrap_iters 0`` gives "N/A" as for the harness's metrics. The cap plays the part of
+lm-eval's own cap of 100 draws for BLEU and chrF: its default of 100,000 draws would take
+minutes for smooth ECE, while the Monte-Carlo error of a bootstrap standard deviation from B
+draws is about 1 / sqrt(2 (B - 1)) of it, 2% at 1,000. A group (``mmlu``) combines its
+subtasks' standard errors as lm-eval does for every metric (``pooled_sample_stderr``).
 """
 
 from __future__ import annotations
@@ -48,9 +68,8 @@ from typing import Any
 
 import numpy as np
 
-from calibrated_lm.calibration.metrics import calibration_error
+from calibrated_lm.calibration.items import ItemArrays
 from calibrated_lm.calibration.registry import get as _registry_get
-from calibrated_lm.calibration.smooth import smooth_ece as _smooth_ece
 
 try:
     from lm_eval.api.registry import register_aggregation, register_metric
@@ -62,42 +81,43 @@ except ImportError as exc:  # the plugin is only for lm-eval users
     ) from exc
 
 Item = tuple[int, Sequence[float]]  # (gold index, per-choice scores) of one question
+N_BINS = 15  # equal-width bins of ECE and RMS-CE, calibrated-lm eval's default
+STDERR_DRAWS_MAX = 1000
+"""At most this many bootstrap draws per standard error (see the module docstring)."""
 
 
-def _confidence_and_correct(items: Sequence[Item]) -> tuple[np.ndarray, np.ndarray]:
-    conf = np.empty(len(items))
-    correct = np.empty(len(items))
-    for i, (gold, scores) in enumerate(items):
-        s = np.asarray(scores, dtype=np.float64)
-        p = np.exp(s - s.max())
-        p /= p.sum()
-        conf[i] = p.max()
-        correct[i] = float(int(np.argmax(s)) == gold)
-    return conf, correct
+def _item_arrays(items: Sequence[Item]) -> ItemArrays:
+    """The questions as the metrics registry's functions see them: p = softmax(scores) over
+    each question's own choices, the prediction argmax(scores) (ties: the first choice, as
+    lm-eval's ``acc``)."""
+    from calibrated_lm.calibration.scores import choice_log_probabilities
+
+    logp, k = choice_log_probabilities([list(scores) for _, scores in items])
+    return ItemArrays(logp, k, np.array([int(gold) for gold, _ in items], dtype=np.int64))
+
+
+def _point(name: str, items: Sequence[Item]) -> float:
+    return float(_registry_get(name).point(_item_arrays(items), N_BINS, "width"))
 
 
 def ece(items: Sequence[Item]) -> float:
     """Top-label ECE (15 equal-width bins) of (gold, per-choice scores) items."""
-    c, y = _confidence_and_correct(items)
-    return calibration_error(c, y, n_bins=15, norm="l1")
+    return _point("ece", items)
 
 
 def rms_ce(items: Sequence[Item]) -> float:
     """RMS calibration error (15 equal-width bins)."""
-    c, y = _confidence_and_correct(items)
-    return calibration_error(c, y, n_bins=15, norm="l2")
+    return _point("rms_ce", items)
 
 
 def smooth_ece(items: Sequence[Item]) -> float:
     """Smooth ECE with its self-consistent bandwidth."""
-    c, y = _confidence_and_correct(items)
-    return float(_smooth_ece(c, y))
+    return _point("smooth_ece", items)
 
 
 def mean_confidence(items: Sequence[Item]) -> float:
     """Mean top-label probability."""
-    c, _ = _confidence_and_correct(items)
-    return float(c.mean())
+    return _point("mean_confidence", items)
 
 
 AGGREGATIONS = {"ece": ece, "rms_ce": rms_ce, "smooth_ece": smooth_ece,
@@ -106,6 +126,61 @@ AGGREGATIONS = {"ece": ece, "rms_ce": rms_ce, "smooth_ece": smooth_ece,
 # lm-eval does not claim a better direction for it.
 HIGHER_IS_BETTER = {m: _registry_get(m).higher_is_better for m in AGGREGATIONS}
 METRIC_NAMES = tuple(AGGREGATIONS) + tuple(f"{m}_norm" for m in AGGREGATIONS)
+for _metric, _fn in AGGREGATIONS.items():
+    # What the stderr lookup recognises (an attribute, not identity: it survives a reload of
+    # this module, after which lm-eval's registry still holds the first functions).
+    _fn._calibrated_lm_metric = _metric  # type: ignore[attr-defined]
+
+
+def bootstrap_stderr(name: str, items: Sequence[Item], iters: int, *, seed: int = 0) -> float:
+    """Bootstrap standard error of the registry metric ``name`` on ``items``: the sample
+    standard deviation (divisor B - 1, as lm-eval's ``bootstrap_stderr``) of the metric over
+    B = min(``iters``, :data:`STDERR_DRAWS_MAX`) seeded resamples of the items with
+    replacement. NaN for fewer than two items or draws (lm-eval then writes "N/A" itself
+    for one item)."""
+    from calibrated_lm.calibration.metric_draws import index_chunks, metric_draws
+
+    draws = min(int(iters), STDERR_DRAWS_MAX)
+    if len(items) < 2 or draws < 2:
+        return float("nan")
+    arrays = _item_arrays(items)
+    metric = _registry_get(name)
+    values = np.concatenate(
+        [
+            metric_draws([metric], arrays, idx, N_BINS, "width")[name]
+            for idx in index_chunks(arrays.n, draws, seed, arrays.probs.shape[1])
+        ]
+    )
+    return float(np.std(values, ddof=1))
+
+
+def _install_stderr() -> None:
+    """Wrap lm-eval's ``stderr_for_metric`` so that this plugin's aggregations get
+    :func:`bootstrap_stderr` (module docstring); idempotent, other metrics untouched."""
+    import lm_eval.api.metrics as lm_metrics
+    import lm_eval.evaluator_utils as lm_evaluator_utils
+
+    current = lm_metrics.stderr_for_metric
+    if getattr(current, "_calibrated_lm", False):
+        return
+
+    def stderr_for_metric(metric: Any, bootstrap_iters: int) -> Any:
+        name = getattr(metric, "_calibrated_lm_metric", None)
+        if name is None:
+            return current(metric, bootstrap_iters)
+        if bootstrap_iters <= 0:  # lm-eval's rule: no stderr without bootstrap draws
+            return None
+        return lambda xs: bootstrap_stderr(name, xs, bootstrap_iters)
+
+    stderr_for_metric._calibrated_lm = True  # type: ignore[attr-defined]
+    stderr_for_metric.__wrapped__ = current  # type: ignore[attr-defined]
+    stderr_for_metric.__doc__ = current.__doc__
+    for module in (lm_metrics, lm_evaluator_utils):
+        if getattr(module, "stderr_for_metric", None) is current:
+            module.stderr_for_metric = stderr_for_metric
+
+
+_install_stderr()
 
 
 def _passthrough(items: Any) -> Any:  # lm-eval's per-item "metric": the item itself
