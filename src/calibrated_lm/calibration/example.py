@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from calibrated_lm import durable
+
 TAU = 0.5
 SCALE = 1.6
 TASKS = (("synthetic_4choice", 1200, (4, 4)), ("synthetic_3to5choice", 800, (3, 5)))
@@ -60,9 +62,5 @@ def write_example(path: str | Path, seed: int = 0) -> Path:
     """Write the synthetic samples JSONL to ``path`` (parents created) and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for rec in simulate(seed):
-            f.write(json.dumps(rec) + "\n")
-    tmp.replace(path)
-    return path
+    # Atomically (durable.py): `metrics` reads the file right after, and later runs again.
+    return durable.write_text(path, "".join(json.dumps(rec) + "\n" for rec in simulate(seed)))

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 from typing import Any
+
+from calibrated_lm import durable
 
 
 def json_safe(obj: Any) -> Any:
@@ -27,11 +28,9 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
-def write_json(path: str | os.PathLike[str], obj: Any, *, indent: int = 1) -> Path:
-    """Write ``json_safe(obj)`` to ``path`` via a temporary file and a rename, so a crash
-    never leaves a half-written result behind."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(json_safe(obj), indent=indent, allow_nan=False) + "\n", "utf-8")
-    tmp.replace(path)
-    return path
+def write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | None = 1) -> Path:
+    """Replace ``path`` by ``json_safe(obj)`` as strict JSON, atomically and durably
+    (:func:`calibrated_lm.durable.write_json`: temporary file, fsync, rename, folder fsync), so
+    a crash never leaves a half-written result behind and a full disk keeps the previous one
+    (an OSError naming ``path``)."""
+    return durable.write_json(path, json_safe(obj), indent=indent)

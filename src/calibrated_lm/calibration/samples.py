@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -189,24 +188,18 @@ def dumps_records(records: Iterable[SampleRecord]) -> str:
 
 def write_sample_records(path: str | Path, records: Iterable[SampleRecord]) -> Path:
     """Replace ``path`` by exactly ``records``, atomically (a temporary file, fsynced, renamed
-    over it): a crash leaves the old file or the new one, never a mix. A name ending in
-    ``.gz`` is written gzip-compressed (without a timestamp, so equal records give equal
+    over it, the folder fsynced: :func:`calibrated_lm.durable.write_bytes`): a crash leaves
+    the old file or the new one, never a mix, and a full disk keeps the old one. A name ending
+    in ``.gz`` is written gzip-compressed (without a timestamp, so equal records give equal
     bytes)."""
-    from calibrated_lm.durable import fsync_dir
+    from calibrated_lm.durable import write_bytes
 
     path = Path(path)
     data = dumps_records(records).encode("ascii")
     if path.suffix == ".gz":
         data = gzip.compress(data, mtime=0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-    return path
+    return write_bytes(path, data)
 
 
 def group_samples(records: Iterable[SampleRecord]) -> dict[str, TaskSamples]:

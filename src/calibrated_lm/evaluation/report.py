@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from calibrated_lm import durable
 from calibrated_lm.calibration.record import SampleRecord, groups_of, records_by_name
 
 
@@ -246,6 +247,5 @@ def write_report(
         for task, paths in diagrams.items():
             png = [p for p in paths if p.suffix == ".png"][0]
             lines.append(f"![{task}]({png.name})")
-    path = out_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    # Atomic like every output: a report torn by a crash would look complete but be wrong.
+    return durable.write_text(out_dir / "report.md", "\n".join(lines) + "\n")

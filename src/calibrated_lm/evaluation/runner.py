@@ -37,13 +37,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from calibrated_lm import durable
 from calibrated_lm.calibration.jsonfile import write_json
 from calibrated_lm.calibration.record import SampleRecord
 from calibrated_lm.errors import UserError
@@ -632,13 +632,16 @@ def _start_over(out: Path, key: dict[str, Any]) -> None:
     new, empty one.
     """
     tmp = out / (RUN_FILE + ".new")
-    write_json(tmp, key)
+    write_json(tmp, key)  # complete and fsynced before anything is deleted
     derived = [out / "summary.json", out / "report.md", *sorted(out.glob("results_*.json"))]
     derived += sorted(out.glob("reliability_*.png")) + sorted(out.glob("reliability_*.svg"))
     for path in derived + _journals(out):
         if path.exists():
             path.unlink()
-    os.replace(tmp, out / RUN_FILE)
+    # The deletions must reach the disk before the new run.json does: after a power loss the
+    # old journals must not reappear beside a run.json that pins another model.
+    durable.fsync_dir(out, strict=True)
+    durable.replace(tmp, out / RUN_FILE)
 
 
 def _prepare_journal(path: Path, items: Sequence[Item]) -> dict[str, int]:

@@ -2,7 +2,7 @@
 
 Each scored question is one :class:`~calibrated_lm.calibration.record.SampleRecord`, one JSON
 line (the format ``calibrated-lm metrics`` reads, parsed and serialised only by that class).
-Lines are appended and flushed to disk after every
+Lines are appended and flushed to disk (fsync) after every
 batch of questions, so a crash loses at most the batch in flight. On reopening, a trailing
 fragment without its newline (a write cut short) is discarded; a damaged line elsewhere is an
 error naming its line, and nothing is deleted.
@@ -25,6 +25,7 @@ from pathlib import Path
 
 from calibrated_lm.calibration.record import SampleRecord
 from calibrated_lm.calibration.samples import dumps_records, write_sample_records
+from calibrated_lm.durable import fsync_dir
 from calibrated_lm.errors import UserError
 
 Key = tuple[str, str]
@@ -104,12 +105,18 @@ def read_records(path: Path, *, repair: bool = True) -> list[SampleRecord]:
 
 
 class SamplesWriter:
-    """Appends records to a samples file; each :meth:`write` ends flushed and fsynced."""
+    """Appends records to a samples file; each :meth:`write` ends flushed and fsynced, and a
+    journal this writer creates has its folder fsynced too (else a power loss could drop
+    the new file's name with every record in it)."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        created = not path.exists()
+        # Append-only journal (durable.py's module docstring): fsynced per batch below.
         self._fh = path.open("a", encoding="utf-8")
+        if created:
+            fsync_dir(path.parent)
 
     def write(self, records: Iterable[SampleRecord]) -> None:
         text = dumps_records(records)
