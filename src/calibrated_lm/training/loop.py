@@ -727,9 +727,11 @@ def _step_loop(
                 )
             saved = cfg.save_every and (step + 1) % cfg.save_every == 0
             if saved and step + 1 != total:
+                tracker.sync()  # the log lines this checkpoint covers, on disk before it is
                 _checkpoint(run, step + 1)
             if step + 1 != total and stopper.requested(lambda v: D.all_reduce_sum(v, info)):
                 if not saved:
+                    tracker.sync()
                     _checkpoint(run, step + 1)
                 raise TrainingStopped(
                     f"stopped by {stopper.name} after step {step + 1} of {total}; its "

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from calibrated_lm import durable
 from calibrated_lm.errors import UserError
 from calibrated_lm.training import distributed as D
 from calibrated_lm.training.checkpoint import (
@@ -73,7 +73,7 @@ def truncate_metrics(path: Path, last_step: int) -> int:
     """Keep only logged lines of steps <= ``last_step`` (those after it will be redone).
 
     A line that does not parse (the last one, torn by a kill mid-write) is dropped; returns
-    how many were."""
+    how many were. The file is replaced atomically and durably (``calibrated_lm.durable``)."""
     if not path.exists():
         return 0
     kept = []
@@ -89,9 +89,8 @@ def truncate_metrics(path: Path, last_step: int) -> int:
             continue
         if step <= last_step:
             kept.append(line)
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    # Atomically (durable.py): a crash mid-rewrite keeps the old log, never half of it.
+    durable.write_text(path, "".join(f"{line}\n" for line in kept))
     return torn
 
 

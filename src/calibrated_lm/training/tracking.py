@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from calibrated_lm import durable
 from calibrated_lm.errors import UserError
 
 BACKENDS = ("tensorboard", "wandb")
@@ -95,6 +96,10 @@ class Tracker:
     def log(self, record: Mapping[str, Any]) -> None:
         raise NotImplementedError
 
+    def sync(self) -> None:
+        """Make every record logged so far durable (called before each checkpoint is
+        written); a no-op for trackers whose files no resume reads."""
+
     def close(self) -> None:
         """Flush and release; safe to call twice."""
 
@@ -107,8 +112,12 @@ class NullTracker(Tracker):
 
 
 class JsonlTracker(Tracker):
-    """Appends each record as one JSON line. The file is opened per line and flushed, so a
-    kill can tear at most the last line (which a resume drops)."""
+    """Appends each record as one JSON line (an append-only journal: ``calibrated_lm.durable``'s
+    module docstring). The file is opened per line and flushed, so a kill can tear at most the
+    last line (which a resume drops); :meth:`sync` (before every checkpoint) and
+    :meth:`close` fsync it and its folder, so the lines a checkpoint covers survive a power
+    loss once the checkpoint does. Lines after the newest checkpoint are redone by a resume,
+    so they are not fsynced one by one (that would cost a disk flush per logged step)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -116,6 +125,20 @@ class JsonlTracker(Tracker):
     def log(self, record: Mapping[str, Any]) -> None:
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(dict(record)) + "\n")
+
+    def sync(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return  # nothing logged yet
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        durable.fsync_dir(self.path.parent)  # the file's creation
+
+    def close(self) -> None:
+        self.sync()
 
 
 class TensorBoardTracker(Tracker):
@@ -197,9 +220,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Atomically and durably: a resume reads the run id back."""
+    durable.write_json(path, value, indent=1)
 
 
 class MultiTracker(Tracker):
@@ -211,6 +233,10 @@ class MultiTracker(Tracker):
     def log(self, record: Mapping[str, Any]) -> None:
         for tracker in self.trackers:
             tracker.log(record)
+
+    def sync(self) -> None:
+        for tracker in self.trackers:
+            tracker.sync()
 
     def close(self) -> None:
         errors = []
