@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from calibrated_lm import durable
+
 FILE = "head_subset.json"
 
 
@@ -104,14 +106,17 @@ def coverage(subset: HeadSubset, counts: np.ndarray) -> float:
 
 
 def save(subset: HeadSubset, folder: str | Path, **meta: object) -> Path:
-    """Write ``folder/head_subset.json`` (kept ids, V, and ``meta`` such as the selection rule)."""
+    """Write ``folder/head_subset.json`` (kept ids, V, and ``meta`` such as the selection rule)
+    atomically and durably (``calibrated_lm.durable``); returns its path."""
     path = Path(folder) / FILE
     body = {"vocab_size": subset.vocab_size, "size": subset.size, **meta,
             "kept": [int(i) for i in np.asarray(subset.kept)]}  # fmt: skip
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(body) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
+    # Imported here: the calibration package costs a third of a second to import.
+    from calibrated_lm.calibration.jsonfile import json_safe
+
+    # Atomically and durably: train --head-subset, eval and train --resume read it later.
+    # json_safe: a non-finite figure in ``meta`` (informational) becomes null, not an error.
+    return durable.write_json(path, json_safe(body), indent=None)
 
 
 def load(folder: str | Path) -> HeadSubset | None:

