@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from calibrated_lm import durable
 from calibrated_lm.calibration.jsonfile import write_json
 from calibrated_lm.calibration.record import SampleRecord
 from calibrated_lm.calibration.registry import Metric
@@ -346,7 +347,7 @@ def _compare(
         )
         result["tasks"][task] = {"runs": rows, "diagram": [str(p) for p in paths_out]}
     write_json(output / "compare.json", result)
-    (output / "compare.md").write_text(_markdown(result), encoding="utf-8")
+    durable.write_text(output / "compare.md", _markdown(result))
     return result
 
 
