@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -742,10 +743,38 @@ def _write_lm_eval_results(out: Path, summary: dict[str, Any], records: list) ->
     return path
 
 
+def process_age_s() -> float | None:
+    """Seconds since this process started (interpreter start-up and imports included), from
+    ``/proc/self/stat``'s start time against ``CLOCK_BOOTTIME``; None where either is missing
+    (not Linux). Resolution: one clock tick (10 ms)."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as fh:
+            # Field 22 (starttime); the command name (field 2) may hold spaces, so count
+            # from the closing parenthesis.
+            fields = fh.read().rsplit(")", 1)[1].split()
+        start = int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - start
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def _since(t0: float) -> float:
+    return round(time.perf_counter() - t0, 2)
+
+
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate, write ``samples.jsonl``, ``summary.json``, diagrams and ``report.md``;
-    return the summary (rank 0; other ranks return an empty dict)."""
+    return the summary (rank 0; other ranks return an empty dict).
+
+    The summary's ``timing`` splits the time before the first scored batch into phases
+    (issue 15's "start to first scored batch"): ``process_start_to_eval_s`` (interpreter,
+    imports and argument parsing, for a CLI run), ``tasks_read_s``, ``model_load_s``,
+    ``prepare_s`` (items built, journals checked), then ``to_first_batch_s`` from this call's
+    start and ``process_to_first_batch_s`` from the process's, both when the first window of
+    scored questions is on disk (None when nothing was scored).
+    """
     t_start = time.perf_counter()
+    age_at_start = process_age_s()
     from calibrated_lm.evaluation.tasks import resolve_tasks
 
     # Every option first: a typo costs neither task loading nor model loading, and no folder.
@@ -759,6 +788,10 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         fit = _fit_split(cfg, task)
         if fit is not None:
             _load_task_docs(task, fit, None)
+    phases: dict[str, Any] = {
+        "process_start_to_eval_s": None if age_at_start is None else round(age_at_start, 2),
+        "tasks_read_s": _since(t_start),
+    }
     read_chat_template_file(cfg.chat_template)  # a bad template file fails before loading
     info = D.dist_info()
     # Resolving the model (inside) makes a missing model fail before any folder is created.
@@ -778,7 +811,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     from calibrated_lm.runlock import run_lock
 
     with run_lock(out, active=info.is_main):
-        return _run_locked(cfg, tasks, out, info, fingerprint, splits, t_start, subset)
+        return _run_locked(cfg, tasks, out, info, fingerprint, splits, t_start, subset, phases)
 
 
 def _run_locked(
@@ -790,6 +823,7 @@ def _run_locked(
     splits: dict[str, str],
     t_start: float,
     subset: SubsetFile | None = None,
+    phases: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     import torch
 
@@ -805,6 +839,7 @@ def _run_locked(
     t0 = time.perf_counter()
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=device)
     load_s = time.perf_counter() - t0
+    t_loaded = time.perf_counter()
     if subset is not None:
         _check_subset_vocab(subset, model)
     dev = str(next(model.parameters()).device)
@@ -892,6 +927,8 @@ def _run_locked(
 
     transform = _transform(cfg)
     t_score = time.perf_counter()
+    prepare_s = t_score - t_loaded
+    first_batch: dict[str, float | None] = {}
     scored = 0
     with tqdm(
         total=pending_total,
@@ -917,6 +954,12 @@ def _run_locked(
                         transform=transform,
                     )
                     writer.write(_record(it, s, n) for it, s, n in zip(window, scores, counts))
+                    if not first_batch:
+                        age = process_age_s()
+                        first_batch = {
+                            "to_first_batch_s": _since(t_start),
+                            "process_to_first_batch_s": None if age is None else round(age, 2),
+                        }
                     scored += len(window)
                     bar.update(len(window))
     score_s = time.perf_counter() - t_score
@@ -986,7 +1029,11 @@ def _run_locked(
             "transformers": transformers.__version__,
         },
         "timing": {
+            **(phases or {}),
             "model_load_s": round(load_s, 2),
+            "prepare_s": round(prepare_s, 2),
+            "to_first_batch_s": first_batch.get("to_first_batch_s"),
+            "process_to_first_batch_s": first_batch.get("process_to_first_batch_s"),
             "scoring_s": round(score_s, 2),
             "questions_scored_this_run": scored,
             "questions_rescored_after_a_change": rescored,

@@ -1,0 +1,58 @@
+"""The phases of an eval run before its first scored batch (summary timing; issue 15 asks for
+start-to-first-batch on the GPU, so the breakdown must be on record): present, ordered and
+consistent, None when a resumed run scores nothing; the process clock counts from the
+process's own start."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers_tiny_lm import build_tiny_lm
+
+from calibrated_lm.evaluation.runner import EvalConfig, process_age_s, run_eval
+
+PHASES = ("tasks_read_s", "model_load_s", "prepare_s")
+
+
+def _task(path: Path, n: int = 6) -> Path:
+    rows = [
+        {"context": f"Question {i}: which?\nAnswer:", "choices": ["red", "blue"], "label": i % 2}
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_phases_before_the_first_batch_are_recorded_and_add_up(tmp_path: Path) -> None:
+    model = build_tiny_lm(tmp_path / "model")
+    task = _task(tmp_path / "t.jsonl")
+    cfg = EvalConfig(model=str(model), tasks=[str(task)], output=tmp_path / "out",
+                     bootstrap=0, progress=False, batch_size="2", device="cpu")  # fmt: skip
+    timing = run_eval(cfg)["protocol"]["timing"]
+    assert all(timing[k] >= 0 for k in PHASES)
+    first = timing["to_first_batch_s"]
+    # The first batch comes after every phase (rounding to 0.01 s each) and before the end.
+    assert sum(timing[k] for k in PHASES) <= first + 0.03
+    assert first <= timing["total_s"]
+    if timing["process_to_first_batch_s"] is not None:  # Linux
+        assert timing["process_to_first_batch_s"] >= first
+        assert timing["process_start_to_eval_s"] <= timing["process_to_first_batch_s"]
+    again = run_eval(cfg)["protocol"]["timing"]  # resumed: nothing to score
+    assert again["questions_scored_this_run"] == 0
+    assert again["to_first_batch_s"] is None and again["process_to_first_batch_s"] is None
+
+
+@pytest.mark.skipif(process_age_s() is None, reason="no /proc/self/stat here")
+def test_process_age_counts_from_the_process_start() -> None:
+    code = (
+        "import time; time.sleep(1.5); "
+        "from calibrated_lm.evaluation.runner import process_age_s; print(process_age_s())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    age = float(out.stdout.strip())
+    assert age >= 1.5  # the sleep happened before the call, in the same process
+    assert age < 100  # and not, say, the machine's uptime
