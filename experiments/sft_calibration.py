@@ -299,6 +299,27 @@ PROFILES: dict[str, Profile] = {
         save_every=2,
         est={"prepare": 10, "train": 30, "eval": 60, "heldout": 10, "select": 1},
     ),
+    # CPU check of claim 3's pipeline on the real base (the subsets are gemma's): a restricted
+    # head trained and scored with --uncovered skip, a remedy run scored as saved and applied.
+    "claim3_smoke": dataclasses.replace(
+        _CLAIM3,
+        runs=(
+            SFTRun(0.1, 1, vocab=24576, lr=8e-5, epochs=1),
+            SFTRun(0.0, 1, temperature=0.5, lr=8e-5, epochs=1),
+        ),
+        base_subsets=(24576,),
+        # One primary task and HellaSwag (the task the subset leaves questions out of).
+        tasks="arc_easy,hellaswag",
+        formats={"trained": "arc_easy,hellaswag"},
+        max_steps=2,
+        max_seq_len=128,
+        batch_size=2,
+        grad_accum=1,
+        holdout_frac=0.01,
+        limit=12,  # a HellaSwag question in five survives the 24,576 subset
+        save_every=0,
+        est={"prepare": 60, "train": 120, "eval": 120, "heldout": 30, "select": 1},
+    ),
     "smoke": Profile(
         base="smollm2-135m-instruct",
         reference=None,
