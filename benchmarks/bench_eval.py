@@ -100,7 +100,7 @@ def _phases(timing: dict) -> dict:
     """The eval summary's breakdown of the time before its first scored batch (issue 15's
     start-to-first-batch target); absent keys (older versions) left out."""
     keys = ("process_start_to_eval_s", "tasks_read_s", "model_load_s", "prepare_s",
-            "to_first_batch_s", "process_to_first_batch_s")  # fmt: skip
+            "to_scoring_start_s", "to_first_batch_s", "process_to_first_batch_s")  # fmt: skip
     return {k: timing[k] for k in keys if k in timing}
 
 

@@ -769,7 +769,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     The summary's ``timing`` splits the time before the first scored batch into phases
     (issue 15's "start to first scored batch"): ``process_start_to_eval_s`` (interpreter,
     imports and argument parsing, for a CLI run), ``tasks_read_s``, ``model_load_s``,
-    ``prepare_s`` (items built, journals checked), then ``to_first_batch_s`` from this call's
+    ``prepare_s`` (items built, journals checked), ``to_scoring_start_s`` (this call's start
+    to the first forward pass), then ``to_first_batch_s`` from this call's
     start and ``process_to_first_batch_s`` from the process's, both when the first window of
     scored questions is on disk (None when nothing was scored).
     """
@@ -1032,6 +1033,7 @@ def _run_locked(
             **(phases or {}),
             "model_load_s": round(load_s, 2),
             "prepare_s": round(prepare_s, 2),
+            "to_scoring_start_s": round(t_score - t_start, 2),
             "to_first_batch_s": first_batch.get("to_first_batch_s"),
             "process_to_first_batch_s": first_batch.get("process_to_first_batch_s"),
             "scoring_s": round(score_s, 2),
