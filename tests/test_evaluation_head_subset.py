@@ -12,16 +12,14 @@ import numpy as np
 import pytest
 import torch
 from helpers_cli import run_cli
+from helpers_quiz import answer_token_ids, gas_items, write_quiz
 from helpers_tiny_lm import build_tiny_lm
 
 from calibrated_lm import patch_model
 from calibrated_lm.errors import UserError
-from calibrated_lm.evaluation.items import Item
 from calibrated_lm.evaluation.runner import EvalConfig, run_eval
 from calibrated_lm.evaluation.scoring import Encoder, score_items
 from calibrated_lm.models import head_subset as hs
-
-WORDS = ["carbon dioxide", "water", "the sun", "Paris", "France"]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +30,7 @@ def setup(tmp_path_factory):
     model_dir = build_tiny_lm(root / "model")
     tok = AutoTokenizer.from_pretrained(model_dir)
     v = len(tok)
-    answer_tokens = sorted({t for w in WORDS for t in tok(" " + w).input_ids})
+    answer_tokens = answer_token_ids(tok)
     # The answers' tokens, the EOS, then every third id: about a third of the vocabulary.
     subset = hs.select_vocabulary(
         (np.arange(v) % 3 == 0).astype(float),
@@ -40,23 +38,8 @@ def setup(tmp_path_factory):
         required=answer_tokens + [tok.eos_token_id],
     )
     hs.save(subset, root, rule="test")
-    task = root / "quiz.jsonl"
-    rows = [
-        {"context": f"Question {i}: which one?\nAnswer:", "choices": WORDS[: 2 + i % 4],
-         "label": i % 2, "id": f"q{i}"}
-        for i in range(9)
-    ]  # fmt: skip
-    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = write_quiz(root / "quiz.jsonl", 9)
     return root, model_dir, tok, subset, root / hs.FILE, task
-
-
-def _items() -> list[Item]:
-    ctx = "Question: which gas do plants take in?\nAnswer:"
-    return [
-        Item(task="t", id=str(i), requests=tuple((ctx, " " + w) for w in WORDS[i:]), label=0,
-             choices=tuple(WORDS[i:]))
-        for i in range(3)
-    ]  # fmt: skip
 
 
 def test_scores_are_the_restricted_log_softmax_and_equal_the_patched_models(setup):
@@ -65,7 +48,7 @@ def test_scores_are_the_restricted_log_softmax_and_equal_the_patched_models(setu
     _, model_dir, tok, subset, _, _ = setup
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     enc = Encoder(tokenizer=tok, add_bos=False, prefix_id=tok.eos_token_id)
-    items = _items()
+    items = gas_items()
     got = score_items(model, enc, items, batch_size=4, max_len=512, head_subset=subset)
     plain = score_items(model, enc, items, batch_size=4, max_len=512)
     kept = torch.as_tensor(subset.kept)
@@ -94,7 +77,7 @@ def test_a_choice_token_outside_the_subset_is_refused(setup):
     water = tok(" water").input_ids
     smaller = hs.HeadSubset(np.setdiff1d(subset.kept, water), subset.vocab_size)
     with pytest.raises(UserError, match=r"t question 0: choice 1 \('water'\) has token id"):
-        score_items(model, enc, _items(), batch_size=4, max_len=512, head_subset=smaller)
+        score_items(model, enc, gas_items(), batch_size=4, max_len=512, head_subset=smaller)
 
 
 def _cfg(setup, out: Path, **kw) -> EvalConfig:

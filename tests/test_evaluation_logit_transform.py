@@ -14,16 +14,14 @@ import numpy as np
 import pytest
 import torch
 from helpers_cli import run_cli
+from helpers_quiz import answer_token_ids, gas_items, write_quiz
 from helpers_tiny_lm import build_tiny_lm
 
 from calibrated_lm.errors import UserError
-from calibrated_lm.evaluation.items import Item
 from calibrated_lm.evaluation.logit_transform import LogitTransform
 from calibrated_lm.evaluation.runner import EvalConfig, run_eval
 from calibrated_lm.evaluation.scoring import Encoder, score_items
 from calibrated_lm.models import head_subset as hs
-
-WORDS = ["carbon dioxide", "water", "the sun", "Paris", "France"]
 
 
 @pytest.fixture(scope="module")
@@ -36,30 +34,15 @@ def setup(tmp_path_factory):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     assert not model.config.tie_word_embeddings  # scaling the head leaves the inputs alone
     v = len(tok)
-    answers = sorted({t for w in WORDS for t in tok(" " + w).input_ids})
+    answers = answer_token_ids(tok)
     subset = hs.select_vocabulary((np.arange(v) % 2).astype(float), v // 2, answers)
-    task = root / "quiz.jsonl"
-    rows = [
-        {"context": f"Question {i}: which one?\nAnswer:", "choices": WORDS[: 2 + i % 4],
-         "label": i % 2, "id": f"q{i}"}
-        for i in range(6)
-    ]  # fmt: skip
-    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = write_quiz(root / "quiz.jsonl", 6)
     enc = Encoder(tokenizer=tok, add_bos=False, prefix_id=tok.eos_token_id)
     return dict(model_dir=model_dir, model=model, tok=tok, enc=enc, subset=subset, task=task)
 
 
-def _items() -> list[Item]:
-    ctx = "Question: which gas do plants take in?\nAnswer:"
-    return [
-        Item(task="t", id=str(i), requests=tuple((ctx, " " + w) for w in WORDS[i:]), label=0,
-             choices=tuple(WORDS[i:]))
-        for i in range(3)
-    ]  # fmt: skip
-
-
 def _score(model, enc, **kw) -> list[list[float]]:
-    return score_items(model, enc, _items(), batch_size=4, max_len=512, **kw)
+    return score_items(model, enc, gas_items(), batch_size=4, max_len=512, **kw)
 
 
 @pytest.mark.parametrize("with_subset", [False, True])
@@ -85,7 +68,7 @@ def test_softcap_then_temperature_equal_the_manual_formula(setup):
     for transform in (LogitTransform(softcap=c), LogitTransform(softcap=c, temperature=t)):
         got = _score(model, enc, transform=transform)
         temp = transform.temperature or 1.0
-        for item, scores in zip(_items(), got):
+        for item, scores in zip(gas_items(), got):
             for (ctx, cont), s in zip(enc.encode_pairs(item.requests), scores):
                 with torch.no_grad():
                     z = model(torch.tensor([ctx + cont])).logits[0].double()

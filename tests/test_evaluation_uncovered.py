@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers_cli import run_cli
+from helpers_quiz import WORDS, answer_token_ids, write_choice_sets
 from helpers_tiny_lm import build_tiny_lm
 
 from calibrated_lm.errors import UserError
@@ -18,18 +19,6 @@ from calibrated_lm.evaluation.runner import EvalConfig, run_eval
 from calibrated_lm.evaluation.scoring import Encoder, check_in_subset
 from calibrated_lm.evaluation.tasks import build_items, resolve_tasks
 from calibrated_lm.models import head_subset as hs
-
-WORDS = ["carbon dioxide", "water", "the sun", "Paris", "France"]
-CTX = "Question {i}: which one?\nAnswer:"
-
-
-def _write_task(path: Path, choice_sets: list[list[str]]) -> Path:
-    rows = [
-        {"context": CTX.format(i=i), "choices": c, "label": 0, "id": f"q{i}"}
-        for i, c in enumerate(choice_sets)
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +29,7 @@ def setup(tmp_path_factory):
     model_dir = build_tiny_lm(root / "model")
     tok = AutoTokenizer.from_pretrained(model_dir)
     v = len(tok)
-    answers = sorted({t for w in WORDS for t in tok(" " + w).input_ids})
+    answers = answer_token_ids(tok)
     others = {t for w in WORDS if w != "water" for t in tok(" " + w).input_ids}
     water = set(tok(" water").input_ids) - others
     assert water  # " water" has a token of its own (its 'w')
@@ -54,8 +43,8 @@ def setup(tmp_path_factory):
     sets = [[WORDS[0], WORDS[2]], [WORDS[1], WORDS[3]], [WORDS[3], WORDS[4], WORDS[0]],
             [WORDS[2], WORDS[1]], [WORDS[4], WORDS[0]], [WORDS[1], WORDS[2], WORDS[3]],
             [WORDS[3], WORDS[2]]]  # fmt: skip
-    mixed = _write_task(root / "mixed.jsonl", sets)
-    only_water = _write_task(root / "wet.jsonl", [[WORDS[1], WORDS[0]], [WORDS[2], WORDS[1]]])
+    mixed = write_choice_sets(root / "mixed.jsonl", sets)
+    only_water = write_choice_sets(root / "wet.jsonl", [[WORDS[1], WORDS[0]], [WORDS[2], WORDS[1]]])
     return dict(root=root, model=model_dir, tok=tok, subset=subset, file=root / hs.FILE,
                 mixed=mixed, wet=only_water)  # fmt: skip
 
@@ -117,7 +106,7 @@ def test_the_cli_prints_one_line_per_task(setup, tmp_path, capsys):
     from calibrated_lm.cli import main
 
     s = setup
-    single = _write_task(tmp_path / "dry.jsonl", [[WORDS[0], WORDS[2]], [WORDS[3], WORDS[4]]])
+    single = write_choice_sets(tmp_path / "dry.jsonl", [[WORDS[0], WORDS[2]], [WORDS[3], WORDS[4]]])
     code = main(
         ["eval", "--model", str(s["model"]), "--tasks", f"{s['mixed']},{single}", "--output",
          str(tmp_path / "cli"), "--bootstrap", "20", "--device", "cpu", "--no-progress",
@@ -160,7 +149,9 @@ def test_a_rerun_with_another_uncovered_mode_is_refused_before_loading(
     setup, tmp_path, monkeypatch
 ):
     s = setup
-    covered = _write_task(tmp_path / "dry.jsonl", [[WORDS[0], WORDS[2]], [WORDS[3], WORDS[4]]])
+    covered = write_choice_sets(
+        tmp_path / "dry.jsonl", [[WORDS[0], WORDS[2]], [WORDS[3], WORDS[4]]]
+    )
     out = tmp_path / "run"
     run_eval(_cfg(s, out, [covered]))  # error mode, with a subset: recorded as such
     assert json.loads((out / "run.json").read_text())["uncovered"] == "error"
