@@ -30,21 +30,21 @@ ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("accuracy", "ece", "rms_ce", "brier", "nll", "mean_confidence")
 
 
-def probabilities(records: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """(n, 4) softmax of the letter logits, gold indices."""
-    z = np.array([r["choice_logprobs"] for r in records], dtype=np.float64)
+def probabilities(records: list) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 4) softmax of the letter logits (SampleRecords), gold indices."""
+    z = np.array([r.choice_logprobs for r in records], dtype=np.float64)
     z = z - z.max(axis=1, keepdims=True)
     p = np.exp(z)
-    return p / p.sum(axis=1, keepdims=True), np.array([r["label"] for r in records])
+    return p / p.sum(axis=1, keepdims=True), np.array([r.label for r in records])
 
 
-def pair(base: list[dict], inst: list[dict], base_dir: Path, inst_dir: Path) -> tuple:
+def pair(base: list, inst: list, base_dir: Path, inst_dir: Path) -> tuple:
     """Both models' records in one question order; a question missing on one side, or a gold
     letter that differs, is an error naming it."""
     from calibrated_lm.errors import UserError
 
-    bi = {r["id"]: r for r in base}
-    ii = {r["id"]: r for r in inst}
+    bi = {r.id: r for r in base}
+    ii = {r.id: r for r in inst}
     only = sorted(set(bi) ^ set(ii))
     if only:
         side = base_dir if only[0] in bi else inst_dir
@@ -53,7 +53,7 @@ def pair(base: list[dict], inst: list[dict], base_dir: Path, inst_dir: Path) -> 
         )
     keys = sorted(bi)
     for k in keys:
-        if bi[k]["label"] != ii[k]["label"]:
+        if bi[k].label != ii[k].label:
             raise UserError(f"question {k}: gold letter differs between {base_dir} and {inst_dir}")
     return [bi[k] for k in keys], [ii[k] for k in keys]
 
@@ -84,10 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     pb, _ = probabilities(inst)
     print(f"{len(y):,} paired MMLU questions; bootstrapping ({args.bootstrap} draws) ...")
     overall = paired_bootstrap(pa, pb, y, draws=args.bootstrap, seed=0)
-    subjects = sorted({r["subject"] for r in base})
+    subjects = sorted({r.subject for r in base})
     per_subject = {}
     for s in subjects:
-        idx = np.array([i for i, r in enumerate(base) if r["subject"] == s])
+        idx = np.array([i for i, r in enumerate(base) if r.subject == s])
         per_subject[s] = paired_bootstrap(pa[idx], pb[idx], y[idx], draws=args.bootstrap, seed=0)
 
     setting = "Llama-3.1-70B -> Llama-3.1-70B-Instruct (MMLU 5-shot letters)"

@@ -10,6 +10,8 @@ import pytest
 from calibrated_lm.calibration import bootstrap_indices, calibration_error, percentile_interval
 from calibrated_lm.calibration.letter_logits import read_letter_logits, read_letter_logits_file
 from calibrated_lm.calibration.paired import paired_bootstrap, two_level_bootstrap
+from calibrated_lm.calibration.record import SampleRecord
+from calibrated_lm.calibration.samples import group_samples
 from calibrated_lm.errors import UserError
 
 
@@ -85,10 +87,17 @@ def test_letter_logits_read_as_paired_records(tmp_path: Path) -> None:
     )
     _csv(tmp_path, "astronomy", ["Q,a,b,c,d,D,0,0,0,1,D,"])
     recs = read_letter_logits(tmp_path)
-    assert [r["id"] for r in recs] == ["anatomy/0", "anatomy/1", "astronomy/0"]
-    assert recs[0]["choice_logprobs"] == [-3.5, -2.0, -1.25, -9.0]
-    assert [r["label"] for r in recs] == [2, 0, 3]
-    assert recs[0]["task"] == "mmlu" and recs[0]["subject"] == "anatomy"
+    assert all(isinstance(r, SampleRecord) for r in recs)  # the one typed record
+    assert [r.id for r in recs] == ["anatomy/0", "anatomy/1", "astronomy/0"]
+    assert recs[0].choice_logprobs == (-3.5, -2.0, -1.25, -9.0)
+    assert [r.label for r in recs] == [2, 0, 3]
+    assert recs[0].task == "mmlu" and recs[0].subject == "anatomy"
+    assert recs[0].name == "mmlu_anatomy" and recs[0].group == "mmlu"  # the one naming rule
+    assert recs[0].choices == ("a", "b", "c", "d")
+    assert recs[1].source.endswith("anatomy_test_logits.csv:3")
+    # They group and summarise like any samples file's records.
+    assert list(group_samples(recs)) == ["mmlu_anatomy", "mmlu_astronomy"]
+    assert SampleRecord.from_json(recs[0].to_json()) == recs[0]
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,11 @@
 """Read published multiple-choice letter logits (one CSV per MMLU subject) as samples records.
 
+The input is not our samples format (it is CSV, not JSON Lines), so this is a reader of its own;
+what it returns is the one typed samples record,
+:class:`~calibrated_lm.calibration.record.SampleRecord` (task ``mmlu``, the subject, so that
+:func:`~calibrated_lm.calibration.record.task_name` groups it like any MMLU question), which
+the rest of the package reads, groups and writes like any other.
+
 The layout is the one of the calibration study whose Llama-3.1-70B base and Instruct MMLU
 logits ``../shared/data/public_logits/`` holds: a folder of ``<subject>_test_logits.csv``, each
 with a header row and one row per question::
@@ -21,8 +27,8 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
-from typing import Any
 
+from calibrated_lm.calibration.record import SampleRecord
 from calibrated_lm.errors import UserError
 
 LETTERS = ("A", "B", "C", "D")
@@ -35,8 +41,9 @@ def _fail(path: Path, line: int, msg: str) -> UserError:
     return UserError(f"{path}:{line}: {msg}")
 
 
-def read_letter_logits_file(path: str | Path, subject: str | None = None) -> list[dict[str, Any]]:
-    """Records ``{task: "mmlu", subject, id, choice_logprobs, label, choices}`` of one CSV.
+def read_letter_logits_file(path: str | Path, subject: str | None = None) -> list[SampleRecord]:
+    """Records (task ``mmlu``, ``subject``, ``id``, ``choice_logprobs``, ``label``,
+    ``choices``, ``source`` = "file:line") of one CSV.
 
     ``subject`` defaults to the file name without ``_test_logits.csv``. Line numbers in errors
     are the file's own (the header is line 1).
@@ -49,7 +56,7 @@ def read_letter_logits_file(path: str | Path, subject: str | None = None) -> lis
         raise UserError(f"{path}: no such file") from None
     except OSError as exc:
         raise UserError(f"{path}: cannot read ({exc.strerror})") from None
-    records: list[dict[str, Any]] = []
+    records: list[SampleRecord] = []
     with handle:
         reader = csv.reader(handle)
         try:
@@ -84,14 +91,15 @@ def read_letter_logits_file(path: str | Path, subject: str | None = None) -> lis
                 if gold not in LETTERS:
                     raise _fail(path, line, f"gold letter {gold!r} is not one of A, B, C, D")
                 records.append(
-                    {
-                        "task": "mmlu",
-                        "subject": subject,
-                        "id": f"{subject}/{row_no}",
-                        "choice_logprobs": logits,
-                        "label": LETTERS.index(gold),
-                        "choices": [row[c] if c is not None else "" for c in choice_cols],
-                    }
+                    SampleRecord(
+                        task="mmlu",
+                        id=f"{subject}/{row_no}",
+                        choice_logprobs=tuple(logits),
+                        label=LETTERS.index(gold),
+                        subject=subject,
+                        choices=tuple(row[c] if c is not None else "" for c in choice_cols),
+                        source=f"{path}:{line}",
+                    )
                 )
         except UnicodeDecodeError:
             raise _fail(path, reader.line_num + 1, "not UTF-8 text") from None
@@ -102,7 +110,7 @@ def read_letter_logits_file(path: str | Path, subject: str | None = None) -> lis
     return records
 
 
-def read_letter_logits(folder: str | Path) -> list[dict[str, Any]]:
+def read_letter_logits(folder: str | Path) -> list[SampleRecord]:
     """Records of every ``*_test_logits.csv`` in ``folder``, subjects in name order."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -110,7 +118,7 @@ def read_letter_logits(folder: str | Path) -> list[dict[str, Any]]:
     files = sorted(folder.glob(f"*{SUFFIX}"))
     if not files:
         raise UserError(f"{folder}: holds no *{SUFFIX} file")
-    out: list[dict[str, Any]] = []
+    out: list[SampleRecord] = []
     for f in files:
         out.extend(read_letter_logits_file(f))
     return out
