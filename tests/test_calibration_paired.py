@@ -69,6 +69,44 @@ def test_same_model_twice_has_a_zero_interval_and_seed_level_widens_it():
         two_level_bootstrap([p], [], y)
 
 
+def test_paired_metrics_come_from_the_registry() -> None:
+    """Default: the registry's paired view, in its order; any registered metric by name, its
+    draws equal to its point function on each resample (smooth ECE, classwise ECE: not in the
+    paired view, each through its own resampled path)."""
+    from calibrated_lm.calibration import registry
+    from calibrated_lm.calibration.items import ItemArrays
+
+    rng = np.random.default_rng(11)
+    n = 150
+    y = rng.integers(0, 3, n)
+    pa, pb = _model(rng, n, 3, 1.0), _model(rng, n, 3, 3.0)
+    res = paired_bootstrap(pa, pb, y, draws=40, seed=2)
+    assert list(res) == [m.name for m in registry.metrics("paired")]
+    named = paired_bootstrap(pa, pb, y, draws=40, seed=2, metrics=["smooth_ece", "classwise_ece"])
+    assert list(named) == ["smooth_ece", "classwise_ece"]
+    ia, ib = ItemArrays.from_probs(pa, y), ItemArrays.from_probs(pb, y)
+    idx = bootstrap_indices(n, 40, 2)
+    for name, r in named.items():
+        m = registry.get(name)
+        assert r["a"] == pytest.approx(m.point(ia, 15, "width"))
+        loop = [m.point(ib.take(i), 15, "width") - m.point(ia.take(i), 15, "width") for i in idx]
+        assert r["ci95"] == pytest.approx(percentile_interval(np.array(loop)), abs=1e-9)
+    with pytest.raises(KeyError):
+        paired_bootstrap(pa, pb, y, draws=5, metrics=["no_such_metric"])
+
+
+def test_an_infinite_nll_stays_infinite_only_in_the_draws_that_hold_it() -> None:
+    """A gold answer of probability 0 makes NLL +inf in the draws that take that question
+    and finite in the others (0 * inf no longer turns a draw into NaN)."""
+    y = np.array([0, 1, 0, 1, 0, 1])
+    pa = np.array([[0.6, 0.4]] * 6)
+    pb = pa.copy()
+    pb[0] = [0.0, 1.0]  # question 0: gold probability 0 for B
+    res = paired_bootstrap(pa, pb, y, draws=200, seed=0, metrics=["nll"])["nll"]
+    assert res["b"] == np.inf and res["delta"] == np.inf
+    assert np.isfinite(res["ci95"][0]) and res["ci95"][1] == np.inf
+
+
 HEADER = "0,1,2,3,4,5,Logit_A,Logit_B,Logit_C,Logit_D,Predicted,Correct\n"
 
 

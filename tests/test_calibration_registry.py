@@ -78,8 +78,9 @@ def test_built_in_headings_are_the_tables_of_before() -> None:
                                "RMS-CE [95% CI]", "Brier", "NLL"]  # fmt: skip
     assert header() == ["run", "n", "accuracy", "ECE", "RMS-CE", "T (fit on val)",
                         "ECE after T", "RMS-CE after T"]  # fmt: skip
-    assert paired_header() == ["run - reference", "shared n", "accuracy", "ECE", "RMS-CE",
-                               "Brier", "NLL"]  # fmt: skip
+    assert paired_header() == ["run - reference", "shared n", "accuracy (higher better)",
+                               "mean conf", "ECE (lower better)", "RMS-CE (lower better)",
+                               "Brier (lower better)", "NLL (lower better)"]  # fmt: skip
 
 
 def test_a_registered_metric_shows_up_everywhere_without_other_edits(
@@ -145,3 +146,66 @@ def test_the_per_draw_path_equals_the_vectorised_bootstrap() -> None:
     assert list(slow) == list(fast)
     assert slow["ece"] == fast["ece"]
     assert slow["ece_ci95"] == pytest.approx(fast["ece_ci95"], abs=1e-12)
+
+
+def _abs_gap(it: ItemArrays, n_bins: int, binning: str) -> float:
+    return abs(float(it.confidence.mean()) - float(it.correct.mean()))
+
+
+def _p90_confidence(it: ItemArrays, n_bins: int, binning: str) -> float:
+    return float(np.quantile(it.confidence, 0.9))
+
+
+def test_a_metric_registered_into_the_paired_view_is_in_compares_paired_table_and_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """paired differences take their metrics, labels and directions from the registry: a
+    metric put into its ``paired`` view (here by monkeypatching the registry) is computed
+    through its own point function, bootstrapped draw by draw on the same resamples as the
+    built-ins, headed by its label and judged by its direction, with no other edit."""
+    from calibrated_lm.calibration.bootstrap import bootstrap_indices, percentile_interval
+    from calibrated_lm.evaluation.compare import paired_table
+
+    gap = Metric("abs_gap", "|conf - acc|", _abs_gap, "lower", views={"paired": True})
+    p90 = Metric("p90_conf", "p90 conf", _p90_confidence, None, has_ci=False,
+                 views={"paired": True})  # fmt: skip
+    monkeypatch.setitem(registry._REGISTRY, gap.name, gap)
+    monkeypatch.setitem(registry._REGISTRY, p90.name, p90)
+    for name, sharp in (("ref", 1.0), ("sharp", 4.0)):
+        (tmp_path / name).mkdir()
+        write_sample_records(tmp_path / name / "samples.jsonl", _records(200, sharp, 0))
+    result = compare_runs(
+        [tmp_path / "ref", tmp_path / "sharp"], tmp_path / "out", bootstrap=60, n_bins=10
+    )
+    assert paired_header()[-2:] == ["|conf - acc| (lower better)", "p90 conf"]
+    saved = json.loads((tmp_path / "out" / "compare.json").read_text())
+    paired = saved["tasks"]["quiz"]["runs"]["sharp"]["paired"]
+    entry = paired["abs_gap"]
+
+    def items(sharp: float) -> ItemArrays:
+        from calibrated_lm.calibration.scores import choice_log_probabilities
+
+        # compare pairs the shared questions in the order of their ids (as text).
+        recs = sorted(_records(200, sharp, 0), key=lambda r: str(r.id))
+        logp, k = choice_log_probabilities([r.choice_logprobs for r in recs])
+        return ItemArrays(logp, k, np.array([r.label for r in recs]))
+
+    ia, ib = items(1.0), items(4.0)
+    assert entry["a"] == pytest.approx(_abs_gap(ia, 10, "width"))
+    assert entry["b"] == pytest.approx(_abs_gap(ib, 10, "width"))
+    assert entry["delta"] == pytest.approx(entry["b"] - entry["a"])
+    # compare's draws are bootstrap_indices(n, draws, 0), the same for both runs.
+    loop = [_abs_gap(ib.take(i), 10, "width") - _abs_gap(ia.take(i), 10, "width")
+            for i in bootstrap_indices(200, 60, 0)]  # fmt: skip
+    assert entry["ci95"] == pytest.approx(percentile_interval(np.array(loop)), abs=1e-12)
+    assert entry["direction"] == "lower"
+    assert entry["ci95"][0] > 0 and entry["verdict"] == "worse"  # sharper: further from acc
+    assert paired["p90_conf"]["ci95"] is None and paired["p90_conf"]["verdict"] is None
+    assert paired["p90_conf"]["delta"] == pytest.approx(
+        _p90_confidence(ib, 10, "width") - _p90_confidence(ia, 10, "width")
+    )
+    (row,) = paired_table(result, "quiz")
+    assert row[-2].endswith(" worse") and "[" in row[-2]
+    assert "[" not in row[-1]  # no interval: the difference alone
+    md = (tmp_path / "out" / "compare.md").read_text()
+    assert "|conf - acc| (lower better)" in md and "p90 conf |" in md

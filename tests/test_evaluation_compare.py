@@ -142,6 +142,14 @@ def test_compare_reads_lm_eval_log_samples_folders(tmp_path: Path) -> None:
     want = paired_bootstrap(probs(docs), probs(sharp), y, draws=50)
     assert paired["accuracy"]["delta"] == pytest.approx(0.0)  # scaling keeps every argmax
     assert paired["ece"]["delta"] == pytest.approx(want["ece"]["delta"])
+    # The same questions: each side of a difference is the number of the per-run table.
+    ref_row = next(e for label, e in rows.items() if label.startswith("a"))
+    other = next(e for label, e in rows.items() if label.startswith("b"))
+    for m in ("accuracy", "ece", "rms_ce"):
+        assert paired[m]["a"] == pytest.approx(ref_row[m], abs=1e-12)
+        assert paired[m]["b"] == pytest.approx(other[m], abs=1e-12)
+    assert paired["ece"]["verdict"] == "worse" and paired["ece"]["direction"] == "lower"
+    assert paired["mean_confidence"]["verdict"] is None  # no better direction
     assert "mmlu" in result["tasks"]  # mmlu_<subject> files pooled into mmlu
 
     # the same task twice in one folder is ambiguous: refused with the file names
@@ -152,3 +160,4 @@ def test_compare_reads_lm_eval_log_samples_folders(tmp_path: Path) -> None:
         compare_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "cmp2")
     with pytest.raises(UserError, match="no lm-eval samples_<task>_<date>.jsonl"):
         compare_runs([tmp_path / "cmp"], tmp_path / "cmp3")
+

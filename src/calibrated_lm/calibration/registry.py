@@ -14,8 +14,9 @@ Views (the tables and JSON summaries that iterate :func:`metrics`):
 * ``metrics``: the terminal table of ``calibrated-lm metrics``;
 * ``compare``: ``compare``'s per-run table; ``after_T``: what ``compare`` recomputes after
   temperature scaling (JSON; its table shows those also in ``compare``);
-* ``paired``: ``compare``'s paired differences (metrics that
-  :func:`calibrated_lm.calibration.paired.paired_bootstrap` computes);
+* ``paired``: ``compare``'s paired differences, and what
+  :func:`calibrated_lm.calibration.paired.paired_bootstrap` computes by default (any registered
+  metric can be given to it; its table prints a metric's difference with its interval);
 * ``lm_eval``: the calibration metrics of the harness-style ``results_*.json``.
 
 ``summary.json`` holds every registered metric. The registry's order is the order of every
@@ -181,16 +182,16 @@ def _nll(it: ItemArrays, n_bins: int, binning: str) -> float:
 
 for _m in (
     Metric("accuracy", "accuracy", _accuracy, "higher", short="acc",
-           views={"report": True, "metrics": False, "compare": True, "paired": False}),
+           views={"report": True, "metrics": False, "compare": True, "paired": True}),
     Metric("mean_confidence", "mean conf", _mean_confidence, None, short="conf",
-           views={"report": False, "metrics": False, "lm_eval": False}),
+           views={"report": False, "metrics": False, "paired": True, "lm_eval": False}),
     Metric("overconfidence", "overconfidence", _overconfidence, None),
     Metric("ece", "ECE", _binned("l1"),
            views={"report": True, "metrics": True, "compare": True, "after_T": True,
-                  "paired": False, "lm_eval": False}),
+                  "paired": True, "lm_eval": False}),
     Metric("rms_ce", "RMS-CE", _binned("l2"),
            views={"report": True, "metrics": False, "compare": True, "after_T": True,
-                  "paired": False, "lm_eval": False}),
+                  "paired": True, "lm_eval": False}),
     Metric("mce", "MCE", _binned("max"), views={"metrics": False}),
     Metric("classwise_ece", "classwise ECE", _classwise_ece),
     Metric("debiased_ece", "debiased ECE", _binned("l1", debiased=True)),
@@ -198,11 +199,11 @@ for _m in (
     Metric("smooth_ece", "smooth ECE", _smooth_ece, short="smECE",
            views={"metrics": False, "lm_eval": False}),
     Metric("brier", "Brier", _brier,
-           views={"report": False, "metrics": False, "after_T": False, "paired": False,
+           views={"report": False, "metrics": False, "after_T": False, "paired": True,
                   "lm_eval": False}),
     Metric("top_label_brier", "top-label Brier", _top_label_brier),
     Metric("nll", "NLL", _nll,
-           views={"report": False, "metrics": False, "after_T": False, "paired": False,
+           views={"report": False, "metrics": False, "after_T": False, "paired": True,
                   "lm_eval": False}),
 ):  # fmt: skip
     register(_m)

@@ -9,7 +9,11 @@ reliability diagram per task.
 
 Paired differences: every run after the first is compared with the first (the reference) on
 the questions both scored (key: task and id), metric(run) - metric(reference) with a paired
-bootstrap 95% interval (:func:`calibrated_lm.calibration.paired.paired_bootstrap`). When the
+bootstrap 95% interval (:func:`calibrated_lm.calibration.paired.paired_bootstrap_items`), for
+every metric of the registry's ``paired`` view (:mod:`calibrated_lm.calibration.registry`:
+its labels head the columns, and its direction turns an interval that excludes 0 into
+"better" or "worse"; a metric registered into that view appears in the table and JSON
+without other edits). When the
 runs of a task scored different question sets, the report says so and which counts; runs
 with no question in common with the reference get no difference, and a run folder without any
 scored question is an error.
@@ -33,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from calibrated_lm import durable
+from calibrated_lm.calibration.items import ItemArrays
 from calibrated_lm.calibration.jsonfile import write_json
 from calibrated_lm.calibration.record import SampleRecord
 from calibrated_lm.calibration.registry import Metric
@@ -337,7 +342,7 @@ def _compare(
             series[label] = confidence_correct(recs, normalization)
         if not rows:
             continue
-        _paired_vs_reference(rows, keyed, labels[0], normalization, n_bins, bootstrap)
+        _paired_vs_reference(rows, keyed, labels[0], normalization, n_bins, binning, bootstrap)
         for label, e in rows.items():
             why = e.get("paired", {}).get("why")
             if why:
@@ -352,11 +357,35 @@ def _compare(
 
 
 def paired_metrics() -> list[Metric]:
-    """The registry's ``paired`` view, as far as
-    :func:`~calibrated_lm.calibration.paired.paired_bootstrap` computes it."""
-    from calibrated_lm.calibration.paired import PAIRED_METRICS
+    """The metrics of the paired differences: the registry's ``paired`` view (its labels
+    head the columns, its directions give the verdicts)."""
+    return registered_metrics("paired")
 
-    return [m for m in registered_metrics("paired") if m.name in PAIRED_METRICS]
+
+def _items(records: list[SampleRecord], normalization: str) -> ItemArrays:
+    """The records' questions as the metrics see them: log-softmax over each question's own
+    choices after ``normalization`` (as ``summarize`` computes the per-run numbers)."""
+    from calibrated_lm.calibration.scores import choice_log_probabilities
+    from calibrated_lm.evaluation.report import record_lengths
+
+    logp, k = choice_log_probabilities(
+        [r.choice_logprobs for r in records],
+        choice_char_lengths=[record_lengths(r, normalization) for r in records],
+        normalization=normalization,
+    )
+    return ItemArrays(logp, k, np.array([r.label for r in records], dtype=np.int64))
+
+
+def verdict(metric: Metric, ci: list[float] | None) -> str | None:
+    """The run against the reference on ``metric``: "better" or "worse" when the interval
+    of metric(run) - metric(reference) excludes 0 and the metric has a better direction, "no
+    clear difference" when it includes 0, None without a direction or an interval."""
+    if metric.direction is None or ci is None or any(np.isnan(ci)):
+        return None
+    if ci[0] <= 0.0 <= ci[1]:
+        return "no clear difference"
+    up = ci[0] > 0.0
+    return "better" if up == (metric.direction == "higher") else "worse"
 
 
 def _paired_vs_reference(
@@ -365,14 +394,16 @@ def _paired_vs_reference(
     reference: str,
     normalization: str,
     n_bins: int,
+    binning: str,
     bootstrap: int,
 ) -> None:
-    """Add ``paired`` (metric(run) - metric(reference) on the shared questions, paired
-    bootstrap 95% CI) to every row but the reference's."""
-    from calibrated_lm.calibration.paired import paired_bootstrap
-    from calibrated_lm.evaluation.report import record_probabilities
+    """Add ``paired`` (for each metric of :func:`paired_metrics`: metric(run) -
+    metric(reference) on the shared questions with its paired bootstrap 95% CI, the
+    metric's ``direction`` and :func:`verdict`) to every row but the reference's."""
+    from calibrated_lm.calibration.paired import paired_bootstrap_items
 
     ref = keyed.get(reference) or {}
+    shown = paired_metrics()
     for label, entry in rows.items():
         if label == reference or not ref:
             continue
@@ -380,17 +411,23 @@ def _paired_vs_reference(
         if not shared:
             entry["paired"] = {"n": 0}
             continue
-        pa, y = record_probabilities([ref[k] for k in shared], normalization)
-        pb, yb = record_probabilities([keyed[label][k] for k in shared], normalization)
-        if not np.array_equal(y, yb):
-            # Same ids, other answers: not the same questions (another task file or split).
+        ia = _items([ref[k] for k in shared], normalization)
+        ib = _items([keyed[label][k] for k in shared], normalization)
+        # Same ids, other answers or choices: not the same questions (another task file or
+        # split).
+        if not np.array_equal(ia.labels, ib.labels):
             entry["paired"] = {"n": 0, "why": f"gold answers differ from {reference}'s"}
             continue
-        width = max(pa.shape[1], pb.shape[1])
-        pa = np.pad(pa, ((0, 0), (0, width - pa.shape[1])))
-        pb = np.pad(pb, ((0, 0), (0, width - pb.shape[1])))
-        res = paired_bootstrap(pa, pb, y, draws=max(bootstrap, 1), n_bins=n_bins)
-        entry["paired"] = {"n": len(shared), **{m.name: res[m.name] for m in paired_metrics()}}
+        if not np.array_equal(ia.n_choices, ib.n_choices):
+            entry["paired"] = {"n": 0, "why": f"numbers of choices differ from {reference}'s"}
+            continue
+        res = paired_bootstrap_items(
+            ia, ib, metrics=shown, draws=max(bootstrap, 1), n_bins=n_bins, binning=binning
+        )
+        for m in shown:
+            res[m.name]["direction"] = m.direction
+            res[m.name]["verdict"] = verdict(m, res[m.name]["ci95"])
+        entry["paired"] = {"n": len(shared), **res}
 
 
 def header() -> list[str]:
@@ -423,11 +460,21 @@ def table(result: dict[str, Any], task: str) -> list[list[str]]:
 
 
 def paired_header() -> list[str]:
-    return ["run - reference", "shared n"] + [m.label for m in paired_metrics()]
+    """The paired table's heading: each metric's label, with its better direction."""
+    arrows = {"higher": " (higher better)", "lower": " (lower better)", None: ""}
+    return ["run - reference", "shared n"] + [
+        m.label + arrows[m.direction] for m in paired_metrics()
+    ]
+
+
+def _signed(x: float) -> str:
+    return "-" if x is None or np.isnan(x) else f"{x:+.3f}"
 
 
 def paired_table(result: dict[str, Any], task: str) -> list[list[str]]:
-    """One row per non-reference run: each metric's difference [95% CI] on shared questions."""
+    """One row per non-reference run: each metric's difference on the shared questions, its
+    95% CI where the registry's ``paired`` view prints it, and "better"/"worse" where that
+    interval excludes 0 and the metric has a better direction."""
     shown = paired_metrics()
     rows = []
     for label, e in result["tasks"][task]["runs"].items():
@@ -437,10 +484,15 @@ def paired_table(result: dict[str, Any], task: str) -> list[list[str]]:
         if not p["n"]:
             rows.append([label, "0"] + ["-"] * len(shown))
             continue
-        cells = [
-            f"{p[m.name]['delta']:+.3f} [{p[m.name]['ci95'][0]:+.3f}, {p[m.name]['ci95'][1]:+.3f}]"
-            for m in shown
-        ]
+        cells = []
+        for m in shown:
+            d = p[m.name]
+            text = _signed(d["delta"])
+            if d["ci95"] is not None and m.shows_ci("paired"):
+                text += f" [{_signed(d['ci95'][0])}, {_signed(d['ci95'][1])}]"
+            if d.get("verdict") in ("better", "worse"):
+                text += f" {d['verdict']}"
+            cells.append(text)
         rows.append([label, str(p["n"])] + cells)
     return rows
 
@@ -450,7 +502,10 @@ def _markdown(result: dict[str, Any]) -> str:
 
     lines = ["# Calibration comparison", ""]
     lines.append(f"Normalization: {result['normalization']}; 95% bootstrap intervals in brackets.")
-    lines.append(f"Paired differences are against the reference run, {result['reference']}.")
+    lines.append(
+        f"Paired differences are run - reference ({result['reference']}) on the questions both "
+        "scored; better/worse: the interval excludes 0 in the metric's better/worse direction."
+    )
     for w in result["warnings"]:
         lines += ["", f"**Warning**: {w}."]
     for task, data in result["tasks"].items():
