@@ -46,6 +46,12 @@ metric_list:
   - metric: ece_norm
     aggregation: ece_norm
     higher_is_better: false
+  - metric: brier
+    aggregation: brier
+    higher_is_better: false
+  - metric: nll
+    aggregation: !function calibrated_lm.integrations.lm_eval.nll
+    higher_is_better: false
 """
 
 
@@ -82,15 +88,14 @@ def test_lm_eval_run_reports_the_same_calibration_as_calibrated_lm_eval(tmp_path
     summary = json.loads((out / "summary.json").read_text())
     ours = next(iter(summary["tasks"].values()))
     assert theirs["acc,none"] == pytest.approx(ours["accuracy"], abs=1e-12)
-    for key, name in (("ece", "ece"), ("rms_ce", "rms_ce"), ("smooth_ece", "smooth_ece"),
-                      ("mean_confidence", "mean_confidence")):  # fmt: skip
-        assert theirs[f"{key},none"] == pytest.approx(ours[name], abs=1e-6), key
+    for key in ("ece", "rms_ce", "smooth_ece", "mean_confidence", "brier", "nll"):
+        assert theirs[f"{key},none"] == pytest.approx(ours[key], abs=1e-6), key
 
     # Standard errors in lm-eval's own key spelling, "<metric>_stderr,<filter>": finite, and
     # about a quarter of our 95% bootstrap interval (a normal interval is +-1.96 SE; the
     # percentile interval of 30 questions is only roughly normal).
     assert isinstance(theirs["acc_stderr,none"], float)  # lm-eval's own, still there
-    for key in ("ece", "rms_ce", "smooth_ece", "mean_confidence"):
+    for key in ("ece", "rms_ce", "smooth_ece", "mean_confidence", "brier", "nll"):
         se = theirs[f"{key}_stderr,none"]
         assert isinstance(se, float) and np.isfinite(se) and se > 0, key
         lo, hi = ours[f"{key}_ci95"]
@@ -165,3 +170,32 @@ def test_reloading_the_plugin_wraps_the_lookup_once():
     before = eu.stderr_for_metric
     importlib.reload(plugin)
     assert eu.stderr_for_metric is before
+
+
+def test_the_plugin_offers_the_registrys_lm_eval_view(monkeypatch: pytest.MonkeyPatch):
+    """A metric added to the registry's lm_eval view is an aggregation of the plugin (after
+    the import that builds them), with a standard error, without other edits."""
+    import importlib
+
+    from calibrated_lm.calibration import registry
+    from calibrated_lm.calibration.registry import Metric
+
+    def p90(it, n_bins, binning):
+        return float(np.quantile(it.confidence, 0.9))
+
+    extra = Metric("p90_confidence", "p90 conf", p90, None, views={"lm_eval": False})
+    monkeypatch.setitem(registry._REGISTRY, extra.name, extra)
+    try:
+        module = importlib.reload(plugin)
+        assert (
+            "p90_confidence" in module.METRIC_NAMES and "p90_confidence_norm" in module.METRIC_NAMES
+        )
+        items = _items(80, 4)
+        conf = [float(np.max(np.exp(s) / np.sum(np.exp(s)))) for _, s in items]
+        assert module.p90_confidence(items) == pytest.approx(float(np.quantile(conf, 0.9)))
+        assert module.bootstrap_stderr("p90_confidence", items, 300) > 0
+        assert module.HIGHER_IS_BETTER["p90_confidence"] is None
+    finally:
+        monkeypatch.undo()
+        importlib.reload(plugin)
+    assert "p90_confidence" not in plugin.METRIC_NAMES

@@ -1,18 +1,22 @@
-"""Calibration metrics inside lm-evaluation-harness (0.4.x) runs: ECE, RMS-CE, smooth ECE.
+"""Calibration metrics inside lm-evaluation-harness (0.4.x) runs: ECE, RMS-CE, smooth ECE, ...
 
 An lm-eval multiple-choice task scores each choice's log-likelihood and reports ``acc`` and
 ``acc_norm``. This plugin adds the calibration of the same predictions, from the same numbers,
 in the harness's own results table: a task that names
 ``class: !function calibrated_lm.integrations.lm_eval.CalibratedMultipleChoiceTask`` may list
-these metrics in its ``metric_list`` (each with its aggregation, below):
+these metrics in its ``metric_list`` (each with the aggregation of the same name). They are the
+metrics registry's ``lm_eval`` view (:mod:`calibrated_lm.calibration.registry`; a metric added
+to that view is offered here too), each its registered point function:
 
 ===================  ==========================================================================
 metric               aggregated over the task's questions
 ===================  ==========================================================================
+``mean_confidence``  mean top-label probability (compare with ``acc``)
 ``ece``              top-label ECE, 15 equal-width bins (``calibration_error``, norm l1)
 ``rms_ce``           RMS calibration error, same bins (norm l2)
 ``smooth_ece``       smooth ECE (Blasiok and Nakkiran 2023), no bins
-``mean_confidence``  mean top-label probability (compare with ``acc``)
+``brier``            multiclass Brier score, mean over questions of sum_k (p_k - 1[k = gold])^2
+``nll``              mean -log p_gold
 ===================  ==========================================================================
 
 Per question, the probabilities are p = softmax(ll) over the choices' summed log-likelihoods
@@ -63,13 +67,14 @@ subtasks' standard errors as lm-eval does for every metric (``pooled_sample_stde
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from calibrated_lm.calibration.items import ItemArrays
 from calibrated_lm.calibration.registry import get as _registry_get
+from calibrated_lm.calibration.registry import metrics as _registry_metrics
 
 try:
     from lm_eval.api.registry import register_aggregation, register_metric
@@ -100,36 +105,31 @@ def _point(name: str, items: Sequence[Item]) -> float:
     return float(_registry_get(name).point(_item_arrays(items), N_BINS, "width"))
 
 
-def ece(items: Sequence[Item]) -> float:
-    """Top-label ECE (15 equal-width bins) of (gold, per-choice scores) items."""
-    return _point("ece", items)
+def _aggregation(name: str) -> Callable[[Sequence[Item]], float]:
+    """lm-eval's aggregation for the registry metric ``name``: its point function on the
+    task's (gold, per-choice scores) items (binned metrics: 15 equal-width bins)."""
+
+    def aggregate(items: Sequence[Item]) -> float:
+        return _point(name, items)
+
+    aggregate.__name__ = aggregate.__qualname__ = name
+    aggregate.__doc__ = (
+        f"{_registry_get(name).label} of (gold, per-choice scores) items (the metrics "
+        f"registry's {name!r}, {N_BINS} equal-width bins where binned)."
+    )
+    # What the stderr lookup recognises (an attribute, not identity: it survives a reload of
+    # this module, after which lm-eval's registry still holds the first functions).
+    aggregate._calibrated_lm_metric = name  # type: ignore[attr-defined]
+    return aggregate
 
 
-def rms_ce(items: Sequence[Item]) -> float:
-    """RMS calibration error (15 equal-width bins)."""
-    return _point("rms_ce", items)
-
-
-def smooth_ece(items: Sequence[Item]) -> float:
-    """Smooth ECE with its self-consistent bandwidth."""
-    return _point("smooth_ece", items)
-
-
-def mean_confidence(items: Sequence[Item]) -> float:
-    """Mean top-label probability."""
-    return _point("mean_confidence", items)
-
-
-AGGREGATIONS = {"ece": ece, "rms_ce": rms_ce, "smooth_ece": smooth_ece,
-                "mean_confidence": mean_confidence}  # fmt: skip
+AGGREGATIONS = {m.name: _aggregation(m.name) for m in _registry_metrics("lm_eval")}
+# Module attributes, for ``aggregation: !function calibrated_lm.integrations.lm_eval.<name>``.
+globals().update(AGGREGATIONS)
 # From the metrics registry's directions: None (mean confidence) is left unregistered, so
 # lm-eval does not claim a better direction for it.
 HIGHER_IS_BETTER = {m: _registry_get(m).higher_is_better for m in AGGREGATIONS}
 METRIC_NAMES = tuple(AGGREGATIONS) + tuple(f"{m}_norm" for m in AGGREGATIONS)
-for _metric, _fn in AGGREGATIONS.items():
-    # What the stderr lookup recognises (an attribute, not identity: it survives a reload of
-    # this module, after which lm-eval's registry still holds the first functions).
-    _fn._calibrated_lm_metric = _metric  # type: ignore[attr-defined]
 
 
 def bootstrap_stderr(name: str, items: Sequence[Item], iters: int, *, seed: int = 0) -> float:
