@@ -161,3 +161,28 @@ def test_a_damaged_gzip_file_is_one_sentence(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes()[:-12])
     with pytest.raises(UserError, match="s.jsonl.gz:.*damaged gzip data"):
         read_sample_records(path)
+
+
+@pytest.mark.parametrize(
+    "line, reason",
+    [
+        (b"{oops", "invalid JSON (Expecting property name enclosed in double quotes, column 2)"),
+        (b"[1, 2]", "expected a JSON object per line"),
+        (b'{"task": "q\xff"}', "not UTF-8 text (byte 0xff at column 12)"),
+    ],
+)
+def test_one_line_decoder_for_both_readers(tmp_path: Path, line: bytes, reason: str) -> None:
+    """The eval journal's reader and the samples reader decode a line the same way (one
+    decoder, calibration.samples.decode_json_line) and name the same problem; the journal
+    adds what to do to resume."""
+    path = tmp_path / "samples.jsonl"
+    good = json.dumps(MINIMAL.to_json()).encode()
+    path.write_bytes(good + b"\n" + line + b"\n" + good + b"\n")
+    with pytest.raises(UserError) as ours:
+        read_sample_records(path)
+    with pytest.raises(UserError) as journal:
+        read_records(path, repair=False)
+    assert str(ours.value).startswith(f"{path}:2: {reason}")
+    assert str(journal.value) == (
+        f"{path}:2: {reason}: a damaged line; fix or delete that line to resume"
+    )

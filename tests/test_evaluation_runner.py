@@ -108,7 +108,7 @@ def test_refusals_keep_results(setup, tmp_path: Path) -> None:
         run_eval(_cfg(setup, out, chat_template="off"))
     lines = before.splitlines(keepends=True)
     (out / "samples.jsonl").write_bytes(b"".join(lines[:3]) + b"{oops\n" + b"".join(lines[3:]))
-    with pytest.raises(UserError, match=r"samples.jsonl:4: damaged line"):
+    with pytest.raises(UserError, match=r"samples.jsonl:4: invalid JSON .*: a damaged line"):
         run_eval(_cfg(setup, out, chat_template="on"))
     assert (out / "samples.jsonl").read_bytes().count(b"\n") == 24  # nothing deleted
     with pytest.raises(UserError, match="model path .*missing.gguf does not exist"):

@@ -41,8 +41,10 @@ from calibrated_lm.calibration.record import SampleRecord
 from calibrated_lm.errors import UserError
 
 __all__ = [
+    "BadLine",
     "SampleRecord",
     "TaskSamples",
+    "decode_json_line",
     "dumps_records",
     "group_samples",
     "json_lines",
@@ -119,6 +121,39 @@ def _open(path: Path) -> Any:
         raise UserError(f"{path}: cannot read ({exc.strerror})") from None
 
 
+class BadLine(ValueError):
+    """One line of a JSON Lines file that is not UTF-8, not JSON or not an object; the
+    message says which (and where on the line), without file and line number; ``advice``
+    what to do about it where that does not depend on the file ("" otherwise)."""
+
+    def __init__(self, message: str, advice: str = "") -> None:
+        super().__init__(message)
+        self.advice = advice
+
+
+def decode_json_line(raw: bytes) -> dict | None:
+    """The JSON object on one line of a samples file (bytes, newline or not), None for a
+    blank line; :class:`BadLine` when the line is not UTF-8, not JSON or not an object. The
+    one line decoder of our samples files: :func:`json_lines` and the eval journal's reader
+    (:func:`calibrated_lm.evaluation.samples_file.read_records`) both use it."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadLine(
+            f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})",
+            "save the file as UTF-8",
+        ) from None
+    if not text.strip():
+        return None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadLine(f"invalid JSON ({exc.msg}, column {exc.colno})") from None
+    if not isinstance(obj, dict):
+        raise BadLine("expected a JSON object per line")
+    return obj
+
+
 def json_lines(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSON Lines file (gzip or plain);
     a line that is not UTF-8, not JSON or not an object is a ``UserError`` naming it."""
@@ -130,24 +165,12 @@ def json_lines(path: Path) -> Iterator[tuple[int, dict]]:
             # UnicodeDecodeError from the iteration itself, outside any line's handling.
             for lineno, raw in enumerate(handle, start=1):
                 try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise _fail(
-                        path,
-                        lineno,
-                        f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
-                        f"{exc.start + 1}); save the file as UTF-8",
-                    ) from None
-                if not text.strip():
-                    continue
-                try:
-                    obj = json.loads(text)
-                except json.JSONDecodeError as exc:
-                    msg = f"invalid JSON ({exc.msg}, column {exc.colno})"
-                    raise _fail(path, lineno, msg) from None
-                if not isinstance(obj, dict):
-                    raise _fail(path, lineno, "expected a JSON object per line")
-                yield lineno, obj
+                    obj = decode_json_line(raw)
+                except BadLine as exc:
+                    advice = f"; {exc.advice}" if exc.advice else ""
+                    raise _fail(path, lineno, f"{exc}{advice}") from None
+                if obj is not None:
+                    yield lineno, obj
         except (OSError, EOFError, zlib.error) as exc:  # a damaged or truncated .gz
             raise _fail(path, lineno + 1, f"damaged gzip data ({exc})") from None
 

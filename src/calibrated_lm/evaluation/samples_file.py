@@ -24,7 +24,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from calibrated_lm.calibration.record import SampleRecord
-from calibrated_lm.calibration.samples import dumps_records, write_sample_records
+from calibrated_lm.calibration.samples import (
+    BadLine,
+    decode_json_line,
+    dumps_records,
+    write_sample_records,
+)
 from calibrated_lm.durable import fsync_dir
 from calibrated_lm.errors import UserError
 
@@ -84,23 +89,17 @@ def read_records(path: Path, *, repair: bool = True) -> list[SampleRecord]:
         elif repair:
             with path.open("r+b") as fh:
                 fh.truncate(end)
+    # Each line through the samples files' one line decoder and the record's one parser.
     records: list[SampleRecord] = []
     for lineno, raw in enumerate(data[:end].splitlines(), start=1):
-        if not raw.strip():
-            continue
         try:
-            obj = json.loads(raw)
-        except UnicodeDecodeError:
+            obj = decode_json_line(raw)
+        except BadLine as exc:
             raise UserError(
-                f"{path}:{lineno}: not UTF-8 text (a damaged line); fix or delete that line"
+                f"{path}:{lineno}: {exc}: a damaged line; fix or delete that line to resume"
             ) from None
-        except ValueError:
-            raise UserError(
-                f"{path}:{lineno}: damaged line (not JSON); fix or delete that line to resume"
-            ) from None
-        if not isinstance(obj, dict) or "task" not in obj or "id" not in obj:
-            raise UserError(f"{path}:{lineno}: not a samples record (needs task and id)")
-        records.append(SampleRecord.from_json(obj, f"{path}:{lineno}"))
+        if obj is not None:
+            records.append(SampleRecord.from_json(obj, f"{path}:{lineno}"))
     return records
 
 
