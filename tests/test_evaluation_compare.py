@@ -161,3 +161,21 @@ def test_compare_reads_lm_eval_log_samples_folders(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no lm-eval samples_<task>_<date>.jsonl"):
         compare_runs([tmp_path / "cmp"], tmp_path / "cmp3")
 
+
+def test_compare_diagrams_name_the_normalisation(tmp_path: Path, monkeypatch) -> None:
+    """Issue 14 item 6: n and the normalisation in every diagram's title, compare's too."""
+    import calibrated_lm.calibration as calibration
+
+    seen = []
+    real = calibration.reliability_diagram
+
+    def spy(series, path_stem, **kwargs):
+        seen.append(kwargs)
+        return real(series, path_stem, **kwargs)
+
+    monkeypatch.setattr(calibration, "reliability_diagram", spy)
+    _run(tmp_path / "a", 1.0, 0, False)
+    _run(tmp_path / "b", 2.0, 1, False)
+    compare_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "cmp", bootstrap=10,
+                 normalization="chars")  # fmt: skip
+    assert [k["normalization"] for k in seen] == ["chars"]

@@ -275,6 +275,20 @@ def test_bad_rows_name_the_data_file_and_line(tmp_path: Path, row, message) -> N
         load_docs(str(path))
 
 
+@pytest.mark.parametrize("row, message", BAD_ROWS[:2], ids=["empty choices", "label out of range"])
+def test_bad_rows_through_eval_exit_2_before_any_model(tmp_path: Path, row, message) -> None:
+    """The issue's "Bad input" for data rows as eval meets them: FILE:LINE: what is wrong,
+    exit 2, no model looked at (it does not exist) and no output folder."""
+    path = write_task(tmp_path / "t", rows=[ROWS[0], row])
+    out = tmp_path / "out"
+    argv = ["eval", "--model", str(tmp_path / "no-model"), "--tasks", str(path)]
+    code, err = _run(argv + ["--output", str(out), "--no-progress"])
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert __import__("re").search(message, lines[0]), lines[0]
+    assert not out.exists()
+
+
 def test_reserved_field_names_are_refused(tmp_path: Path) -> None:
     path = write_task(tmp_path, rows=[dict(ROWS[0], _line=1)])
     with pytest.raises(UserError, match="quiz.jsonl:1: the field name _line is reserved"):

@@ -253,7 +253,7 @@ def _write_outputs(args: argparse.Namespace, out: Path, summary: dict, samples: 
         try:
             written += reliability_diagram(
                 series, out / f"reliability_{_safe_name(stem)}", n_bins=args.n_bins,
-                binning=args.binning, title=title,
+                binning=args.binning, title=title, normalization=args.normalization,
             )  # fmt: skip
         except OSError as exc:
             raise UserError(

@@ -348,7 +348,12 @@ def _compare(
             if why:
                 result["warnings"].append(f"{task}: {label}: no paired difference ({why})")
         paths_out = reliability_diagram(
-            series, output / f"compare_{task}", n_bins=n_bins, binning=binning, title=task
+            series,
+            output / f"compare_{task}",
+            n_bins=n_bins,
+            binning=binning,
+            title=task,
+            normalization=normalization,  # the title names it, as eval's diagrams do
         )
         result["tasks"][task] = {"runs": rows, "diagram": [str(p) for p in paths_out]}
     write_json(output / "compare.json", result)
