@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -242,17 +243,23 @@ BAD = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("text, message", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
-def test_bad_task_file_is_one_sentence_before_any_model(tmp_path: Path, text, message) -> None:
-    path = write_task(tmp_path / "t", text)
+def _refused_before_any_model(tmp_path: Path, path: Path, message: str) -> None:
+    """eval on task file ``path`` exits 2 with one sentence matching ``message``, creating no
+    output folder. The model does not exist: had it been looked at first, the sentence would
+    be about it."""
     out = tmp_path / "out"
-    # The model does not exist: had it been looked at first, the sentence would be about it.
     argv = ["eval", "--model", str(tmp_path / "no-model"), "--tasks", str(path)]
     code, err = _run(argv + ["--output", str(out), "--no-progress"])
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
-    assert __import__("re").search(message, lines[0]), lines[0]
+    assert re.search(message, lines[0]), lines[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("text, message", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_task_file_is_one_sentence_before_any_model(tmp_path: Path, text, message) -> None:
+    path = write_task(tmp_path / "t", text)
+    _refused_before_any_model(tmp_path, path, message)
 
 
 BAD_ROWS = [
@@ -280,13 +287,7 @@ def test_bad_rows_through_eval_exit_2_before_any_model(tmp_path: Path, row, mess
     """The issue's "Bad input" for data rows as eval meets them: FILE:LINE: what is wrong,
     exit 2, no model looked at (it does not exist) and no output folder."""
     path = write_task(tmp_path / "t", rows=[ROWS[0], row])
-    out = tmp_path / "out"
-    argv = ["eval", "--model", str(tmp_path / "no-model"), "--tasks", str(path)]
-    code, err = _run(argv + ["--output", str(out), "--no-progress"])
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
-    assert __import__("re").search(message, lines[0]), lines[0]
-    assert not out.exists()
+    _refused_before_any_model(tmp_path, path, message)
 
 
 def test_reserved_field_names_are_refused(tmp_path: Path) -> None:
