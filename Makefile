@@ -44,7 +44,7 @@ demo: install assets
 test: install assets
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	CALIBRATED_LM_REQUIRE_ASSETS=1 TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
+	CALIBRATED_LM_REQUIRE_ASSETS=1 TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n auto --dist loadgroup
 	$(MAKE) --no-print-directory test-min
 
 # The lower bounds of pyproject.toml, checked: a second venv with the oldest transformers we

@@ -53,6 +53,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Multi-process ranks: one xdist worker runs all of them (`--dist loadgroup`), so two rank sets
+# never share the two cores at once.
+@pytest.mark.xdist_group("ranks")
 @pytest.mark.slow
 def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
     model = build_tiny_lm(tmp_path / "model")

@@ -98,6 +98,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Multi-process ranks: one xdist worker runs all of them (`--dist loadgroup`), so two rank sets
+# never share the two cores at once.
+@pytest.mark.xdist_group("ranks")
 @pytest.mark.parametrize("tied", [True, False], ids=["tied-head", "own-head"])
 def test_zero3_two_gloo_ranks_match_one_process(tmp_path: Path, tied: bool) -> None:
     script = tmp_path / "run.py"
@@ -136,6 +139,7 @@ train(TrainConfig(model=model, data=data, output=out, batch_size=2, grad_accum=1
 """
 
 
+@pytest.mark.xdist_group("ranks")
 def test_train_command_under_zero3_matches_one_rank_and_resumes(tmp_path: Path) -> None:
     """`calibrated-lm train --deepspeed` on 2 gloo ranks: the 1-rank run's losses and weights,
     including an epoch's last step (one micro-batch: the second rank runs a weight-0 copy),

@@ -204,6 +204,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Multi-process ranks: one xdist worker runs all of them (`--dist loadgroup`), so two rank sets
+# never share the two cores at once.
+@pytest.mark.xdist_group("ranks")
 @pytest.mark.slow
 def test_fsdp2_two_gloo_ranks_match_one_rank(setup, tmp_path):
     """torchrun with 2 CPU ranks (FSDP2 fully_shard over gloo) vs 1 rank with 2x accumulation,
@@ -259,6 +262,7 @@ def test_fsdp2_two_gloo_ranks_match_one_rank(setup, tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+@pytest.mark.xdist_group("ranks")
 @pytest.mark.slow
 def test_fsdp2_checkpoints_resume_and_evaluate_like_one_rank(setup, tmp_path):
     """2 gloo ranks stopped after step 2 and resumed: the checkpoint gathered on rank 0 loads
