@@ -6,8 +6,10 @@ logits, without changing training; bad values and files are sentences before any
 from __future__ import annotations
 
 import json
+import struct
 import sys
 import types
+import zlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -210,7 +212,8 @@ class _FakeRun:
 
 @pytest.fixture
 def fake_wandb(monkeypatch):
-    """A stand-in ``wandb`` module that records its calls (wandb itself is not a dependency)."""
+    """A stand-in ``wandb`` module that records its calls: the exact arguments, and failures
+    the real library does not easily produce (the real one, offline, is tested below)."""
     calls: list = []
     module = types.ModuleType("wandb")
     ids = iter(["run-a", "run-b"])
@@ -262,6 +265,130 @@ def test_failing_wandb_init_is_a_sentence(setup, fake_wandb, monkeypatch):
     with pytest.raises(UserError, match=r"--report-to wandb: wandb.init failed \(api_key not "
                                         r"configured \(no-tty\)\); log in .*WANDB_MODE=offline"):  # fmt: skip
         train(_cfg(setup, "wb_fail", report_to="wandb", max_steps=1))
+
+
+# The real wandb, offline: what it wrote is read back from its transaction log.
+
+_LOG_BLOCK = 32 * 1024  # a run-ID.wandb file: LevelDB-style log blocks of checksummed chunks
+_LOG_CHUNK = struct.Struct("<IHB")  # CRC-32 (seeded with the type byte), data length, type
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def _wandb_records(path: Path) -> list:
+    """The ``wandb_internal_pb2.Record`` messages of one transaction log, in order. After the
+    7-byte header (``:W&B``, magic 0xBEE1, version 0), each record is cut into chunks that stay
+    inside a 32 KiB block (a block tail shorter than a chunk header is padding). Every chunk's
+    checksum is checked, so a misread of the format fails here, not in the comparisons."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:7] == b":W&B" + struct.pack("<HB", 0xBEE1, 0), data[:7]
+    records, parts, pos = [], [], 7
+    while pos < len(data):
+        room = _LOG_BLOCK - pos % _LOG_BLOCK
+        if room < _LOG_CHUNK.size:
+            pos += room
+            continue
+        crc, size, kind = _LOG_CHUNK.unpack_from(data, pos)
+        body = data[pos + _LOG_CHUNK.size : pos + _LOG_CHUNK.size + size]
+        assert len(body) == size, f"{path}: chunk at byte {pos} is cut short"
+        assert zlib.crc32(body, zlib.crc32(bytes([kind]))) == crc, f"{path}: checksum at {pos}"
+        assert kind in (_FULL, _FIRST, _MIDDLE, _LAST), (pos, kind)
+        assert (kind in (_FULL, _FIRST)) == (not parts), (pos, kind)  # chunks in order
+        parts.append(body)
+        if kind in (_FULL, _LAST):
+            record = pb.Record()
+            record.ParseFromString(b"".join(parts))
+            records.append(record)
+            parts = []
+        pos += _LOG_CHUNK.size + size
+    assert not parts, f"{path}: ends inside a record"
+    return records
+
+
+def _history_value(item):
+    kind = item.WhichOneof("value")
+    if kind is None:
+        return json.loads(item.value_json)
+    return json.loads(item.json) if kind == "json" else getattr(item, kind)
+
+
+def _wandb_run_log(path: Path) -> tuple:
+    """(the run record, [(step, {key: value})] of its history records, exited) of one log."""
+    records = _wandb_records(path)
+    runs = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    history = [
+        (
+            r.history.step.num,
+            {(i.key or "/".join(i.nested_key)): _history_value(i) for i in r.history.item},
+        )
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+    ]
+    exited = any(r.WhichOneof("record_type") == "exit" for r in records)
+    assert len(runs) == 1, path
+    return runs[0], history, exited
+
+
+def test_real_wandb_offline_logs_what_metrics_jsonl_logs_and_a_resume_keeps_the_run(
+    setup, tmp_path, monkeypatch
+):
+    pytest.importorskip("wandb")
+    # Offline, silent, no login; nothing of wandb's own (cache, settings, logs) outside tmp_path.
+    for name in ("WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_ID",
+                 "WANDB_RESUME", "WANDB_NAME", "WANDB_RUN_GROUP", "WANDB_TAGS"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for name in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        (tmp_path / name).mkdir()
+        monkeypatch.setenv(name, str(tmp_path / name))
+    _, _, _, held = setup
+    cfg = _cfg(setup, "wb_real", output=str(tmp_path / "wb_real"), report_to="wandb",
+               eval_data=str(held), eval_every=2)  # fmt: skip
+    with pytest.raises(_Killed):
+        train(cfg, on_step=_kill_at(3))  # step 3 logged, then lost: redone after the resume
+    train(replace(cfg, resume=True))
+    out = Path(cfg.output)
+    rows = logged(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    run_id = json.loads((out / T.TRACKING_FILE).read_text())["wandb_run_id"]
+
+    # Offline, each wandb.init writes a run folder of its own (offline-run-TIME-ID) under
+    # OUTPUT/wandb: no server tells the second one that the run exists. Both carry the same
+    # run id and ask for a resume (resume="allow"), which `wandb sync` acts on when uploading.
+    logs = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 2, logs
+    read = sorted((_wandb_run_log(p) for p in logs), key=lambda x: x[0].start_time.ToNanoseconds())
+    for run, history, exited in read:
+        assert run.run_id == run_id and run.resume and exited  # finished, even when killed
+        assert run.project == "calibrated-lm" and run.display_name == "wb_real"
+        config = {u.key: json.loads(u.value_json) for u in run.config.update}
+        assert config["label_smoothing"] == cfg.label_smoothing == 0.1
+        assert config["max_steps"] == 4 and config["report_to"] == "wandb"
+        steps = [step for step, _ in history]
+        assert steps == sorted(set(steps))  # no step twice within one run log
+        for step, values in history:
+            assert values["_step"] == step
+    (_, first, _), (_, second, _) = read
+    # The killed run logged steps 1-3; the resumed one redoes step 3 (after the step-2
+    # checkpoint), so step 3 is in both logs, with the same figures but tokens_per_s (an exact
+    # resume). Which copy `wandb sync` keeps is W&B's to decide (no server here to check).
+    assert [s for s, _ in first] == [1, 2, 3] and [s for s, _ in second] == [3, 4]
+    want = {r["step"]: T.scalars(r) for r in rows}
+    for step, values in second:  # the resumed run: metrics.jsonl's lines, bit for bit
+        assert {k: v for k, v in values.items() if not k.startswith("_")} == want[step], step
+    for step, values in first:
+        figures = {k: v for k, v in values.items() if not k.startswith("_")}
+        assert set(figures) == set(want[step]), step  # every field, eval_* included
+        if step < 3:
+            assert figures == want[step], step
+        else:
+            del figures["tokens_per_s"]
+            assert figures == pytest.approx(
+                {k: v for k, v in want[step].items() if k != "tokens_per_s"}, rel=1e-6
+            )
+    assert {"eval_loss", "eval_ece"} <= set(want[2]) and "eval_loss" not in want[3]
 
 
 def test_missing_tracker_package_is_a_sentence_before_loading(tmp_path, monkeypatch):

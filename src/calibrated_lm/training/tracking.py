@@ -13,6 +13,8 @@ redoes are not duplicated there. TensorBoard is opened with ``purge_step`` at th
 to (re)do, which hides the events an interrupted run wrote after its checkpoint. W&B continues
 the same run (its id is kept in ``OUTPUT/tracking.json``); W&B ignores a step logged again
 (the redone steps of an exact resume carry the same values, up to ``tokens_per_s``).
+Offline (``WANDB_MODE=offline``), each start writes an ``offline-run-*`` folder of its own in
+``OUTPUT/wandb``, all with that run id and a resume asked for; ``wandb sync`` uploads them.
 
 Only the main rank creates trackers (the others get :class:`NullTracker`). TensorBoard needs
 the ``tensorboard`` package (``pip install 'calibrated-lm[tracking]'``) and W&B the ``wandb``
