@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import claims as C  # noqa: E402
-from common import read_json, slim_samples  # noqa: E402
+from common import COMMIT_FIELDS, read_json, slim_samples  # noqa: E402
 from control_report import (  # noqa: E402
     PRIMARY,
     SECONDARY,
@@ -99,7 +99,7 @@ def write_report(
     for p in sorted((work / "evals").glob("*")):
         if (p / "done.json").exists() and not (p / RESTORED).exists():
             (results / "samples" / f"{p.name}.jsonl.gz").write_bytes(
-                gzip.compress(slim_samples(p / "samples.jsonl"), mtime=0)
+                gzip.compress(slim_samples(p / "samples.jsonl", COMMIT_FIELDS), mtime=0)
             )
     _copy_records(work, results, skip=RESTORED)
     recs = {

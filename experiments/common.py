@@ -30,6 +30,11 @@ SLIM_FIELDS = (
     "split",
     "request_sha256",  # eval's resume check: without it a shipped-back journal is refused
 )
+# What the reports commit of a finished evaluation: the same less the request hashes. Only
+# finished evaluations are committed and restored, and a finished one is never resumed, so the
+# hashes (64 random hex digits per question, the same in every run of one format: half of a
+# compressed file) would only make the working tree that travels with every device call grow.
+COMMIT_FIELDS = tuple(f for f in SLIM_FIELDS if f != "request_sha256")
 
 
 def mix_instruction_data(
@@ -85,8 +90,9 @@ def _count(values: Iterable[str]) -> dict[str, int]:
     return out
 
 
-def slim_samples(path: Path) -> bytes:
-    """The records of a samples.jsonl file with only :data:`SLIM_FIELDS`, as JSONL bytes.
+def slim_samples(path: Path, fields: Sequence[str] = SLIM_FIELDS) -> bytes:
+    """The records of a samples.jsonl file with only ``fields`` (default :data:`SLIM_FIELDS`,
+    for transport; the reports commit :data:`COMMIT_FIELDS`), as JSONL bytes.
 
     A trailing line cut short by a crash is skipped (the eval journal's own rule).
     """
@@ -98,7 +104,7 @@ def slim_samples(path: Path) -> bytes:
             rec = json.loads(raw)
         except ValueError:
             continue
-        lines.append(json.dumps({k: rec[k] for k in SLIM_FIELDS if k in rec}))
+        lines.append(json.dumps({k: rec[k] for k in fields if k in rec}))
     return ("\n".join(lines) + "\n").encode() if lines else b""
 
 

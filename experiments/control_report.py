@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import claims as C  # noqa: E402
-from common import read_json, slim_samples  # noqa: E402
+from common import COMMIT_FIELDS, read_json, slim_samples  # noqa: E402
 
 from calibrated_lm.evaluation.report import record_probabilities as probabilities  # noqa: E402
 
@@ -124,7 +124,7 @@ def write_report(
         raise SystemExit(f"error: {work} has no finished base evaluation")
     for p in evals:  # the per-question evidence of every evaluated model
         (results / "samples" / f"{p.name}.jsonl.gz").write_bytes(
-            gzip.compress(slim_samples(p / "samples.jsonl"), mtime=0)
+            gzip.compress(slim_samples(p / "samples.jsonl", COMMIT_FIELDS), mtime=0)
         )
     _copy_records(work, results)
     base_held = read_json(work / "heldout_base" / "heldout.json")

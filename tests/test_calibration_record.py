@@ -25,7 +25,9 @@ RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "results"
 COMMITTED = {
     "no subject, no question hash": RESULTS / "sft_control/samples/base__plain.jsonl.gz",
     "subjects, no question hash": RESULTS / "sft_control/samples/base__trained.jsonl.gz",
-    "subjects and question hashes": RESULTS
+    # The reports commit no request hashes (experiments/common.py:COMMIT_FIELDS); the
+    # transport format with them is FULL below.
+    "claim 2, token counts": RESULTS
     / "sft_claim2/samples/sft_lr8e-05_ep3_eps0.05_s1__trained.jsonl.gz",
 }
 
