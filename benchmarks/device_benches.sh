@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The GPU benchmarks of issues 13 and 15 in one device call, for the device time a claim-2
+# session leaves over (its runs come first).
+#
+#   bash benchmarks/device_benches.sh stage [OUT_DIR=.carry/bench]   # here: the wheels
+#   bash benchmarks/device_benches.sh run [SECONDS=540]               # there, carry OUT_DIR
+#
+# `stage` downloads (no dependencies: the device image has the rest, see the device tool's
+# KINDS.md) TRL and what it needs beyond the image (datasets, dill, multiprocess for the
+# device's Python 3.12), Liger-Kernel and Cut Cross-Entropy. `run` installs them into
+# $HOME/bench_site and runs, within SECONDS in all, writing under $OUT:
+#   trl_step_h200.{md,json}  benchmarks/bench_trl_step.py (issue 13: a TRL SFT step of the
+#                            gemma-3-270m shape at 8 x 1024 tokens, TRL's NLL vs the patched
+#                            smoothed loss)
+#   loss_h200.{md,json}      benchmarks/bench_loss.py at the rows of issue 15's table
+#                            (written after each shape, so a time-out keeps what was measured)
+set -u
+cmd=${1:-}
+case "$cmd" in
+stage)
+    out=${2:-.carry/bench}
+    rm -rf "$out" && mkdir -p "$out"
+    pip=(.venv/bin/python -m pip download -q --no-deps -d "$out")
+    "${pip[@]}" trl==1.16.0 datasets==5.2.0 dill==0.4.1 liger-kernel==0.8.5 \
+        cut-cross-entropy==25.1.1 || exit 3
+    "${pip[@]}" --only-binary=:all: --python-version 3.12 multiprocess==0.70.19 || exit 3
+    (cd "$out" && sha256sum -- *.whl >SHA256SUMS)
+    du -sh "$out" && ls "$out"
+    ;;
+run)
+    limit=${2:-540}
+    carry=${CARRY:-.carry/bench}
+    site=$HOME/bench_site
+    (cd "$carry" && sha256sum -c --quiet SHA256SUMS) || exit 3
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "$carry"/*.whl \
+        || exit 3
+    export PYTHONPATH="$site:$PWD/src" TQDM_MININTERVAL=15 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+    start=$(date +%s)
+    # TRL first: its three variants take ~1-2 minutes; the loss table fills the rest.
+    timeout $((limit / 3)) python3 benchmarks/bench_trl_step.py \
+        --out "$OUT/trl_step_h200.md" --json "$OUT/trl_step_h200.json" >"$OUT/trl_step_log.txt" 2>&1
+    echo "bench_trl_step: exit $? after $(($(date +%s) - start)) s"
+    left=$((limit - ($(date +%s) - start) - 10))
+    timeout "$left" python3 benchmarks/bench_loss.py --out "$OUT/loss_h200" \
+        --shapes "gemma2-2b" "gemma2-2b softcap30" "gemma2-2b N16384" "gemma2-2b N32768" \
+        "gemma2-2b N65536" "llama3-8b" "mistral-7b" >"$OUT/loss_log.txt" 2>&1
+    echo "bench_loss: exit $? after $(($(date +%s) - start)) s"
+    tail -3 "$OUT/trl_step_log.txt" "$OUT/loss_log.txt"
+    ;;
+*)
+    echo "usage: device_benches.sh stage [OUT_DIR] | run [SECONDS]" >&2
+    exit 2
+    ;;
+esac
