@@ -57,3 +57,28 @@ def test_process_age_counts_from_the_process_start() -> None:
     age = float(out.stdout.strip())
     assert age >= 1.5  # the sleep happened before the call, in the same process
     assert age < 100  # and not, say, the machine's uptime
+
+
+def test_on_first_batch_gets_the_phases_once_when_the_first_window_is_on_disk(
+    tmp_path: Path,
+) -> None:
+    model = build_tiny_lm(tmp_path / "model")
+    task = _task(tmp_path / "t.jsonl")
+    calls: list[tuple[dict, int]] = []
+    out = tmp_path / "out"
+
+    def hook(phases: dict) -> None:
+        lines = (out / "samples.jsonl").read_text().count("\n")
+        calls.append((phases, lines))
+
+    cfg = EvalConfig(model=str(model), tasks=[str(task)], output=out, bootstrap=0,
+                     progress=False, batch_size="2", device="cpu", on_first_batch=hook)  # fmt: skip
+    timing = run_eval(cfg)["protocol"]["timing"]
+    assert len(calls) == 1
+    phases, lines = calls[0]
+    assert lines >= 1  # the first window was written before the hook ran
+    for k in (*PHASES, "to_scoring_start_s", "to_first_batch_s", "process_to_first_batch_s"):
+        assert phases[k] == timing[k]
+    calls.clear()
+    run_eval(cfg)  # resumed: nothing scored, no first batch
+    assert calls == []

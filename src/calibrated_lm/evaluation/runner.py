@@ -39,7 +39,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -101,6 +101,9 @@ class EvalConfig:
     logit_softcap: float | None = None
     logit_temperature: float | None = None
     extra_protocol: dict[str, Any] = field(default_factory=dict)
+    # Called once, on rank 0, when the first window of scored questions is on disk, with the
+    # timing phases so far (the summary's keys); benchmarks/bench_eval_startup.py stops there.
+    on_first_batch: Callable[[dict[str, Any]], None] | None = None
 
 
 def _record(
@@ -961,6 +964,16 @@ def _run_locked(
                             "to_first_batch_s": _since(t_start),
                             "process_to_first_batch_s": None if age is None else round(age, 2),
                         }
+                        if cfg.on_first_batch is not None and info.is_main:
+                            cfg.on_first_batch(
+                                {
+                                    **(phases or {}),
+                                    "model_load_s": round(load_s, 2),
+                                    "prepare_s": round(prepare_s, 2),
+                                    "to_scoring_start_s": round(t_score - t_start, 2),
+                                    **first_batch,
+                                }
+                            )
                     scored += len(window)
                     bar.update(len(window))
     score_s = time.perf_counter() - t_score
