@@ -241,7 +241,7 @@ def compile_template(file: Path, key: str, text: Any) -> Field:
     env = environment()
     try:
         tpl = env.from_string(text)
-        fast = _fast_template(env.parse(text))
+        fast = _fast_template(env.parse(text)) if FAST_PATHS else None
     except jinja2.TemplateSyntaxError as exc:
         raise UserError(f"{file}: {key}: template error: {exc.message}") from None
     if fast is not None:
@@ -276,7 +276,7 @@ def compile_expression(file: Path, key: str, text: Any) -> Field:
         tpl = env.from_string(nodes.Template(body, lineno=1))
     except jinja2.TemplateSyntaxError as exc:
         raise UserError(f"{file}: {key}: expression error: {exc.message}") from None
-    fast = _fast_expression(expr)
+    fast = _fast_expression(expr) if FAST_PATHS else None
     if fast is not None:
         return Field(key, text, "expression", lambda scope: fast(scope.vars))
     render = tpl.root_render_func
@@ -290,9 +290,12 @@ def compile_expression(file: Path, key: str, text: Any) -> Field:
     return Field(key, text, "expression", evaluate)
 
 
-# Fast paths: templates of text and bare names, expressions of names, attributes and `| int`
-# (most of the built-in tasks' keys) are evaluated without Jinja's machinery, with its
-# semantics (str() of each value, the sandbox's attribute lookup, a missing name an error).
+# Fast paths: templates of text, names and fast expressions; expressions of names, constants,
+# attributes, `~` and filters with constant arguments (`| int`, trim, replace, regex_replace,
+# map of those, list...: every built-in task's keys) are evaluated without Jinja's machinery,
+# with its semantics (str() of each value, the sandbox's attribute lookup, a missing name an
+# error, Jinja's own filter functions). False: every template through Jinja (tests compare).
+FAST_PATHS = True
 
 
 def _lookup(name: str) -> Callable[[dict[str, Any]], Any]:
@@ -323,7 +326,70 @@ def _fast_expression(node: Any) -> Callable[[dict[str, Any]], Any] | None:
             return None
         inner = _fast_expression(node.node)
         return None if inner is None else (lambda v: _strict_int(inner(v)))
+    if isinstance(node, nodes.Const):
+        value = node.value
+        return lambda v: value
+    if isinstance(node, nodes.Concat):
+        # `a ~ b`: Jinja's str_join (no autoescape), str() of each operand.
+        operands = [_fast_expression(n) for n in node.nodes]
+        if any(f is None for f in operands):
+            return None
+        return lambda v: "".join([str(f(v)) for f in operands])  # type: ignore[misc]
+    if isinstance(node, nodes.Filter) and node.node is not None:
+        if node.dyn_args or node.dyn_kwargs or node.kwargs:
+            return None
+        if not all(isinstance(a, nodes.Const) for a in node.args):
+            return None
+        inner = _fast_expression(node.node)
+        apply = _fast_filter(node.name, tuple(a.value for a in node.args))
+        if inner is None or apply is None:
+            return None
+        return lambda v: apply(inner(v))
     return None
+
+
+# Filters the fast path calls itself: Jinja's own functions (the environment's), given what
+# Jinja's compiled code would give them; `map` with a filter name applies that filter to each
+# item lazily, as Jinja's sync_do_map does. Anything else takes Jinja's path.
+_FAST_FILTERS = frozenset({"trim", "replace", "regex_replace", "capitalize", "lower", "upper"})
+
+
+def _fast_filter(name: str, args: tuple[Any, ...]) -> Callable[[Any], Any] | None:
+    env = environment()
+    if name == "list":
+        if args:
+            return None
+        return list
+    if name == "map":
+        if not args or not isinstance(args[0], str):
+            return None
+        each = _fast_filter(args[0], args[1:])
+        if each is None:
+            return None
+
+        def mapped(value: Any) -> Any:
+            if value:
+                for item in value:
+                    yield each(item)
+
+        return mapped
+    if name not in _FAST_FILTERS:
+        return None
+    import jinja2
+    from jinja2.utils import _PassArg
+
+    func = env.filters.get(name)
+    if func is None:
+        return None
+    pass_arg = _PassArg.from_obj(func)
+    if pass_arg is _PassArg.eval_context:
+        eval_ctx = jinja2.nodes.EvalContext(env)
+        return lambda value: func(eval_ctx, value, *args)
+    if pass_arg is _PassArg.environment:
+        return lambda value: func(env, value, *args)
+    if pass_arg is not None:
+        return None  # needs a template context
+    return lambda value: func(value, *args)
 
 
 def _fast_template(ast: Any) -> Callable[[Scope], str] | None:
@@ -338,7 +404,10 @@ def _fast_template(ast: Any) -> Callable[[Scope], str] | None:
         elif isinstance(child, nodes.Name) and child.ctx == "load":
             parts.append(_lookup(child.name))
         else:
-            return None
+            fast = _fast_expression(child)  # {{ expression }}: str() of its value, as Jinja
+            if fast is None:
+                return None
+            parts.append(fast)
     return lambda scope: "".join(p if isinstance(p, str) else str(p(scope.vars)) for p in parts)
 
 
