@@ -9,6 +9,7 @@ Keeping the two apart lets few-shot examples reuse a question's own prompt.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,14 @@ class Item:
     choices: tuple[str, ...]
     subject: str | None = None
     split: str = "test"
+
+    @cached_property
+    def requests_sha256(self) -> str:
+        """:func:`calibrated_lm.evaluation.samples_file.request_sha256` of the requests,
+        computed once (a resumed run compares it with every stored record, then stores it)."""
+        from calibrated_lm.evaluation.samples_file import request_sha256
+
+        return request_sha256(self.requests)
 
     @property
     def choice_char_lengths(self) -> list[int]:

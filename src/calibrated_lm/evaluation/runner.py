@@ -56,7 +56,6 @@ from calibrated_lm.evaluation.samples_file import (
     latest_records,
     read_records,
     record_key,
-    request_sha256,
     rewrite_records,
 )
 from calibrated_lm.evaluation.tasks import Task
@@ -120,7 +119,7 @@ def _record(
         choices=tuple(item.choices),
         prompt=item.requests[0][0],
         split=item.split,
-        request_sha256=request_sha256(item.requests),
+        request_sha256=item.requests_sha256,
     )
 
 
@@ -666,7 +665,7 @@ def _prepare_journal(path: Path, items: Sequence[Item]) -> dict[str, int]:
         if it is None:
             keep.append(r)
             continue
-        if r.request_sha256 != request_sha256(it.requests) or r.split != it.split:
+        if r.request_sha256 != it.requests_sha256 or r.split != it.split:
             stale += 1
             continue
         fresh = _refresh(r, it)
@@ -695,11 +694,7 @@ def _reusable(records: Sequence[SampleRecord], items: Sequence[Item]) -> set:
     done = set()
     for it in items:
         r = by_key.get((it.task, it.id))
-        if (
-            r is not None
-            and r.request_sha256 == request_sha256(it.requests)
-            and r.split == it.split
-        ):
+        if r is not None and r.request_sha256 == it.requests_sha256 and r.split == it.split:
             done.add((it.task, it.id))
     return done
 
