@@ -647,7 +647,7 @@ def _start_over(out: Path, key: dict[str, Any]) -> None:
     durable.replace(tmp, out / RUN_FILE)
 
 
-def _prepare_journal(path: Path, items: Sequence[Item]) -> dict[str, int]:
+def _prepare_journal(path: Path, items: Sequence[Item]) -> dict[str, Any]:
     """Make ``path`` hold only records that can be reused for ``items`` (and those of other
     questions, untouched): merge leftover rank journals of an interrupted sharded run, drop
     records whose requests or split no longer match their question (they are re-scored),
@@ -673,7 +673,8 @@ def _prepare_journal(path: Path, items: Sequence[Item]) -> dict[str, int]:
         keep.append(fresh)
     if stale or corrected or len(latest) != len(records):
         rewrite_records(path, keep)
-    return {"stale": stale, "corrected": corrected}
+    # What the journal now holds: ``keep`` when rewritten, else ``records``, equal to it then.
+    return {"stale": stale, "corrected": corrected, "records": keep}
 
 
 def _refresh(record: SampleRecord, item: Item) -> SampleRecord:
@@ -896,11 +897,18 @@ def _run_locked(
     # Rank 0 makes every journal hold only reusable records for these questions; then
     # everyone reads them, before anyone appends.
     rescored = 0
+    held: dict[Path, list[SampleRecord]] = {}
     if info.is_main:
         for path, items in streams:
-            rescored += _prepare_journal(path, items)["stale"]
+            prepared = _prepare_journal(path, items)
+            rescored += prepared["stale"]
+            held[path] = prepared["records"]
     D.barrier(info)
-    done = {path: _reusable(read_records(path, repair=False), items) for path, items in streams}
+    # One process: the journal holds exactly what _prepare_journal left (no second parse).
+    done = {
+        path: _reusable(held[path] if info.world == 1 else read_records(path, repair=False), items)
+        for path, items in streams
+    }
     D.barrier(info)
 
     max_len = model_max_length(model, tokenizer)
