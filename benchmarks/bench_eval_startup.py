@@ -18,7 +18,9 @@ Measured, each ``--repeat`` times (fresh output folder each, median and all valu
   question: the 200 really scored above plus 9,842 with synthetic scores (correct request
   hashes, so every one is reused; the scores only feed the summary, which is what a no-op
   rerun computes);
-* ``imports``: fresh-interpreter wall time of the imports the eval path needs.
+* ``imports``: fresh-interpreter wall time of the imports the eval path needs;
+* ``docs`` (not by default): building HellaSwag validation's questions from its rows in this
+  process, with the task files' fast paths and with Jinja only.
 
 The load average is recorded beside every number (the machine may be shared).
 """
@@ -153,6 +155,32 @@ def _imports(n: int) -> dict:
     return res
 
 
+def _docs(n: int) -> dict:
+    """In this process (imports done): HellaSwag validation's 10,042 questions built from its
+    rows, with the task files' fast paths and with every template through Jinja."""
+    from calibrated_lm.evaluation import taskfile
+    from calibrated_lm.evaluation.tasks import Task
+
+    res = {}
+    for fast in (True, False):
+        taskfile.FAST_PATHS = fast
+        walls = []
+        for _ in range(n):
+            definition = taskfile.read_task_file(
+                taskfile.BUILTIN_DIR / "hellaswag.yaml", builtin=True
+            )
+            task = Task(definition, "hellaswag")
+            task._read("validation")  # the Arrow read apart: only the building is timed
+            t0 = time.perf_counter()
+            task.docs("validation")
+            walls.append(round(time.perf_counter() - t0, 3))
+        res["fast_paths" if fast else "jinja_only"] = {
+            "median_s": statistics.median(walls), "runs_s": walls, "load_after": _load()
+        }  # fmt: skip
+    taskfile.FAST_PATHS = True
+    return res
+
+
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
         sys.exit(child(sys.argv[4:], Path(sys.argv[2])))
@@ -164,14 +192,19 @@ def main() -> None:
         help="comma-separated parts to run",
     )  # fmt: skip
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: the eval's --device")
     args = ap.parse_args()
+    global BASE
+    BASE = ["--model", MODEL, *TASK, "--device", args.device, "--no-progress"]
     parts = set(args.only.split(","))
     from calibrated_lm.models.loading import load_model
 
     load_model(MODEL, device="cpu")  # the GGUF conversion cache is warm before any timing
-    res: dict = {"label": args.label, "load_at_start": _load()}
+    res: dict = {"label": args.label, "device": args.device, "load_at_start": _load()}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
+        if "docs" in parts:
+            res["docs_hellaswag_validation"] = _docs(args.repeat)
         if "imports" in parts:
             res["imports"] = _imports(args.repeat)
         if "first_batch_full" in parts:
