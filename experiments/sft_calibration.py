@@ -14,6 +14,8 @@ Every unit writes its own folder under ``--work`` and a ``done.json`` marker, so
 finished units (and an interrupted evaluation resumes from its samples journal).
 ``--time-limit S`` stops before a unit that would not end within S seconds (estimates come from
 the units already timed, else the profile's defaults), so the grid runs in chunks of < 10 min.
+``--no-new-training`` (a device session's last chunk) begins no training unit without a
+checkpoint: begun ones resume, evaluations run, and the chunk ends when nothing else can.
 
 Each unit is exactly a ``calibrated-lm train`` / ``calibrated-lm eval`` command, called
 in-process (one Python start, one CUDA context per chunk); the equivalent command line is
@@ -878,8 +880,21 @@ class UnitLock:
 MIN_TRAIN_START_S = 120.0
 
 
-def run_units(exp: Experiment, limit_s: float | None, poll_s: float = 5.0) -> int:
+def _started(unit: Unit) -> bool:
+    """A training unit with a checkpoint to resume from (an earlier chunk began it)."""
+    ckpt = unit.folder / "checkpoints"
+    return ckpt.is_dir() and any(ckpt.iterdir())
+
+
+def run_units(
+    exp: Experiment, limit_s: float | None, poll_s: float = 5.0, new_training: bool = True
+) -> int:
     """Run pending units until done or the time limit; return the count left.
+
+    ``new_training=False`` (a session's last chunk) starts no training unit that has no
+    checkpoint yet: the machine goes back after the chunk, and a run begun now would be lost
+    with it. Begun ones resume and finish, the evaluations run, and the workers stop when only
+    unstarted trainings are left, so the chunk ends early instead of spending device time.
 
     Several workers may share one ``--work`` folder (two processes on one GPU, which one 270M
     model leaves partly idle; docs/results.md has the GPU use measured): each takes the first
@@ -899,6 +914,13 @@ def run_units(exp: Experiment, limit_s: float | None, poll_s: float = 5.0) -> in
             if u.done() or u.folder.name == "pending":
                 continue
             if any(not _done_by_name(units, n) for n in u.needs):
+                continue
+            if not new_training and u.kind == "train" and not _started(u):
+                if u.name not in told:
+                    print(
+                        f"[skip] {u.name}: not begun, and no new training in this chunk", flush=True
+                    )
+                    told.add(u.name)
                 continue
             lock = UnitLock(exp.work, u.name)
             if not lock.acquire():
@@ -1016,6 +1038,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--plan", action="store_true", help="print the units and chunks, run nothing")
     r.add_argument("--compile", action="store_true", help="train with the decoder layers compiled")
     r.add_argument(
+        "--no-new-training",
+        action="store_true",
+        help="start no training unit that has no checkpoint yet (a session's last chunk)",
+    )
+    r.add_argument(
         "--gpu-memory-fraction",
         type=float,
         default=None,
@@ -1057,7 +1084,7 @@ def main(argv: list[str] | None = None) -> int:
         _check_profile(args.work, args.profile)
         if args.gpu_memory_fraction is not None:
             _cap_gpu_memory(args.gpu_memory_fraction, args.device)
-        run_units(exp, args.time_limit)
+        run_units(exp, args.time_limit, new_training=not args.no_new_training)
         return 0
     if args.cmd == "bundle":
         since = args.newer_than.stat().st_mtime if args.newer_than else None

@@ -12,7 +12,8 @@
 # as the backstop), then packs the small results into $OUT/sft_results.tgz. Rerun to continue.
 # WORKERS > 1 runs that many `sft_calibration.py run` processes on the one GPU; they split the
 # units between them (see run_units). Each worker's full log is $OUT/run_log_wN.txt.
-# SFT_RUN_EXTRA adds options to every worker's `sft_calibration.py run` (e.g. --compile).
+# SFT_RUN_EXTRA adds options to every worker's `sft_calibration.py run` (e.g. --compile, or
+# --no-new-training for a session's last chunk: no training begun that the machine would lose).
 set -u
 STASH=$HOME/sft_stash
 SITE=$HOME/sft_site
@@ -100,7 +101,7 @@ run)
     kill "$smi" 2>/dev/null
     for w in $(seq 1 "$workers"); do
         echo "== worker $w" | tee -a "$OUT/run_log.txt"
-        grep -E '^\[(unit|done|wait)\]|^finished|^  left|rror|Traceback' "$OUT/run_log_w$w.txt" |
+        grep -E '^\[(unit|done|wait|skip|stopped)\]|^finished|^  left|rror|Traceback' "$OUT/run_log_w$w.txt" |
             tee -a "$OUT/run_log.txt"
     done
     since=()

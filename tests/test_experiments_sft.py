@@ -238,6 +238,21 @@ def test_a_worker_stops_when_the_rest_waits_on_a_unit_nobody_runs(tmp_path):
     assert ("end", "train/lr1") in log and ("start", "select") not in log
 
 
+def test_last_chunk_resumes_begun_training_but_starts_none(tmp_path, capsys):
+    """--no-new-training: a run with a checkpoint resumes, the others are not begun (the
+    machine goes back after the chunk), and the worker stops instead of waiting on them."""
+    exp = _FakeExperiment(tmp_path)
+    log = exp.log
+    ckpt = tmp_path / "train_lr1" / "checkpoints" / "step-3"
+    ckpt.mkdir(parents=True)
+    assert sc.run_units(exp, 60, poll_s=0.02, new_training=False) == 3  # lr0, lr2, select
+    assert [name for ev, name in log if ev == "start"] == ["prepare", "train/lr1"]
+    out = capsys.readouterr().out
+    assert out.count("[skip] train/lr0") == 1 and out.count("[skip] train/lr2") == 1
+    # The next session's first chunk begins them.
+    assert sc.run_units(exp, 60, poll_s=0.02) == 0
+
+
 def test_lr_table_lists_the_finished_eps0_runs_in_lr_order(tmp_path):
     held = {"nll": 2.0, "accuracy": 0.5, "mean_confidence": 0.6, "overconfidence": 0.1}
     for lr, done in ((8e-5, True), (5e-6, True), (2e-5, False)):  # 2e-5: killed before its marker
