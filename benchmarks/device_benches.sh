@@ -36,6 +36,8 @@ run)
         || exit 3
     export PYTHONPATH="$site:$PWD/src" TQDM_MININTERVAL=15 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+    # datasets 5.2 wants pyarrow >= 24 and fsspec <= 2026.9: the image's versions, on record.
+    python3 -m pip show pyarrow fsspec 2>/dev/null | grep -E '^(Name|Version)' | tee -a "$OUT/gpu.txt"
     start=$(date +%s)
     # TRL first: its three variants take ~1-2 minutes; the loss table fills the rest.
     timeout $((limit / 3)) python3 benchmarks/bench_trl_step.py \

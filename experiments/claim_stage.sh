@@ -40,7 +40,7 @@ fi
 tar czf "$work/done_units.tgz" -C "$work/w" .
 "$PY" "$ROOT/experiments/sft_calibration.py" run --profile "$profile" --work "$work/w" --plan \
     --time-limit 555 >"$work/plan.txt"
-grep -v ' done ' "$work/plan.txt" | sed -n '1,12p'  # sed reads to the end: head's early exit is a SIGPIPE under pipefail
+{ grep -v ' done ' "$work/plan.txt" || true; } | sed -n '1,12p'  # sed reads to the end: head's early exit is a SIGPIPE under pipefail
 # A run whose evaluations are committed must never be trained again on the device (session 6
 # lost its device time that way: the runs were not restored and were retrained).
 restored_runs=$(echo "$control_units $runs" | tr ' ' '\n' | grep '^sft_' || true)
@@ -53,7 +53,7 @@ for run in $restored_runs; do
 done
 echo "claim_stage: restored runs: ${restored_runs//$'\n'/ }"
 echo "claim_stage: first pending training units:"
-grep -E '^train/.* pending' "$work/plan.txt" | sed -n '1,4s/^/  /p'
+{ grep -E '^train/.* pending' "$work/plan.txt" || true; } | sed -n '1,4s/^/  /p'
 # STAGE_PLAN_ONLY=1: the checks above only (tests/test_experiments_stage.py), nothing packed.
 if [ "${STAGE_PLAN_ONLY:-0}" = 1 ]; then
     exit 0

@@ -932,7 +932,10 @@ def run_units(
                 est = _estimate(u, timed, exp.p)
                 # A checkpointed training run may start when it cannot finish: the chunk's
                 # timeout stops it and the next chunk resumes from its last checkpoint.
-                chunkable = u.kind == "train" and exp.p.save_every > 0
+                # Not in a session's last chunk: a resume stopped there is lost with the
+                # machine (bundles carry no checkpoints), so it must fit whole (est is the
+                # time of a run's last chunk, what a resume takes).
+                chunkable = u.kind == "train" and exp.p.save_every > 0 and new_training
                 if not clock.fits(min(est, MIN_TRAIN_START_S) if chunkable else est):
                     # A shorter unit further down (a training run rather than an evaluation)
                     # may still fit the time left.

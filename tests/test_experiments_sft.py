@@ -253,6 +253,17 @@ def test_last_chunk_resumes_begun_training_but_starts_none(tmp_path, capsys):
     assert sc.run_units(exp, 60, poll_s=0.02) == 0
 
 
+def test_last_chunk_resumes_a_begun_training_only_if_it_fits(tmp_path, capsys):
+    """In the last chunk a resume that the limit would stop is lost with the machine: the
+    begun run waits (est 1000 s > 60 s) instead of starting."""
+    exp = _FakeExperiment(tmp_path)
+    exp.p = sc.dataclasses.replace(exp.p, save_every=5, est=exp.p.est | {"train": 1000.0})
+    (tmp_path / "train_lr1" / "checkpoints" / "step-3").mkdir(parents=True)
+    assert sc.run_units(exp, 60, poll_s=0.02, new_training=False) == 4
+    assert [name for ev, name in exp.log if ev == "start"] == ["prepare"]
+    assert "[wait] train/lr1" in capsys.readouterr().out
+
+
 def test_lr_table_lists_the_finished_eps0_runs_in_lr_order(tmp_path):
     held = {"nll": 2.0, "accuracy": 0.5, "mean_confidence": 0.6, "overconfidence": 0.1}
     for lr, done in ((8e-5, True), (5e-6, True), (2e-5, False)):  # 2e-5: killed before its marker
