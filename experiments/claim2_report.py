@@ -62,7 +62,12 @@ def heldout_changes(work: Path, eps: float, seeds: tuple[int, ...], draws: int) 
         a = work / "runs" / _run_name(0.0, s) / "heldout.json"
         b = work / "runs" / _run_name(eps, s) / "heldout.json"
         if not (a.exists() and b.exists()):
-            why = "eps 0 run restored from the control" if b.exists() else "not trained"
+            if b.exists():
+                why = "eps 0 run restored from the control"
+            elif (b.parent / RESTORED).exists():  # trained earlier; held-out file not kept
+                why = "restored: its held-out file was not kept"
+            else:
+                why = "not trained"
             out[str(s)] = {"missing": why}
             continue
         out[str(s)] = heldout_pair(read_json(a), read_json(b), draws)
