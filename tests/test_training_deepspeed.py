@@ -127,18 +127,6 @@ def test_zero3_two_gloo_ranks_match_one_process(tmp_path: Path, tied: bool) -> N
     torch.testing.assert_close(head_ds, head_ref, rtol=1e-3, atol=1e-4)
 
 
-TRAIN_SCRIPT = r"""
-import sys
-from calibrated_lm.training.loop import TrainConfig, train
-
-model, data, out, config, steps = sys.argv[1:6]
-train(TrainConfig(model=model, data=data, output=out, batch_size=2, grad_accum=1,
-                  max_seq_len=64, max_steps=int(steps), lr=3e-3, warmup_ratio=0.2,
-                  save_every=2, progress=False, device="cpu", deepspeed=config,
-                  resume=len(sys.argv) > 6))
-"""
-
-
 @pytest.mark.xdist_group("ranks")
 def test_train_command_under_zero3_matches_one_rank_and_resumes(tmp_path: Path) -> None:
     """`calibrated-lm train --deepspeed` on 2 gloo ranks: the 1-rank run's losses and weights,
@@ -156,14 +144,17 @@ def test_train_command_under_zero3_matches_one_rank_and_resumes(tmp_path: Path) 
     data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     config = tmp_path / "ds.json"
     config.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
-    script = tmp_path / "run.py"
-    script.write_text(TRAIN_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
 
     def launch(out: Path, steps: int, *resume: str) -> None:
+        # The user's command line, so the run also ends the way the CLI ends a rank.
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(_free_port()), str(script), str(model_dir), str(data),
-               str(out), str(config), str(steps), *resume]  # fmt: skip
+               "--master_port", str(_free_port()), "-m", "calibrated_lm.cli", "train",
+               "--model", str(model_dir), "--data", str(data), "--output", str(out),
+               "--batch-size", "2", "--grad-accum", "1", "--max-seq-len", "64",
+               "--max-steps", str(steps), "--lr", "3e-3", "--warmup-ratio", "0.2",
+               "--save-every", "2", "--no-progress", "--device", "cpu",
+               "--deepspeed", str(config), *resume]  # fmt: skip
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
 

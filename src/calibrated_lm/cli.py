@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -49,6 +51,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; returns its exit status (0 done, 2 a user error, 128+N stopped by
+    signal N, 130 interrupted).
+
+    Under a multi-rank launcher (``WORLD_SIZE > 1``) the process ends here with that status
+    instead of returning: see :func:`_leave_rank`.
+    """
+    code = _dispatch(argv)
+    if _launched_ranks() > 1:
+        _leave_rank(code)
+    return code
+
+
+def _launched_ranks() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def _leave_rank(code: int) -> None:
+    """End a launched rank now, after flushing what it wrote.
+
+    Its work is done and on disk (training leaves the process group together, with a barrier,
+    before it returns), but a gloo rank can still abort while Python finalises -- a joinable
+    C++ thread destroyed during interpreter shutdown ("terminate called without an active
+    exception"; seen once in CI on 2 CPU ranks under ZeRO-3). The launcher then reports the
+    whole finished run as failed, and a stopped run's 143 (resume me) as a crash. Skipping the
+    finalisers keeps the status the command meant.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
+def _dispatch(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
