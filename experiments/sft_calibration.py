@@ -881,9 +881,15 @@ MIN_TRAIN_START_S = 120.0
 
 
 def _started(unit: Unit) -> bool:
-    """A training unit with a checkpoint to resume from (an earlier chunk began it)."""
-    ckpt = unit.folder / "checkpoints"
-    return ckpt.is_dir() and any(ckpt.iterdir())
+    """A training unit with a checkpoint to resume from (an earlier chunk began it).
+
+    Only a ``step-N`` folder with its state file counts: a chunk killed while writing its
+    first checkpoint leaves just a temporary folder, which ``--resume`` skips, so that run
+    would start from step 0 and must wait for a chunk that may begin new training.
+    """
+    from calibrated_lm.training.checkpoint import list_checkpoints
+
+    return bool(list_checkpoints(unit.folder))
 
 
 def run_units(

@@ -245,6 +245,9 @@ def test_last_chunk_resumes_begun_training_but_starts_none(tmp_path, capsys):
     log = exp.log
     ckpt = tmp_path / "train_lr1" / "checkpoints" / "step-3"
     ckpt.mkdir(parents=True)
+    (ckpt / "state.json").write_text("{}")
+    # A first checkpoint cut off mid-write: nothing to resume from, so lr2 is not begun.
+    (tmp_path / "train_lr2" / "checkpoints" / ".tmp-step-3").mkdir(parents=True)
     assert sc.run_units(exp, 60, poll_s=0.02, new_training=False) == 3  # lr0, lr2, select
     assert [name for ev, name in log if ev == "start"] == ["prepare", "train/lr1"]
     out = capsys.readouterr().out
@@ -259,6 +262,7 @@ def test_last_chunk_resumes_a_begun_training_only_if_it_fits(tmp_path, capsys):
     exp = _FakeExperiment(tmp_path)
     exp.p = sc.dataclasses.replace(exp.p, save_every=5, est=exp.p.est | {"train": 1000.0})
     (tmp_path / "train_lr1" / "checkpoints" / "step-3").mkdir(parents=True)
+    (tmp_path / "train_lr1" / "checkpoints" / "step-3" / "state.json").write_text("{}")
     assert sc.run_units(exp, 60, poll_s=0.02, new_training=False) == 4
     assert [name for ev, name in exp.log if ev == "start"] == ["prepare"]
     assert "[wait] train/lr1" in capsys.readouterr().out
