@@ -3,7 +3,9 @@
 Problem (issue 3): N tokens (10% ignored), bf16 hidden (N, D) and weight (V, D), eps = 0.1.
 Methods: PyTorch eager (logits upcast to fp32, as transformers does), torch.compile of the
 same, Liger's fused linear CE, Cut Cross-Entropy (eps = 0: it has no smoothing; its own
-default gradient filtering), and ours (calibrated_lm.linear_cross_entropy, several memory
+default gradient filtering), TRL's chunked log-prob kernel (eps = 0: the NLL path of
+``trl.SFTTrainer``, with the entropy and top-1 outputs that trainer asks for; only where TRL
+is installed), and ours (calibrated_lm.linear_cross_entropy, several memory
 fractions). For each: median forward (no grad) and forward+backward time (CUDA events), peak
 extra memory (peak allocated minus allocated before the call; for forward+backward the
 returned gradients are included), and relative errors of the loss, hidden gradient and weight
@@ -44,6 +46,9 @@ SHAPES = {
     "gemma2-2b N65536": (65536, 2304, 256000, None),
     "llama3-8b": (8192, 4096, 128256, None),
     "mistral-7b": (8192, 4096, 32000, None),
+    # The head of issue 13's TRL step (bench_trl_step.py: 8 x 1024 tokens): is the loss where
+    # that step loses its time against TRL's NLL path?
+    "gemma3-270m": (8192, 640, 262144, None),
 }
 
 
@@ -121,6 +126,23 @@ def cce_loss(softcap, eps):
     return lambda h, w, y: cce(h, w, y, ignore_index=IGN, softcap=softcap)
 
 
+def trl_nll_loss(softcap, eps):
+    """TRL's ``ChunkedLogProbFunction`` as ``trl.SFTTrainer``'s fused head calls it: valid
+    rows only, log-probs plus entropy and top-1 (its logged metrics), mean NLL."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    assert eps == 0.0
+
+    def fn(h, w, y):
+        keep = y != IGN
+        out = ChunkedLogProbFunction.apply(
+            h[keep], w, None, y[keep], 1.0, 32768, softcap, 1.0, ("log_probs", "entropy", "is_top1")
+        )
+        return -out[0].mean()
+
+    return fn
+
+
 def ours_loss(softcap, eps, env=None):
     from calibrated_lm import linear_cross_entropy
 
@@ -148,6 +170,7 @@ def methods(softcap):
         ("torch.compile", EPS, lambda: compiled),
         ("Liger fused linear CE", EPS, lambda: liger_loss(softcap, EPS)),
         ("Cut Cross-Entropy (eps=0)", 0.0, lambda: cce_loss(softcap, 0.0)),
+        ("TRL chunked NLL (eps=0)", 0.0, lambda: trl_nll_loss(softcap, 0.0)),
         ("ours", EPS, lambda: ours_loss(softcap, EPS)),
         ("ours, memory fraction 0.1", EPS, lambda: ours_loss(softcap, EPS, {FRACTION: "0.1"})),
         ("ours, memory fraction 0.3", EPS, lambda: ours_loss(softcap, EPS, {FRACTION: "0.3"})),
@@ -255,7 +278,7 @@ def cell(r, key, spec):
 def table(rows, meta):
     lines = [
         f"GPU: {meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}; "
-        f"bf16 inputs, 10% ignored tokens, eps = {EPS} (Cut Cross-Entropy: eps = 0).",
+        f"bf16 inputs, 10% ignored tokens, eps = {EPS} (Cut Cross-Entropy and TRL: eps = 0).",
         "",
         "| shape | method | fwd ms | fwd+bwd ms | fwd extra MiB | fwd+bwd extra MiB "
         "| fwd+bwd extra / grads | fwd loss rel. err | loss rel. err | hidden-grad rel. err "
@@ -319,7 +342,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/results/loss_h100")
     p.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
-    p.add_argument("--breakdown", action="store_true", help="also time each step of ours")
+    p.add_argument(
+        "--breakdown",
+        nargs="*",
+        default=None,
+        metavar="SHAPE",
+        help="also time each step of ours, at these shapes (none named: every shape run)",
+    )
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("error: this benchmark needs a CUDA GPU.", file=sys.stderr)
@@ -342,8 +371,12 @@ def main() -> int:
             meta[pkg] = version(pkg.replace("_", "-"))
         except Exception:
             meta[pkg] = None
-    if args.breakdown:
-        meta["breakdown"] = [breakdown(*SHAPES[k][:3], log=sys.stderr) for k in args.shapes]
+    if args.breakdown is not None:
+        unknown = sorted(set(args.breakdown) - set(SHAPES))
+        if unknown:
+            p.error(f"--breakdown: unknown shape(s) {', '.join(unknown)}")
+        named = args.breakdown or args.shapes
+        meta["breakdown"] = [breakdown(*SHAPES[k][:3], log=sys.stderr) for k in named]
     rows = []
     for name in tqdm(args.shapes, desc="shapes", file=sys.stderr):
         rows += bench_shape(name, *SHAPES[name], log=sys.stderr)

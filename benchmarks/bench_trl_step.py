@@ -23,7 +23,12 @@ logged loss (the smoothed variants agree with each other; ``trl_nll`` is plain N
         [--variants trl_nll,trl_ls,calibrated] [--out results/trl_step_h200.md] [--json ...]
     python benchmarks/bench_trl_step.py --tiny     # CPU smoke run of the script, not a measurement
 
-Not yet run on a GPU (written on a CPU-only machine; ``--tiny`` checks it end to end).
+``--profile DIR`` also writes, per variant, ``DIR/trl_step_profile_<variant>.txt``: the torch
+profiler's operators and kernels of the last step, sorted by device time (where the time of
+one variant's step goes, against another's). The profiled step is not among the timed ones.
+
+First run on an H200 in session 10 (benchmarks/results/session10/); ``--tiny`` checks the
+script end to end on the CPU.
 """
 
 from __future__ import annotations
@@ -72,11 +77,41 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     model = build_model(args.tiny, device)
     steps = args.warmup + args.steps
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(4, model.config.vocab_size, (steps * args.batch, args.width), generator=g)
+    rows = (steps + (1 if args.profile else 0)) * args.batch
+    ids = torch.randint(4, model.config.vocab_size, (rows, args.width), generator=g)
     data = datasets.Dataset.from_dict({"input_ids": ids.tolist()})
 
     times: list[float] = []
     peaks: list[int] = []
+    profiled_step = steps  # one step after the timed ones: profiling slows the step it records
+
+    class Profile(TrainerCallback):
+        """torch.profiler around step ``profiled_step`` only; its table goes to a file."""
+
+        def on_step_begin(self, _args: Any, state: Any, *_: Any, **__: Any) -> None:
+            if state.global_step + 1 != profiled_step:
+                return
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            acts += [torch.profiler.ProfilerActivity.CUDA] if cuda else []
+            self.prof = torch.profiler.profile(activities=acts)
+            self.prof.__enter__()
+
+        def on_step_end(self, _args: Any, state: Any, *_: Any, **__: Any) -> None:
+            if getattr(self, "prof", None) is None:
+                return
+            if cuda:
+                torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+            key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+            text = self.prof.key_averages().table(
+                sort_by=key, row_limit=30, max_name_column_width=70
+            )
+            out = Path(args.profile) / f"trl_step_profile_{variant}.txt"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(
+                f"{variant}: step {profiled_step}, {args.batch} x {args.width} tokens\n{text}\n"
+            )
+            self.prof = None
 
     class Clock(TrainerCallback):
         def on_step_begin(self, *_: Any, **__: Any) -> None:
@@ -93,7 +128,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
 
     config = trl.SFTConfig(
         output_dir=str(Path(args.tmp) / variant),
-        max_steps=steps,
+        max_steps=steps + (1 if args.profile else 0),
         per_device_train_batch_size=args.batch,
         learning_rate=1e-5,
         bf16=cuda,
@@ -108,14 +143,17 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         dataloader_num_workers=0,
     )
     common = dict(
-        args=config, train_dataset=data, processing_class=build_tokenizer(), callbacks=[Clock()]
+        args=config,
+        train_dataset=data,
+        processing_class=build_tokenizer(),
+        callbacks=[Clock()] + ([Profile()] if args.profile else []),
     )
     if variant == "calibrated":
         trainer = CalibratedSFTTrainer(model=patch_model(model, label_smoothing=EPS), **common)
     else:
         trainer = trl.SFTTrainer(model=model, **common)
     trainer.train()
-    timed = times[args.warmup :]
+    timed = times[args.warmup : steps]
     step_s = statistics.median(timed)
     logs = [h for h in trainer.state.log_history if "loss" in h]
     return {
@@ -124,7 +162,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         "tokens_per_step": args.batch * args.width,
         "median_step_s": round(step_s, 4),
         "tokens_per_s": round(args.batch * args.width / step_s, 1),
-        "peak_allocated_gib": round(max(peaks[args.warmup :]) / 2**30, 3) if peaks else None,
+        "peak_allocated_gib": round(max(peaks[args.warmup : steps]) / 2**30, 3) if peaks else None,
         "first_loss": round(logs[0]["loss"], 5) if logs else None,
         "first_entropy": round(logs[0].get("entropy", float("nan")), 5) if logs else None,
         "versions": {
@@ -156,6 +194,7 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="small config on the CPU: a smoke run")
     ap.add_argument("--out", type=Path, default=None, help="markdown table")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--profile", default=None, metavar="DIR", help="profiler tables, per variant")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: one variant
     ap.add_argument("--tmp", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -175,6 +214,7 @@ def main() -> int:
             cmd += ["--width", str(args.width), "--batch", str(args.batch)]
             cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
             cmd += ["--tiny"] if args.tiny else []
+            cmd += ["--profile", args.profile] if args.profile else []
             proc = subprocess.run(cmd, capture_output=True, text=True)
             lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
@@ -192,18 +232,23 @@ def main() -> int:
                         "first_entropy": None,
                     }
                 )
+                write(results, args)
                 continue
             results.append(json.loads(lines[-1][len("RESULT ") :]))
             print(json.dumps(results[-1]), flush=True)
-    text = table(results)
-    print(text)
+            write(results, args)  # after each variant: a time-out keeps the finished ones
+    print(table(results))
+    write(results, args)
+    return 0
+
+
+def write(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+        args.out.write_text(table(results) + "\n")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1) + "\n")
-    return 0
 
 
 if __name__ == "__main__":

@@ -11,9 +11,13 @@
 # $HOME/bench_site and runs, within SECONDS in all, writing under $OUT:
 #   trl_step_h200.{md,json}  benchmarks/bench_trl_step.py (issue 13: a TRL SFT step of the
 #                            gemma-3-270m shape at 8 x 1024 tokens, TRL's NLL vs the patched
-#                            smoothed loss)
-#   loss_h200.{md,json}      benchmarks/bench_loss.py at the rows of issue 15's table
-#                            (written after each shape, so a time-out keeps what was measured)
+#                            smoothed loss; written after each variant)
+#   trl_step_profiles.txt    the profiler's top operators of one step per variant
+#   loss_h200.{md,json}      benchmarks/bench_loss.py: first the loss of that TRL step's head
+#                            (gemma3-270m, with TRL's own kernel and our per-step breakdown),
+#                            then the rows of issue 15's table, the ones not yet measured
+#                            first (written after each shape, so a time-out keeps them)
+# (8 files: as many as one call brings back.)
 set -u
 cmd=${1:-}
 case "$cmd" in
@@ -41,13 +45,16 @@ run)
     start=$(date +%s)
     # TRL first (half the time: session 9 gave it a third and its third variant did not run);
     # the loss table fills the rest.
-    timeout $((limit / 2)) python3 benchmarks/bench_trl_step.py \
+    prof=$(mktemp -d)
+    timeout $((limit / 2)) python3 benchmarks/bench_trl_step.py --profile "$prof" \
         --out "$OUT/trl_step_h200.md" --json "$OUT/trl_step_h200.json" >"$OUT/trl_step_log.txt" 2>&1
     echo "bench_trl_step: exit $? after $(($(date +%s) - start)) s"
+    cat "$prof"/trl_step_profile_*.txt >"$OUT/trl_step_profiles.txt" 2>/dev/null
     left=$((limit - ($(date +%s) - start) - 10))
     timeout "$left" python3 benchmarks/bench_loss.py --out "$OUT/loss_h200" \
-        --shapes "gemma2-2b" "gemma2-2b softcap30" "gemma2-2b N16384" "gemma2-2b N32768" \
-        "gemma2-2b N65536" "llama3-8b" "mistral-7b" >"$OUT/loss_log.txt" 2>&1
+        --breakdown gemma3-270m --shapes gemma3-270m "llama3-8b" "mistral-7b" \
+        "gemma2-2b N65536" "gemma2-2b" "gemma2-2b softcap30" "gemma2-2b N16384" \
+        "gemma2-2b N32768" >"$OUT/loss_log.txt" 2>&1
     echo "bench_loss: exit $? after $(($(date +%s) - start)) s"
     tail -n 3 "$OUT/trl_step_log.txt" "$OUT/loss_log.txt"
     ;;
