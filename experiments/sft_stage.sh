@@ -79,8 +79,13 @@ tar cf "$tmp/stage.tar" -C "$stage" .
 
 # Each call carries the working tree (tracked and untracked-not-ignored files) plus one piece,
 # 64 MiB in all; the tree grows with the committed results. PIECES=auto (the default) cuts the
-# tar into as many pieces as leave each call 4 MiB to spare.
-tree=$(cd "$ROOT" && git ls-files -z --cached --others --exclude-standard | xargs -0 du -cb 2>/dev/null | tail -n 1 | cut -f1)
+# tar into as many pieces as leave each call 4 MiB to spare. DEVICE_TREE=slim sizes them for
+# calls made after `experiments/device_tree.sh slim` (the committed results left behind).
+tree=$(bash "$ROOT/experiments/device_tree.sh" bytes "${DEVICE_TREE:-now}")
+if ! [ "$tree" -gt 0 ] 2>/dev/null; then
+    echo "sft_stage: error: could not measure the working tree (got '$tree')" >&2
+    exit 3
+fi
 limit=$((64 * 1024 * 1024))
 if [ "$pieces" = auto ]; then
     room=$((60 * 1024 * 1024 - tree))
