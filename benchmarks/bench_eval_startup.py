@@ -181,9 +181,26 @@ def _docs(n: int) -> dict:
     return res
 
 
+def importtime_top(raw: Path, depth: int = 0, rows: int = 15) -> str:
+    """The top-level modules of a ``python -X importtime`` log (its stderr), by cumulative
+    import time: one line per module, ``cumulative_s self_s name``."""
+    found = []
+    for line in raw.read_text().splitlines():
+        if not line.startswith("import time:") or "[us]" in line:
+            continue
+        self_us, cum_us, name = line.split(":", 1)[1].split("|")
+        if (len(name) - len(name.lstrip()) - 1) // 2 <= depth:
+            found.append((int(cum_us) / 1e6, int(self_us) / 1e6, name.strip()))
+    found.sort(reverse=True)
+    return "\n".join(f"{c:6.2f} {s:6.2f} {n}" for c, s, n in found[:rows])
+
+
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
         sys.exit(child(sys.argv[4:], Path(sys.argv[2])))
+    if len(sys.argv) > 2 and sys.argv[1] == "--importtime-top":
+        print(importtime_top(Path(sys.argv[2])))
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--label", required=True, help="names the result file (before, after, ...)")
     ap.add_argument("--repeat", type=int, default=3)
