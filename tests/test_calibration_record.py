@@ -31,6 +31,13 @@ COMMITTED = {
     / "sft_claim2/samples/sft_lr8e-05_ep3_eps0.05_s1__trained.jsonl.gz",
 }
 
+
+def _sparse_results() -> bool:
+    """True in a device call's slim tree (experiments/device_tree.sh slim), which leaves the
+    committed results folders out whole; one missing file in a present folder is a failure."""
+    return not (RESULTS / "sft_control").is_dir()
+
+
 FULL = SampleRecord(
     task="mmlu",
     id="anatomy/3",
@@ -78,6 +85,10 @@ def test_the_eval_journal_writes_and_reads_the_same_records(tmp_path: Path) -> N
 @pytest.mark.parametrize("fmt", list(COMMITTED))
 def test_committed_samples_files_read_as_their_json_says(fmt: str) -> None:
     path = COMMITTED[fmt]
+    if not path.exists() and _sparse_results():
+        pytest.skip(
+            "the committed results are left out of this tree (experiments/device_tree.sh slim)"
+        )
     objs = [json.loads(x) for x in gzip.decompress(path.read_bytes()).splitlines() if x.strip()]
     records = read_sample_records(path)
     assert len(records) == len(objs) > 0
