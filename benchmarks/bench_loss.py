@@ -364,7 +364,7 @@ def main() -> int:
         "python": platform.python_version(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
-    for pkg in ("liger_kernel", "cut_cross_entropy"):
+    for pkg in ("liger_kernel", "cut_cross_entropy", "trl"):
         try:
             from importlib.metadata import version
 
@@ -376,7 +376,14 @@ def main() -> int:
         if unknown:
             p.error(f"--breakdown: unknown shape(s) {', '.join(unknown)}")
         named = args.breakdown or args.shapes
-        meta["breakdown"] = [breakdown(*SHAPES[k][:3], log=sys.stderr) for k in named]
+        meta["breakdown"] = []
+        for k in named:
+            try:
+                meta["breakdown"].append(breakdown(*SHAPES[k][:3], log=sys.stderr))
+            except Exception as exc:  # the table after it matters more than the breakdown
+                meta["breakdown"].append({"shape": k, "error": f"{type(exc).__name__}: {exc}"})
+                traceback.print_exc(file=sys.stderr)
+                torch.cuda.empty_cache()
     rows = []
     for name in tqdm(args.shapes, desc="shapes", file=sys.stderr):
         rows += bench_shape(name, *SHAPES[name], log=sys.stderr)

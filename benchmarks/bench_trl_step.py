@@ -89,7 +89,8 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         """torch.profiler around step ``profiled_step`` only; its table goes to a file."""
 
         def on_step_begin(self, _args: Any, state: Any, *_: Any, **__: Any) -> None:
-            if state.global_step + 1 != profiled_step:
+            # global_step counts finished steps: the step about to run has index global_step.
+            if state.global_step != profiled_step:
                 return
             acts = [torch.profiler.ProfilerActivity.CPU]
             acts += [torch.profiler.ProfilerActivity.CUDA] if cuda else []
@@ -109,7 +110,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
             out = Path(args.profile) / f"trl_step_profile_{variant}.txt"
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(
-                f"{variant}: step {profiled_step}, {args.batch} x {args.width} tokens\n{text}\n"
+                f"{variant}: step {profiled_step + 1}, {args.batch} x {args.width} tokens\n{text}\n"
             )
             self.prof = None
 

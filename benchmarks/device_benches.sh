@@ -17,6 +17,7 @@
 #                            (gemma3-270m, with TRL's own kernel and our per-step breakdown),
 #                            then the rows of issue 15's table, the ones not yet measured
 #                            first (written after each shape, so a time-out keeps them)
+#   gpu.txt, trl_step_log.txt, loss_log.txt: the GPU and image versions, the two logs
 # (8 files: as many as one call brings back.)
 set -u
 cmd=${1:-}

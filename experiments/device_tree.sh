@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What of this checkout travels with each device call, and how to send less of it.
 #
-#   bash experiments/device_tree.sh bytes [full|slim]   # bytes that would travel (default: now)
+#   bash experiments/device_tree.sh bytes [now|slim]    # bytes that travel now / after `slim`
 #   bash experiments/device_tree.sh slim                # leave the committed results behind
 #   bash experiments/device_tree.sh full                # bring them back
 #
@@ -23,18 +23,24 @@ cd "$ROOT"
 # The folders under experiments/results that the device needs.
 KEEP=(claim3_subsets)
 
-# Tracked and untracked-not-ignored paths; with "slim", without experiments/results except KEEP.
+# Paths that travel: with "now", the tracked and untracked-not-ignored ones; with "slim",
+# what would travel after `slim`: tracked files outside experiments/results (but KEEP), plus
+# those inside it that are modified (the sparse checkout keeps them), plus every untracked,
+# not ignored file (a sparse checkout leaves those alone).
 _paths() {
     local mode=$1
-    git ls-files -z --cached --others --exclude-standard | if [ "$mode" = slim ]; then
+    if [ "$mode" = slim ]; then
         local keep
         keep=$(printf '%s|' "${KEEP[@]}")
-        # grep -z: NUL-separated records in and out.
-        grep -zEv "^experiments/results/" || true
-        git ls-files -z --cached --others --exclude-standard \
-            | grep -zE "^experiments/results/(${keep%|})/" || true
+        {
+            # grep -z: NUL-separated records in and out.
+            git ls-files -z --cached | grep -zEv "^experiments/results/" || true
+            git ls-files -z --cached | grep -zE "^experiments/results/(${keep%|})/" || true
+            git ls-files -z --modified
+            git ls-files -z --others --exclude-standard
+        } | sort -zu
     else
-        cat
+        git ls-files -z --cached --others --exclude-standard
     fi
 }
 
@@ -48,10 +54,9 @@ case ${1:-} in
 bytes)
     mode=${2:-now}
     case $mode in
-    now | full) _bytes full ;;
-    slim) _bytes slim ;;
+    now | slim) _bytes "$mode" ;;
     *)
-        echo "device_tree: error: bytes takes full or slim, not $mode" >&2
+        echo "device_tree: error: bytes takes now or slim, not $mode" >&2
         exit 2
         ;;
     esac
@@ -60,14 +65,14 @@ slim)
     patterns=('/*' '!/experiments/results/*')
     for k in "${KEEP[@]}"; do patterns+=("/experiments/results/$k/"); done
     git sparse-checkout set --no-cone "${patterns[@]}"
-    echo "device_tree: slim: $(_bytes full) bytes now travel (run 'device_tree.sh full' after the device calls)"
+    echo "device_tree: slim: $(_bytes now) bytes now travel (run 'device_tree.sh full' after the device calls)"
     ;;
 full)
     git sparse-checkout disable
-    echo "device_tree: full: $(_bytes full) bytes travel"
+    echo "device_tree: full: $(_bytes now) bytes travel"
     ;;
 *)
-    echo "usage: device_tree.sh bytes [full|slim] | slim | full" >&2
+    echo "usage: device_tree.sh bytes [now|slim] | slim | full" >&2
     exit 2
     ;;
 esac

@@ -65,10 +65,24 @@ def test_slim_leaves_the_results_behind_but_claim3s_subsets_and_full_restores(tm
     assert int(_run(repo, "bytes")) == everything
 
 
+def test_the_slim_estimate_counts_what_a_sparse_checkout_keeps(tmp_path):
+    """Untracked files (unbundled, uncommitted results) and modified tracked ones stay in the
+    tree after `slim`: the estimate that sizes the staging pieces must count them."""
+    repo = _repo(tmp_path)
+    (repo / "experiments/results/sft_claim2/new.json").write_bytes(b"n" * 400)
+    (repo / "experiments/results/sft_claim2/samples/x.jsonl.gz").write_bytes(b"m" * 6000)
+    estimate = int(_run(repo, "bytes", "slim"))
+    _run(repo, "slim")  # git keeps the modified file (with a warning) and the untracked one
+    assert (repo / "experiments/results/sft_claim2/samples/x.jsonl.gz").exists()
+    assert estimate == int(_run(repo, "bytes"))
+    script = (repo / "experiments" / "device_tree.sh").stat().st_size
+    assert estimate == 100 + script + 700 + 30 + 400 + 6000
+
+
 def test_bytes_refuses_an_unknown_mode(tmp_path):
     repo = _repo(tmp_path)
     proc = subprocess.run(
         ["bash", str(repo / "experiments" / "device_tree.sh"), "bytes", "half"],
         capture_output=True, text=True,
     )  # fmt: skip
-    assert proc.returncode == 2 and "full or slim" in proc.stderr
+    assert proc.returncode == 2 and "now or slim" in proc.stderr

@@ -80,9 +80,17 @@ def _leave_rank(code: int) -> None:
     whole finished run as failed, and a stopped run's 143 (resume me) as a crash. Skipping the
     finalisers keeps the status the command meant.
     """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    logging.shutdown()
+    # wandb's own atexit teardown would be skipped; finish() has synced the run already.
+    wandb = sys.modules.get("wandb")
+    teardown = getattr(wandb, "teardown", None)
+    for step in (teardown, logging.shutdown, sys.stdout.flush, sys.stderr.flush):
+        try:
+            if step is not None:
+                step()
+        except Exception:
+            # A broken pipe (torchrun ... | head) or a tracker's teardown failing must not
+            # turn the command's status into a traceback.
+            pass
     os._exit(code)
 
 
