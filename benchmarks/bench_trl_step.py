@@ -13,6 +13,9 @@ autocast over fp32 weights, AdamW, through ``trl.SFTTrainer``'s own training loo
   what label smoothing costs in TRL today;
 * ``calibrated``: ``CalibratedSFTTrainer`` on ``patch_model(model, label_smoothing=0.1)``: our
   fused kernel (Triton on CUDA), TRL's metrics from its statistics.
+* ``calibrated_rowsN``: the same with ``patch_model(..., min_block_rows=N)`` (the default is
+  1024: a 1024 x V logit block, 512 MiB at V = 262,144; smaller blocks trade speed for
+  memory).
 
 Each variant runs in its own process (a clean CUDA allocator, so the peak is the variant's).
 Reported: median step time over the timed steps (``on_step_begin`` to ``on_step_end``, CUDA
@@ -43,7 +46,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("trl_nll", "trl_ls", "calibrated")
+VARIANTS = ("trl_nll", "trl_ls", "calibrated")  # and calibrated_rowsN
+
+
+def _rows(variant: str) -> int | None:
+    """N of ``calibrated_rowsN`` (None for any other name)."""
+    tail = variant.removeprefix("calibrated_rows")
+    return int(tail) if variant.startswith("calibrated_rows") and tail.isdigit() else None
+
+
 EPS = 0.1
 
 
@@ -149,8 +160,10 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         processing_class=build_tokenizer(),
         callbacks=[Clock()] + ([Profile()] if args.profile else []),
     )
-    if variant == "calibrated":
-        trainer = CalibratedSFTTrainer(model=patch_model(model, label_smoothing=EPS), **common)
+    if variant.startswith("calibrated"):
+        extra = {"min_block_rows": _rows(variant)} if variant != "calibrated" else {}
+        patched = patch_model(model, label_smoothing=EPS, **extra)
+        trainer = CalibratedSFTTrainer(model=patched, **common)
     else:
         trainer = trl.SFTTrainer(model=model, **common)
     trainer.train()
@@ -206,11 +219,15 @@ def main() -> int:
         print("RESULT " + json.dumps(run_variant(args.one, args)), flush=True)
         return 0
 
+    for variant in args.variants.split(","):  # all checked before any runs
+        if variant not in VARIANTS and _rows(variant) is None:
+            raise SystemExit(
+                f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)} or "
+                "calibrated_rowsN"
+            )
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for variant in args.variants.split(","):
-            if variant not in VARIANTS:
-                raise SystemExit(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
             cmd = [sys.executable, __file__, "--one", variant, "--tmp", tmp]
             cmd += ["--width", str(args.width), "--batch", str(args.batch)]
             cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]

@@ -47,7 +47,9 @@ run)
     # TRL first (half the time: session 9 gave it a third and its third variant did not run);
     # the loss table fills the rest.
     prof=$(mktemp -d)
+    # trl_ls last: session 10 measured it, and it is the slowest.
     timeout $((limit / 2)) python3 benchmarks/bench_trl_step.py --profile "$prof" \
+        --variants trl_nll,calibrated,calibrated_rows512,trl_ls \
         --out "$OUT/trl_step_h200.md" --json "$OUT/trl_step_h200.json" >"$OUT/trl_step_log.txt" 2>&1
     echo "bench_trl_step: exit $? after $(($(date +%s) - start)) s"
     cat "$prof"/trl_step_profile_*.txt >"$OUT/trl_step_profiles.txt" 2>/dev/null
