@@ -52,6 +52,36 @@ def test_empty_context_uses_prefix_token(tiny) -> None:
     assert cont == tok("Paris is", add_special_tokens=False).input_ids
 
 
+def test_many_questions_at_once_encode_as_one_at_a_time(tiny) -> None:
+    """encode_many (a window's questions in a few tokenizer calls, shared contexts once) gives
+    each question exactly what encode_pairs gives it alone: trailing spaces, merges across
+    the boundary, empty contexts, repeated contexts and continuations, an empty group."""
+    _, tok = tiny
+    groups = [
+        [("Question: Paris?\nAnswer: ", "carbon dioxide"), ("Question: Paris?\nAnswer: ", "x")],
+        [("", "Paris is"), ("", "Paris is"), ("Answer: the su", "n is a star")],
+        [],
+        [("Answer: the su", "n is a star"), ("Q:  ", " two spaces"), ("", "Paris is")],
+    ]
+
+    def one(context: str, continuation: str, add_bos: bool) -> tuple[list[int], list[int]]:
+        """The harness' rule for one request, with one tokenizer call per string."""
+        n = len(context) - len(context.rstrip())
+        if n:
+            context, continuation = context[:-n], context[-n:] + continuation
+        if context == "":
+            return [tok.eos_token_id], tok(continuation, add_special_tokens=False).input_ids
+        ctx = tok(context, add_special_tokens=add_bos).input_ids
+        return ctx, tok(context + continuation, add_special_tokens=add_bos).input_ids[len(ctx) :]
+
+    for add_bos in (False, True):
+        enc = Encoder(tokenizer=tok, add_bos=add_bos, prefix_id=tok.eos_token_id)
+        want = [[one(c, k, add_bos) for c, k in g] for g in groups]
+        assert enc.encode_many(groups) == want
+        assert [enc.encode_pairs(g) for g in groups] == want
+    assert _encoder(tok).encode_many([]) == []
+
+
 def _oracle(model, ctx: list[int], cont: list[int]) -> float:
     """Full forward of ctx+cont[:-1], plain log-softmax, sum over the continuation."""
     ids = torch.tensor([ctx + cont])

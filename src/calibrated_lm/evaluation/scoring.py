@@ -51,24 +51,54 @@ class Encoder:
     prefix_id: int
 
     def encode_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+        """``(context ids, continuation ids)`` per ``(context, continuation)`` request: the
+        continuation's ids are those of ``context + continuation`` after the context's own
+        (trailing whitespace of the context moved onto the continuation first, as the harness
+        does); an empty context becomes ``[prefix_id]`` and the continuation is tokenised
+        alone."""
+        return self.encode_many([pairs])[0]
+
+    def encode_many(
+        self, groups: Sequence[Sequence[tuple[str, str]]]
+    ) -> list[list[tuple[list[int], list[int]]]]:
+        """:meth:`encode_pairs` of every group (a question's requests), in a few tokenizer
+        calls for them all: the ids of a string do not depend on its batch, and a question's
+        choices share their context, which is tokenised once."""
         moved: list[tuple[str, str]] = []
-        for context, continuation in pairs:
-            n = len(context) - len(context.rstrip())
-            if n:
-                continuation = context[-n:] + continuation
-                context = context[:-n]
-            moved.append((context, continuation))
+        for pairs in groups:
+            for context, continuation in pairs:
+                n = len(context) - len(context.rstrip())
+                if n:
+                    continuation = context[-n:] + continuation
+                    context = context[:-n]
+                moved.append((context, continuation))
+        contexts = list(dict.fromkeys(c for c, _ in moved if c != ""))
+        lone = list(dict.fromkeys(k for c, k in moved if c == ""))
         tok = self.tokenizer
-        wholes = tok([c + k for c, k in moved], add_special_tokens=self.add_bos)["input_ids"]
-        ctxs = tok([c for c, _ in moved], add_special_tokens=self.add_bos)["input_ids"]
-        out: list[tuple[list[int], list[int]]] = []
-        for (context, continuation), whole, ctx in zip(moved, wholes, ctxs):
+        wholes = _ids(tok, [c + k for c, k in moved if c != ""], self.add_bos)
+        ctx_ids = dict(zip(contexts, _ids(tok, contexts, self.add_bos)))
+        lone_ids = dict(zip(lone, _ids(tok, lone, False)))
+        flat: list[tuple[list[int], list[int]]] = []
+        whole_iter = iter(wholes)
+        for context, continuation in moved:
             if context == "":
-                cont = tok(continuation, add_special_tokens=False)["input_ids"]
-                out.append(([self.prefix_id], list(cont)))
+                flat.append(([self.prefix_id], list(lone_ids[continuation])))
             else:
-                out.append((list(ctx), list(whole[len(ctx) :])))
+                ctx, whole = ctx_ids[context], next(whole_iter)
+                flat.append((list(ctx), list(whole[len(ctx) :])))
+        out: list[list[tuple[list[int], list[int]]]] = []
+        pos = 0
+        for pairs in groups:
+            out.append(flat[pos : pos + len(pairs)])
+            pos += len(pairs)
         return out
+
+
+def _ids(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    """Token ids of each text, in one call (none for no texts)."""
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
 
 
 def make_encoder(tokenizer: Any, model: Any, *, chat: bool) -> Encoder:
@@ -370,7 +400,7 @@ def check_items_in_subset(encoder: Encoder, items: Sequence[Item], subset: HeadS
     step = 1024  # questions per tokenizer call: bounded memory on large tasks
     for s in range(0, len(items), step):
         chunk = items[s : s + step]
-        encoded = [encoder.encode_pairs(item.requests) for item in chunk]
+        encoded = encoder.encode_many([item.requests for item in chunk])
         check_in_subset(chunk, encoded, subset, encoder.tokenizer)
 
 
@@ -414,7 +444,7 @@ def score_items(
     window = getattr(getattr(model, "config", None), "sliding_window", None)
     if pack and isinstance(window, int) and window > 0:
         pack_len = min(max_len, window)
-    encoded = [encoder.encode_pairs(item.requests) for item in items]
+    encoded = encoder.encode_many([item.requests for item in items])
     if head_subset is not None:
         check_in_subset(items, encoded, head_subset, encoder.tokenizer)
     if token_counts is not None:

@@ -73,9 +73,11 @@ def partition(
     index_map = subset.index_map()
     covered: list[Item] = []
     uncovered: list[Item] = []
-    for item in items:
-        ok = is_covered(encoder.encode_pairs(item.requests), index_map)
-        (covered if ok else uncovered).append(item)
+    step = 1024  # questions per tokenizer call: bounded memory on large tasks
+    for s in range(0, len(items), step):
+        chunk = items[s : s + step]
+        for item, encoded in zip(chunk, encoder.encode_many([it.requests for it in chunk])):
+            (covered if is_covered(encoded, index_map) else uncovered).append(item)
     return covered, uncovered
 
 
