@@ -42,13 +42,19 @@ import calibrated_lm.evaluation.scoring as scoring
 from calibrated_lm.cli import main
 
 def free_targets(logits, b_idx, p_idx, t_idx, kept=None, transform=None):
-    return [-1.0] * b_idx.numel()
+    return torch.full((b_idx.numel(),), -1.0, dtype=torch.float64)
+
+def free_target_list(*args, **kwargs):  # the name before the scores stayed on the device
+    return free_targets(*args, **kwargs).tolist()
 
 def free_forward(self, input_ids=None, logits_to_keep=0, **kwargs):
     b, w = input_ids.shape
     return types.SimpleNamespace(logits=torch.zeros(1, 1, 1).expand(b, w, self.config.vocab_size))
 
-scoring._target_logprobs = free_targets
+if hasattr(scoring, "_target_logprobs_on_device"):
+    scoring._target_logprobs_on_device = free_targets
+else:  # an older checkout (--src)
+    scoring._target_logprobs = free_target_list
 cls = transformers.AutoModelForCausalLM.from_config(
     transformers.AutoConfig.from_pretrained(sys.argv[1])).__class__
 cls.forward = free_forward

@@ -198,3 +198,24 @@ def test_scores_are_the_same_when_the_log_softmax_runs_in_chunks(tiny, monkeypat
     monkeypatch.setattr(scoring, "_LOGSOFTMAX_CHUNK", 3)
     chunked = score_items(model, enc, items, batch_size=64, max_len=512, pack=True)
     assert chunked == whole  # the same values, only fewer at a time
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("pack", [False, True])
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
+def test_on_the_gpu_the_overlapped_batches_score_as_on_the_cpu(tiny, pack, batch_size) -> None:
+    """On CUDA a batch's inputs go over pinned and non-blocking, and its scores are read back
+    only after the next batch is queued: every request must still get its own score (the CPU
+    oracle's, to fp32 matmul rounding), in any batching."""
+    model, tok = tiny
+    enc = _encoder(tok)
+    items = _items() * 3  # more batches in flight than items
+    try:
+        gpu = score_items(
+            model.to("cuda"), enc, items, batch_size=batch_size, max_len=512, pack=pack
+        )
+    finally:
+        model.to("cpu")  # the fixture is shared with the CPU tests
+    for item, scores in zip(items, gpu):
+        for (c, k), s in zip(enc.encode_pairs(item.requests), scores):
+            assert s == pytest.approx(_oracle(model, c, k), abs=1e-4)

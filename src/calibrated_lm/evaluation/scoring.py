@@ -234,7 +234,9 @@ def _segment_ids(batch: list[_Row], width: int) -> Any:
     return seg
 
 
-def _block_mask(batch: list[_Row], width: int, dtype: Any, device: Any = "cpu") -> Any:
+def _block_mask(
+    batch: list[_Row], width: int, dtype: Any, device: Any = "cpu", to_device: Any = None
+) -> Any:
     """Additive (B, 1, T, T) mask: causal prefix, segments see the prefix and themselves
     causally, padding sees only itself (so no softmax row is empty).
 
@@ -244,7 +246,8 @@ def _block_mask(batch: list[_Row], width: int, dtype: Any, device: Any = "cpu") 
     host-side cost)."""
     import torch
 
-    seg = _segment_ids(batch, width).to(device)
+    seg = _segment_ids(batch, width)
+    seg = to_device(seg) if to_device is not None else seg.to(device)
     q, k = seg[:, :, None], seg[:, None, :]
     causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()
     allowed = causal & (q >= 0) & ((k == 0) | (k == q))
@@ -271,6 +274,19 @@ def _target_logprobs(
     With ``kept`` (the V' token ids of a head subset, on the logits' device) the softmax is
     over those columns only, and ``t_idx`` must already index into them. ``transform`` maps
     the (restricted, fp32) logits first: log_softmax(transform(z))[t]."""
+    return _target_logprobs_on_device(logits, b_idx, p_idx, t_idx, kept, transform).tolist()
+
+
+def _target_logprobs_on_device(
+    logits: Any,
+    b_idx: Any,
+    p_idx: Any,
+    t_idx: Any,
+    kept: Any = None,
+    transform: LogitTransform | None = None,
+) -> Any:
+    """:func:`_target_logprobs` as a float64 tensor on the logits' device, not yet read back
+    (reading it waits for the GPU)."""
     import torch
 
     out = []
@@ -282,7 +298,7 @@ def _target_logprobs(
             rows = transform.apply(rows)  # in fp32: z / T of bf16 logits keeps fp32 precision
         picked = rows.gather(1, t_idx[sl, None]).squeeze(1)
         out.append(picked - torch.logsumexp(rows, dim=-1))
-    return torch.cat(out).double().tolist()
+    return torch.cat(out).double()
 
 
 def supports_packing(model: Any) -> bool:
@@ -319,6 +335,24 @@ def score_rows(
         kept = torch.as_tensor(head_subset.kept, dtype=torch.long, device=device)
         index_map = torch.as_tensor(head_subset.index_map(), dtype=torch.long, device=device)
     scores = [float("nan")] * n_requests
+
+    def settle(owners: list[int], values: Any) -> None:
+        sums: dict[int, list[float]] = {}
+        for req, v in zip(owners, values.tolist()):
+            sums.setdefault(req, []).append(v)
+        for req, vs in sums.items():
+            scores[req] = math.fsum(vs)
+
+    def to_device(t: Any) -> Any:
+        # Pinned and non-blocking: a plain host-to-GPU copy waits for the GPU's queue, which
+        # would hold this batch's preparation until the previous batch's forward is done.
+        if device.type != "cuda":
+            return t.to(device)
+        return t.pin_memory().to(device, non_blocking=True)
+
+    # One batch in flight: its scores are read back (a wait for the GPU) only after the next
+    # batch is prepared and queued, so the host's work overlaps the GPU's.
+    pending: tuple[list[int], Any] | None = None
     order = sorted(rows, key=lambda r: -len(r.tokens))
     for batch in _batches(order, batch_size, max_tokens):
         width = max(len(r.tokens) for r in batch)
@@ -333,13 +367,13 @@ def score_rows(
             pos_ids = torch.zeros((len(batch), width), dtype=torch.long)
             for b, r in enumerate(batch):
                 pos_ids[b, : len(r.tokens)] = torch.tensor(r.position_ids(), dtype=torch.long)
-            kwargs["position_ids"] = pos_ids.to(device)
-            kwargs["attention_mask"] = _block_mask(batch, width, param.dtype, device)
+            kwargs["position_ids"] = to_device(pos_ids)
+            kwargs["attention_mask"] = _block_mask(batch, width, param.dtype, device, to_device)
         else:
             mask = torch.zeros((len(batch), width), dtype=torch.long)
             for b, r in enumerate(batch):
                 mask[b, : len(r.tokens)] = 1
-            kwargs["attention_mask"] = mask.to(device)
+            kwargs["attention_mask"] = to_device(mask)
         # Every target of the batch in one gather (one host-device round trip per batch, not
         # one per request); owners[i] is the request whose sum value i joins.
         where: list[list[int]] = [[], [], []]
@@ -350,19 +384,20 @@ def score_rows(
                 where[1].extend(p - first for p in positions)
                 where[2].extend(cont)
                 owners.extend([req] * len(cont))
-        b_idx, p_idx, t_idx = torch.tensor(where, dtype=torch.long).to(device)
+        b_idx, p_idx, t_idx = to_device(torch.tensor(where, dtype=torch.long))
         if index_map is not None:
             t_idx = index_map[t_idx]  # V -> V' (check_in_subset has ruled out -1)
         with torch.inference_mode():
-            out = model(input_ids=ids.to(device), logits_to_keep=keep, **kwargs)
-            values = _target_logprobs(
+            out = model(input_ids=to_device(ids), logits_to_keep=keep, **kwargs)
+            values = _target_logprobs_on_device(
                 out.logits[:, -keep:, :], b_idx, p_idx, t_idx, kept, transform
             )
-        sums: dict[int, list[float]] = {}
-        for req, v in zip(owners, values):
-            sums.setdefault(req, []).append(v)
-        for req, vs in sums.items():
-            scores[req] = math.fsum(vs)
+            del out  # the logits: only the gathered values outlive the batch
+        if pending is not None:
+            settle(*pending)
+        pending = (owners, values)
+    if pending is not None:
+        settle(*pending)
     return scores
 
 
