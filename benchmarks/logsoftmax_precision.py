@@ -1,7 +1,7 @@
 """Where the log-likelihood gap to lm-evaluation-harness comes from: fp32 log-softmax rounding.
 
 Our scorer takes ``z[t] - logsumexp(z)`` in fp32 at the target positions
-(``evaluation/scoring.py:_target_logprobs``); lm-eval's HF backend takes
+(``evaluation/scoring.py:_target_logprobs_on_device``); lm-eval's HF backend takes
 ``log_softmax(z)[t]`` in fp32. Both are compared here with the float64 value of the same fp32
 logits, on the embedded SmolLM2-135M-Instruct's logits of the first ARC-Easy validation
 questions (each question with its gold answer, every token a target) and on random logits.

@@ -1,6 +1,6 @@
 """The scorer's fp32 log-probabilities stay at fp32 rounding of the float64 value.
 
-``_target_logprobs`` takes ``z[t] - logsumexp(z)``; torch's fp32 ``log_softmax`` on the CPU is
+``_target_logprobs_on_device`` takes ``z[t] - logsumexp(z)``; torch's fp32 ``log_softmax`` on the CPU is
 ~20x further from float64 at a 49K vocabulary (benchmarks/logsoftmax_precision.py), which is
 where the log-likelihood gap to lm-evaluation-harness comes from. This pins our side.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from calibrated_lm.evaluation.scoring import _target_logprobs
+from calibrated_lm.evaluation.scoring import _target_logprobs_on_device
 
 
 def test_target_logprobs_match_float64_at_a_large_vocabulary() -> None:
@@ -21,7 +21,8 @@ def test_target_logprobs_match_float64_at_a_large_vocabulary() -> None:
     p_idx = torch.arange(t).repeat(b)
     t_idx = torch.randint(0, v, (b * t,), generator=gen)
     z[b_idx[::2], p_idx[::2], t_idx[::2]] += 15  # half the targets are the likely token
-    got = torch.tensor(_target_logprobs(z, b_idx, p_idx, t_idx), dtype=torch.float64)
+    got = _target_logprobs_on_device(z, b_idx, p_idx, t_idx)
+    assert got.dtype == torch.float64
     rows = z.double()[b_idx, p_idx]
     want = rows.gather(1, t_idx[:, None]).squeeze(1) - torch.logsumexp(rows, dim=-1)
     err = (got - want).abs()

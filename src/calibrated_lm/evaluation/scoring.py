@@ -261,22 +261,6 @@ def _block_mask(
 _LOGSOFTMAX_CHUNK = 2048
 
 
-def _target_logprobs(
-    logits: Any,
-    b_idx: Any,
-    p_idx: Any,
-    t_idx: Any,
-    kept: Any = None,
-    transform: LogitTransform | None = None,
-) -> list[float]:
-    """log_softmax(logits[b, p])[t] for each (b, p, t), in fp32, only at those positions.
-
-    With ``kept`` (the V' token ids of a head subset, on the logits' device) the softmax is
-    over those columns only, and ``t_idx`` must already index into them. ``transform`` maps
-    the (restricted, fp32) logits first: log_softmax(transform(z))[t]."""
-    return _target_logprobs_on_device(logits, b_idx, p_idx, t_idx, kept, transform).tolist()
-
-
 def _target_logprobs_on_device(
     logits: Any,
     b_idx: Any,
@@ -285,8 +269,12 @@ def _target_logprobs_on_device(
     kept: Any = None,
     transform: LogitTransform | None = None,
 ) -> Any:
-    """:func:`_target_logprobs` as a float64 tensor on the logits' device, not yet read back
-    (reading it waits for the GPU)."""
+    """log_softmax(logits[b, p])[t] for each (b, p, t), in fp32, only at those positions; a
+    float64 tensor on the logits' device, not yet read back (reading it waits for the GPU).
+
+    With ``kept`` (the V' token ids of a head subset, on the logits' device) the softmax is
+    over those columns only, and ``t_idx`` must already index into them. ``transform`` maps
+    the (restricted, fp32) logits first: log_softmax(transform(z))[t]."""
     import torch
 
     out = []
