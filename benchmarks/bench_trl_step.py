@@ -27,8 +27,9 @@ logged loss (the smoothed variants agree with each other; ``trl_nll`` is plain N
     python benchmarks/bench_trl_step.py --tiny     # CPU smoke run of the script, not a measurement
 
 ``--profile DIR`` also writes, per variant, ``DIR/trl_step_profile_<variant>.txt``: the torch
-profiler's operators and kernels of the last step, sorted by device time (where the time of
-one variant's step goes, against another's). The profiled step is not among the timed ones.
+profiler's operators and kernels of one extra step run after the timed ones (profiling slows
+the step it records), sorted by device time: where one variant's step time goes, against
+another's.
 
 First run on an H200 in session 10 (benchmarks/results/session10/); ``--tiny`` checks the
 script end to end on the CPU.
