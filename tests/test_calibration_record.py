@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from helpers_results import results_left_out
 
 from calibrated_lm.calibration.record import SampleRecord, groups_of, records_by_name, task_name
 from calibrated_lm.calibration.samples import (
@@ -35,7 +36,7 @@ COMMITTED = {
 def _sparse_results() -> bool:
     """True in a device call's slim tree (experiments/device_tree.sh slim), which leaves the
     committed results folders out whole; one missing file in a present folder is a failure."""
-    return not (RESULTS / "sft_control").is_dir()
+    return results_left_out("sft_control")
 
 
 FULL = SampleRecord(

@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from helpers_results import results_left_out
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "claim_stage.sh"
@@ -23,7 +24,7 @@ pytestmark = [
     ),
     # A device call's slim tree (experiments/device_tree.sh slim) leaves the results out.
     pytest.mark.skipif(
-        not (ROOT / "experiments/results/sft_control").is_dir(),
+        results_left_out("sft_control"),
         reason="the committed results are not in this tree",
     ),
 ]
