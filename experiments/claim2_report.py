@@ -53,21 +53,39 @@ def _eval_dir(work: Path, eps: float, seed: int) -> Path:
     return work / "evals" / f"{_run_name(eps, seed)}__{FORMAT}"
 
 
-def heldout_changes(work: Path, eps: float, seeds: tuple[int, ...], draws: int) -> dict[str, Any]:
+def heldout_changes(
+    work: Path,
+    eps: float,
+    seeds: tuple[int, ...],
+    draws: int,
+    earlier: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Per seed: held-out token gap / NLL / accuracy of eps minus eps 0 (paired over held-out
-    examples). A seed whose eps-0 run was restored from the control has no per-example
-    held-out file (and its records counted one more token per example): named, not used."""
+    examples). A run without its per-example held-out file (trained before the training
+    records were committed; the control's eps-0 seed-1 run also counted one more token per
+    example) is named, not used, unless ``earlier`` (this eps's entry of the results.json an
+    earlier report wrote) holds the pair computed while both files were there: that pair is
+    kept as it was, marked ``from_earlier_report``."""
     out: dict[str, Any] = {}
+    before = (earlier or {}).get("heldout", {})
     for s in seeds:
         a = work / "runs" / _run_name(0.0, s) / "heldout.json"
         b = work / "runs" / _run_name(eps, s) / "heldout.json"
         if not (a.exists() and b.exists()):
-            if b.exists():
-                why = "eps 0 run restored from the control"
-            elif (b.parent / RESTORED).exists():  # trained earlier; held-out file not kept
-                why = "restored: its held-out file was not kept"
+            kept = before.get(str(s), {})
+            if "token_gap" in kept:
+                out[str(s)] = {**kept, "from_earlier_report": True}
+                continue
+            if not a.exists() and not b.exists():
+                why = (
+                    "neither held-out file was kept"
+                    if (b.parent / RESTORED).exists()
+                    else ("not trained")
+                )
+            elif not a.exists():
+                why = "the eps 0 run's held-out file was not kept"
             else:
-                why = "not trained"
+                why = "its held-out file was not kept"
             out[str(s)] = {"missing": why}
             continue
         out[str(s)] = heldout_pair(read_json(a), read_json(b), draws)
@@ -113,12 +131,17 @@ def write_report(
         for s in seeds
         if (_eval_dir(work, e, s) / "done.json").exists()
     }
+    # Held-out pairs whose files are gone (see heldout_changes) survive from the last report.
+    last = results / "results.json"
+    earlier = read_json(last).get("eps", {}) if last.exists() else {}
     out: dict[str, Any] = {"criterion": "docs/issue12_plan.md (pre-registered)", "eps": {}}
     records: list[dict[str, Any]] = []
     for eps in CLAIM2_EPS[1:]:
         have = [s for s in seeds if (eps, s) in recs and (0.0, s) in recs]
         entry: dict[str, Any] = {"seeds": have, "missing": [], "tasks": {}, "verdict": None}
-        entry["heldout"] = heldout_changes(work, eps, tuple(have), bootstrap)
+        entry["heldout"] = heldout_changes(
+            work, eps, tuple(have), bootstrap, earlier.get(f"{eps:g}")
+        )
         entry["missing"] += [f"seed {s}" for s in seeds if s not in have]
         if not have:
             out["eps"][f"{eps:g}"] = entry
@@ -237,11 +260,21 @@ def _tables(out: dict[str, Any]) -> str:
                 lines.append(f"| {eps} | {seed} | - | - | ({h['missing']}) | - |")
                 continue
             g, n = h["token_gap"], h["token_nll"]
+            mark = " (a)" if h.get("from_earlier_report") else ""
             lines.append(
-                f"| {eps} | {seed} | {g['a']:+.3f} | {g['b']:+.3f} | {g['delta']:+.3f} "
+                f"| {eps} | {seed}{mark} | {g['a']:+.3f} | {g['b']:+.3f} | {g['delta']:+.3f} "
                 f"[{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}] | {n['delta']:+.3f} "
                 f"[{n['ci95'][0]:+.3f}, {n['ci95'][1]:+.3f}] |"
             )
+    if any(
+        h.get("from_earlier_report") for e in out["eps"].values() for h in e["heldout"].values()
+    ):
+        lines += [
+            "",
+            "(a) kept from an earlier report of this script: the runs' held-out files were not "
+            "committed (the repository's `runs/` ignore rule also matched `records/runs/`, fixed "
+            "in session 12), so this pair cannot be recomputed from the committed files.",
+        ]
     lines += ["", "## Verdicts", ""]
     for eps, e in out["eps"].items():
         if e["verdict"]:

@@ -255,3 +255,48 @@ def test_claim3_contrast_verdict_rules() -> None:
     assert R3.contrast_verdict([-0.03, -0.01]) == "reproduced"
     assert R3.contrast_verdict([-0.004, 0.02]) == "not reproduced"
     assert R3.contrast_verdict([-0.03, 0.01]) == "inconclusive"
+
+
+def test_claim2_report_keeps_an_earlier_heldout_pair_whose_files_are_gone(tmp_path: Path) -> None:
+    import claim2_report as R2
+    from sft_calibration import SFTRun
+
+    rng = np.random.default_rng(0)
+    work, res = tmp_path / "w", tmp_path / "res"
+    names = {e: SFTRun(e, 1, lr=8e-5, epochs=3).name(8e-5) for e in (0.0, 0.1)}
+    for e, sharp in ((0.0, 2.5), (0.1, 1.0)):
+        _samples(work / f"evals/{names[e]}__trained/samples.jsonl", rng, 80, sharp,
+                 tasks=R2.PRIMARY + R2.SECONDARY)  # fmt: skip
+    _heldout(work / f"runs/{names[0.0]}/heldout.json", 0.70, 0.50)
+    _heldout(work / f"runs/{names[0.1]}/heldout.json", 0.55, 0.50)
+    claims = tmp_path / "claims.json"
+    first = R2.write_report(work, res, bootstrap=50, seeds=(1,), claims_path=claims)
+    pair = first["eps"]["0.1"]["heldout"]["1"]
+    assert pair["token_gap"]["delta"] < 0
+    # The next session's work folder is restored without those files (as before session 12).
+    for e in (0.0, 0.1):
+        (work / f"runs/{names[e]}/heldout.json").unlink()
+        (work / f"runs/{names[e]}/restored_from.txt").write_text("x\n")
+    again = R2.write_report(work, res, bootstrap=50, seeds=(1,), claims_path=claims)
+    kept = again["eps"]["0.1"]["heldout"]["1"]
+    assert kept.pop("from_earlier_report") is True and kept == pair
+    assert "| 0.1 | 1 (a) |" in (res / "tables.md").read_text()
+    # Without an earlier report the pair is named missing, not made up.
+    (res / "results.json").unlink()
+    last = R2.write_report(work, res, bootstrap=50, seeds=(1,), claims_path=claims)
+    assert last["eps"]["0.1"]["heldout"]["1"] == {"missing": "neither held-out file was kept"}
+
+
+def test_committed_run_records_are_not_git_ignored() -> None:
+    """The training records (held-out files) of a claim's runs are committed evidence; the
+    work folders' `runs/` ignore rule once matched them too and they were lost."""
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("needs the git checkout")
+    rec = "experiments/results/sft_claim2/records/runs/r/heldout.json"
+    ignored = subprocess.run(["git", "check-ignore", "-q", rec], cwd=root).returncode == 0
+    assert not ignored
+    assert subprocess.run(["git", "check-ignore", "-q", "runs/demo/x"], cwd=root).returncode == 0
