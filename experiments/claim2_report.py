@@ -77,11 +77,8 @@ def heldout_changes(
                 out[str(s)] = {**kept, "from_earlier_report": True}
                 continue
             if not a.exists() and not b.exists():
-                why = (
-                    "neither held-out file was kept"
-                    if (b.parent / RESTORED).exists()
-                    else ("not trained")
-                )
+                restored = (b.parent / RESTORED).exists()
+                why = "neither held-out file was kept" if restored else "not trained"
             elif not a.exists():
                 why = "the eps 0 run's held-out file was not kept"
             else:

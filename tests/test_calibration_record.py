@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from helpers_results import results_left_out
+from helpers_results import RESULTS, results_left_out
 
 from calibrated_lm.calibration.record import SampleRecord, groups_of, records_by_name, task_name
 from calibrated_lm.calibration.samples import (
@@ -21,7 +21,6 @@ from calibrated_lm.calibration.samples import (
 from calibrated_lm.errors import UserError
 from calibrated_lm.evaluation.samples_file import SamplesWriter, read_records
 
-RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "results"
 # One small committed file per on-disk format of shipped results.
 COMMITTED = {
     "no subject, no question hash": RESULTS / "sft_control/samples/base__plain.jsonl.gz",
