@@ -144,6 +144,10 @@ class Profile:
     formats: dict[str, str] = field(default_factory=dict)
     # Held-out statistics per example (paired bootstrap over examples) instead of pooled.
     heldout_per_example: bool = False
+    # Examples per decoder forward of the per-example held-out pass. 1 (one forward per
+    # example) is the method of the control and claim 2, kept so that their pairs compare like
+    # with like; claim 3 (whose report reads no held-out file) batches, ~10x faster on the GPU.
+    heldout_batch: int = 1
     # Checkpoint every N steps (0: none). With checkpoints a training unit may start although
     # it will not end within the chunk: the chunk's timeout stops it, the next one resumes.
     save_every: int = 0
@@ -279,6 +283,7 @@ _CLAIM3 = dataclasses.replace(
     runs=_CLAIM3_RUNS,
     base_subsets=tuple(sorted(CLAIM3_SUBSETS, reverse=True)),
     score_applied=True,
+    heldout_batch=16,
 )
 PROFILES: dict[str, Profile] = {
     "full": _FULL,
@@ -556,6 +561,7 @@ class Experiment:
             p.max_seq_len,
             self.device,
             per_example=p.heldout_per_example,
+            batch=p.heldout_batch,
         )
         write_json(out / "heldout.json", held)
         # The optimizer state is only needed to resume; the evaluation reads final/. Removed
@@ -590,6 +596,7 @@ class Experiment:
             self.p.max_seq_len,
             self.device,
             per_example=self.p.heldout_per_example,
+            batch=self.p.heldout_batch,
         )
         write_json(out / "heldout.json", held)
         return {"model": model, "heldout": {k: v for k, v in held.items() if k != "per_example"}}
@@ -721,58 +728,97 @@ def _eval_cli(cfg: Any) -> str:
 
 
 def heldout_stats(
-    model: str, heldout: Path, max_seq_len: int, device: str, per_example: bool = False
+    model: str,
+    heldout: Path,
+    max_seq_len: int,
+    device: str,
+    per_example: bool = False,
+    batch: int = 1,
 ) -> dict[str, Any]:
     """Token-level NLL, accuracy and mean confidence of ``model`` on the held-out SFT slice.
 
     Plain cross-entropy (eps = 0, no temperature or softcap) on the assistant tokens of the
     held-out records, formatted exactly as for training; token-mean over all of them.
-    ``overconfidence`` = mean confidence - accuracy. With ``per_example`` every example is its
-    own forward pass and ``per_example`` holds its token count and sums (nll, confidence,
-    accuracy, entropy), in file order, for a paired bootstrap over examples.
+    ``overconfidence`` = mean confidence - accuracy. With ``per_example``, ``per_example``
+    holds each example's token count and sums (nll, confidence, accuracy, entropy), in file
+    order, for a paired bootstrap over examples. ``batch`` examples (sorted by length, right
+    padded) share one decoder forward and each is then scored on its own rows of the hidden
+    states, so a row's sums are those of its own forward up to the kernels' rounding; with
+    ``batch = 1`` every example is its own forward. Without ``per_example`` the pooled sums
+    come from batches of 8. A progress bar counts the examples.
     """
     import torch
+    from tqdm.auto import tqdm
 
     from calibrated_lm.models import patch_model
     from calibrated_lm.models.loading import load_model
+    from calibrated_lm.models.patching import fused_lm_loss, patch_config
     from calibrated_lm.training.batching import collate
     from calibrated_lm.training.data import load_dataset
 
+    if batch < 1:
+        raise ValueError(f"heldout_stats: batch must be >= 1, got {batch}")
     model_obj, tok = load_model(model, dtype="float32", device=device)
     patch_model(model_obj, label_smoothing=0.0)
+    cfg, head = patch_config(model_obj), model_obj.get_output_embeddings()
     data = load_dataset(heldout, tok, max_seq_len=max_seq_len)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     dev = next(model_obj.parameters()).device
     sums = {"loss": 0.0, "confidence": 0.0, "accuracy": 0.0, "entropy": 0.0, "n": 0}
-    rows: dict[str, list[float]] = {k: [] for k in ("n", "nll", "confidence", "accuracy")}
-    rows["entropy"] = []
-    examples = (
-        data.examples if per_example else sorted(data.examples, key=lambda e: len(e.input_ids))
-    )
-    step = 1 if per_example else 8
-    with torch.no_grad():
-        for i in range(0, len(examples), step):
-            b = {k: v.to(dev) for k, v in collate(examples[i : i + step], pad).items()}
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                out = model_obj(**b, calibrated_lm_reduction="sum", calibrated_lm_stats=True)
-            st = out.loss_stats
-            sums["loss"] += float(out.loss)
+    keys = ("n", "nll", "confidence", "accuracy", "entropy")
+    rows: dict[str, list[float]] = {k: [0.0] * len(data.examples) for k in keys}
+    # Sorted by length so that a batch pads little; per-example rows go back to file order.
+    order = sorted(range(len(data.examples)), key=lambda i: len(data.examples[i].input_ids))
+    step = batch if per_example else 8
+
+    def add(loss: torch.Tensor, st: Any, index: int | None) -> None:
+        sums["loss"] += float(loss)
+        for k in ("confidence", "accuracy", "entropy"):
+            sums[k] += getattr(st, k) * st.n_tokens
+        sums["n"] += st.n_tokens
+        if index is not None:
+            rows["n"][index] = st.n_tokens
+            rows["nll"][index] = float(loss)
             for k in ("confidence", "accuracy", "entropy"):
-                sums[k] += getattr(st, k) * st.n_tokens
-            sums["n"] += st.n_tokens
-            if per_example:
-                rows["n"].append(st.n_tokens)
-                rows["nll"].append(float(out.loss))
-                for k in ("confidence", "accuracy", "entropy"):
-                    rows[k].append(getattr(st, k) * st.n_tokens)
-    n = max(sums["n"], 1)
+                rows[k][index] = getattr(st, k) * st.n_tokens
+
+    bar = tqdm(total=len(order), desc="held-out", unit="ex", mininterval=10)
+    with torch.no_grad():
+        for i in range(0, len(order), step):
+            chunk = order[i : i + step]
+            b = {k: v.to(dev) for k, v in collate([data.examples[j] for j in chunk], pad).items()}
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                if not per_example or len(chunk) == 1:
+                    out = model_obj(**b, calibrated_lm_reduction="sum", calibrated_lm_stats=True)
+                    add(out.loss, out.loss_stats, chunk[0] if per_example else None)
+                else:
+                    # One decoder forward, then each example's own rows through the same loss
+                    # as the patched forward (right padding leaves a row's causal prefix alone).
+                    mask = b["attention_mask"]
+                    hidden = model_obj.base_model(
+                        input_ids=b["input_ids"], attention_mask=mask
+                    ).last_hidden_state
+                    for r, j in enumerate(chunk):
+                        n = int(mask[r].sum())
+                        loss, st = fused_lm_loss(
+                            hidden[r : r + 1, :n],
+                            head,
+                            cfg,
+                            labels=b["labels"][r : r + 1, :n],
+                            reduction="sum",
+                            return_stats=True,
+                        )
+                        add(loss, st, j)
+            bar.update(len(chunk))
+    bar.close()
+    n_tok = max(sums["n"], 1)
     res = {
-        "nll": sums["loss"] / n,
-        "accuracy": sums["accuracy"] / n,
-        "mean_confidence": sums["confidence"] / n,
-        "entropy": sums["entropy"] / n,
+        "nll": sums["loss"] / n_tok,
+        "accuracy": sums["accuracy"] / n_tok,
+        "mean_confidence": sums["confidence"] / n_tok,
+        "entropy": sums["entropy"] / n_tok,
         "tokens": sums["n"],
-        "examples": len(examples),
+        "examples": len(order),
     }
     res["overconfidence"] = res["mean_confidence"] - res["accuracy"]
     if per_example:
