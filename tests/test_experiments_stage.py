@@ -74,3 +74,105 @@ def test_claim3_restores_the_control_base_and_starts_with_the_smallest_subset() 
 def test_an_unknown_profile_is_refused() -> None:
     res = _stage("claim9")
     assert res.returncode == 2 and "claim2 or claim3" in res.stderr
+
+
+def test_claim3_done_only_writes_the_finished_units_and_no_pieces(tmp_path) -> None:
+    import tarfile
+
+    env = {**os.environ, "STAGE_DONE_ONLY": "1"}
+    res = subprocess.run(
+        ["bash", str(SCRIPT), "claim3", str(tmp_path / "c0")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in (tmp_path / "c0").iterdir()) == ["done_units_claim3.tgz"]
+    with tarfile.open(tmp_path / "c0" / "done_units_claim3.tgz") as tar:
+        names = set(tar.getnames())
+    # The control's base evaluations travel; sft_device.sh pair restores them for claim 3.
+    assert {"./evals/base__trained/done.json", "./evals/base__plain/done.json"} <= names
+
+
+DEVICE = ROOT / "experiments" / "sft_device.sh"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["pair", "60", "claim2", "claim2"], "the two profiles must differ"),
+        (["pair", "60", "claim2", "claim3"], "done_units_claim3.tgz is missing"),
+    ],
+)
+def test_device_pair_refuses_before_touching_the_machine(tmp_path, args, message) -> None:
+    env = {**os.environ, "HOME": str(tmp_path), "OUT": str(tmp_path / "out")}
+    res = subprocess.run(
+        ["bash", str(DEVICE), *args], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 2 and message in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_device_pair_runs_each_profile_in_its_own_work_folder(tmp_path) -> None:
+    """`pair` with stand-ins for nvidia-smi and python3: the plumbing only (work folders, each
+    profile's finished units restored, GPU share, what comes back under $OUT)."""
+    import tarfile
+
+    home, out, bin_ = tmp_path / "home", tmp_path / "out", tmp_path / "bin"
+    stash = home / "sft_stash"
+    for d in (stash, home / "sft_site", home / "sft_data" / "toks", out, bin_):
+        d.mkdir(parents=True)
+    (home / "sft_site" / ".gemma").touch()  # installed by an earlier `prep`
+    for name, marker in (("done_units.tgz", "from_a"), ("done_units_claim3.tgz", "from_b")):
+        src = tmp_path / marker
+        src.mkdir()
+        (src / f"{marker}.txt").write_text(marker)
+        with tarfile.open(stash / name, "w:gz") as tar:
+            tar.add(src, arcname=".")
+    (bin_ / "nvidia-smi").write_text("#!/bin/sh\necho 'FAKE GPU, 1 MiB'\n")
+    # python3 stand-in: records each call's arguments; `bundle` writes its --out file.
+    (bin_ / "python3").write_text(
+        "#!/bin/sh\n"
+        'echo "$@" >> "$CALLS"\n'
+        'case "$2" in bundle) while [ $# -gt 0 ]; do [ "$1" = --out ] && echo x > "$2"; '
+        "shift; done;; esac\n"
+    )
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "OUT": str(out),
+        "CALLS": str(calls),
+        "PATH": f"{bin_}:{os.environ['PATH']}",
+    }
+    res = subprocess.run(
+        ["bash", str(DEVICE), "pair", "100", "claim2", "claim3"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stderr
+    assert (home / "sft_work" / "from_a.txt").exists()
+    assert (home / "sft_work_claim3" / "from_b.txt").exists()
+    assert not (home / "sft_work" / "from_b.txt").exists()
+    runs = [c for c in calls.read_text().splitlines() if " run " in f" {c} "]
+    assert len(runs) == 2
+    for profile, work in (("claim2", "sft_work"), ("claim3", "sft_work_claim3")):
+        (line,) = [c for c in runs if f"--profile {profile} " in c]
+        assert f"--work {home / work} " in line and "--gpu-memory-fraction 0.48" in line
+    back = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert back == [
+        "claim2/gpu_use.txt",
+        "claim2/run_log.txt",
+        "claim2/run_log_w1.txt",
+        "claim2/sft_results.tgz",
+        "claim3/run_log.txt",
+        "claim3/run_log_w1.txt",
+        "claim3/sft_results.tgz",
+    ]
+    assert "==== claim2" in res.stdout and "==== claim3" in res.stdout
