@@ -208,3 +208,23 @@ def test_fused_lm_loss_with_ignore_index_none_leaves_out_the_outside_targets():
         expected, n_outside = restricted_reference(ref(input_ids=ids).logits, ids, 0.0)
     assert stats.n_outside == n_outside and stats.n_tokens == ids[:, 1:].numel() - n_outside
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the Triton kernel)")
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_on_the_gpu_the_subset_loss_and_gradients_match_the_cpu(eps):
+    # Claim 3 trains on this path: the kept rows (index_select) through the Triton kernel.
+    cpu = tiny("gemma3_text", tied=True)
+    gpu = copy.deepcopy(cpu).cuda()
+    ids, labels = batch(seed=5)
+    for m in (cpu, gpu):
+        patch_model(m, label_smoothing=eps, head_subset=SUBSET, untie_head=True)
+    out_c = cpu(input_ids=ids, labels=labels, calibrated_lm_stats=True)
+    out_g = gpu(input_ids=ids.cuda(), labels=labels.cuda(), calibrated_lm_stats=True)
+    assert out_g.loss_stats.n_outside == out_c.loss_stats.n_outside > 0
+    torch.testing.assert_close(out_g.loss.cpu(), out_c.loss, rtol=1e-4, atol=1e-5)
+    out_c.loss.backward()
+    out_g.loss.backward()
+    grads = dict(cpu.named_parameters())
+    for name, p in gpu.named_parameters():
+        torch.testing.assert_close(p.grad.cpu(), grads[name].grad, rtol=1e-3, atol=1e-5, msg=name)
