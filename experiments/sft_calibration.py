@@ -544,6 +544,8 @@ class Experiment:
             progress=True,
             compile=self.compile,
             head_subset=str(CLAIM3_SUBSETS[run.vocab]) if run.vocab is not None else None,
+            # Every run and chunk tokenizes the same train.json with the same tokenizer: once.
+            token_cache=str(self.work / "token_cache"),
         )
         _write_command(out, _train_cli(cfg))
         t0 = time.monotonic()

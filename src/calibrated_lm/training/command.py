@@ -133,6 +133,13 @@ def add_parser(subparsers) -> None:
         "loss; each metrics line gets outside_subset_share). The file is saved into every "
         "checkpoint and final/, so `calibrated-lm eval` scores with it; a resume keeps it",
     )
+    p.add_argument(
+        "--token-cache",
+        default=None,
+        metavar="DIR",
+        help="keep the tokenized --data in DIR, keyed by the file's bytes, the tokenizer and "
+        "--max-seq-len: a restart or resume reads it back instead of tokenizing again",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(run=run)
 
@@ -173,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
         eval_every=args.eval_every,
         report_to=args.report_to,
         head_subset=args.head_subset,
+        token_cache=args.token_cache,
     )
     result = train(cfg)
     if not launch_env().is_main:  # one summary per run, not per rank

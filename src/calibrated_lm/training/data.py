@@ -305,14 +305,24 @@ def load_dataset(
     label: str | None = None,
     what: str = "training example",
     hint: str = "check the data",
+    cache_dir: str | Path | None = None,
 ):
     """Read and tokenize ``path``; an empty result raises :class:`UserError` with the counts.
-    ``label`` names the file in messages (default: the path), ``what`` its examples."""
+    ``label`` names the file in messages (default: the path), ``what`` its examples. With
+    ``cache_dir`` the tokenized examples are read from, or written to, its entry for this
+    file, tokenizer and length (``training/token_cache.py``)."""
+    from calibrated_lm.training import token_cache
+
     name = label or str(path)
-    records = read_records(path)
-    data = tokenize_records(
-        records, tokenizer, max_seq_len=max_seq_len, source=name, progress=progress
-    )
+    key = token_cache.cache_key(path, tokenizer, max_seq_len) if cache_dir is not None else None
+    data = token_cache.load(cache_dir, key) if key is not None else None
+    if data is None:
+        records = read_records(path)
+        data = tokenize_records(
+            records, tokenizer, max_seq_len=max_seq_len, source=name, progress=progress
+        )
+        if key is not None and data.examples:
+            token_cache.save(cache_dir, key, data)
     if not data.examples:
         reasons = ", ".join(f"{n} {why}" for why, n in data.dropped.items()) or "no records"
         raise UserError(

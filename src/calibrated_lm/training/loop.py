@@ -129,6 +129,9 @@ class TrainConfig:
     # head_subset.json (or a folder holding one): the softmax over its V' tokens only
     # (head_restriction.py). Its content, not its path, is checked on a resume.
     head_subset: str | None = None
+    # Folder of tokenized-data entries (token_cache.py): a restart reads the examples back
+    # instead of tokenizing again. The same tokens either way, so a resume may change it.
+    token_cache: str | None = None
     world_size: int = field(default=1, repr=False)
 
 
@@ -396,7 +399,14 @@ def _setup(
 
     info, backend, subset = checked.info, checked.backend, checked.subset
     model, tokenizer = _load_model(cfg, model_and_tokenizer)
-    data = load_dataset(cfg.data, tokenizer, max_seq_len=cfg.max_seq_len, progress=info.main)
+    data = load_dataset(
+        cfg.data,
+        tokenizer,
+        max_seq_len=cfg.max_seq_len,
+        progress=info.main,
+        # One writer: the other ranks tokenize (or read an entry already there) themselves.
+        cache_dir=cfg.token_cache if (cfg.token_cache and info.main) else None,
+    )
     if data.template == "plain":
         from calibrated_lm.training.data import PLAIN_CHAT_TEMPLATE
 
