@@ -31,6 +31,10 @@ profiler's operators and kernels of one extra step run after the timed ones (pro
 the step it records), sorted by device time: where one variant's step time goes, against
 another's.
 
+``--memory DIR`` (CUDA) records the allocator's history over that extra step and writes
+``DIR/trl_step_memory_<variant>.txt``: the peak above what was allocated before the step, and
+the blocks alive at the peak with the lines that allocated them (``memory_peak.py``).
+
 First run on an H200 in session 10 (benchmarks/results/session10/); ``--tiny`` checks the
 script end to end on the CPU.
 """
@@ -89,7 +93,8 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     model = build_model(args.tiny, device)
     steps = args.warmup + args.steps
     g = torch.Generator().manual_seed(1)
-    rows = (steps + (1 if args.profile else 0)) * args.batch
+    extra = 1 if (args.profile or args.memory) else 0  # the profiled / recorded step
+    rows = (steps + extra) * args.batch
     ids = torch.randint(4, model.config.vocab_size, (rows, args.width), generator=g)
     data = datasets.Dataset.from_dict({"input_ids": ids.tolist()})
 
@@ -126,6 +131,36 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
             )
             self.prof = None
 
+    class Memory(TrainerCallback):
+        """The allocator's history over the extra step: what is alive at its peak, to a file."""
+
+        def on_step_begin(self, _args: Any, state: Any, *_: Any, **__: Any) -> None:
+            if state.global_step != profiled_step:
+                return
+            torch.cuda.synchronize()
+            self.baseline = torch.cuda.memory_allocated()
+            torch.cuda.memory._record_memory_history(max_entries=2_000_000)
+            self.on = True
+
+        def on_step_end(self, _args: Any, state: Any, *_: Any, **__: Any) -> None:
+            if not getattr(self, "on", False):
+                return
+            torch.cuda.synchronize()
+            snap = torch.cuda.memory._snapshot()
+            torch.cuda.memory._record_memory_history(enabled=None)
+            self.on = False
+            from memory_peak import replay, report, summed_by_site
+
+            peak = replay(snap["device_traces"][torch.cuda.current_device()])
+            sites = summed_by_site(peak.live)[:8]
+            text = report(f"{variant}: step {profiled_step + 1}", peak, self.baseline)
+            text += "\n  by allocation site:\n" + "\n".join(
+                f"  {b / 2**20:10,.1f} MiB  {site}" for b, site in sites
+            )
+            out = Path(args.memory) / f"trl_step_memory_{variant}.txt"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text + "\n")
+
     class Clock(TrainerCallback):
         def on_step_begin(self, *_: Any, **__: Any) -> None:
             if cuda:
@@ -141,7 +176,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
 
     config = trl.SFTConfig(
         output_dir=str(Path(args.tmp) / variant),
-        max_steps=steps + (1 if args.profile else 0),
+        max_steps=steps + extra,
         per_device_train_batch_size=args.batch,
         learning_rate=1e-5,
         bf16=cuda,
@@ -159,7 +194,9 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         args=config,
         train_dataset=data,
         processing_class=build_tokenizer(),
-        callbacks=[Clock()] + ([Profile()] if args.profile else []),
+        callbacks=[Clock()]
+        + ([Profile()] if args.profile else [])
+        + ([Memory()] if args.memory and cuda else []),
     )
     if variant.startswith("calibrated"):
         extra = {"min_block_rows": _rows(variant)} if variant != "calibrated" else {}
@@ -210,6 +247,12 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None, help="markdown table")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--profile", default=None, metavar="DIR", help="profiler tables, per variant")
+    ap.add_argument(
+        "--memory",
+        default=None,
+        metavar="DIR",
+        help="CUDA: what is alive at the extra step's memory peak, per variant (memory_peak.py)",
+    )
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: one variant
     ap.add_argument("--tmp", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -234,6 +277,7 @@ def main() -> int:
             cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
             cmd += ["--tiny"] if args.tiny else []
             cmd += ["--profile", args.profile] if args.profile else []
+            cmd += ["--memory", args.memory] if args.memory else []
             proc = subprocess.run(cmd, capture_output=True, text=True)
             lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:

@@ -12,7 +12,8 @@
 #   trl_step_h200.{md,json}  benchmarks/bench_trl_step.py (issue 13: a TRL SFT step of the
 #                            gemma-3-270m shape at 8 x 1024 tokens, TRL's NLL vs the patched
 #                            smoothed loss; written after each variant)
-#   trl_step_profiles.txt    the profiler's top operators of one step per variant
+#   trl_step_profiles.txt    per variant, what is alive at one step's memory peak
+#                            (bench_trl_step.py --memory), then the profiler's top operators
 #   loss_h200.{md,json}      benchmarks/bench_loss.py: first the loss of that TRL step's head
 #                            (gemma3-270m, with TRL's own kernel and our per-step breakdown),
 #                            then the rows of issue 15's table, the ones not yet measured
@@ -48,11 +49,11 @@ run)
     # the loss table fills the rest.
     prof=$(mktemp -d)
     # trl_ls last: session 10 measured it, and it is the slowest.
-    timeout $((limit / 2)) python3 benchmarks/bench_trl_step.py --profile "$prof" \
+    timeout $((limit / 2)) python3 benchmarks/bench_trl_step.py --profile "$prof" --memory "$prof" \
         --variants trl_nll,calibrated,calibrated_rows512,trl_ls \
         --out "$OUT/trl_step_h200.md" --json "$OUT/trl_step_h200.json" >"$OUT/trl_step_log.txt" 2>&1
     echo "bench_trl_step: exit $? after $(($(date +%s) - start)) s"
-    cat "$prof"/trl_step_profile_*.txt >"$OUT/trl_step_profiles.txt" 2>/dev/null
+    cat "$prof"/trl_step_memory_*.txt "$prof"/trl_step_profile_*.txt >"$OUT/trl_step_profiles.txt" 2>/dev/null
     left=$((limit - ($(date +%s) - start) - 10))
     timeout "$left" python3 benchmarks/bench_loss.py --out "$OUT/loss_h200" \
         --breakdown gemma3-270m --shapes gemma3-270m "llama3-8b" "mistral-7b" \
