@@ -16,10 +16,40 @@ sys.path.insert(0, str(EXP))
 import sft_calibration as sc  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def tiny_and_heldout(tmp_path_factory):
+def _tiny_gemma3(folder: Path, like: Path) -> Path:
+    """A 2-layer Gemma 3 text model with a 4-token sliding window (shorter than the examples,
+    so right padding meets the sliding-window mask), with ``like``'s tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    tok = AutoTokenizer.from_pretrained(like)
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=512,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.eos_token_id,
+        pad_token_id=None,
+    )
+    Gemma3ForCausalLM(config).eval().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma3"])
+def tiny_and_heldout(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("heldout")
     model = build_tiny_lm(root / "lm")
+    if request.param == "gemma3":
+        model = _tiny_gemma3(root / "gemma3", model)
     words = "calibration means that confidence matches accuracy on average".split()
     records = [
         # Lengths differ, so batches are padded and sorting reorders them.
