@@ -8,7 +8,13 @@ are reported beside it, per task and as the primary-task mean, plus the secondar
 eps with fewer than the planned seeds, or a missing task, is named and gets no verdict.
 
 Writes ``--results``/``results.json`` and ``tables.md``, and the ``claim2`` records of
-``experiments/results/claims.json``.
+``experiments/results/claims.json``. Two figures beside them:
+
+* ``claim2_changes.png``: per eps, the primary-mean ECE and accuracy change against eps 0 with
+  their 95% intervals (the accuracy panel marks the -0.01 non-inferiority margin), each
+  primary task's ECE change as a dot;
+* ``reliability_primary.png``: eps 0 and each eps > 0 overlaid, the five primary tasks and the
+  eps's seeds pooled (trained format, per-token scores): where the confidence moved.
 
     python experiments/claim2_report.py [--work runs/claim2]
         [--results experiments/results/sft_claim2] [--bootstrap 1000]
@@ -211,9 +217,73 @@ def write_report(
     results.mkdir(parents=True, exist_ok=True)
     (results / "results.json").write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
     (results / "tables.md").write_text(_tables(out), encoding="utf-8")
+    _figures(out, recs, results)
     if records:
         C.update(records, source="claim2", path=claims_path)
     return out
+
+
+def _figures(
+    out: dict[str, Any], recs: dict[tuple[float, int], dict[str, dict]], results: Path
+) -> None:
+    """claim2_changes.png and reliability_primary.png (module docstring); none without data."""
+    from calibrated_lm import durable
+    from calibrated_lm.calibration import reliability_diagram
+
+    done = [(float(e), v) for e, v in out["eps"].items() if "primary_mean" in v]
+    if not done:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, m, name in ((axes[0], "ece", "ECE"), (axes[1], "accuracy", "accuracy")):
+        for i, (_eps, v) in enumerate(done):
+            r = v["primary_mean"][m]
+            lo, hi = r["ci95"]
+            ax.errorbar([i], [r["delta"]], yerr=[[r["delta"] - lo], [hi - r["delta"]]],
+                        fmt="o", color="C0", capsize=4,
+                        label="primary mean, 95% CI" if i == 0 else None)  # fmt: skip
+            if m == "ece":
+                per = [t["ece"]["delta"] for k, t in v["tasks"].items() if k in PRIMARY]
+                ax.plot([i + 0.15] * len(per), per, ".", color="0.55",
+                        label="each primary task" if i == 0 else None)  # fmt: skip
+        ax.axhline(0, color="0.3", lw=0.8)
+        if m == "accuracy":
+            ax.axhline(-NONINFERIORITY, color="C3", ls="--", lw=0.9, label="margin -0.01")
+        ax.set_xticks(range(len(done)), [f"eps {e:g}\nseeds {len(v['seeds'])}" for e, v in done])
+        ax.set_ylabel(f"{name}: eps - eps 0")
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle("Claim 2: label smoothing vs eps 0 at the control's setting (gemma-3-270m)")
+    fig.tight_layout()
+    durable.save_figure(fig, results / "claim2_changes.png", dpi=130)
+    plt.close(fig)
+
+    def pooled(eps: float, seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        conf, corr = [], []
+        for s in seeds:
+            for task in PRIMARY:
+                rows = recs.get((eps, s), {}).get(task)
+                if not rows:
+                    continue
+                p, y = probabilities(list(rows.values()), NORM)
+                conf.append(p.max(1))
+                corr.append((p.argmax(1) == y) * 1.0)
+        return np.concatenate(conf), np.concatenate(corr)
+
+    zero_seeds = sorted({s for (e, s) in recs if e == 0.0})
+    series = {f"eps 0 ({len(zero_seeds)} seeds)": pooled(0.0, zero_seeds)}
+    for eps, v in done:
+        series[f"eps {eps:g} ({len(v['seeds'])} seeds)"] = pooled(eps, v["seeds"])
+    reliability_diagram(
+        series,
+        results / "reliability_primary",
+        title="five primary tasks pooled, trained format, per-token scores",
+    )
+    for svg in results.glob("reliability_primary*.svg"):
+        svg.unlink()  # the PNG is what the docs show
 
 
 def _tables(out: dict[str, Any]) -> str:

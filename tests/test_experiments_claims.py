@@ -159,6 +159,9 @@ def test_claim2_report_verdicts_and_missing_seeds(tmp_path: Path) -> None:
     assert out["eps"]["0.05"]["seeds"] == [] and out["eps"]["0.05"]["verdict"] is None
     text = (tmp_path / "res/tables.md").read_text()
     assert "eps 0.1: **reproduced**" in text and "missing: seed 2, seed 3" in text
+    for png in ("claim2_changes.png", "reliability_primary.png"):
+        assert (tmp_path / "res" / png).stat().st_size > 1000, png
+    assert not list((tmp_path / "res").glob("*.svg"))
     recs = json.loads(claims.read_text())
     assert any(r["claim"] == "2" and r["verdict"].startswith("incomplete") for r in recs)
 
