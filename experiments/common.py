@@ -110,7 +110,9 @@ def slim_samples(path: Path, fields: Sequence[str] = SLIM_FIELDS) -> bytes:
 
 # What travels back from a device run: everything small; never model weights or checkpoints.
 # Unit locks (run_units) are empty files that only mean something while a worker runs.
-_SKIP_DIRS = {"final", "checkpoints", ".tmp-final", ".old-final", "locks"}
+# token_cache/: the tokenized training data (train --token-cache), as little ours to ship as
+# train.json, and tens of MiB.
+_SKIP_DIRS = {"final", "checkpoints", ".tmp-final", ".old-final", "locks", "token_cache"}
 _SKIP_DATA = {"train.json", "heldout.json"}  # copies of the instruction data (not ours to ship)
 _SKIP_SUFFIXES = {".safetensors", ".bin", ".pt", ".svg"}
 

@@ -364,8 +364,7 @@ def test_metrics_jsonl_is_fsynced_before_every_checkpoint(tmp_path, monkeypatch)
 _IN_TEMP_FOLDER = "inside a temporary folder that is fsynced whole and renamed into place"
 ALLOWED: dict[tuple[str, str, str], str] = {
     ("training/token_cache.py", "save", "np.save"): (
-        "np.savez into an in-memory BytesIO; the bytes reach the disk through "
-        "durable.write_bytes"
+        "np.savez into an in-memory BytesIO; the bytes reach the disk through durable.write_bytes"
     ),
     ("runlock.py", "_acquire", "os.open-write"): (
         "the lock file: held with flock on its inode (a rename would break the lock); its "

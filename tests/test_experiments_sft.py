@@ -45,6 +45,22 @@ def test_mix_keeps_every_record_once_and_drops_provenance_fields(tmp_path):
     assert again["heldout_by_source"] == info["heldout_by_source"]
 
 
+def test_bundle_leaves_out_the_token_cache(tmp_path):
+    work = tmp_path / "work"
+    (work / "token_cache").mkdir(parents=True)
+    (work / "token_cache" / "abc.npz").write_bytes(b"x" * 100)
+    (work / "runs" / "r").mkdir(parents=True)
+    (work / "runs" / "r" / "done.json").write_text("{}")
+    out = tmp_path / "b.tgz"
+    common.bundle(work, out)
+    import tarfile
+
+    with tarfile.open(out) as tar:
+        names = tar.getnames()
+    assert any(n.endswith("runs/r/done.json") for n in names)
+    assert not any("token_cache" in n for n in names)
+
+
 def test_bundle_slims_samples_skips_weights_and_round_trips(tmp_path):
     work = tmp_path / "work"
     ev = work / "evals" / "base"

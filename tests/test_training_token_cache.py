@@ -65,13 +65,43 @@ def test_the_key_changes_with_file_length_tokenizer_and_code(setup, tok, tmp_pat
     assert token_cache.cache_key(data, tok, 64) != key
 
 
-def test_a_damaged_entry_is_tokenized_again_and_replaced(setup, tok, tmp_path):
+@pytest.mark.parametrize("damage", ["not a zip", "cut short", "empty"])
+def test_a_damaged_entry_is_tokenized_again_and_replaced(setup, tok, tmp_path, damage):
     data = setup[2]
     key = token_cache.cache_key(data, tok, 64)
-    (tmp_path / f"{key}.npz").write_bytes(b"not an npz")
+    entry = tmp_path / f"{key}.npz"
+    fresh = load_dataset(data, tok, max_seq_len=64, cache_dir=tmp_path)
+    whole = entry.read_bytes()
+    entry.write_bytes(
+        {"not a zip": b"not an npz", "cut short": whole[: len(whole) // 2], "empty": b""}[damage]
+    )
+    assert token_cache.load(tmp_path, key) is None
     again = load_dataset(data, tok, max_seq_len=64, cache_dir=tmp_path)
-    _same(again, load_dataset(data, tok, max_seq_len=64))
+    _same(again, fresh)
     _same(token_cache.load(tmp_path, key), again)
+
+
+def test_an_entry_that_cannot_be_written_only_warns(setup, tok, tmp_path, monkeypatch):
+    def full_disk(*_a, **_k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(token_cache, "save", full_disk)
+    with pytest.warns(UserWarning, match="could not keep the tokenized data"):
+        data = load_dataset(setup[2], tok, max_seq_len=64, cache_dir=tmp_path)
+    _same(data, load_dataset(setup[2], tok, max_seq_len=64))
+
+
+def test_a_reader_that_may_not_write_leaves_no_entry(setup, tok, tmp_path):
+    load_dataset(setup[2], tok, max_seq_len=64, cache_dir=tmp_path, cache_write=False)
+    assert not list(tmp_path.glob("*.npz"))
+
+
+def test_the_key_changes_with_the_tokenizing_libraries(setup, tok, monkeypatch):
+    key = token_cache.cache_key(setup[2], tok, 64)
+    versions = token_cache._library_versions()
+    assert versions["transformers"] and versions["tokenizers"]
+    monkeypatch.setattr(token_cache, "_library_versions", lambda: {**versions, "jinja2": "0"})
+    assert token_cache.cache_key(setup[2], tok, 64) != key
 
 
 def test_a_tokenizer_without_a_fast_backend_is_not_cached(setup, tmp_path):

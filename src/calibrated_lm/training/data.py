@@ -306,11 +306,13 @@ def load_dataset(
     what: str = "training example",
     hint: str = "check the data",
     cache_dir: str | Path | None = None,
+    cache_write: bool = True,
 ):
     """Read and tokenize ``path``; an empty result raises :class:`UserError` with the counts.
     ``label`` names the file in messages (default: the path), ``what`` its examples. With
-    ``cache_dir`` the tokenized examples are read from, or written to, its entry for this
-    file, tokenizer and length (``training/token_cache.py``)."""
+    ``cache_dir`` the tokenized examples are read from its entry for this file, tokenizer
+    and length (``training/token_cache.py``), or, with ``cache_write``, written to it; an
+    entry that cannot be written costs only the speed-up (a warning, not an error)."""
     from calibrated_lm.training import token_cache
 
     name = label or str(path)
@@ -321,8 +323,17 @@ def load_dataset(
         data = tokenize_records(
             records, tokenizer, max_seq_len=max_seq_len, source=name, progress=progress
         )
-        if key is not None and data.examples:
-            token_cache.save(cache_dir, key, data)
+        if key is not None and cache_write and data.examples:
+            try:
+                token_cache.save(cache_dir, key, data)
+            except OSError as exc:
+                import warnings
+
+                warnings.warn(
+                    f"{name}: could not keep the tokenized data in {cache_dir} ({exc}); "
+                    "training goes on, and the next start tokenizes again",
+                    stacklevel=2,
+                )
     if not data.examples:
         reasons = ", ".join(f"{n} {why}" for why, n in data.dropped.items()) or "no records"
         raise UserError(

@@ -404,8 +404,10 @@ def _setup(
         tokenizer,
         max_seq_len=cfg.max_seq_len,
         progress=info.main,
-        # One writer: the other ranks tokenize (or read an entry already there) themselves.
-        cache_dir=cfg.token_cache if (cfg.token_cache and info.main) else None,
+        # Every rank reads an entry that is there (the key makes it the same tokens); only
+        # the main rank writes one, so ranks never race on it.
+        cache_dir=cfg.token_cache,
+        cache_write=info.main,
     )
     if data.template == "plain":
         from calibrated_lm.training.data import PLAIN_CHAT_TEMPLATE

@@ -7,8 +7,9 @@ run resumed in chunks starts often. The cache maps a key to the tokenized exampl
 
 The tokenizer fingerprint is its fast backend's serialised JSON (vocabulary, merges,
 normaliser, pre-tokenizer) plus its chat template and BOS / EOS ids; "tokenizing code" is
-the source of ``training/data.py``, so a change to how records become tokens invalidates every
-entry instead of serving stale examples. A tokenizer without a fast backend has no
+the source of ``training/data.py`` and the versions of transformers, tokenizers and jinja2, so
+a change to how records become tokens invalidates every entry instead of serving stale
+examples. A tokenizer without a fast backend has no
 fingerprint and is never cached. An entry is one ``.npz`` (token ids and labels concatenated,
 int32, with the examples' offsets) written atomically (``calibrated_lm.durable``); an entry
 that does not read back is tokenized again and replaced.
@@ -46,6 +47,18 @@ def tokenizer_fingerprint(tokenizer: Any) -> str | None:
     return h.hexdigest()
 
 
+def _library_versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for name in ("transformers", "tokenizers", "jinja2"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def cache_key(path: str | Path, tokenizer: Any, max_seq_len: int) -> str | None:
     """The entry's name for ``path`` tokenized by ``tokenizer`` at ``max_seq_len`` (module
     docstring), or None when the tokenizer cannot be fingerprinted."""
@@ -54,6 +67,8 @@ def cache_key(path: str | Path, tokenizer: Any, max_seq_len: int) -> str | None:
         return None
     h = hashlib.sha256()
     h.update(f"layout {LAYOUT}; max_seq_len {max_seq_len}; tokenizer {tok}\n".encode())
+    # The libraries that render the chat template and encode the text.
+    h.update(json.dumps(_library_versions(), sort_keys=True).encode())
     h.update(Path(data_module.__file__).read_bytes())
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -83,8 +98,9 @@ def load(cache_dir: str | Path, key: str) -> Dataset | None:
             dropped=Counter(meta["dropped"]),
             template=str(meta["template"]),
         )
-    except (OSError, ValueError, KeyError, TypeError):
-        # A damaged entry (a disk that filled mid-copy, a foreign file): tokenize again.
+    except Exception:
+        # A damaged entry (cut short, not a zip, a foreign file) is only a lost speed-up:
+        # tokenize again. numpy raises BadZipFile, EOFError, ValueError, KeyError, OSError.
         return None
 
 
