@@ -109,7 +109,15 @@ run)
         pids+=($!)
         sleep 2  # let the first worker take the first unit
     done
-    wait "${pids[@]}"
+    # A worker's exit status: 0 when its chunk ended by itself, 124 when `timeout` stopped it
+    # (the designed end of a training chunk: SIGTERM, the run checkpoints and stops). Anything
+    # else (a crash) makes this call exit 1, after the bundle, so that the caller sees it.
+    failed=0
+    for pid in "${pids[@]}"; do
+        wait "$pid"
+        rc=$?
+        [ "$rc" = 0 ] || [ "$rc" = 124 ] || failed=1
+    done
     [ -n "$smi" ] && kill "$smi" 2>/dev/null
     for w in $(seq 1 "$workers"); do
         echo "== worker $w" | tee -a "$OUT/run_log.txt"
@@ -119,6 +127,7 @@ run)
     since=()
     [ -f "$WORK/.restored" ] && since=(--newer-than "$WORK/.restored")
     python3 experiments/sft_calibration.py bundle --work "$WORK" --out "$OUT/sft_results.tgz" "${since[@]}"
+    [ "$failed" = 0 ] || { echo "run: a worker failed (its log: run_log_wN.txt)" | tee -a "$OUT/run_log.txt"; exit 1; }
     ;;
 pair)
     limit=${2:?seconds}
@@ -132,20 +141,25 @@ pair)
     }
     # Installed and restored one after the other here: the two runs below would race on it.
     install || exit 3
-    SFT_WORK=$HOME/sft_work_$b SFT_DONE_UNITS=$STASH/done_units_$b.tgz WORK=$HOME/sft_work_$b \
-        DONE_UNITS=$STASH/done_units_$b.tgz install || exit 3
+    WORK=$HOME/sft_work_$b DONE_UNITS=$STASH/done_units_$b.tgz install || exit 3
     mkdir -p "$OUT/$a" "$OUT/$b"
-    OUT=$OUT/$a SFT_GPU_FRACTION=0.48 bash "$0" run "$limit" "$a" 1 >"$OUT/$a/pair.txt" 2>&1 &
+    # Each run's own output stays outside $OUT (at most 8 files come back, even if this call is
+    # cut short); its lines are in run_log.txt and the tail printed below.
+    OUT=$OUT/$a SFT_GPU_FRACTION=0.48 bash "$0" run "$limit" "$a" 1 >"$HOME/pair_$a.txt" 2>&1 &
     pa=$!
     OUT=$OUT/$b SFT_GPU_FRACTION=0.48 SFT_GPU_LOG=0 SFT_WORK=$HOME/sft_work_$b \
-        SFT_DONE_UNITS=$STASH/done_units_$b.tgz bash "$0" run "$limit" "$b" 1 >"$OUT/$b/pair.txt" 2>&1 &
+        SFT_DONE_UNITS=$STASH/done_units_$b.tgz bash "$0" run "$limit" "$b" 1 >"$HOME/pair_$b.txt" 2>&1 &
     pb=$!
-    wait "$pa" "$pb"
+    wait "$pa"
+    ra=$?
+    wait "$pb"
+    rb=$?
     for p in "$a" "$b"; do
-        echo "==== $p" && cat "$OUT/$p/run_log.txt"
-        tail -n 2 "$OUT/$p/pair.txt"
-        rm -f "$OUT/$p/pair.txt"  # its lines are in run_log.txt and the tail above
+        echo "==== $p" && cat "$OUT/$p/run_log.txt" 2>/dev/null
+        tail -n 2 "$HOME/pair_$p.txt"
     done
+    echo "pair: $a exit $ra, $b exit $rb"
+    [ "$ra" = 0 ] && [ "$rb" = 0 ] || exit 1
     ;;
 *)
     echo "usage: $0 stash DIR | prep [MODEL ...] | run SECONDS [PROFILE [WORKERS]] |" \

@@ -114,9 +114,11 @@ def test_device_pair_refuses_before_touching_the_machine(tmp_path, args, message
     assert not (tmp_path / "out").exists()
 
 
-def test_device_pair_runs_each_profile_in_its_own_work_folder(tmp_path) -> None:
-    """`pair` with stand-ins for nvidia-smi and python3: the plumbing only (work folders, each
-    profile's finished units restored, GPU share, what comes back under $OUT)."""
+def _pair(
+    tmp_path: Path, fail: str | None = None, code: int = 1
+) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run `sft_device.sh pair 100 claim2 claim3` with stand-ins for nvidia-smi and python3
+    (its `run` of profile ``fail`` exits ``code``); returns the result and the paths used."""
     import tarfile
 
     home, out, bin_ = tmp_path / "home", tmp_path / "out", tmp_path / "bin"
@@ -135,6 +137,7 @@ def test_device_pair_runs_each_profile_in_its_own_work_folder(tmp_path) -> None:
     (bin_ / "python3").write_text(
         "#!/bin/sh\n"
         'echo "$@" >> "$CALLS"\n'
+        f'case "$*" in *"--profile {fail} "*) echo "Traceback: boom"; exit {code};; esac\n'
         'case "$2" in bundle) while [ $# -gt 0 ]; do [ "$1" = --out ] && echo x > "$2"; '
         "shift; done;; esac\n"
     )
@@ -156,6 +159,14 @@ def test_device_pair_runs_each_profile_in_its_own_work_folder(tmp_path) -> None:
         timeout=60,
         cwd=ROOT,
     )
+    return res, {"home": home, "out": out, "calls": calls}
+
+
+def test_device_pair_runs_each_profile_in_its_own_work_folder(tmp_path) -> None:
+    """`pair` with stand-ins for nvidia-smi and python3: the plumbing only (work folders, each
+    profile's finished units restored, GPU share, what comes back under $OUT)."""
+    res, p = _pair(tmp_path)
+    home, out, calls = p["home"], p["out"], p["calls"]
     assert res.returncode == 0, res.stderr
     assert (home / "sft_work" / "from_a.txt").exists()
     assert (home / "sft_work_claim3" / "from_b.txt").exists()
@@ -176,3 +187,17 @@ def test_device_pair_runs_each_profile_in_its_own_work_folder(tmp_path) -> None:
         "claim3/sft_results.tgz",
     ]
     assert "==== claim2" in res.stdout and "==== claim3" in res.stdout
+
+
+def test_device_pair_fails_when_one_profile_fails_and_keeps_the_other(tmp_path) -> None:
+    res, p = _pair(tmp_path, fail="claim3")
+    assert res.returncode == 1
+    assert "pair: claim2 exit 0, claim3 exit" in res.stdout
+    assert (p["out"] / "claim2" / "sft_results.tgz").exists()
+    assert "Traceback" in (p["out"] / "claim3" / "run_log.txt").read_text()
+
+
+def test_device_pair_takes_a_chunk_stopped_by_its_timeout_as_normal(tmp_path) -> None:
+    # `timeout` ends a training chunk with SIGTERM (exit 124): the designed end, not a failure.
+    res, _ = _pair(tmp_path, fail="claim3", code=124)
+    assert res.returncode == 0, res.stdout
