@@ -31,7 +31,7 @@ profiler's operators and kernels of one extra step run after the timed ones (pro
 the step it records), sorted by device time: where one variant's step time goes, against
 another's.
 
-``--memory DIR`` (CUDA) records the allocator's history over that extra step and writes
+``--memory DIR`` (CUDA) records the allocator's history over one more extra step and writes
 ``DIR/trl_step_memory_<variant>.txt``: the peak above what was allocated before the step, and
 the blocks alive at the peak with the lines that allocated them (``memory_peak.py``).
 
@@ -93,7 +93,8 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     model = build_model(args.tiny, device)
     steps = args.warmup + args.steps
     g = torch.Generator().manual_seed(1)
-    extra = 1 if (args.profile or args.memory) else 0  # the profiled / recorded step
+    # One extra step for the profiler, one for the memory history: each slows its own step.
+    extra = (1 if args.profile else 0) + (1 if args.memory else 0)
     rows = (steps + extra) * args.batch
     ids = torch.randint(4, model.config.vocab_size, (rows, args.width), generator=g)
     data = datasets.Dataset.from_dict({"input_ids": ids.tolist()})
@@ -101,6 +102,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     times: list[float] = []
     peaks: list[int] = []
     profiled_step = steps  # one step after the timed ones: profiling slows the step it records
+    memory_step = steps + (1 if args.profile else 0)
 
     class Profile(TrainerCallback):
         """torch.profiler around step ``profiled_step`` only; its table goes to a file."""
@@ -135,11 +137,12 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         """The allocator's history over the extra step: what is alive at its peak, to a file."""
 
         def on_step_begin(self, _args: Any, state: Any, *_: Any, **__: Any) -> None:
-            if state.global_step != profiled_step:
+            if state.global_step != memory_step:
                 return
             torch.cuda.synchronize()
             self.baseline = torch.cuda.memory_allocated()
-            torch.cuda.memory._record_memory_history(max_entries=2_000_000)
+            # Python frames only: C++ stacks are symbolised per event and only slow the dump.
+            torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
             self.on = True
 
         def on_step_end(self, _args: Any, state: Any, *_: Any, **__: Any) -> None:
@@ -153,7 +156,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
 
             peak = replay(snap["device_traces"][torch.cuda.current_device()])
             sites = summed_by_site(peak.live)[:8]
-            text = report(f"{variant}: step {profiled_step + 1}", peak, self.baseline)
+            text = report(f"{variant}: step {memory_step + 1}", peak, self.baseline)
             text += "\n  by allocation site:\n" + "\n".join(
                 f"  {b / 2**20:10,.1f} MiB  {site}" for b, site in sites
             )

@@ -217,9 +217,9 @@ def write_report(
     results.mkdir(parents=True, exist_ok=True)
     (results / "results.json").write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
     (results / "tables.md").write_text(_tables(out), encoding="utf-8")
-    _figures(out, recs, results)
     if records:
         C.update(records, source="claim2", path=claims_path)
+    _figures(out, recs, results)  # after the records: a figure cannot cost the tables
     return out
 
 
@@ -243,7 +243,9 @@ def _figures(
         for i, (_eps, v) in enumerate(done):
             r = v["primary_mean"][m]
             lo, hi = r["ci95"]
-            ax.errorbar([i], [r["delta"]], yerr=[[r["delta"] - lo], [hi - r["delta"]]],
+            # Clipped at 0: a percentile interval need not contain the point estimate.
+            err = [[max(r["delta"] - lo, 0.0)], [max(hi - r["delta"], 0.0)]]
+            ax.errorbar([i], [r["delta"]], yerr=err,
                         fmt="o", color="C0", capsize=4,
                         label="primary mean, 95% CI" if i == 0 else None)  # fmt: skip
             if m == "ece":
