@@ -14,10 +14,10 @@
 #                            smoothed loss; written after each variant)
 #   trl_step_profiles.txt    per variant, what is alive at one step's memory peak
 #                            (bench_trl_step.py --memory), then the profiler's top operators
-#   loss_h200.{md,json}      benchmarks/bench_loss.py: first the loss of that TRL step's head
-#                            (gemma3-270m, with TRL's own kernel and our per-step breakdown),
-#                            then the rows of issue 15's table, the ones not yet measured
-#                            first (written after each shape, so a time-out keeps them)
+#   loss_h200.{md,json}      benchmarks/bench_loss.py: the rows of issue 15's table, the ones
+#                            not yet measured first (written after each shape, so a time-out
+#                            keeps them); the gemma3-270m head and its breakdown ran in
+#                            session 13
 #   gpu.txt, trl_step_log.txt, loss_log.txt: the GPU and image versions, the two logs
 # (8 files: as many as one call brings back.)
 set -u
@@ -55,10 +55,11 @@ run)
     echo "bench_trl_step: exit $? after $(($(date +%s) - start)) s"
     cat "$prof"/trl_step_memory_*.txt "$prof"/trl_step_profile_*.txt >"$OUT/trl_step_profiles.txt" 2>/dev/null
     left=$((limit - ($(date +%s) - start) - 10))
+    # Session 13 measured gemma3-270m (with the breakdown), llama3-8b, mistral-7b and gemma2-2b
+    # N65536 (benchmarks/results/session13/): the rows it did not reach come first.
     timeout "$left" python3 benchmarks/bench_loss.py --out "$OUT/loss_h200" \
-        --breakdown gemma3-270m --shapes gemma3-270m "llama3-8b" "mistral-7b" \
-        "gemma2-2b N65536" "gemma2-2b" "gemma2-2b softcap30" "gemma2-2b N16384" \
-        "gemma2-2b N32768" >"$OUT/loss_log.txt" 2>&1
+        --shapes "gemma2-2b" "gemma2-2b softcap30" "gemma2-2b N16384" "gemma2-2b N32768" \
+        "gemma2-2b N65536" "llama3-8b" "mistral-7b" >"$OUT/loss_log.txt" 2>&1
     echo "bench_loss: exit $? after $(($(date +%s) - start)) s"
     tail -n 3 "$OUT/trl_step_log.txt" "$OUT/loss_log.txt"
     ;;
