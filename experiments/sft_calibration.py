@@ -146,7 +146,8 @@ class Profile:
     heldout_per_example: bool = False
     # Examples per decoder forward of the per-example held-out pass. 1 (one forward per
     # example) is the method of the control and claim 2, kept so that their pairs compare like
-    # with like; claim 3 (whose report reads no held-out file) batches, ~10x faster on the GPU.
+    # with like; claim 3 (whose report reads no held-out file) batches: 16x fewer forwards
+    # (the speed-up on the GPU is not measured yet).
     heldout_batch: int = 1
     # Checkpoint every N steps (0: none). With checkpoints a training unit may start although
     # it will not end within the chunk: the chunk's timeout stops it, the next one resumes.
