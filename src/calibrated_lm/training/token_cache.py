@@ -9,10 +9,10 @@ The tokenizer fingerprint is its fast backend's serialised JSON (vocabulary, mer
 normaliser, pre-tokenizer) plus its chat template and BOS / EOS ids; "tokenizing code" is
 the source of ``training/data.py`` and the versions of transformers, tokenizers and jinja2, so
 a change to how records become tokens invalidates every entry instead of serving stale
-examples. A tokenizer without a fast backend has no
-fingerprint and is never cached. An entry is one ``.npz`` (token ids and labels concatenated,
-int32, with the examples' offsets) written atomically (``calibrated_lm.durable``); an entry
-that does not read back is tokenized again and replaced.
+examples. A tokenizer without a fast backend has no fingerprint and is never cached. An entry
+is one ``.npz`` (token ids and labels concatenated, int32, with the examples' offsets) written
+atomically (``calibrated_lm.durable``); an entry that does not read back is tokenized again
+and replaced.
 """
 
 from __future__ import annotations
