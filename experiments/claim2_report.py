@@ -106,6 +106,28 @@ def verdict(ece: dict[str, Any], acc: dict[str, Any]) -> str:
     return "inconclusive"
 
 
+def verdict_reason(ece: dict[str, Any], acc: dict[str, Any]) -> str:
+    """Why :func:`verdict` says what it says, in the pre-registered terms."""
+    e_lo, e_hi = ece["ci95"]
+    a_lo, a_hi = acc["ci95"]
+    ece_txt = f"ECE change [{e_lo:+.3f}, {e_hi:+.3f}]"
+    acc_txt = f"accuracy change [{a_lo:+.3f}, {a_hi:+.3f}]"
+    margin = f"{-NONINFERIORITY:+.2f}"
+    v = verdict(ece, acc)
+    if v == "reproduced":
+        return f"{ece_txt} below 0; {acc_txt} above the {margin} margin"
+    if v == "not reproduced":
+        if a_hi < -NONINFERIORITY:
+            return f"{acc_txt} wholly below the {margin} margin (accuracy inferior)"
+        return f"{ece_txt} above {-NEGLIGIBLE_ECE:+.3f} (no reduction worth the name)"
+    parts = []
+    if e_hi >= 0:
+        parts.append(f"{ece_txt} reaches 0")
+    if a_lo <= -NONINFERIORITY:
+        parts.append(f"{acc_txt} crosses the {margin} margin")
+    return "; ".join(parts)
+
+
 def write_report(
     work: Path,
     results: Path,
@@ -182,11 +204,9 @@ def write_report(
         complete = len(have) == len(seeds) and not any(
             x.startswith("task") for x in entry["missing"]
         )
-        entry["verdict"] = (
-            verdict(entry["primary_mean"]["ece"], entry["primary_mean"]["accuracy"])
-            if complete
-            else None
-        )
+        pm = entry.get("primary_mean", {})
+        entry["verdict"] = verdict(pm["ece"], pm["accuracy"]) if complete else None
+        entry["verdict_reason"] = verdict_reason(pm["ece"], pm["accuracy"]) if complete else None
         setting = f"eps {eps:g} vs eps 0 (lr 8e-5, 3 ep; seeds {','.join(map(str, have))})"
         if "primary_mean" in entry:
             for m in ("ece", "rms_ce", "accuracy"):
@@ -347,7 +367,8 @@ def _tables(out: dict[str, Any]) -> str:
     lines += ["", "## Verdicts", ""]
     for eps, e in out["eps"].items():
         if e["verdict"]:
-            lines.append(f"- eps {eps}: **{e['verdict']}**")
+            why = f" ({e['verdict_reason']})" if e.get("verdict_reason") else ""
+            lines.append(f"- eps {eps}: **{e['verdict']}**{why}")
         else:
             lines.append(f"- eps {eps}: no verdict; missing: {', '.join(e['missing'])}")
     return "\n".join(lines) + "\n"

@@ -158,7 +158,7 @@ def test_claim2_report_verdicts_and_missing_seeds(tmp_path: Path) -> None:
     assert e2["verdict"] is None and e2["missing"] == ["seed 2", "seed 3"]
     assert out["eps"]["0.05"]["seeds"] == [] and out["eps"]["0.05"]["verdict"] is None
     text = (tmp_path / "res/tables.md").read_text()
-    assert "eps 0.1: **reproduced**" in text and "missing: seed 2, seed 3" in text
+    assert "eps 0.1: **reproduced** (ECE change [" in text and "missing: seed 2, seed 3" in text
     for png in ("claim2_changes.png", "reliability_primary.png"):
         assert (tmp_path / "res" / png).stat().st_size > 1000, png
     assert not list((tmp_path / "res").glob("*.svg"))
@@ -303,3 +303,19 @@ def test_committed_run_records_are_not_git_ignored() -> None:
     ignored = subprocess.run(["git", "check-ignore", "-q", rec], cwd=root).returncode == 0
     assert not ignored
     assert subprocess.run(["git", "check-ignore", "-q", "runs/demo/x"], cwd=root).returncode == 0
+
+
+def test_claim2_verdict_reasons_name_the_failing_interval() -> None:
+    import claim2_report as R2
+
+    def iv(lo, hi):
+        return {"ci95": [lo, hi]}
+
+    # eps 0.1's case in session 13: ECE clearly down, accuracy straddling the margin.
+    why = R2.verdict_reason(iv(-0.040, -0.018), iv(-0.014, 0.001))
+    assert R2.verdict(iv(-0.040, -0.018), iv(-0.014, 0.001)) == "inconclusive"
+    assert why == "accuracy change [-0.014, +0.001] crosses the -0.01 margin"
+    assert "reaches 0" in R2.verdict_reason(iv(-0.02, 0.01), iv(-0.005, 0.01))
+    assert "inferior" in R2.verdict_reason(iv(-0.04, -0.02), iv(-0.04, -0.02))
+    assert "no reduction" in R2.verdict_reason(iv(-0.001, 0.01), iv(-0.005, 0.005))
+    assert R2.verdict_reason(iv(-0.04, -0.02), iv(-0.005, 0.005)).startswith("ECE change")
