@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import shutil
 import sys
 import time
@@ -285,6 +286,10 @@ _CLAIM3 = dataclasses.replace(
     base_subsets=tuple(sorted(CLAIM3_SUBSETS, reverse=True)),
     score_applied=True,
     heldout_batch=16,
+    # A whole run with two workers on the GPU: 564 steps at ~1.55 s (session 14's device
+    # logs) plus the final save and held-out pass. A begun run is estimated from its own
+    # log instead (_resume_estimate).
+    est=_CONTROL.est | {"train": 1000},
 )
 PROFILES: dict[str, Profile] = {
     "full": _FULL,
@@ -843,7 +848,54 @@ def _timing_key(unit: Unit) -> str:
     return f"{unit.kind}:{parts[2]}" if unit.kind == "eval" and len(parts) == 3 else unit.kind
 
 
+# Seconds a training run spends after its last step: the final save and the held-out pass
+# (~120 s in session 13's device logs).
+TRAIN_TAIL_S = 130.0
+
+
+def _resume_estimate(unit: Unit) -> float | None:
+    """Seconds a begun training unit needs to finish, or None where its files do not say.
+
+    ``1.1 * ((total_steps - step) * median(step_s) + TRAIN_TAIL_S)``: ``step`` and
+    ``total_steps`` from its latest checkpoint's state, ``step_s`` over the last 50 steps of
+    its own ``metrics.jsonl`` (so the estimate carries the speed of the GPU share it ran on).
+    A run logged before ``step_s`` was recorded gives None.
+    """
+    import statistics
+
+    from calibrated_lm.training.checkpoint import STATE_FILE, list_checkpoints
+    from calibrated_lm.training.loop import METRICS_FILE
+
+    found = list_checkpoints(unit.folder)
+    if not found:
+        return None
+    try:
+        state = json.loads((found[-1] / STATE_FILE).read_text(encoding="utf-8"))
+        step, total = int(state["step"]), int(state["total_steps"])
+        lines = (unit.folder / METRICS_FILE).read_text(encoding="utf-8").splitlines()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    times: list[float] = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line cut short by the kill that ended the chunk
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step_s"), (int, float)):
+            times.append(float(rec["step_s"]))
+    if not times:
+        return None
+    return 1.1 * (max(total - step, 0) * statistics.median(times[-50:]) + TRAIN_TAIL_S)
+
+
 def _estimate(unit: Unit, timed: dict[str, list[float]], profile: Profile) -> float:
+    # A begun run needs what is left of it, which its own checkpoint and log tell: the
+    # profile's whole-run figure made a session's last chunk pass over a run 48 steps from
+    # its end (session 14, claim 3).
+    if unit.kind == "train" and not unit.done():
+        left = _resume_estimate(unit)
+        if left is not None:
+            return left
     key = _timing_key(unit)
     # Scored like a trained-format unit (the same tasks and template), so timed like one.
     like = key.replace(APPLIED, "trained") if key.endswith(APPLIED) else key

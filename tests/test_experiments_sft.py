@@ -284,6 +284,41 @@ def test_last_chunk_resumes_a_begun_training_only_if_it_fits(tmp_path, capsys):
     assert "[wait] train/lr1" in capsys.readouterr().out
 
 
+def _begin(folder, step: int, total: int, step_s: list[float]) -> None:
+    """A begun training run: its checkpoint at ``step`` and its metrics.jsonl's lines."""
+    ckpt = folder / "checkpoints" / f"step-{step}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.json").write_text(json.dumps({"step": step, "total_steps": total}))
+    lines = [json.dumps({"step": i + 1, "step_s": t}) for i, t in enumerate(step_s)]
+    (folder / "metrics.jsonl").write_text("\n".join(lines + ['{"step": 9, "ste']) + "\n")
+
+
+def test_a_begun_run_is_estimated_from_its_own_checkpoint_and_steps(tmp_path):
+    prof = sc.PROFILES["claim3"]
+    unit = sc.Unit("train/r", "train", tmp_path / "r", lambda: {})
+    assert sc._estimate(unit, {}, prof) == prof.est["train"]  # not begun: the profile's figure
+    _begin(unit.folder, 516, 564, [9.0] + [1.2] * 60)  # median of the last 50 steps: 1.2 s
+    want = 1.1 * (48 * 1.2 + sc.TRAIN_TAIL_S)
+    assert sc._estimate(unit, {}, prof) == pytest.approx(want)
+    # A run logged before step_s existed falls back to the profile's figure.
+    (unit.folder / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    assert sc._estimate(unit, {}, prof) == prof.est["train"]
+
+
+def test_last_chunk_resumes_a_begun_run_whose_rest_fits_though_a_whole_run_would_not(
+    tmp_path, capsys
+):
+    """Session 14's loss: claim 3's first run was 48 steps from its end, the last chunk
+    compared the profile's 400 s for a whole run with its 380 s and let the run go."""
+    exp = _FakeExperiment(tmp_path)
+    exp.p = sc.dataclasses.replace(exp.p, save_every=5, est=exp.p.est | {"train": 1000.0})
+    _begin(tmp_path / "train_lr1", 3, 4, [0.01, 0.01, 0.01])
+    limit = 1.1 * (0.01 + sc.TRAIN_TAIL_S) + 5  # the rest fits; a whole run (1000 s) would not
+    sc.run_units(exp, limit, poll_s=0.02, new_training=False)
+    assert "train/lr1" in [name for ev, name in exp.log if ev == "start"]
+    assert "[wait] train/lr1" not in capsys.readouterr().out
+
+
 def test_lr_table_lists_the_finished_eps0_runs_in_lr_order(tmp_path):
     held = {"nll": 2.0, "accuracy": 0.5, "mean_confidence": 0.6, "overconfidence": 0.1}
     for lr, done in ((8e-5, True), (5e-6, True), (2e-5, False)):  # 2e-5: killed before its marker

@@ -35,8 +35,9 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(setup):
     out = Path(_cfg(setup, "ref").output)
     rows = _logged(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-    for key in ("loss", "lr", "tokens_per_s", "confidence", "accuracy", "entropy"):
+    for key in ("loss", "lr", "tokens_per_s", "step_s", "confidence", "accuracy", "entropy"):
         assert all(isinstance(r[key], float) for r in rows), key
+    assert all(r["step_s"] > 0 for r in rows)
     assert 0 < rows[-1]["confidence"] <= 1 and 0 <= rows[-1]["accuracy"] <= 1
     assert rows[-1]["loss"] < rows[0]["loss"]
 

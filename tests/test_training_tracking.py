@@ -24,6 +24,9 @@ from calibrated_lm.training import tracking as T
 from calibrated_lm.training.heldout_eval import ECE_BINS, EVAL_KEYS
 from calibrated_lm.training.loop import TrainConfig, train
 
+# A step's speed differs between a run and its resume; every other figure is exact.
+SPEED_KEYS = ("tokens_per_s", "step_s")
+
 HELD_OUT = [
     {"prompt": "Which planet is red?", "completion": "Mars is the red planet"},
     {"instruction": "Boiling point of water?", "output": "100 degrees"},
@@ -247,7 +250,7 @@ def test_wandb_gets_every_record_and_a_resume_continues_the_same_run(setup, fake
     assert last[3] == T.scalars(rows[2])  # the resumed run's step 3: metrics.jsonl's line
     for row in rows:
         # The redone step 3 logs the same figures (an exact resume) but its speed.
-        same = {k: v for k, v in first[row["step"]].items() if k != "tokens_per_s"}
+        same = {k: v for k, v in first[row["step"]].items() if k not in SPEED_KEYS}
         assert same == pytest.approx({k: v for k, v in T.scalars(row).items() if k in same})
         assert set(first[row["step"]]) == set(T.scalars(row))
     assert sum(c[0] == "finish" for c in fake_wandb) == 2  # closed on the exception too
@@ -372,7 +375,7 @@ def test_real_wandb_offline_logs_what_metrics_jsonl_logs_and_a_resume_keeps_the_
             assert values["_step"] == step
     (_, first, _), (_, second, _) = read
     # The killed run logged steps 1-3; the resumed one redoes step 3 (after the step-2
-    # checkpoint), so step 3 is in both logs, with the same figures but tokens_per_s (an exact
+    # checkpoint), so step 3 is in both logs, with the same figures but its speed (an exact
     # resume). Which copy `wandb sync` keeps is W&B's to decide (no server here to check).
     assert [s for s, _ in first] == [1, 2, 3] and [s for s, _ in second] == [3, 4]
     want = {r["step"]: T.scalars(r) for r in rows}
@@ -384,9 +387,10 @@ def test_real_wandb_offline_logs_what_metrics_jsonl_logs_and_a_resume_keeps_the_
         if step < 3:
             assert figures == want[step], step
         else:
-            del figures["tokens_per_s"]
+            for key in SPEED_KEYS:
+                del figures[key]
             assert figures == pytest.approx(
-                {k: v for k, v in want[step].items() if k != "tokens_per_s"}, rel=1e-6
+                {k: v for k, v in want[step].items() if k not in SPEED_KEYS}, rel=1e-6
             )
     assert {"eval_loss", "eval_ece"} <= set(want[2]) and "eval_loss" not in want[3]
 

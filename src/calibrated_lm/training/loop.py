@@ -603,6 +603,8 @@ def _step(run: _Run, step: int) -> tuple[dict[str, Any], StepOutcome]:
         "loss": totals["loss"] / denom,
         "lr": lr,
         "tokens_per_s": totals["inputs"] / elapsed,
+        # Wall seconds of this step: what a scheduler needs to tell how long a resume takes.
+        "step_s": round(elapsed, 4),
         "confidence": totals["confidence"] / denom,
         "accuracy": totals["accuracy"] / denom,
         "entropy": totals["entropy"] / denom,

@@ -12,7 +12,7 @@ Resuming: the loop truncates ``metrics.jsonl`` to the checkpointed step, so the 
 redoes are not duplicated there. TensorBoard is opened with ``purge_step`` at the first step
 to (re)do, which hides the events an interrupted run wrote after its checkpoint. W&B continues
 the same run (its id is kept in ``OUTPUT/tracking.json``); W&B ignores a step logged again
-(the redone steps of an exact resume carry the same values, up to ``tokens_per_s``).
+(the redone steps of an exact resume carry the same values, up to ``tokens_per_s`` and ``step_s``).
 Offline (``WANDB_MODE=offline``), each start writes an ``offline-run-*`` folder of its own in
 ``OUTPUT/wandb``, all with that run id and a resume asked for; ``wandb sync`` uploads them.
 
