@@ -32,14 +32,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import claims as C  # noqa: E402
-from common import COMMIT_FIELDS, read_json, slim_samples  # noqa: E402
+from common import read_json  # noqa: E402
 from control_report import (  # noqa: E402
     PRIMARY,
     SECONDARY,
-    _copy_records,
     _records,
     heldout_pair,
     probabilities,
+    save_evidence,
 )
 from restore_units import RESTORED  # noqa: E402
 from sft_calibration import CLAIM2_EPS, CLAIM2_SEEDS, SFTRun  # noqa: E402
@@ -136,20 +136,10 @@ def write_report(
     seeds: tuple[int, ...] = CLAIM2_SEEDS,
     claims_path: Path = C.CLAIMS,
 ) -> dict[str, Any]:
-    import gzip
-
     from calibrated_lm.calibration.paired import two_level_bootstrap
 
-    # The per-question evidence and the unit records travel with the results: the work folder
-    # is not kept (a device machine keeps nothing, and runs/ is not committed).
     # Units restored from the control (restore_units.py) are committed there already.
-    (results / "samples").mkdir(parents=True, exist_ok=True)
-    for p in sorted((work / "evals").glob("*")):
-        if (p / "done.json").exists() and not (p / RESTORED).exists():
-            (results / "samples" / f"{p.name}.jsonl.gz").write_bytes(
-                gzip.compress(slim_samples(p / "samples.jsonl", COMMIT_FIELDS), mtime=0)
-            )
-    _copy_records(work, results, skip=RESTORED)
+    save_evidence(work, results, skip=RESTORED)
     recs = {
         (e, s): _records(_eval_dir(work, e, s) / "samples.jsonl")
         for e in CLAIM2_EPS

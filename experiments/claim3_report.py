@@ -42,7 +42,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import claims as C  # noqa: E402
-from control_report import PRIMARY, _records, probabilities  # noqa: E402
+from control_report import PRIMARY, _records, probabilities, save_evidence  # noqa: E402
+from restore_units import RESTORED  # noqa: E402
 from sft_calibration import SFTRun  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -197,6 +198,38 @@ def effects(
     return out, missing
 
 
+def base_under_heads(work: Path, draws: int) -> dict[str, Any]:
+    """The base model scored through each restricted head against its full head, per primary
+    task (trained format, per-token): ``{f"V'={v}": {task: paired_bootstrap result}}`` for the
+    restricted heads evaluated so far, B = restricted, A = full. Keeping every answer token
+    (the amended protocol) means the head's cut can move only probabilities the tokens
+    outside it took, so these deltas say how much of each arm's starting point is the cut."""
+    from calibrated_lm.calibration.paired import paired_bootstrap
+
+    full = work / "evals" / "base__trained"
+    out: dict[str, Any] = {}
+    if not (full / "done.json").exists():
+        return out
+    frecs = _records(full / "samples.jsonl")
+    for v in (MIDDLE_V, SMALL_V):
+        folder = work / "evals" / f"base_V{v}__trained"
+        if not (folder / "done.json").exists():
+            continue
+        vrecs = _records(folder / "samples.jsonl")
+        entry: dict[str, Any] = {}
+        for task in PRIMARY:
+            if task not in frecs or task not in vrecs:
+                continue
+            keys = sorted(set(frecs[task]) & set(vrecs[task]))
+            pa, y = probabilities([frecs[task][k] for k in keys], NORM)
+            pb, _ = probabilities([vrecs[task][k] for k in keys], NORM)
+            res = paired_bootstrap(pa, pb, y, draws=draws, seed=0)
+            entry[task] = {m: res[m] for m in ("accuracy", "ece", "mean_confidence")}
+            entry[task]["n"] = len(keys)
+        out[f"V'={v}"] = entry
+    return out
+
+
 def contrast_verdict(ci: Sequence[float]) -> str:
     """Below 0: the predicted direction; above -NEGLIGIBLE: not it; else inconclusive."""
     lo, hi = ci
@@ -295,7 +328,11 @@ def write_report(
                 headline=test.startswith("primary"),
             )
         )
+    out["base_under_heads"] = base_under_heads(work, bootstrap)
     results.mkdir(parents=True, exist_ok=True)
+    # Claim 3's own units (the base's restricted-head evaluations and the claim-3 runs); the
+    # base's full-head units come from the control, committed there.
+    save_evidence(work, results, skip=RESTORED)
     (results / "results.json").write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
     (results / "tables.md").write_text(_tables(out), encoding="utf-8")
     if records:
@@ -327,6 +364,23 @@ def _tables(out: dict[str, Any]) -> str:
                 f"| {test} | {label} | {a['ece_eps0']:.3f} | {a['ece_eps']:.3f} | "
                 f"{a['D']:+.3f} {_ci(a['D_ci95'])} | {a['gap_eps0']:+.3f} {_ci(a['gap_ci95'])} |"
             )
+    base = out.get("base_under_heads") or {}
+    if base:
+        lines += [
+            "",
+            "## The base model through each restricted head (restricted minus full head)",
+            "",
+            "| head | task | n | acc full | d acc [95% CI] | ECE full | d ECE [95% CI] |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for head, tasks in base.items():
+            for task, r in tasks.items():
+                acc, ece = r["accuracy"], r["ece"]
+                lines.append(
+                    f"| {head} | {task} | {r['n']} | {acc['a']:.3f} | {acc['delta']:+.3f} "
+                    f"{_ci(acc['ci95'])} | {ece['a']:.3f} | {ece['delta']:+.3f} "
+                    f"{_ci(ece['ci95'])} |"
+                )
     lines += ["", "## Contrasts and verdicts", ""]
     for test, e in out["tests"].items():
         if e["verdict"] is None:

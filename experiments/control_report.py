@@ -118,15 +118,10 @@ def write_report(
     from calibrated_lm.calibration.paired import paired_bootstrap
 
     results.mkdir(parents=True, exist_ok=True)
-    (results / "samples").mkdir(exist_ok=True)
     evals = sorted(p for p in (work / "evals").glob("*") if (p / "done.json").exists())
     if not any(p.name.startswith("base__") for p in evals):
         raise SystemExit(f"error: {work} has no finished base evaluation")
-    for p in evals:  # the per-question evidence of every evaluated model
-        (results / "samples" / f"{p.name}.jsonl.gz").write_bytes(
-            gzip.compress(slim_samples(p / "samples.jsonl", COMMIT_FIELDS), mtime=0)
-        )
-    _copy_records(work, results)
+    save_evidence(work, results)  # the per-question evidence of every evaluated model
     base_held = read_json(work / "heldout_base" / "heldout.json")
     out: dict[str, Any] = {
         "criterion": "docs/issue12_plan.md (pre-registered)",
@@ -240,13 +235,14 @@ _RECORD_FILES = {
 
 def _copy_records(work: Path, results: Path, skip: str | None = None) -> None:
     """Copy the unit records of ``work`` into ``results/records`` (folders holding a file
-    named ``skip`` left out)."""
+    named ``skip`` left out, and unfinished units: a run the machine's return cut short
+    is no evidence, and its partial log would pass for a finished run's)."""
     import shutil
 
     for kind, names in _RECORD_FILES.items():
         folders = [work / kind] if kind == "heldout_base" else sorted((work / kind).glob("*"))
         for folder in folders:
-            if skip and (folder / skip).exists():
+            if (skip and (folder / skip).exists()) or not (folder / "done.json").exists():
                 continue
             for name in names:
                 src = folder / name
@@ -254,6 +250,22 @@ def _copy_records(work: Path, results: Path, skip: str | None = None) -> None:
                     rel = src.relative_to(work)
                     (results / "records" / rel).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(src, results / "records" / rel)
+
+
+def save_evidence(work: Path, results: Path, skip: str | None = None) -> None:
+    """Commit-sized evidence of ``work`` into ``results``: each finished evaluation's
+    per-question scores as ``samples/<unit>.jsonl.gz`` (the committed fields only) and the
+    unit records (:func:`_copy_records`). The work folder itself is not kept (a device machine
+    keeps nothing, and ``runs/`` is not committed), and the next session's staging restores
+    its finished units from these files. Folders holding a file named ``skip`` (units
+    restored from another results folder, committed there) are left out."""
+    (results / "samples").mkdir(parents=True, exist_ok=True)
+    for p in sorted((work / "evals").glob("*")):
+        if (p / "done.json").exists() and not (skip and (p / skip).exists()):
+            (results / "samples" / f"{p.name}.jsonl.gz").write_bytes(
+                gzip.compress(slim_samples(p / "samples.jsonl", COMMIT_FIELDS), mtime=0)
+            )
+    _copy_records(work, results, skip=skip)
 
 
 def _criterion(entry: dict[str, Any]) -> dict[str, Any]:

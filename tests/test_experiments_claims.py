@@ -220,6 +220,35 @@ def test_claim3_report_interaction_regime_check_and_missing_runs(tmp_path: Path)
     }
 
 
+def test_claim3_report_commits_its_own_finished_units_and_the_base_under_each_head(
+    tmp_path: Path,
+) -> None:
+    """The evidence the next session's staging restores from: claim 3's finished evaluations
+    (samples and records), never a unit restored from the control or a run cut short."""
+    import claim3_report as R3
+    from restore_units import RESTORED
+
+    rng = np.random.default_rng(0)
+    c3 = tmp_path / "c3"
+    _samples(c3 / "evals/base__trained/samples.jsonl", rng, 120, 1.0, tasks=R3.PRIMARY)
+    (c3 / "evals/base__trained" / RESTORED).write_text("{}")  # the control's, committed there
+    _samples(c3 / "evals/base_V24576__trained/samples.jsonl", rng, 120, 1.2, tasks=R3.PRIMARY)
+    cut = c3 / "runs/sft_lr8e-05_ep3_eps0_V24576_s1"  # begun, lost with the machine
+    cut.mkdir(parents=True)
+    (cut / "metrics.jsonl").write_text('{"step": 1}\n')
+    res = tmp_path / "res"
+    out = R3.write_report(c3, tmp_path / "c2", res, bootstrap=100, claims_path=tmp_path / "c.json")
+    assert sorted(p.name for p in (res / "samples").iterdir()) == ["base_V24576__trained.jsonl.gz"]
+    assert (res / "records/evals/base_V24576__trained/done.json").is_file()
+    assert not (res / "records/evals/base__trained").exists()
+    assert not (res / "records/runs").exists()
+    base = out["base_under_heads"]
+    assert list(base) == ["V'=24576"] and set(base["V'=24576"]) == set(R3.PRIMARY)
+    ece = base["V'=24576"]["arc_easy"]["ece"]  # sharper logits through the cut head
+    assert ece["delta"] == pytest.approx(ece["b"] - ece["a"]) and ece["delta"] != 0
+    assert "restricted minus full head" in (res / "tables.md").read_text()
+
+
 def test_claim3_report_refuses_a_verdict_when_primary_questions_were_left_out(
     tmp_path: Path,
 ) -> None:

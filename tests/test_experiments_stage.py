@@ -52,11 +52,11 @@ def test_claim2_restores_every_committed_run_and_trains_the_next_ones() -> None:
     restored = res.stdout.split("restored runs:")[1].splitlines()[0].split()
     assert set(restored) == done | {"sft_lr8e-05_ep3_eps0_s1"}
     pending = _first_pending(res.stdout)
-    assert pending and not set(pending) & set(restored)
+    assert not set(pending) & set(restored)
     # Run order: seed 1's eps 0.05, 0.1, 0.2, then seed 2's four, then seed 3's.
     order = [f"sft_lr8e-05_ep3_eps{e}_s{s}" for s in (1, 2, 3) for e in ("0", "0.05", "0.1", "0.2")]
     todo = [r for r in order if r not in restored]
-    assert pending == todo[: len(pending)]
+    assert pending == todo[: len(pending)] and bool(pending) == bool(todo)  # none once all ran
 
 
 def test_claim3_restores_the_control_base_and_starts_with_the_smallest_subset() -> None:
@@ -64,7 +64,12 @@ def test_claim3_restores_the_control_base_and_starts_with_the_smallest_subset() 
     assert res.returncode == 0, res.stderr
     # The script lists the units not done: the control's base evaluations were restored.
     assert not re.search(r"^eval/base/(trained|plain) ", res.stdout, re.M)
-    assert "eval/base_V24576/trained" in res.stdout  # the base under each subset is pending
+    # The base under each subset: restored once committed (session 14), pending before.
+    committed = ROOT / "experiments/results/sft_claim3/records/evals"
+    for v in (24576, 65536):
+        for fmt in ("trained", "plain"):
+            done = (committed / f"base_V{v}__{fmt}" / "done.json").is_file()
+            assert (f"eval/base_V{v}/{fmt} " in res.stdout) != done, (v, fmt)
     assert _first_pending(res.stdout)[:2] == [
         "sft_lr8e-05_ep3_eps0_V24576_s1",
         "sft_lr8e-05_ep3_eps0.1_V24576_s1",
