@@ -301,3 +301,24 @@ def test_min_block_rows_changes_blocks_not_results(small_blocks):
     assert chunking.grad_block_rows(61, 203, 24, 4, False, True) < 61  # several blocks at 0
     for a, c in zip(out[0], out[64]):
         assert rel(a, c) < 1e-6
+
+
+def test_the_side_stream_is_made_once_per_device(monkeypatch):
+    """A new CUDA stream per call kept one more cuBLAS workspace alive per call (engine.py):
+    the second stream must be made once per device and then reused."""
+    from calibrated_lm.loss import engine
+
+    made: list[int] = []
+
+    def fake_stream(index: int) -> object:
+        made.append(index)
+        return object()
+
+    monkeypatch.setattr(engine.torch.cuda, "Stream", fake_stream)
+    monkeypatch.setattr(engine, "_SIDE_STREAMS", {})
+    first = engine._side_stream(torch.device("cuda", 0))
+    assert engine._side_stream(torch.device("cuda", 0)) is first and made == [0]
+    assert engine._side_stream(torch.device("cuda", 1)) is not first and made == [0, 1]
+    assert engine._side_stream(torch.device("cpu")) is None
+    monkeypatch.setenv("CALIBRATED_LM_LCE_STREAMS", "0")
+    assert engine._side_stream(torch.device("cuda", 0)) is None

@@ -192,8 +192,23 @@ def forward_backward(
     return finalize(acc, idx, targets, vocab, cfg), Grads(grad_h, grad_w, grad_b)
 
 
+# One side stream per device, made once. torch keeps a cuBLAS workspace (32 MiB on Hopper) per
+# stream that a product ran on, for the life of the process, and ``torch.cuda.Stream()`` hands
+# out the next of a pool of 32 streams: a new stream per call left one more workspace behind at
+# every call, up to 1 GiB. That is what the H200 TRL step's memory record fits
+# (benchmarks/results/session14/): 0.25 GiB more allocated than TRL's before step 9 (eight
+# earlier steps' workspaces) and a new 32 MiB block at the side stream's first product in the
+# step; tests/test_loss_triton.py checks on a GPU that repeated calls no longer grow memory.
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
 def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
-    """A second CUDA stream, unless disabled (CALIBRATED_LM_LCE_STREAMS=0) or not on CUDA."""
+    """The device's second CUDA stream (the same one on every call), unless disabled
+    (CALIBRATED_LM_LCE_STREAMS=0) or not on CUDA."""
     if device.type != "cuda" or os.environ.get("CALIBRATED_LM_LCE_STREAMS", "1") == "0":
         return None
-    return torch.cuda.Stream(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _SIDE_STREAMS.get(index)
+    if stream is None:
+        stream = _SIDE_STREAMS[index] = torch.cuda.Stream(index)
+    return stream
