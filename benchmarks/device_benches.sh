@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/device_benches.sh stage [OUT_DIR=.carry/bench]   # here: the wheels
 #   bash benchmarks/device_benches.sh run [SECONDS=540]               # there, carry OUT_DIR
+#   bash benchmarks/device_benches.sh trl [SECONDS=200]               # there: issue 13's check
 #
 # `stage` downloads (no dependencies: the device image has the rest, see the device tool's
 # KINDS.md) TRL and what it needs beyond the image (datasets, dill, multiprocess for the
@@ -22,6 +23,14 @@
 # (8 files: as many as one call brings back.)
 set -u
 cmd=${1:-}
+# The carried wheels into $HOME/bench_site, and the environment the benchmarks run in.
+install() {
+    local carry=${CARRY:-.carry/bench} site=$HOME/bench_site
+    (cd "$carry" && sha256sum -c --quiet SHA256SUMS) || exit 3
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "$carry"/*.whl \
+        || exit 3
+    export PYTHONPATH="$site:$PWD/src" TQDM_MININTERVAL=15 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+}
 case "$cmd" in
 stage)
     out=${2:-.carry/bench}
@@ -33,14 +42,27 @@ stage)
     (cd "$out" && sha256sum -- *.whl >SHA256SUMS)
     du -sh "$out" && ls "$out"
     ;;
+trl)
+    # Issue 13's memory check alone (session 14's predictions, benchmarks/results/session14/):
+    # the GPU test that repeated loss calls do not grow memory, then the TRL step without
+    # trl_ls, with the memory record. 6 files under $OUT; ~100 s on a warm machine.
+    limit=${2:-200}
+    install
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+    python3 -m pytest -q -p no:cacheprovider tests/test_loss_triton.py -k repeated_calls \
+        >"$OUT/stream_test.txt" 2>&1
+    tail -n 1 "$OUT/stream_test.txt"
+    prof=$(mktemp -d)
+    timeout "$limit" python3 benchmarks/bench_trl_step.py --profile "$prof" --memory "$prof" \
+        --variants trl_nll,calibrated,calibrated_rows512 \
+        --out "$OUT/trl_step_h200.md" --json "$OUT/trl_step_h200.json" >"$OUT/trl_step_log.txt" 2>&1
+    echo "bench_trl_step: exit $?"
+    cat "$prof"/trl_step_memory_*.txt "$prof"/trl_step_profile_*.txt >"$OUT/trl_step_profiles.txt" 2>/dev/null
+    tail -n 4 "$OUT/trl_step_log.txt"
+    ;;
 run)
     limit=${2:-540}
-    carry=${CARRY:-.carry/bench}
-    site=$HOME/bench_site
-    (cd "$carry" && sha256sum -c --quiet SHA256SUMS) || exit 3
-    python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "$carry"/*.whl \
-        || exit 3
-    export PYTHONPATH="$site:$PWD/src" TQDM_MININTERVAL=15 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+    install
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
     # datasets 5.2 wants pyarrow >= 24 and fsspec <= 2026.9: the image's versions, on record.
     python3 -m pip show pyarrow fsspec 2>/dev/null | grep -E '^(Name|Version)' | tee -a "$OUT/gpu.txt"
@@ -64,7 +86,7 @@ run)
     tail -n 3 "$OUT/trl_step_log.txt" "$OUT/loss_log.txt"
     ;;
 *)
-    echo "usage: device_benches.sh stage [OUT_DIR] | run [SECONDS]" >&2
+    echo "usage: device_benches.sh stage [OUT_DIR] | run [SECONDS] | trl [SECONDS]" >&2
     exit 2
     ;;
 esac
