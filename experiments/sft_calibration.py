@@ -1047,9 +1047,16 @@ def run_units(
                 # A checkpointed training run may start when it cannot finish: the chunk's
                 # timeout stops it and the next chunk resumes from its last checkpoint.
                 # Not in a session's last chunk: a resume stopped there is lost with the
-                # machine (bundles carry no checkpoints), so it must fit whole (est is the
-                # time of a run's last chunk, what a resume takes).
+                # machine (bundles carry no checkpoints), so it must fit whole (est is what
+                # is left of the run), and so must the units that need its weights (its
+                # evaluations), which go with the machine too.
                 chunkable = u.kind == "train" and exp.p.save_every > 0 and new_training
+                if u.kind == "train" and not new_training:
+                    est += sum(
+                        _estimate(e, timed, exp.p)
+                        for e in units
+                        if u.name in e.needs and not e.done()
+                    )
                 if not clock.fits(min(est, MIN_TRAIN_START_S) if chunkable else est):
                     # A shorter unit further down (a training run rather than an evaluation)
                     # may still fit the time left.

@@ -3,6 +3,7 @@ paired differences. No model is loaded."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -317,6 +318,25 @@ def test_last_chunk_resumes_a_begun_run_whose_rest_fits_though_a_whole_run_would
     sc.run_units(exp, limit, poll_s=0.02, new_training=False)
     assert "train/lr1" in [name for ev, name in exp.log if ev == "start"]
     assert "[wait] train/lr1" not in capsys.readouterr().out
+
+
+def test_last_chunk_resumes_a_begun_run_only_if_its_evaluations_fit_too(tmp_path, capsys):
+    """The weights of a run finished in the last chunk go with the machine: a resume whose
+    evaluations cannot follow it in the time left would be device time for nothing."""
+
+    class WithEval(_FakeExperiment):
+        def units(self):
+            units = super().units()
+            ev = sc.Unit("eval/lr1", "eval", self.work / "eval_lr1", self._action("eval/lr1"))
+            return [*units, dataclasses.replace(ev, needs=("train/lr1",))]
+
+    exp = WithEval(tmp_path)  # evaluations estimated at 1000 s
+    exp.p = sc.dataclasses.replace(exp.p, save_every=5)
+    _begin(tmp_path / "train_lr1", 3, 4, [0.01, 0.01, 0.01])
+    limit = 1.1 * (0.01 + sc.TRAIN_TAIL_S) + 5  # the rest of the run alone would fit
+    sc.run_units(exp, limit, poll_s=0.02, new_training=False)
+    assert "train/lr1" not in [name for ev, name in exp.log if ev == "start"]
+    assert "[wait] train/lr1" in capsys.readouterr().out
 
 
 def test_lr_table_lists_the_finished_eps0_runs_in_lr_order(tmp_path):
