@@ -24,7 +24,7 @@
 set -u
 cmd=${1:-}
 # The carried wheels into $HOME/bench_site, and the environment the benchmarks run in.
-install() {
+install_wheels() {
     local carry=${CARRY:-.carry/bench} site=$HOME/bench_site
     (cd "$carry" && sha256sum -c --quiet SHA256SUMS) || exit 3
     python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "$carry"/*.whl \
@@ -47,22 +47,26 @@ trl)
     # the GPU test that repeated loss calls do not grow memory, then the TRL step without
     # trl_ls, with the memory record. 6 files under $OUT; ~100 s on a warm machine.
     limit=${2:-200}
-    install
+    install_wheels
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-    python3 -m pytest -q -p no:cacheprovider tests/test_loss_triton.py -k repeated_calls \
-        >"$OUT/stream_test.txt" 2>&1
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_loss_triton.py \
+        -k repeated_calls >"$OUT/stream_test.txt" 2>&1
+    test_rc=$?
     tail -n 1 "$OUT/stream_test.txt"
     prof=$(mktemp -d)
     timeout "$limit" python3 benchmarks/bench_trl_step.py --profile "$prof" --memory "$prof" \
         --variants trl_nll,calibrated,calibrated_rows512 \
         --out "$OUT/trl_step_h200.md" --json "$OUT/trl_step_h200.json" >"$OUT/trl_step_log.txt" 2>&1
-    echo "bench_trl_step: exit $?"
+    bench_rc=$?
+    echo "bench_trl_step: exit $bench_rc"
     cat "$prof"/trl_step_memory_*.txt "$prof"/trl_step_profile_*.txt >"$OUT/trl_step_profiles.txt" 2>/dev/null
     tail -n 4 "$OUT/trl_step_log.txt"
+    # Non-zero when the test or the benchmark failed (the files above are kept either way).
+    [ "$test_rc" = 0 ] && [ "$bench_rc" = 0 ]
     ;;
 run)
     limit=${2:-540}
-    install
+    install_wheels
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
     # datasets 5.2 wants pyarrow >= 24 and fsspec <= 2026.9: the image's versions, on record.
     python3 -m pip show pyarrow fsspec 2>/dev/null | grep -E '^(Name|Version)' | tee -a "$OUT/gpu.txt"

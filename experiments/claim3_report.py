@@ -221,6 +221,8 @@ def base_under_heads(work: Path, draws: int) -> dict[str, Any]:
             if task not in frecs or task not in vrecs:
                 continue
             keys = sorted(set(frecs[task]) & set(vrecs[task]))
+            if not keys:  # no question scored under both heads: nothing to pair
+                continue
             pa, y = probabilities([frecs[task][k] for k in keys], NORM)
             pb, _ = probabilities([vrecs[task][k] for k in keys], NORM)
             res = paired_bootstrap(pa, pb, y, draws=draws, seed=0)

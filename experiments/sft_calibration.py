@@ -863,10 +863,11 @@ TRAIN_TAIL_S = 130.0
 def _resume_estimate(unit: Unit) -> float | None:
     """Seconds a begun training unit needs to finish, or None where its files do not say.
 
-    ``1.1 * ((total_steps - step) * median(step_s) + TRAIN_TAIL_S)``: ``step`` and
-    ``total_steps`` from its latest checkpoint's state, ``step_s`` over the last 50 steps of
-    its own ``metrics.jsonl`` (so the estimate carries the speed of the GPU share it ran on).
-    A run logged before ``step_s`` was recorded gives None.
+    ``1.1 * ((total_steps - step) * q90(step_s) + TRAIN_TAIL_S)``: ``step`` and
+    ``total_steps`` from its latest checkpoint's state, ``q90`` the 90th percentile of the
+    step times in its own ``metrics.jsonl``. A high quantile rather than the median: a run
+    logged while the other worker sat idle (~1.0 s a step in session 14) resumes beside a
+    training one (~1.6 s). A run logged before ``step_s`` was recorded gives None.
     """
     import statistics
 
@@ -892,17 +893,18 @@ def _resume_estimate(unit: Unit) -> float | None:
             times.append(float(rec["step_s"]))
     if not times:
         return None
-    return 1.1 * (max(total - step, 0) * statistics.median(times[-50:]) + TRAIN_TAIL_S)
+    q90 = statistics.quantiles(times, n=10)[-1] if len(times) > 1 else times[0]
+    return 1.1 * (max(total - step, 0) * q90 + TRAIN_TAIL_S)
 
 
 def _estimate(unit: Unit, timed: dict[str, list[float]], profile: Profile) -> float:
     # A begun run needs what is left of it, which its own checkpoint and log tell: the
     # profile's whole-run figure made a session's last chunk pass over a run 48 steps from
-    # its end (session 14, claim 3).
-    if unit.kind == "train" and not unit.done():
-        left = _resume_estimate(unit)
-        if left is not None:
-            return left
+    # its end (session 14, claim 3). Otherwise the profile's whole-run figure, never past
+    # runs' timings: a training unit's unit_s is only its last chunk's time.
+    if unit.kind == "train":
+        left = None if unit.done() else _resume_estimate(unit)
+        return left if left is not None else float(profile.est.get("train", 60))
     key = _timing_key(unit)
     # Scored like a trained-format unit (the same tasks and template), so timed like one.
     like = key.replace(APPLIED, "trained") if key.endswith(APPLIED) else key

@@ -298,12 +298,15 @@ def test_a_begun_run_is_estimated_from_its_own_checkpoint_and_steps(tmp_path):
     prof = sc.PROFILES["claim3"]
     unit = sc.Unit("train/r", "train", tmp_path / "r", lambda: {})
     assert sc._estimate(unit, {}, prof) == prof.est["train"]  # not begun: the profile's figure
-    _begin(unit.folder, 516, 564, [9.0] + [1.2] * 60)  # median of the last 50 steps: 1.2 s
-    want = 1.1 * (48 * 1.2 + sc.TRAIN_TAIL_S)
+    # 80 steps beside an idle worker, 20 beside a training one: the 90th percentile (1.6 s)
+    _begin(unit.folder, 516, 564, [1.0] * 80 + [1.6] * 20)
+    want = 1.1 * (48 * 1.6 + sc.TRAIN_TAIL_S)
     assert sc._estimate(unit, {}, prof) == pytest.approx(want)
+    # Finished runs' timings never stand in for a training unit (their unit_s is one chunk).
+    assert sc._estimate(unit, {"train": [90.0]}, prof) == pytest.approx(want)
     # A run logged before step_s existed falls back to the profile's figure.
     (unit.folder / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
-    assert sc._estimate(unit, {}, prof) == prof.est["train"]
+    assert sc._estimate(unit, {"train": [90.0]}, prof) == prof.est["train"]
 
 
 def test_last_chunk_resumes_a_begun_run_whose_rest_fits_though_a_whole_run_would_not(

@@ -199,6 +199,9 @@ def forward_backward(
 # (benchmarks/results/session14/): 0.25 GiB more allocated than TRL's before step 9 (eight
 # earlier steps' workspaces) and a new 32 MiB block at the side stream's first product in the
 # step; tests/test_loss_triton.py checks on a GPU that repeated calls no longer grow memory.
+# Every call on a device shares this stream (each call orders it against its own current
+# stream at the start and end), so a thread capturing a CUDA graph on that device must not
+# run beside another thread's loss calls; CALIBRATED_LM_LCE_STREAMS=0 turns the stream off.
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
