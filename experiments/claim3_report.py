@@ -21,8 +21,9 @@ tasks averaged draw by draw; ECE is the metric.
   ``-NEGLIGIBLE``, inconclusive otherwise.
 
 A comparison with any of its runs missing is listed with what is missing and gets no verdict.
-Writes ``--results``/``results.json`` and ``tables.md`` and the claim-3 records of
-``experiments/results/claims.json``.
+Writes ``--results``/``results.json``, ``tables.md``, ``claim3_effects.png`` (each arm's D
+with its interval, once an arm has its runs), the evidence of claim 3's own finished units
+(``samples/``, ``records/``) and the claim-3 records of ``experiments/results/claims.json``.
 
     python experiments/claim3_report.py --work runs/claim3 --claim2-work runs/claim2 \\
         [--results experiments/results/sft_claim3] [--bootstrap 1000]
@@ -337,9 +338,52 @@ def write_report(
     save_evidence(work, results, skip=RESTORED)
     (results / "results.json").write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
     (results / "tables.md").write_text(_tables(out), encoding="utf-8")
+    _figure(out, results)  # after the tables: a figure cannot cost them
     if records:
         C.update(records, source="claim3", path=claims_path)
     return out
+
+
+def _figure(out: dict[str, Any], results: Path) -> Path | None:
+    """``claim3_effects.png``: each arm's D (ECE eps 0.1 - eps 0, primary mean) with its 95%
+    interval, the vocabulary arms by falling V' then the remedies; None while no arm has
+    its runs. The prediction reads off it: D falls (more negative) as V' shrinks, and a
+    remedy's D lies below D(262,144)."""
+    arms: dict[str, dict[str, Any]] = {}
+    for e in out["tests"].values():
+        for label, a in e["arms"].items():
+            if "D" in a:
+                arms.setdefault(label, a)
+    if not arms:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from calibrated_lm import durable
+
+    vocab = [f"V'={v}" for v in (FULL_V, MIDDLE_V, SMALL_V)]
+    order = [lbl for lbl in vocab if lbl in arms] + sorted(set(arms) - set(vocab))
+    fig, ax = plt.subplots(figsize=(1.2 * len(order) + 2.5, 3.6))
+    for i, label in enumerate(order):
+        a = arms[label]
+        lo, hi = a["D_ci95"]
+        # Clipped at 0: a percentile interval need not contain the point estimate.
+        err = [[max(a["D"] - lo, 0.0)], [max(hi - a["D"], 0.0)]]
+        color = "C0" if label in vocab else "C2"
+        ax.errorbar([i], [a["D"]], yerr=err, fmt="o", color=color, capsize=4)
+    ax.axhline(0, color="0.3", lw=0.8)
+    if f"V'={FULL_V}" in arms:
+        ax.axhline(arms[f"V'={FULL_V}"]["D"], color="C0", ls=":", lw=0.9)
+    ax.set_xticks(range(len(order)), [lbl.replace(", ", "\n") for lbl in order], fontsize=8)
+    ax.set_ylabel("D = ECE(eps 0.1) - ECE(eps 0)")
+    ax.set_title("Claim 3: the smoothing effect per arm (primary mean, 95% CI)", fontsize=9)
+    fig.tight_layout()
+    path = results / "claim3_effects.png"
+    durable.save_figure(fig, path, dpi=130)
+    plt.close(fig)
+    return path
 
 
 def _ci(ci: Sequence[float]) -> str:

@@ -213,6 +213,8 @@ def test_claim3_report_interaction_regime_check_and_missing_runs(tmp_path: Path)
     assert remedy["verdict"] is None and "T 0.5, as saved eps 0.1 seed 1" in remedy["missing"]
     text = (tmp_path / "res/tables.md").read_text()
     assert "**reproduced**" in text and "no verdict; missing" in text
+    png = (tmp_path / "res/claim3_effects.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
     recs = [r for r in json.loads(claims.read_text()) if r["claim"] == "3"]
     assert {r["setting"] for r in recs} == {
         "primary: I = D(24,576) - D(262,144)",
@@ -247,6 +249,7 @@ def test_claim3_report_commits_its_own_finished_units_and_the_base_under_each_he
     ece = base["V'=24576"]["arc_easy"]["ece"]  # sharper logits through the cut head
     assert ece["delta"] == pytest.approx(ece["b"] - ece["a"]) and ece["delta"] != 0
     assert "restricted minus full head" in (res / "tables.md").read_text()
+    assert not (res / "claim3_effects.png").exists()  # no arm has its runs yet
 
 
 def test_claim3_report_refuses_a_verdict_when_primary_questions_were_left_out(
