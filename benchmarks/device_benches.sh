@@ -5,6 +5,7 @@
 #   bash benchmarks/device_benches.sh stage [OUT_DIR=.carry/bench]   # here: the wheels
 #   bash benchmarks/device_benches.sh run [SECONDS=540]               # there, carry OUT_DIR
 #   bash benchmarks/device_benches.sh trl [SECONDS=200]               # there: issue 13's check
+#   bash benchmarks/device_benches.sh eval [SECONDS=300]              # there: issue 15's eval
 #
 # `stage` downloads (no dependencies: the device image has the rest, see the device tool's
 # KINDS.md) TRL and what it needs beyond the image (datasets, dill, multiprocess for the
@@ -39,6 +40,14 @@ stage)
     "${pip[@]}" trl==1.16.0 datasets==5.2.0 dill==0.4.1 liger-kernel==0.8.5 \
         cut-cross-entropy==25.1.1 || exit 3
     "${pip[@]}" --only-binary=:all: --python-version 3.12 multiprocess==0.70.19 || exit 3
+    # lm-evaluation-harness 0.4.13 and what it needs beyond the image (all pure Python; the
+    # three sdists built into wheels here), for `eval`.
+    "${pip[@]}" lm-eval==0.4.13 evaluate==0.4.6 pytablewriter==1.2.1 dataproperty==1.1.1 \
+        mbstrdecoder==1.1.5 pathvalidate==3.3.1 tabledata==1.3.5 tcolorpy==0.1.7 typepy==1.3.5 \
+        chardet==6.0.0.post1 more-itertools==11.2.1 nltk==3.10.4 || exit 3
+    .venv/bin/python -m pip wheel -q --no-deps -w "$out" sqlitedict==2.1.0 word2number==1.1 \
+        rouge-score==0.1.2 || exit 3
+    rm -f "$out"/*.tar.gz "$out"/*.zip
     (cd "$out" && sha256sum -- *.whl >SHA256SUMS)
     du -sh "$out" && ls "$out"
     ;;
@@ -63,6 +72,20 @@ trl)
     tail -n 4 "$OUT/trl_step_log.txt"
     # Non-zero when the test or the benchmark failed (the files above are kept either way).
     [ "$test_rc" = 0 ] && [ "$bench_rc" = 0 ]
+    ;;
+eval)
+    # Issue 15, goal 2: all of HellaSwag validation, lm-eval's HF backend (batch auto) and
+    # `calibrated-lm eval`, bf16, on the model and task data a claim session's
+    # `sft_device.sh prep` left in $HOME (sft_site, clm_cache). 2 files under $OUT.
+    limit=${2:-300}
+    install_wheels
+    export PYTHONPATH="$HOME/sft_site:$PYTHONPATH" CALIBRATED_LM_CACHE="$HOME/clm_cache"
+    timeout "$limit" python3 benchmarks/bench_eval_vs_lm_eval.py --lm-eval-path "$HOME/bench_site" \
+        --task hellaswag --limit 0 --device cuda --dtype bfloat16 --batch-size auto \
+        --model gemma-3-270m --out "$OUT/eval_hellaswag_h200.md" >"$OUT/eval_log.txt" 2>&1
+    rc=$?
+    tail -n 12 "$OUT/eval_log.txt"
+    exit $rc
     ;;
 run)
     limit=${2:-540}
@@ -90,7 +113,7 @@ run)
     tail -n 3 "$OUT/trl_step_log.txt" "$OUT/loss_log.txt"
     ;;
 *)
-    echo "usage: device_benches.sh stage [OUT_DIR] | run [SECONDS] | trl [SECONDS]" >&2
+    echo "usage: device_benches.sh stage [OUT_DIR] | run [SECONDS] | trl [SECONDS] | eval [SECONDS]" >&2
     exit 2
     ;;
 esac
