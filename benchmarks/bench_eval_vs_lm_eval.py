@@ -29,38 +29,30 @@ import tempfile
 import time
 from pathlib import Path
 
-# The local copy of each lm-eval task: its prompt and choices as lm-eval 0.4.13 writes them.
-TASK_YAMLS = {
-    "arc_easy": """task: arc_easy_local
+# The local copy of each lm-eval task: lm-eval 0.4.13's prompt and choices, our Arrow file.
+_LOCAL_TASK = """task: {task}_local
 dataset_path: arrow
 dataset_kwargs:
   data_files:
-    validation: {arrow}
+    validation: {{arrow}}
 output_type: multiple_choice
 validation_split: validation
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_target: "{{{{choices.label.index(answerKey)}}}}"
-doc_to_choice: "{{{{choices.text}}}}"
 metric_list:
   - metric: acc
     aggregation: mean
     higher_is_better: true
+"""
+TASK_YAMLS = {
+    "arc_easy": _LOCAL_TASK.format(task="arc_easy")
+    + """doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{choices.label.index(answerKey)}}}}"
+doc_to_choice: "{{{{choices.text}}}}"
 """,
-    "hellaswag": """task: hellaswag_local
-dataset_path: arrow
-dataset_kwargs:
-  data_files:
-    validation: {arrow}
-output_type: multiple_choice
-validation_split: validation
-process_docs: !function utils.process_docs
+    "hellaswag": _LOCAL_TASK.format(task="hellaswag")
+    + """process_docs: !function utils.process_docs
 doc_to_text: "{{{{query}}}}"
 doc_to_target: "{{{{label}}}}"
 doc_to_choice: "choices"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
 """,
 }
 # lm-eval's own preprocessing, imported (not copied) next to the YAML that names it.
