@@ -219,3 +219,83 @@ def test_on_the_gpu_the_overlapped_batches_score_as_on_the_cpu(tiny, pack, batch
     for item, scores in zip(items, gpu):
         for (c, k), s in zip(enc.encode_pairs(item.requests), scores):
             assert s == pytest.approx(_oracle(model, c, k), abs=1e-4)
+
+
+def _head_inputs(head) -> tuple[list[tuple[int, ...]], object]:
+    """The shapes of every input the output layer ``head`` receives, and the hook's handle."""
+    shapes: list[tuple[int, ...]] = []
+    handle = head.register_forward_hook(lambda mod, args, out: shapes.append(tuple(args[0].shape)))
+    return shapes, handle
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_the_output_layer_sees_only_the_distinct_target_positions(tiny, pack: bool) -> None:
+    model, tok = tiny
+    enc = _encoder(tok)
+    items = _items()
+    encoded = [enc.encode_pairs(i.requests) for i in items]
+    rows = plan_rows(encoded, 512, pack=pack)
+    distinct = {(id(r), p) for r in rows for _, pos, _ in r.targets for p in pos}
+    targets = sum(len(c) for _, pos, c in (t for r in rows for t in r.targets))
+    assert len(distinct) < targets  # shared positions exist: a letter row, a packed context
+    shapes, handle = _head_inputs(model.get_output_embeddings())
+    try:
+        got = score_items(model, enc, items, batch_size=64, max_len=512, pack=pack)
+    finally:
+        handle.remove()
+    assert shapes == [(1, len(distinct), model.config.hidden_size)]
+    for item, scores in zip(items, got):
+        for (c, k), s in zip(enc.encode_pairs(item.requests), scores):
+            assert s == pytest.approx(_oracle(model, c, k), abs=2e-5)
+
+
+def test_without_a_known_output_layer_the_full_logits_are_read(tiny, monkeypatch) -> None:
+    """A model whose output layer cannot be found (or is bypassed) scores as before."""
+    model, tok = tiny
+    enc = _encoder(tok)
+    items = _items()
+    gathered = score_items(model, enc, items, batch_size=3, max_len=512, pack=True)
+    monkeypatch.setattr(model, "get_output_embeddings", lambda: None)
+    shapes, handle = _head_inputs(model.lm_head)
+    try:
+        full = score_items(model, enc, items, batch_size=3, max_len=512, pack=True)
+    finally:
+        handle.remove()
+    assert shapes and all(s[0] > 1 for s in shapes)  # whole (B, keep, D) batches
+    for a, b in zip(gathered, full):
+        assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_a_final_logit_softcap_applies_to_the_gathered_rows(tiny) -> None:
+    """Gemma 2 caps the logits after its output layer, in its own forward: the gathered rows
+    go through it too (the oracle reads the model's own full logits)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    _, tok = tiny
+    torch.manual_seed(0)
+    cfg = Gemma2Config(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=512,
+        final_logit_softcapping=2.0,  # small, so the cap changes every score
+        attn_implementation="eager",
+    )
+    model = Gemma2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40)  # logits well past the cap
+    enc = _encoder(tok)
+    items = _items()
+    shapes, handle = _head_inputs(model.get_output_embeddings())
+    try:
+        got = score_items(model, enc, items, batch_size=64, max_len=512, pack=True)
+    finally:
+        handle.remove()
+    assert len(shapes) == 1 and shapes[0][0] == 1
+    for item, scores in zip(items, got):
+        for (c, k), s in zip(enc.encode_pairs(item.requests), scores):
+            assert s == pytest.approx(_oracle(model, c, k), abs=2e-5)

@@ -23,7 +23,8 @@ Two things make it fast without changing any score:
   answers thus cost one forward pass;
 * rows are sorted by length and right-padded; causal attention never lets a real position see
   the padding that follows it, and only the positions that predict continuation tokens go
-  through the output layer (``logits_to_keep``).
+  through the output layer: ``logits_to_keep`` cuts the rows' heads off, and a pre-hook on
+  the output layer (:class:`_HeadGather`) hands it the distinct target positions alone.
 """
 
 from __future__ import annotations
@@ -289,6 +290,82 @@ def _target_logprobs_on_device(
     return torch.cat(out).double()
 
 
+def _output_layer(model: Any) -> Any:
+    """The module that maps hidden states to logits (``get_output_embeddings()``), or None."""
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+class _HeadGather:
+    """While active, the output layer sees only the hidden states at the target positions.
+
+    The model's forward hands its output layer ``(B, keep, D)`` hidden states (``keep`` =
+    ``logits_to_keep``); a forward pre-hook replaces them with ``(1, U, D)``, the U distinct
+    positions that some target reads (``flat`` = ``b * keep + p`` per target), so the head's
+    product and whatever the forward does to the logits afterwards (Gemma's final softcap,
+    any elementwise scaling) run on U rows instead of ``B * keep``. The logits of every
+    kept row are the model's own: the same function of the same hidden state. ``inverse[i]``
+    is target i's row among the U. Anything unexpected (no output layer, another input
+    shape, the layer called twice, logits not ``(1, U, V)``) leaves the forward as it was
+    and :meth:`applied` says so, so the caller reads the full logits instead.
+
+    Why: a packed batch keeps every position from its earliest target to its end, most of
+    them context or padding of the other rows; at a 262K vocabulary the head over those rows
+    costs more than the model body (``benchmarks/results/scoring_cpu_head_gather_*.md``).
+    """
+
+    def __init__(self, head: Any, flat: Any, rows: int, keep: int) -> None:
+        import torch
+
+        self.head, self.rows, self.keep = head, rows, keep
+        self.unique, self.inverse = torch.unique(flat, return_inverse=True)
+        self.calls = 0
+        self.gathered = False
+        self._handle: Any = None
+
+    def _hook(self, module: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        self.calls += 1
+        hidden = args[0] if args else None
+        shape = getattr(hidden, "shape", None)
+        if self.calls > 1 or shape is None or tuple(shape[:2]) != (self.rows, self.keep):
+            return None
+        if len(shape) != 3:
+            return None
+        self.gathered = True
+        rows = hidden[self.unique // self.keep, self.unique % self.keep]
+        return (rows[None], *args[1:])
+
+    def __enter__(self) -> _HeadGather:
+        if self.head is not None and hasattr(self.head, "register_forward_pre_hook"):
+            self._handle = self.head.register_forward_pre_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+
+    def applied(self, logits: Any) -> bool:
+        """Whether ``logits`` are the (1, U, V) rows of the gathered positions."""
+        if not self.gathered:
+            return False
+        if self.calls > 1:
+            raise RuntimeError(
+                "the model called its output layer more than once in one forward; scoring "
+                "gathers the target positions before that layer and cannot do so here"
+            )
+        shape = tuple(logits.shape)
+        if len(shape) != 3 or shape[:2] != (1, self.unique.numel()):
+            raise RuntimeError(
+                f"the output layer took {self.unique.numel()} gathered rows but the model "
+                f"returned logits of shape {shape}; its forward changes the logits' layout "
+                "after the output layer, which scoring does not support"
+            )
+        return True
+
+
 def supports_packing(model: Any) -> bool:
     """Packed rows need a custom 4D mask: fine for eager and SDPA attention, not for kernels
     that only know causal/padding masks. Sliding-window layers would ignore their window under a
@@ -316,6 +393,7 @@ def score_rows(
 
     param = next(model.parameters())
     device = param.device
+    head = _output_layer(model)
     kept = index_map = None
     if transform is not None and transform.is_identity:
         transform = None
@@ -376,11 +454,17 @@ def score_rows(
         if index_map is not None:
             t_idx = index_map[t_idx]  # V -> V' (check_in_subset has ruled out -1)
         with torch.inference_mode():
-            out = model(input_ids=to_device(ids), logits_to_keep=keep, **kwargs)
-            values = _target_logprobs_on_device(
-                out.logits[:, -keep:, :], b_idx, p_idx, t_idx, kept, transform
-            )
-            del out  # the logits: only the gathered values outlive the batch
+            gather = _HeadGather(head, b_idx * keep + p_idx, len(batch), keep)
+            with gather:
+                out = model(input_ids=to_device(ids), logits_to_keep=keep, **kwargs)
+            if gather.applied(out.logits):
+                # (1, U, V): one row per distinct target position, in gather.inverse's order.
+                b_idx, p_idx = torch.zeros_like(gather.inverse), gather.inverse
+                logits = out.logits
+            else:
+                logits = out.logits[:, -keep:, :]
+            values = _target_logprobs_on_device(logits, b_idx, p_idx, t_idx, kept, transform)
+            del out, logits  # only the gathered values outlive the batch
         if pending is not None:
             settle(*pending)
         pending = (owners, values)
