@@ -82,3 +82,33 @@ def test_on_first_batch_gets_the_phases_once_when_the_first_window_is_on_disk(
     calls.clear()
     run_eval(cfg)  # resumed: nothing scored, no first batch
     assert calls == []
+
+
+def test_windows_start_small_then_double_up_to_the_window_size() -> None:
+    from calibrated_lm.evaluation.runner import window_bounds
+
+    assert window_bounds(0, 512) == []
+    assert [e - s for s, e in window_bounds(2000, 512)] == [32, 64, 128, 256, 512, 512, 496]
+    assert [e - s for s, e in window_bounds(20, 16)] == [1, 2, 4, 8, 5]
+    assert window_bounds(3, 1) == [(0, 1), (1, 2), (2, 3)]
+    for n, w in ((2000, 512), (7, 16), (1, 4)):
+        bounds = window_bounds(n, w)
+        assert bounds[0][0] == 0 and bounds[-1][1] == n  # every question, once, in order
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+        assert max(e - s for s, e in bounds) <= w
+
+
+def test_the_first_window_on_disk_holds_the_first_ramp_step(tmp_path: Path) -> None:
+    model = build_tiny_lm(tmp_path / "model")
+    task = _task(tmp_path / "t.jsonl")
+    out = tmp_path / "out"
+    lines: list[int] = []
+
+    def hook(phases: dict) -> None:
+        lines.append((out / "samples.jsonl").read_text().count("\n"))
+
+    # batch 2: windows of max(16, 4) = 16 questions, so the first holds one question.
+    cfg = EvalConfig(model=str(model), tasks=[str(task)], output=out, bootstrap=0,
+                     progress=False, batch_size="2", device="cpu", on_first_batch=hook)  # fmt: skip
+    run_eval(cfg)
+    assert lines == [1]

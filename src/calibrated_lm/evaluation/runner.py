@@ -187,6 +187,25 @@ def _batch_plan(batch_size: str | int, device: str) -> tuple[int, int | None, in
     return n, None, max(16, 2 * n), False
 
 
+def window_bounds(n: int, window_n: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of each window of ``n`` questions: the first ``max(1, window_n // 16)``
+    questions, then twice as many each time, up to ``window_n`` a window.
+
+    Each window is scored, then written to the journal. Questions run longest first, so a
+    full first window would hold the longest ones. The ramp puts the first results on disk
+    within a few of them (on the GPU about one batch, on the CPU one question), so progress
+    start early and a rerun resumes from there. Only the first ~window_n questions go in
+    smaller pieces.
+    """
+    bounds: list[tuple[int, int]] = []
+    size, start = max(1, window_n // 16), 0
+    while start < n:
+        end = min(n, start + size)
+        bounds.append((start, end))
+        start, size = end, min(window_n, 2 * size)
+    return bounds
+
+
 def _is_oom(exc: BaseException) -> bool:
     import torch
 
@@ -947,8 +966,8 @@ def _run_locked(
         for path, mine in work:
             target = D.rank_file(path, info.rank) if info.world > 1 else path
             with SamplesWriter(target) as writer:
-                for start in range(0, len(mine), window_n):
-                    window = mine[start : start + window_n]
+                for start, end in window_bounds(len(mine), window_n):
+                    window = mine[start:end]
                     counts: list[list[int]] = []
                     scores = _score_with_backoff(
                         model,
