@@ -48,7 +48,9 @@ stage)
     .venv/bin/python -m pip wheel -q --no-deps -w "$out" sqlitedict==2.1.0 word2number==1.1 \
         rouge-score==0.1.2 || exit 3
     rm -f "$out"/*.tar.gz "$out"/*.zip
-    (cd "$out" && sha256sum -- *.whl >SHA256SUMS)
+    # The scorer before the output-layer gather (session 15), for `eval`'s A-B comparison.
+    git show 4691b5d:src/calibrated_lm/evaluation/scoring.py >"$out/scoring_4691b5d.py" || exit 3
+    (cd "$out" && sha256sum -- *.whl *.py >SHA256SUMS)
     du -sh "$out" && ls "$out"
     ;;
 trl)
@@ -74,12 +76,24 @@ trl)
     [ "$test_rc" = 0 ] && [ "$bench_rc" = 0 ]
     ;;
 eval)
-    # Issue 15, goal 2: all of HellaSwag validation, lm-eval's HF backend (batch auto) and
-    # `calibrated-lm eval`, bf16, on the model and task data a claim session's
-    # `sft_device.sh prep` left in $HOME (sft_site, clm_cache). 2 files under $OUT.
+    # Issue 15, goal 2, on the model and task data a claim session's `sft_device.sh prep`
+    # left in $HOME (sft_site, clm_cache). First the scorer before and after the output-layer
+    # gather (session 15), A-B-B-A in one process on gemma-3-270m: its speed-up on the GPU
+    # and whether any score moves there (bit-identical on the CPU); ~60 s. Then all of
+    # HellaSwag validation, lm-eval's HF backend (batch auto) and `calibrated-lm eval`,
+    # bf16. 5 files under $OUT.
     limit=${2:-300}
     install_wheels
     export PYTHONPATH="$HOME/sft_site:$PYTHONPATH" CALIBRATED_LM_CACHE="$HOME/clm_cache"
+    start=$(date +%s)
+    timeout 150 python3 benchmarks/bench_scoring.py --before "${CARRY:-.carry/bench}/scoring_4691b5d.py" \
+        --before-label 4691b5d --model gemma-3-270m --device cuda --limit 300 \
+        --tasks arc_easy,arc_challenge,piqa,sciq,openbookqa,hellaswag \
+        --out "$OUT/scoring_h200_head_gather.md" --json "$OUT/scoring_h200_head_gather.json" \
+        >"$OUT/scoring_log.txt" 2>&1
+    echo "bench_scoring: exit $? after $(($(date +%s) - start)) s"
+    tail -n 3 "$OUT/scoring_h200_head_gather.md" 2>/dev/null
+    limit=$((limit - ($(date +%s) - start)))
     timeout "$limit" python3 benchmarks/bench_eval_vs_lm_eval.py --lm-eval-path "$HOME/bench_site" \
         --task hellaswag --limit 0 --device cuda --dtype bfloat16 --batch-size auto \
         --model gemma-3-270m --out "$OUT/eval_hellaswag_h200.md" >"$OUT/eval_log.txt" 2>&1
