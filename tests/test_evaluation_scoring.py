@@ -288,6 +288,9 @@ def test_a_final_logit_softcap_applies_to_the_gathered_rows(tiny) -> None:
     model = Gemma2ForCausalLM(cfg).eval()
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(40)  # logits well past the cap
+        ids = torch.tensor([tok("Paris is the capital of France").input_ids])
+        raw = model.get_output_embeddings()(model.model(ids).last_hidden_state)
+        assert raw.abs().max() > 4 and model(ids).logits.abs().max() <= 2.0  # the cap acts
     enc = _encoder(tok)
     items = _items()
     shapes, handle = _head_inputs(model.get_output_embeddings())
@@ -299,3 +302,72 @@ def test_a_final_logit_softcap_applies_to_the_gathered_rows(tiny) -> None:
     for item, scores in zip(items, got):
         for (c, k), s in zip(enc.encode_pairs(item.requests), scores):
             assert s == pytest.approx(_oracle(model, c, k), abs=2e-5)
+
+
+def test_a_head_called_twice_is_scored_again_from_the_full_logits(tiny) -> None:
+    """The hook gathers on the head's first call; a second call in the same forward (here a
+    post-hook that calls it again) makes that batch's logits unreadable, so it runs again
+    without the hook, and so does every later batch."""
+    model, tok = tiny
+    enc = _encoder(tok)
+    items = _items()
+    head = model.get_output_embeddings()
+    inside = []
+
+    def again(mod, args, out):
+        if not inside:
+            inside.append(1)
+            mod(args[0])
+            inside.clear()
+
+    handle = head.register_forward_hook(again)
+    shapes, count = _head_inputs(head)
+    try:
+        got = score_items(model, enc, items, batch_size=3, max_len=512, pack=True)
+    finally:
+        handle.remove()
+        count.remove()
+    assert shapes[0][0] == 1 and shapes[2][0] > 1  # gathered, called again, then whole
+    assert not head._forward_pre_hooks
+    for item, scores in zip(items, got):
+        for (c, k), s in zip(enc.encode_pairs(item.requests), scores):
+            assert s == pytest.approx(_oracle(model, c, k), abs=2e-5)
+
+
+def test_a_failing_forward_leaves_no_hook_behind(tiny, monkeypatch) -> None:
+    model, tok = tiny
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(model.model, "forward", boom)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        score_items(model, _encoder(tok), _items(), batch_size=3, max_len=512, pack=True)
+    assert not model.get_output_embeddings()._forward_pre_hooks
+
+
+def test_gathered_rows_score_as_the_full_logits_under_a_subset_and_a_transform(
+    tiny, monkeypatch
+) -> None:
+    import numpy as np
+
+    from calibrated_lm.evaluation.logit_transform import LogitTransform
+    from calibrated_lm.models.head_subset import HeadSubset
+
+    model, tok = tiny
+    enc = _encoder(tok)
+    items = _items()
+    needed = {t for i in items for _, k in enc.encode_pairs(i.requests) for t in k}
+    kept = np.array(sorted(needed | set(range(0, len(tok), 3))))
+    kw = dict(
+        batch_size=3,
+        max_len=512,
+        pack=True,
+        head_subset=HeadSubset(kept, len(tok)),
+        transform=LogitTransform(softcap=3.0, temperature=0.7),
+    )
+    gathered = score_items(model, enc, items, **kw)
+    monkeypatch.setattr(model, "get_output_embeddings", lambda: None)
+    full = score_items(model, enc, items, **kw)
+    for a, b in zip(gathered, full):
+        assert a == pytest.approx(b, abs=1e-5)

@@ -88,8 +88,8 @@ def test_windows_start_small_then_double_up_to_the_window_size() -> None:
     from calibrated_lm.evaluation.runner import window_bounds
 
     assert window_bounds(0, 512) == []
-    assert [e - s for s, e in window_bounds(2000, 512)] == [32, 64, 128, 256, 512, 512, 496]
-    assert [e - s for s, e in window_bounds(20, 16)] == [1, 2, 4, 8, 5]
+    assert [e - s for s, e in window_bounds(2000, 512)] == [8, 16, 32, 64, 128, 256, 512, 512, 472]
+    assert [e - s for s, e in window_bounds(20, 64)] == [1, 2, 4, 8, 5]
     assert window_bounds(3, 1) == [(0, 1), (1, 2), (2, 3)]
     for n, w in ((2000, 512), (7, 16), (1, 4)):
         bounds = window_bounds(n, w)
@@ -112,3 +112,22 @@ def test_the_first_window_on_disk_holds_the_first_ramp_step(tmp_path: Path) -> N
                      progress=False, batch_size="2", device="cpu", on_first_batch=hook)  # fmt: skip
     run_eval(cfg)
     assert lines == [1]
+
+
+def test_questions_sort_by_their_widest_row_packed_or_not() -> None:
+    from calibrated_lm.evaluation.items import Item
+    from calibrated_lm.evaluation.runner import _row_chars
+
+    shared = Item(
+        task="t", id="a", requests=(("Q?", " yes"), ("Q?", " no")), label=0, choices=("yes", "no")
+    )
+    apart = Item(
+        task="t",
+        id="b",
+        requests=(("Q1?", " yes"), ("Q22?", " no")),
+        label=0,
+        choices=("yes", "no"),
+    )
+    assert _row_chars(shared, packs=True) == 2 + 4 + 3  # one row: context, both choices
+    assert _row_chars(shared, packs=False) == 6  # one row per choice, the widest
+    assert _row_chars(apart, packs=True) == _row_chars(apart, packs=False) == 7

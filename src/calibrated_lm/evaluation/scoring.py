@@ -304,24 +304,24 @@ class _HeadGather:
 
     The model's forward hands its output layer ``(B, keep, D)`` hidden states (``keep`` =
     ``logits_to_keep``); a forward pre-hook replaces them with ``(1, U, D)``, the U distinct
-    positions that some target reads (``flat`` = ``b * keep + p`` per target), so the head's
-    product and whatever the forward does to the logits afterwards (Gemma's final softcap,
-    any elementwise scaling) run on U rows instead of ``B * keep``. The logits of every
-    kept row are the model's own: the same function of the same hidden state. ``inverse[i]``
-    is target i's row among the U. Anything unexpected (no output layer, another input
-    shape, the layer called twice, logits not ``(1, U, V)``) leaves the forward as it was
-    and :meth:`applied` says so, so the caller reads the full logits instead.
+    positions that some target reads (``unique``: flat indices ``b * keep + p``, sorted), so
+    the head's product and whatever the forward does to the logits afterwards (Gemma's final
+    softcap, Cohere's or Granite's scaling) run on U rows instead of ``B * keep``. Each kept
+    row's logits are the model's own: the same function of the same hidden state.
+
+    :meth:`outcome` says what the forward did: ``"gathered"`` (the logits are the ``(1, U,
+    V)`` rows), ``"full"`` (the hook changed nothing: no output layer found, another input
+    shape, a forward that bypasses the layer), or ``"redo"`` (the hook gathered, but the layer
+    was called again or the logits came back in another layout: they cannot be read, and the
+    caller runs the batch again without the hook).
 
     Why: a packed batch keeps every position from its earliest target to its end, most of
     them context or padding of the other rows; at a 262K vocabulary the head over those rows
     costs more than the model body (``benchmarks/results/scoring_cpu_head_gather_*.md``).
     """
 
-    def __init__(self, head: Any, flat: Any, rows: int, keep: int) -> None:
-        import torch
-
-        self.head, self.rows, self.keep = head, rows, keep
-        self.unique, self.inverse = torch.unique(flat, return_inverse=True)
+    def __init__(self, head: Any, unique: Any, rows: int, keep: int) -> None:
+        self.head, self.unique, self.rows, self.keep = head, unique, rows, keep
         self.calls = 0
         self.gathered = False
         self._handle: Any = None
@@ -329,10 +329,8 @@ class _HeadGather:
     def _hook(self, module: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         self.calls += 1
         hidden = args[0] if args else None
-        shape = getattr(hidden, "shape", None)
-        if self.calls > 1 or shape is None or tuple(shape[:2]) != (self.rows, self.keep):
-            return None
-        if len(shape) != 3:
+        shape = tuple(getattr(hidden, "shape", ()))
+        if self.calls > 1 or len(shape) != 3 or shape[:2] != (self.rows, self.keep):
             return None
         self.gathered = True
         rows = hidden[self.unique // self.keep, self.unique % self.keep]
@@ -346,24 +344,16 @@ class _HeadGather:
     def __exit__(self, *exc: object) -> None:
         if self._handle is not None:
             self._handle.remove()
+            self._handle = None
 
-    def applied(self, logits: Any) -> bool:
-        """Whether ``logits`` are the (1, U, V) rows of the gathered positions."""
+    def outcome(self, logits: Any) -> str:
+        """``"gathered"``, ``"full"`` or ``"redo"`` (class docstring)."""
         if not self.gathered:
-            return False
-        if self.calls > 1:
-            raise RuntimeError(
-                "the model called its output layer more than once in one forward; scoring "
-                "gathers the target positions before that layer and cannot do so here"
-            )
-        shape = tuple(logits.shape)
-        if len(shape) != 3 or shape[:2] != (1, self.unique.numel()):
-            raise RuntimeError(
-                f"the output layer took {self.unique.numel()} gathered rows but the model "
-                f"returned logits of shape {shape}; its forward changes the logits' layout "
-                "after the output layer, which scoring does not support"
-            )
-        return True
+            return "full"
+        shape = tuple(getattr(logits, "shape", ()))
+        if self.calls > 1 or len(shape) != 3 or shape[:2] != (1, self.unique.numel()):
+            return "redo"
+        return "gathered"
 
 
 def supports_packing(model: Any) -> bool:
@@ -393,7 +383,7 @@ def score_rows(
 
     param = next(model.parameters())
     device = param.device
-    head = _output_layer(model)
+    head = _output_layer(model)  # None: every batch reads the full logits
     kept = index_map = None
     if transform is not None and transform.is_identity:
         transform = None
@@ -450,16 +440,28 @@ def score_rows(
                 where[1].extend(p - first for p in positions)
                 where[2].extend(cont)
                 owners.extend([req] * len(cont))
-        b_idx, p_idx, t_idx = to_device(torch.tensor(where, dtype=torch.long))
+        host = torch.tensor(where, dtype=torch.long)
+        n = host.shape[1]
+        # The distinct target positions, found on the host (on the device, torch.unique
+        # would wait for the previous batch's forward) and sent in the same copy.
+        unique, inverse = torch.unique(host[0] * keep + host[1], return_inverse=True)
+        sent = to_device(torch.cat([host.reshape(-1), unique, inverse]))
+        b_idx, p_idx, t_idx = sent[: 3 * n].view(3, n)
+        unique, inverse = sent[3 * n : 3 * n + unique.numel()], sent[3 * n + unique.numel() :]
         if index_map is not None:
             t_idx = index_map[t_idx]  # V -> V' (check_in_subset has ruled out -1)
         with torch.inference_mode():
-            gather = _HeadGather(head, b_idx * keep + p_idx, len(batch), keep)
+            gather = _HeadGather(head, unique, len(batch), keep)
             with gather:
                 out = model(input_ids=to_device(ids), logits_to_keep=keep, **kwargs)
-            if gather.applied(out.logits):
-                # (1, U, V): one row per distinct target position, in gather.inverse's order.
-                b_idx, p_idx = torch.zeros_like(gather.inverse), gather.inverse
+            outcome = gather.outcome(out.logits)
+            if outcome == "redo":  # an unusual forward: this batch again, all later ones, whole
+                head = None
+                del out
+                out = model(input_ids=to_device(ids), logits_to_keep=keep, **kwargs)
+            if outcome == "gathered":
+                # (1, U, V): one row per distinct target position, target i's at inverse[i].
+                b_idx, p_idx = torch.zeros_like(inverse), inverse
                 logits = out.logits
             else:
                 logits = out.logits[:, -keep:, :]
