@@ -2,8 +2,8 @@
 
 Both implementations score the same questions with the same model in one process, one after
 the other, through the same automatic batch plan and out-of-memory back-off as
-``calibrated-lm eval`` (rows, padded-token budget and 512-question windows of
-``runner._batch_plan``). Each version runs twice, in A-B-B-A order, and keeps its faster run;
+``calibrated-lm eval`` (rows, padded-token budget and windows of ``runner._batch_plan``,
+eval's question order and its window ramp, ``runner.window_bounds``). Each version runs twice, in A-B-B-A order, and keeps its faster run;
 the report gives each one's seconds and questions/s, their ratio, the final batch size, and
 the largest difference between their scores.
 
@@ -59,7 +59,7 @@ def _model(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def _score_all(score_items, model, encoder, items, plan, max_len, device) -> dict[str, Any]:
     """Every window through ``score_items``, halving an automatic batch on OOM as eval does."""
-    from calibrated_lm.evaluation.runner import _score_with_backoff
+    from calibrated_lm.evaluation.runner import _score_with_backoff, window_bounds
 
     rows, tokens, window_n, _ = plan
     state = {"batch": rows, "tokens": tokens, "auto": True}
@@ -67,8 +67,8 @@ def _score_all(score_items, model, encoder, items, plan, max_len, device) -> dic
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for start in range(0, len(items), window_n):
-        window = items[start : start + window_n]
+    for start, end in window_bounds(len(items), window_n):  # eval's own windows
+        window = items[start:end]
         scores += _score_with_backoff(model, encoder, window, state, max_len, score_items)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -91,7 +91,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from calibrated_lm.evaluation import scoring as after
-    from calibrated_lm.evaluation.runner import _batch_plan
+    from calibrated_lm.evaluation.runner import _batch_plan, _row_chars
     from calibrated_lm.evaluation.tasks import build_items, parse_task_list
 
     before = _load_module(args.before)
@@ -101,7 +101,8 @@ def main() -> int:
     items = []
     for task in parse_task_list(args.tasks):
         items += build_items(task, limit=args.limit, num_fewshot=0)
-    items.sort(key=lambda it: -max(len(c) + len(k) for c, k in it.requests))
+    packs = after.supports_packing(model)
+    items.sort(key=lambda it: -_row_chars(it, packs))  # eval's order
     plan = _batch_plan("auto", args.device)
     print(f"{len(items)} questions, batch plan {plan[:3]}, device {args.device}", flush=True)
 
