@@ -17,6 +17,17 @@ _CORPUS = [
 ]
 
 
+# The tiny shape every test model shares (Llama here; tests build Gemma variants with it).
+TINY_SHAPE = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
+
+
 def build_tiny_lm(folder: Path, *, seed: int = 0, chat_template: bool = False) -> Path:
     """Save a 2-layer Llama (hidden 32) and a 300-token BPE tokenizer into ``folder``."""
     import torch
@@ -41,12 +52,7 @@ def build_tiny_lm(folder: Path, *, seed: int = 0, chat_template: bool = False) -
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(fast),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
+        **TINY_SHAPE,
         eos_token_id=fast.eos_token_id,
         bos_token_id=fast.eos_token_id,
         pad_token_id=None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers_tiny_lm import build_tiny_lm
+from helpers_tiny_lm import TINY_SHAPE, build_tiny_lm
 
 from calibrated_lm.evaluation.items import Item
 from calibrated_lm.evaluation.scoring import Encoder, plan_rows, score_items
@@ -275,13 +275,8 @@ def test_a_final_logit_softcap_applies_to_the_gathered_rows(tiny) -> None:
     torch.manual_seed(0)
     cfg = Gemma2Config(
         vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_SHAPE,
         head_dim=8,
-        max_position_embeddings=512,
         final_logit_softcapping=2.0,  # small, so the cap changes every score
         attn_implementation="eager",
     )

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers_tiny_lm import build_tiny_lm
+from helpers_tiny_lm import TINY_SHAPE, build_tiny_lm
 
 EXP = Path(__file__).resolve().parents[1] / "experiments"
 sys.path.insert(0, str(EXP))
@@ -26,15 +26,10 @@ def _tiny_gemma3(folder: Path, like: Path) -> Path:
     torch.manual_seed(0)
     config = Gemma3TextConfig(
         vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_SHAPE,
         head_dim=8,
         sliding_window=4,
         layer_types=["sliding_attention", "full_attention"],
-        max_position_embeddings=512,
         eos_token_id=tok.eos_token_id,
         bos_token_id=tok.eos_token_id,
         pad_token_id=None,
