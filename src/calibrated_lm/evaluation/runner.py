@@ -175,10 +175,11 @@ def _batch_plan(batch_size: str | int, device: str) -> tuple[int, int | None, in
     if batch_size == "auto":
         if on_gpu:
             return 256, 65536, 512, True
-        # On the CPU a forward's cost per token is flat from ~200 to ~1,600 tokens (SmolLM2,
-        # 2 cores: 1.32-1.48 ms), so rows go 8 to a batch, where the padding to the widest row
-        # is least (ARC-Easy: 9.3k padded tokens for 8.3k real at 8 rows, 11.4k at 32);
-        # windows of 64 questions give score_rows more rows to sort by length.
+        # On the CPU a forward's cost per token is flat from ~200 to ~1,600 tokens, so rows
+        # go 8 to a batch, where the padding to the widest row is least; windows of 64
+        # questions give score_rows more rows to sort by length (ARC-Easy, SmolLM2: 8.6k
+        # padded tokens for 7.8k real, against 12.1k with 32-row batches in windows of 16;
+        # benchmarks/eval_cpu_shapes.py, results/session15/eval_cpu_shapes.txt).
         return 8, 4096, 64, True
     try:
         n = int(batch_size)
