@@ -2,10 +2,11 @@
 
 Both implementations score the same questions with the same model in one process, one after
 the other, through the same automatic batch plan and out-of-memory back-off as
-``calibrated-lm eval`` (rows, padded-token budget and windows of ``runner._batch_plan``,
-eval's question order and its window ramp, ``runner.window_bounds``). Each version runs twice, in A-B-B-A order, and keeps its faster run;
-the report gives each one's seconds and questions/s, their ratio, the final batch size, and
-the largest difference between their scores.
+``calibrated-lm eval``: the rows, padded-token budget and windows of ``runner._batch_plan``,
+eval's question order, and its window ramp (``runner.window_bounds``). Each version runs
+twice, in A-B-B-A order, and keeps its faster run; the report gives each one's seconds and
+questions/s, their ratio, the final batch size, and the largest difference between their
+scores.
 
 The model is a real one (``--model``) or, with ``--random-config DIR --tokenizer DIR``,
 a randomly initialised model of that configuration in bf16: scoring time depends on shapes
