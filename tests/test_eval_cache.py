@@ -84,7 +84,7 @@ def _no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*a, **kw):
         raise AssertionError("the model was loaded before the refusal")
 
-    monkeypatch.setattr(loading, "load_model", refuse)
+    monkeypatch.setattr(loading, "open_model", refuse)
 
 
 def test_changed_weights_at_the_same_path_are_refused_then_overwritten(

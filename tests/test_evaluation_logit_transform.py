@@ -116,7 +116,7 @@ def test_eval_records_the_transform_and_refuses_a_rerun_with_another(setup, tmp_
     def no_load(*a, **k):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(loading, "load_model", no_load)
+    monkeypatch.setattr(loading, "open_model", no_load)
     with pytest.raises(UserError, match=r"logit_temperature: 0\.5 -> 2\b"):
         run_eval(_cfg(s, out, logit_softcap=32, logit_temperature=2.0))
     with pytest.raises(UserError, match=r"logit_softcap: 32 -> none; logit_temperature: 0\.5"):

@@ -160,7 +160,7 @@ def test_a_rerun_with_another_uncovered_mode_is_refused_before_loading(
     def no_load(*a, **k):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(loading, "load_model", no_load)
+    monkeypatch.setattr(loading, "open_model", no_load)
     with pytest.raises(UserError, match="uncovered: 'error' -> 'skip'"):
         run_eval(_cfg(s, out, [covered], uncovered="skip"))
     monkeypatch.undo()

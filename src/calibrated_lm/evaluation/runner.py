@@ -473,14 +473,20 @@ def _scoring_key(cfg: EvalConfig, subset: SubsetFile | None) -> dict[str, Any]:
     }
 
 
-def _check_subset_vocab(subset: SubsetFile, model: Any) -> None:
-    rows = model.get_output_embeddings().weight.shape[0]
+def _check_subset_vocab(subset: SubsetFile, rows: int, model_class: str) -> None:
     if subset.subset.vocab_size != rows:
         raise UserError(
             f"the head subset {subset.path} was chosen from a vocabulary of "
-            f"{subset.subset.vocab_size} tokens, but {type(model).__name__}'s output head has "
+            f"{subset.subset.vocab_size} tokens, but {model_class}'s output head has "
             f"{rows} rows; choose it with this model's tokenizer"
         )
+
+
+def _config_vocab(config: Any) -> int | None:
+    """The vocabulary the config declares (a multimodal config keeps it in its text part)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(text, "vocab_size", None) or getattr(config, "vocab_size", None)
+    return int(n) if n else None
 
 
 def _digest(obj: Any) -> str:
@@ -680,12 +686,15 @@ def _start_over(out: Path, key: dict[str, Any]) -> None:
     durable.replace(tmp, out / RUN_FILE)
 
 
-def _prepare_journal(path: Path, items: Sequence[Item]) -> dict[str, Any]:
+def _prepare_journal(path: Path, items: Sequence[Item], *, write: bool = True) -> dict[str, Any]:
     """Make ``path`` hold only records that can be reused for ``items`` (and those of other
     questions, untouched): merge leftover rank journals of an interrupted sharded run, drop
     records whose requests or split no longer match their question (they are re-scored),
     correct labels/subjects that changed without a change of prompt, keep one record per
-    question (the last). The journal is rewritten atomically only when something changed."""
+    question (the last). The journal is rewritten atomically only when something changed.
+
+    ``write=False`` decides without rewriting: the result's ``rewrite`` says whether
+    :func:`_commit_journal` must write its ``records``."""
     if D.rank_files(path):
         D.merge_rank_files(path)
     records = read_records(path, repair=True)
@@ -704,10 +713,22 @@ def _prepare_journal(path: Path, items: Sequence[Item]) -> dict[str, Any]:
         fresh = _refresh(r, it)
         corrected += fresh != r
         keep.append(fresh)
-    if stale or corrected or len(latest) != len(records):
-        rewrite_records(path, keep)
-    # What the journal now holds: ``keep`` when rewritten, else ``records``, equal to it then.
-    return {"stale": stale, "corrected": corrected, "records": keep}
+    prepared = {
+        "stale": stale,
+        "corrected": corrected,
+        # What the journal holds once committed: ``keep``, else ``records``, equal to it then.
+        "records": keep,
+        "rewrite": bool(stale or corrected or len(latest) != len(records)),
+    }
+    if write:
+        _commit_journal(path, prepared)
+    return prepared
+
+
+def _commit_journal(path: Path, prepared: dict[str, Any]) -> None:
+    if prepared["rewrite"]:
+        rewrite_records(path, prepared["records"])
+        prepared["rewrite"] = False
 
 
 def _refresh(record: SampleRecord, item: Item) -> SampleRecord:
@@ -800,7 +821,9 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
 
     The summary's ``timing`` splits the time before the first scored batch into phases
     (issue 15's "start to first scored batch"): ``process_start_to_eval_s`` (interpreter,
-    imports and argument parsing, for a CLI run), ``tasks_read_s``, ``model_load_s``,
+    imports and argument parsing, for a CLI run), ``tasks_read_s``, ``model_load_s``
+    (tokenizer and config, plus the weights when there is something to score: a rerun with
+    nothing left to score never reads them),
     ``prepare_s`` (items built, journals checked), ``to_scoring_start_s`` (this call's start
     to the first forward pass), then ``to_first_batch_s`` from this call's
     start and ``process_to_first_batch_s`` from the process's, both when the first window of
@@ -862,7 +885,7 @@ def _run_locked(
 
     from calibrated_lm.evaluation.scoring import make_encoder, model_max_length, supports_packing
     from calibrated_lm.evaluation.tasks import build_items
-    from calibrated_lm.models.loading import load_model
+    from calibrated_lm.models.loading import load_weights, open_model
 
     device = cfg.device
     if info.world > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
@@ -870,15 +893,37 @@ def _run_locked(
         torch.cuda.set_device(info.local_rank)
     D.init_process_group(info, use_cuda=device.startswith("cuda"))
     t0 = time.perf_counter()
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=device)
-    load_s = time.perf_counter() - t0
+    # Tokenizer and config first: the protocol, the journals and what is left to score need no
+    # weights, so a rerun with nothing left to score never reads them (nor moves them to a GPU).
+    opened = open_model(cfg.model, dtype=cfg.dtype, device=device)
+    tokenizer = opened.tokenizer
     t_loaded = time.perf_counter()
+    load_s = t_loaded - t0
     if subset is not None:
-        _check_subset_vocab(subset, model)
-    dev = str(next(model.parameters()).device)
-    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+        rows = _config_vocab(opened.config)
+        if rows is not None:
+            _check_subset_vocab(subset, rows, opened.model_class)
+    loaded: dict[str, Any] = {}
+
+    def need_weights() -> None:
+        # Called before anything in the folder is deleted or rewritten: weights that cannot be
+        # read leave the earlier results as they were.
+        if "model" not in loaded:
+            t = time.perf_counter()
+            model = load_weights(opened)
+            loaded["s"] = time.perf_counter() - t
+            if subset is not None:
+                rows = model.get_output_embeddings().weight.shape[0]
+                _check_subset_vocab(subset, rows, type(model).__name__)
+            loaded["model"] = model
+
+    if cfg.overwrite:
+        need_weights()  # everything is scored again
+    dev = opened.device
+    # The dtype the weights are loaded in (what a loaded model's parameters hold).
+    dtype = opened.dtype_name
     chat = use_chat_template(cfg.chat_template, tokenizer)
-    encoder = make_encoder(tokenizer, model, chat=chat)
+    encoder = make_encoder(tokenizer, opened.config, chat=chat)
     key = _protocol_key(
         cfg,
         chat,
@@ -932,10 +977,14 @@ def _run_locked(
     rescored = 0
     held: dict[Path, list[SampleRecord]] = {}
     if info.is_main:
-        for path, items in streams:
-            prepared = _prepare_journal(path, items)
-            rescored += prepared["stale"]
-            held[path] = prepared["records"]
+        plans = {path: _prepare_journal(path, items, write=False) for path, items in streams}
+        for path, _ in streams:
+            rescored += plans[path]["stale"]
+            held[path] = plans[path]["records"]
+        if any(len(_reusable(held[p], items)) < len(items) for p, items in streams):
+            need_weights()  # before a stale record is dropped from a journal
+        for path, _ in streams:
+            _commit_journal(path, plans[path])
     D.barrier(info)
     # One process: the journal holds exactly what _prepare_journal left (no second parse).
     done = {
@@ -944,19 +993,28 @@ def _run_locked(
     }
     D.barrier(info)
 
-    max_len = model_max_length(model, tokenizer)
-    packs = supports_packing(model)
+    max_len = model_max_length(opened.config, tokenizer)
+    pendings = [
+        (path, [it for it in items if (it.task, it.id) not in done[path]])
+        for path, items in streams
+    ]
+    # Which of them this rank scores depends on their number only (D.shard strides).
+    pending_total = sum(len(D.shard(range(len(p)), info)) for _, p in pendings)
+    if pending_total:
+        need_weights()
+    model = loaded.get("model")
+    if model is not None:
+        load_s += loaded["s"]
+        t_loaded += loaded["s"]  # prepare_s stays the time outside the two loads
+        dev = str(next(model.parameters()).device)
+    packs = model is not None and supports_packing(model)
     rows, tokens, window_n, auto = _batch_plan(parse_batch_size(cfg.batch_size), dev)
     state = {"batch": rows, "tokens": tokens, "auto": auto}
-    pending_total = 0
     work: list[tuple[Path, list[Item]]] = []
-    for path, items in streams:
-        pending = [it for it in items if (it.task, it.id) not in done[path]]
+    for path, pending in pendings:
         # Longest first (as the harness does): less padding, and OOM shows up early.
         pending.sort(key=lambda it: -_row_chars(it, packs))
-        mine = D.shard(pending, info)
-        pending_total += len(mine)
-        work.append((path, mine))
+        work.append((path, D.shard(pending, info)))
     if subset is not None and cfg.uncovered == "error":
         from calibrated_lm.evaluation.scoring import check_items_in_subset
 
@@ -1053,7 +1111,7 @@ def _run_locked(
         **key,
         # run.json keeps the per-file fingerprint; the summary only its digest.
         "model_fingerprint": _digest(key["model_fingerprint"]),
-        "model_class": type(model).__name__,
+        "model_class": type(model).__name__ if model is not None else opened.model_class,
         "device": dev,
         "world_size": info.world,
         "chat_template_mode": cfg.chat_template,

@@ -104,8 +104,9 @@ def _ids(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list[lis
 
 def make_encoder(tokenizer: Any, model: Any, *, chat: bool) -> Encoder:
     """The harness' rule: BOS only for Gemma (and never on chat-rendered prompts, which carry
-    their own); empty contexts become the BOS token, else end-of-text."""
-    model_type = str(getattr(getattr(model, "config", None), "model_type", ""))
+    their own); empty contexts become the BOS token, else end-of-text. ``model``: the model or
+    its config."""
+    model_type = str(getattr(getattr(model, "config", model), "model_type", ""))
     add_bos = "gemma" in model_type and not chat
     prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else None
     if prefix is None:
@@ -514,8 +515,9 @@ def check_items_in_subset(encoder: Encoder, items: Sequence[Item], subset: HeadS
 
 
 def model_max_length(model: Any, tokenizer: Any) -> int:
-    """Context window: the model's position limit, capped by the tokenizer's where set."""
-    cfg = getattr(model, "config", None)
+    """Context window: the model's position limit, capped by the tokenizer's where set.
+    ``model``: the model or its config."""
+    cfg = getattr(model, "config", model)
     n = getattr(cfg, "max_position_embeddings", None) or 2048
     tok_max = getattr(tokenizer, "model_max_length", None)
     if isinstance(tok_max, int) and 0 < tok_max < 10**7:

@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -523,6 +524,95 @@ def _pick_dtype(dtype: str, device: str) -> Any:
     return table[dtype]
 
 
+@dataclass(frozen=True)
+class OpenedModel:
+    """A model resolved and described, its weights not yet read (:func:`open_model`).
+
+    ``config`` is the checkpoint's transformers config; ``device`` the device the weights will
+    go to, with its index for CUDA (``cuda:0``), as a parameter's device prints; ``dtype`` the
+    torch dtype they will be loaded in; ``model_class`` the class name
+    ``AutoModelForCausalLM`` picks for the config (from transformers' name table, without
+    importing the modelling code).
+    """
+
+    name: str
+    path: str
+    tokenizer: Any
+    config: Any
+    device: str
+    dtype: Any
+    model_class: str
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+
+def _device_name(dev: str) -> str:
+    import torch
+
+    if dev == "cuda":
+        # Naming the device must not start CUDA (a rerun with nothing to score never uses it):
+        # until something initialises it, the current device is 0.
+        return f"cuda:{torch.cuda.current_device() if torch.cuda.is_initialized() else 0}"
+    return str(torch.device(dev))
+
+
+def _causal_lm_class_name(config: Any) -> str:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(config, "model_type", None))
+    if isinstance(name, (list, tuple)):
+        name = name[0]
+    return str(name) if name else type(config).__name__.replace("Config", "ForCausalLM")
+
+
+def open_model(
+    name_or_path: str | os.PathLike[str], *, dtype: str = "auto", device: str = "auto"
+) -> OpenedModel:
+    """Resolve MODEL (converting a GGUF once), read its tokenizer and config, pick device and
+    dtype as :func:`load_model` does; the weights are not read (:func:`load_weights`).
+
+    A caller that may have nothing to compute (a resumed evaluation) learns everything it needs
+    to check and describe the run from this, and skips the weights when there is no work.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    resolved = resolve_model(name_or_path)
+    if isinstance(resolved, Path) and resolved.suffix == ".gguf":
+        resolved = convert_gguf(resolved)
+    dev = _pick_device(device)
+    torch_dtype = _pick_dtype(dtype, dev)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(resolved))
+        config = AutoConfig.from_pretrained(str(resolved))
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"could not load model {name_or_path}: {exc}") from exc
+    return OpenedModel(
+        name=str(name_or_path),
+        path=str(resolved),
+        tokenizer=tokenizer,
+        config=config,
+        device=_device_name(dev),
+        dtype=torch_dtype,
+        model_class=_causal_lm_class_name(config),
+    )
+
+
+def load_weights(opened: OpenedModel) -> Any:
+    """The ``AutoModelForCausalLM`` of :func:`open_model`'s result, in eval mode on its device."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            opened.path, config=opened.config, dtype=opened.dtype
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"could not load model {opened.name}: {exc}") from exc
+    model.to(opened.device).eval()
+    return model
+
+
 def load_model(
     name_or_path: str | os.PathLike[str], *, dtype: str = "auto", device: str = "auto"
 ) -> tuple[Any, Any]:
@@ -532,18 +622,7 @@ def load_model(
     (see :func:`convert_gguf`) and loaded from there. ``dtype``: auto (fp32 on CPU, bf16 on
     GPUs that support it), float32, bfloat16 or float16. ``device``: auto, cpu, cuda, cuda:N.
     Failures the user can fix (missing path, unloadable checkpoint) raise :class:`UserError`.
+    :func:`open_model` then :func:`load_weights`.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    resolved = resolve_model(name_or_path)
-    if isinstance(resolved, Path) and resolved.suffix == ".gguf":
-        resolved = convert_gguf(resolved)
-    dev = _pick_device(device)
-    torch_dtype = _pick_dtype(dtype, dev)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(resolved))
-        model = AutoModelForCausalLM.from_pretrained(str(resolved), dtype=torch_dtype)
-    except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"could not load model {name_or_path}: {exc}") from exc
-    model.to(dev).eval()
-    return model, tokenizer
+    opened = open_model(name_or_path, dtype=dtype, device=device)
+    return load_weights(opened), opened.tokenizer
