@@ -6,7 +6,8 @@ journal for every question, in the same process and, today, between the GPU's fo
 passes. This benchmark measures that host work alone: the real CLI (``calibrated-lm eval``)
 on a real task with the real tokenizer, but with the model's forward returning a
 zero-cost logits view and the log-softmax of the targets replaced by constants, so no
-vocabulary-sized work is left. Its questions/s is an upper bound on the end-to-end rate at
+vocabulary-sized work is left. The free forward calls the output layer (itself free), so the
+pre-hook that hands it only the target positions (session 15) runs as in a real forward. Its questions/s is an upper bound on the end-to-end rate at
 any GPU speed (the CLI's own summary line, "scored N questions in S s").
 
 The model is a 1-layer, width-16 random model with the tokenizer and vocabulary of
@@ -14,7 +15,8 @@ The model is a 1-layer, width-16 random model with the tokenizer and vocabulary 
 and the forward is replaced anyway.
 
     python benchmarks/bench_eval_pipeline.py [--model smollm2-135m-instruct] \\
-        [--tasks hellaswag] [--split validation] [--repeat 3] [--src DIR] [--json OUT]
+        [--tasks hellaswag] [--split validation] [--repeat 3] [--src DIR] [--json OUT] \\
+        [--plan cpu|gpu]
 
 ``--src DIR`` runs another checkout's ``src`` (PYTHONPATH) in the child processes, for a
 before/after comparison in one machine state. Each repetition is a fresh process; the
@@ -37,7 +39,7 @@ import time
 from pathlib import Path
 
 CHILD = r"""
-import sys, types, torch, transformers
+import os, sys, types, torch, transformers
 import calibrated_lm.evaluation.scoring as scoring
 from calibrated_lm.cli import main
 
@@ -47,9 +49,16 @@ def free_targets(logits, b_idx, p_idx, t_idx, kept=None, transform=None):
 def free_target_list(*args, **kwargs):  # the name before the scores stayed on the device
     return free_targets(*args, **kwargs).tolist()
 
+def free_linear(self, x):  # only the output layer runs (the body is skipped below)
+    return torch.zeros(1, 1, 1).expand(*x.shape[:-1], self.out_features)
+
 def free_forward(self, input_ids=None, logits_to_keep=0, **kwargs):
+    # Through the output layer, so the scorer's pre-hook on it (the target positions' gather)
+    # does its host work as in a real forward.
     b, w = input_ids.shape
-    return types.SimpleNamespace(logits=torch.zeros(1, 1, 1).expand(b, w, self.config.vocab_size))
+    keep = logits_to_keep or w
+    hidden = torch.zeros(1, 1, self.config.hidden_size).expand(b, keep, -1)
+    return types.SimpleNamespace(logits=self.get_output_embeddings()(hidden))
 
 if hasattr(scoring, "_target_logprobs_on_device"):
     scoring._target_logprobs_on_device = free_targets
@@ -58,6 +67,12 @@ else:  # an older checkout (--src)
 cls = transformers.AutoModelForCausalLM.from_config(
     transformers.AutoConfig.from_pretrained(sys.argv[1])).__class__
 cls.forward = free_forward
+torch.nn.Linear.forward = free_linear
+if os.environ.get("BENCH_GPU_PLAN") == "1":
+    # The GPU's batch plan (rows, tokens, window) on the CPU: the host work of GPU batches.
+    import calibrated_lm.evaluation.runner as runner
+    plan = runner._batch_plan
+    runner._batch_plan = lambda batch_size, device: plan(batch_size, "cuda")
 sys.exit(main(["eval", "--model", sys.argv[1], *sys.argv[2:]]))
 """
 
@@ -99,8 +114,14 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--src", type=Path, default=None, help="another checkout's src/")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--plan", choices=["cpu", "gpu"], default="cpu",
+        help="the automatic batch plan used: the CPU's (default) or the GPU's (256 rows, "
+        "65,536 tokens, windows of 512), still on this CPU",
+    )  # fmt: skip
     args = ap.parse_args()
     env = dict(os.environ)
+    env["BENCH_GPU_PLAN"] = "1" if args.plan == "gpu" else "0"
     if args.src is not None:
         env["PYTHONPATH"] = f"{args.src.resolve()}{os.pathsep}{env.get('PYTHONPATH', '')}"
     runs = []
@@ -130,6 +151,7 @@ def main() -> int:
         "tasks": args.tasks,
         "split": args.split,
         "src": str(args.src) if args.src else "this checkout",
+        "plan": args.plan,
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "runs": runs,
