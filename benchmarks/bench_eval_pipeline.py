@@ -119,6 +119,10 @@ def main() -> int:
         help="the automatic batch plan used: the CPU's (default) or the GPU's (256 rows, "
         "65,536 tokens, windows of 512), still on this CPU",
     )  # fmt: skip
+    ap.add_argument(
+        "--profile", type=Path, default=None,
+        help="one more run, under cProfile and not timed: its top 25 by own time, here",
+    )  # fmt: skip
     args = ap.parse_args()
     env = dict(os.environ)
     env["BENCH_GPU_PLAN"] = "1" if args.plan == "gpu" else "0"
@@ -127,10 +131,17 @@ def main() -> int:
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         model = tiny_model(args.model, Path(tmp) / "model")
-        for i in range(args.repeat):
+        profiled = args.repeat if args.profile is not None else -1
+        for i in range(args.repeat + (profiled >= 0)):
             load = _load()
             out = Path(tmp) / f"run{i}"
-            cmd = [sys.executable, "-c", CHILD, str(model), "--tasks", args.tasks,
+            child = Path(tmp) / "child.py"
+            child.write_text(CHILD)
+            prof = Path(tmp) / "child.prof"
+            run = [sys.executable, str(child)]
+            if i == profiled:
+                run = [sys.executable, "-m", "cProfile", "-o", str(prof), str(child)]
+            cmd = [*run, str(model), "--tasks", args.tasks,
                    "--split", args.split, "--device", "cpu", "--no-progress",
                    "--bootstrap", "10", "--output", str(out)]  # fmt: skip
             t0 = time.perf_counter()
@@ -141,6 +152,14 @@ def main() -> int:
                 print(proc.stdout[-2000:], proc.stderr[-2000:], file=sys.stderr)
                 return 1
             n, secs = int(m.group(1)), float(m.group(2))
+            if i == profiled:
+                import io
+                import pstats
+
+                text = io.StringIO()
+                pstats.Stats(str(prof), stream=text).sort_stats("tottime").print_stats(25)
+                args.profile.write_text(f"# {' '.join(cmd[3:])}\n{text.getvalue()}")
+                continue
             runs.append({"questions": n, "scoring_s": secs, "wall_s": round(wall, 2),
                          "load_before": load})  # fmt: skip
             print(json.dumps(runs[-1]), flush=True)
