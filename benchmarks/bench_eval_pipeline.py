@@ -96,6 +96,8 @@ def tiny_model(model: str, folder: Path) -> Path:
         head_dim=8,
     ).items():
         setattr(cfg, key, value)
+    if getattr(cfg, "layer_types", None):  # Gemma 3: one attention type per layer
+        cfg.layer_types = cfg.layer_types[:1]
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)

@@ -6,6 +6,7 @@
 #   bash benchmarks/device_benches.sh run [SECONDS=540]               # there, carry OUT_DIR
 #   bash benchmarks/device_benches.sh trl [SECONDS=200]               # there: issue 13's check
 #   bash benchmarks/device_benches.sh eval [SECONDS=300]              # there: issue 15's eval
+#   bash benchmarks/device_benches.sh pipeline                        # there: eval's host ceiling
 #
 # `stage` downloads (no dependencies: the device image has the rest, see the device tool's
 # KINDS.md) TRL and what it needs beyond the image (datasets, dill, multiprocess for the
@@ -50,7 +51,12 @@ stage)
     rm -f "$out"/*.tar.gz "$out"/*.zip
     # The scorer before the output-layer gather (session 15), for `eval`'s A-B comparison.
     git show 4691b5d:src/calibrated_lm/evaluation/scoring.py >"$out/scoring_4691b5d.py" || exit 3
-    (cd "$out" && sha256sum -- *.whl *.py >SHA256SUMS)
+    # This checkout's src with session 16's tokenising-ahead patch, for `pipeline`'s A-B.
+    ahead=$(mktemp -d)
+    git archive HEAD src | tar -x -C "$ahead" || exit 3
+    patch -s -p1 -d "$ahead" <benchmarks/results/session16/tokenize_ahead.patch || exit 3
+    tar -czf "$out/src_tokenize_ahead.tgz" -C "$ahead" src && rm -rf "$ahead"
+    (cd "$out" && sha256sum -- *.whl *.py *.tgz >SHA256SUMS)
     du -sh "$out" && ls "$out"
     ;;
 trl)
@@ -101,6 +107,22 @@ eval)
     tail -n 12 "$OUT/eval_log.txt"
     exit $rc
     ;;
+pipeline)
+    # Issue 15, goal 2: the host's work alone (bench_eval_pipeline.py: the real eval on all of
+    # HellaSwag with a free model, GPU batch plan, on this machine's CPUs), this checkout
+    # against it with the next window tokenised in a thread (session 16: slower on 2 cores;
+    # the device has 16). A-B-A, 2 runs each, ~3 min. 3 files under $OUT.
+    install_wheels
+    export PYTHONPATH="$HOME/sft_site:$PYTHONPATH" CALIBRATED_LM_CACHE="$HOME/clm_cache"
+    ahead=$(mktemp -d)
+    tar -xzf "${CARRY:-.carry/bench}/src_tokenize_ahead.tgz" -C "$ahead" || exit 3
+    for tag in head_a ahead head_b; do
+        src=()
+        [ "$tag" = ahead ] && src=(--src "$ahead/src")
+        timeout 200 python3 benchmarks/bench_eval_pipeline.py --model gemma-3-270m --repeat 2 --plan gpu "${src[@]}" \
+            --json "$OUT/pipeline_h200_host_$tag.json" 2>&1 | tail -n 1
+    done
+    ;;
 run)
     limit=${2:-540}
     install_wheels
@@ -127,7 +149,7 @@ run)
     tail -n 3 "$OUT/trl_step_log.txt" "$OUT/loss_log.txt"
     ;;
 *)
-    echo "usage: device_benches.sh stage [OUT_DIR] | run [SECONDS] | trl [SECONDS] | eval [SECONDS]" >&2
+    echo "usage: device_benches.sh stage [OUT_DIR] | run [SECONDS] | trl [SECONDS] | eval [SECONDS] | pipeline" >&2
     exit 2
     ;;
 esac
