@@ -7,6 +7,7 @@
 #   bash benchmarks/device_benches.sh trl [SECONDS=200]               # there: issue 13's check
 #   bash benchmarks/device_benches.sh eval [SECONDS=300]              # there: issue 15's eval
 #   bash benchmarks/device_benches.sh pipeline                        # there: eval's host ceiling
+#   bash benchmarks/device_benches.sh scale [SECONDS=300]             # there: rate vs model size
 #
 # `stage` downloads (no dependencies: the device image has the rest, see the device tool's
 # KINDS.md) TRL and what it needs beyond the image (datasets, dill, multiprocess for the
@@ -123,6 +124,19 @@ pipeline)
             --json "$OUT/pipeline_h200_host_$tag.json" 2>&1 | tail -n 1
     done
     ;;
+scale)
+    # Issue 15, goal 3: the scoring rate against model size (bench_scoring_scale.py: the
+    # embedded 135M and 270M with real weights, random Gemma 3 1B/4B/12B text stacks), 500
+    # HellaSwag + 500 ARC-Easy questions each, bf16, one process; on the gemma-3-270m that a
+    # claim session's `prep` converted. The cost growth of the loss against N is `run`'s
+    # gemma2-2b N8192..N65536 rows. 2 files under $OUT.
+    limit=${2:-300}
+    export PYTHONPATH="$HOME/sft_site:$PWD/src" CALIBRATED_LM_CACHE="$HOME/clm_cache" HF_HUB_OFFLINE=1
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    timeout "$limit" python3 benchmarks/bench_scoring_scale.py --device cuda \
+        --tasks hellaswag,arc_easy --limit 500 \
+        --out "$OUT/scoring_scale_h200.md" --json "$OUT/scoring_scale_h200.json" 2>&1 | tail -n 6
+    ;;
 run)
     limit=${2:-540}
     install_wheels
@@ -149,7 +163,7 @@ run)
     tail -n 3 "$OUT/trl_step_log.txt" "$OUT/loss_log.txt"
     ;;
 *)
-    echo "usage: device_benches.sh stage [OUT_DIR] | run [SECONDS] | trl [SECONDS] | eval [SECONDS] | pipeline" >&2
+    echo "usage: device_benches.sh stage [OUT_DIR] | run [SECONDS] | trl [SECONDS] | eval [SECONDS] | pipeline | scale [SECONDS]" >&2
     exit 2
     ;;
 esac
