@@ -168,3 +168,17 @@ def test_naming_the_device_starts_nothing() -> None:
     if not torch.cuda.is_initialized():
         assert loading._device_name("cuda") == "cuda:0"
         assert not torch.cuda.is_initialized()
+
+
+def test_the_effective_config_is_what_the_loaded_model_keeps() -> None:
+    """Llama 4's causal LM is built on its text config, so a rerun without weights reads its
+    context length and model type there; Gemma 3's multimodal class keeps the whole config;
+    a text model's config is its own."""
+    from transformers import Gemma3Config, Llama4Config, LlamaConfig
+
+    llama4 = Llama4Config()
+    assert loading.effective_config(llama4) is llama4.get_text_config()
+    gemma3 = Gemma3Config()
+    assert loading.effective_config(gemma3) is gemma3
+    plain = LlamaConfig(**TINY_SHAPE)
+    assert loading.effective_config(plain) is plain

@@ -899,8 +899,10 @@ def _run_locked(
     tokenizer = opened.tokenizer
     t_loaded = time.perf_counter()
     load_s = t_loaded - t0
+    # What the loaded model's own config will say (the text part, for some multimodal classes).
+    model_config = opened.model_config
     if subset is not None:
-        rows = _config_vocab(opened.config)
+        rows = _config_vocab(model_config)
         if rows is not None:
             _check_subset_vocab(subset, rows, opened.model_class)
     loaded: dict[str, Any] = {}
@@ -923,7 +925,7 @@ def _run_locked(
     # The dtype the weights are loaded in (what a loaded model's parameters hold).
     dtype = opened.dtype_name
     chat = use_chat_template(cfg.chat_template, tokenizer)
-    encoder = make_encoder(tokenizer, opened.config, chat=chat)
+    encoder = make_encoder(tokenizer, model_config, chat=chat)
     key = _protocol_key(
         cfg,
         chat,
@@ -993,7 +995,7 @@ def _run_locked(
     }
     D.barrier(info)
 
-    max_len = model_max_length(opened.config, tokenizer)
+    max_len = model_max_length(model_config, tokenizer)
     pendings = [
         (path, [it for it in items if (it.task, it.id) not in done[path]])
         for path, items in streams
@@ -1004,6 +1006,7 @@ def _run_locked(
         need_weights()
     model = loaded.get("model")
     if model is not None:
+        max_len = model_max_length(model, tokenizer)  # the model's own, whatever its config
         load_s += loaded["s"]
         t_loaded += loaded["s"]  # prepare_s stays the time outside the two loads
         dev = str(next(model.parameters()).device)

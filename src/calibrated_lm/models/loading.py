@@ -547,6 +547,34 @@ class OpenedModel:
     def dtype_name(self) -> str:
         return str(self.dtype).replace("torch.", "")
 
+    @property
+    def model_config(self) -> Any:
+        """The config the loaded model will hold as ``model.config`` (:func:`effective_config`)."""
+        return effective_config(self.config)
+
+
+def effective_config(config: Any) -> Any:
+    """The config that ``AutoModelForCausalLM`` of ``config`` keeps as ``model.config``.
+
+    For a plain text model that is ``config``. Some classes for composite (multimodal) configs
+    are built on the text part alone (Llama 4, Mllama, Qwen 3.5): then it is the text config,
+    whose context length and model type differ from the top level's. Telling them apart
+    needs the class, so only composite configs import their modelling code here.
+    """
+    try:
+        text = config.get_text_config()
+    except ValueError:  # several text parts (encoder-decoder): the top level is what it keeps
+        return config
+    if text is config:
+        return config
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except (KeyError, ValueError):
+        return config
+    return text if getattr(cls, "config_class", None) is type(text) else config
+
 
 def _device_name(dev: str) -> str:
     import torch
@@ -604,9 +632,7 @@ def load_weights(opened: OpenedModel) -> Any:
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            opened.path, config=opened.config, dtype=opened.dtype
-        )
+        model = AutoModelForCausalLM.from_pretrained(opened.path, dtype=opened.dtype)
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"could not load model {opened.name}: {exc}") from exc
     model.to(opened.device).eval()
