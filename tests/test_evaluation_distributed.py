@@ -119,3 +119,59 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
     s2 = json.loads((multi / "summary.json").read_text())
     assert s2["tasks"]["quiz"]["ece"] == pytest.approx(s1["ece"], abs=1e-6)
     assert s2["protocol"]["world_size"] == 2
+
+
+NO_WEIGHTS_SCRIPT = """
+import sys
+from pathlib import Path
+from calibrated_lm.errors import UserError
+from calibrated_lm.evaluation.runner import EvalConfig, run_eval
+from calibrated_lm.models import loading
+
+def fail(opened):
+    raise UserError("weights unreadable in this test")
+
+loading.load_weights = fail
+try:
+    run_eval(EvalConfig(model=sys.argv[1], tasks=[sys.argv[2]], output=Path(sys.argv[3]),
+                        bootstrap=20, progress=False, device="cpu", chat_template="off",
+                        batch_size=3))
+except UserError as exc:
+    print("stopped:", exc)
+    sys.exit(3)
+"""
+
+
+def _two_ranks(script: str, *args: str) -> list[tuple[int, str]]:
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1")  # fmt: skip
+        procs.append(subprocess.Popen([sys.executable, "-c", script, *args], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))  # fmt: skip
+    outs = [p.communicate(timeout=120)[0].decode() for p in procs]
+    return [(p.returncode, out) for p, out in zip(procs, outs)]
+
+
+def test_two_ranks_without_weights_rerun_or_stop_together(tmp_path: Path) -> None:
+    """A rerun with nothing left reads no weights on any rank; with a question left and weights
+    that cannot be read, every rank stops at the same point (none waits at a barrier) and the
+    journal is as it was."""
+    model = build_tiny_lm(tmp_path / "model")
+    task = tmp_path / "quiz.jsonl"
+    rows = [{"context": f"Question {i}:\nAnswer:", "choices": ["water", "the sun"],
+             "label": i % 2, "id": f"q{i}"} for i in range(5)]  # fmt: skip
+    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    run_eval(EvalConfig(model=str(model), tasks=[str(task)], output=out, bootstrap=20,
+                        progress=False, device="cpu", chat_template="off", batch_size=3))  # fmt: skip
+    before = (out / "samples.jsonl").read_bytes()
+    for rc, text in _two_ranks(NO_WEIGHTS_SCRIPT, str(model), str(task), str(out)):
+        assert rc == 0, text[-2000:]  # nothing left: the failing load_weights is never called
+    rows[2]["context"] += " (edited)"
+    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = _two_ranks(NO_WEIGHTS_SCRIPT, str(model), str(task), str(out))
+    for rc, text in results:
+        assert rc == 3 and "weights unreadable" in text, text[-2000:]
+    assert (out / "samples.jsonl").read_bytes() == before

@@ -41,6 +41,17 @@ def barrier(info: DistInfo) -> None:
     dist.barrier()
 
 
+def from_main(value: bool, info: DistInfo) -> bool:
+    """Rank 0's ``value`` on every rank (a collective: every rank must call it)."""
+    if info.world <= 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value if info.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
+
+
 def shard(items: Sequence[T], info: DistInfo) -> list[T]:
     """Every ``world``-th item starting at ``rank``: disjoint, and together all items."""
     return list(items[info.rank :: info.world])

@@ -908,8 +908,8 @@ def _run_locked(
     loaded: dict[str, Any] = {}
 
     def need_weights() -> None:
-        # Called before anything in the folder is deleted or rewritten: weights that cannot be
-        # read leave the earlier results as they were.
+        # Called before a journal drops a record or --overwrite deletes the earlier results:
+        # weights that cannot be read leave those as they were.
         if "model" not in loaded:
             t = time.perf_counter()
             model = load_weights(opened)
@@ -919,11 +919,16 @@ def _run_locked(
                 _check_subset_vocab(subset, rows, type(model).__name__)
             loaded["model"] = model
 
-    if cfg.overwrite:
-        need_weights()  # everything is scored again
+    # A quantised checkpoint's loader picks its own dtype (AWQ: fp16 whatever was asked), so
+    # its weights are read first and the protocol records what its parameters hold.
+    quantised = getattr(opened.config, "quantization_config", None) is not None
+    if cfg.overwrite or quantised:
+        need_weights()  # --overwrite: everything is scored again
     dev = opened.device
     # The dtype the weights are loaded in (what a loaded model's parameters hold).
     dtype = opened.dtype_name
+    if "model" in loaded:
+        dtype = str(next(loaded["model"].parameters()).dtype).replace("torch.", "")
     chat = use_chat_template(cfg.chat_template, tokenizer)
     encoder = make_encoder(tokenizer, model_config, chat=chat)
     key = _protocol_key(
@@ -978,13 +983,19 @@ def _run_locked(
     # everyone reads them, before anyone appends.
     rescored = 0
     held: dict[Path, list[SampleRecord]] = {}
+    work_left = False
     if info.is_main:
         plans = {path: _prepare_journal(path, items, write=False) for path, items in streams}
         for path, _ in streams:
             rescored += plans[path]["stale"]
             held[path] = plans[path]["records"]
-        if any(len(_reusable(held[p], items)) < len(items) for p, items in streams):
-            need_weights()  # before a stale record is dropped from a journal
+        work_left = any(len(_reusable(held[p], items)) < len(items) for p, items in streams)
+    # Every rank reads the weights when any question is left (before a stale record is
+    # dropped from a journal), so weights that cannot be read stop every rank at this same
+    # point instead of leaving the others waiting at a barrier.
+    if D.from_main(work_left, info):
+        need_weights()
+    if info.is_main:
         for path, _ in streams:
             _commit_journal(path, plans[path])
     D.barrier(info)
