@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers_eval import eval_config
 from helpers_tiny_lm import build_tiny_lm
 
 from calibrated_lm.cli import main
@@ -41,19 +42,7 @@ def _write_task(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def _cfg(model: Path, task: Path, out: Path, **kw) -> EvalConfig:
-    base = dict(
-        model=str(model),
-        tasks=[str(task)],
-        output=out,
-        bootstrap=20,
-        progress=False,
-        device="cpu",
-        chat_template="off",
-        batch_size=4,
-    )
-    base.update(kw)
-    return EvalConfig(**base)
+_cfg = eval_config
 
 
 def _records(out: Path, name: str = "samples.jsonl") -> dict[str, dict]:

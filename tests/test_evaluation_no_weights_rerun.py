@@ -10,28 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_eval import eval_config
 from helpers_quiz import write_quiz
 from helpers_tiny_lm import TINY_SHAPE, build_tiny_lm
 
 from calibrated_lm.errors import UserError
-from calibrated_lm.evaluation.runner import EvalConfig, _config_vocab, run_eval
+from calibrated_lm.evaluation.runner import _config_vocab, run_eval
 from calibrated_lm.models import head_subset as hs
 from calibrated_lm.models import loading
 
-
-def _cfg(model: Path, task: Path, out: Path, **kw) -> EvalConfig:
-    base = dict(
-        model=str(model),
-        tasks=[str(task)],
-        output=out,
-        bootstrap=20,
-        progress=False,
-        device="cpu",
-        chat_template="off",
-        batch_size=4,
-    )
-    base.update(kw)
-    return EvalConfig(**base)
+_cfg = eval_config
 
 
 def _no_weights(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers_eval import eval_config
 from helpers_tiny_lm import build_tiny_lm
 
 from calibrated_lm.errors import UserError
@@ -39,18 +40,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def _cfg(setup, out: Path, **kw) -> EvalConfig:
     model, task = setup
-    base = dict(
-        model=str(model),
-        tasks=[str(task)],
-        output=out,
-        bootstrap=50,
-        progress=False,
-        device="cpu",
-        chat_template="off",
-        batch_size=4,
-    )
-    base.update(kw)
-    return EvalConfig(**base)
+    return eval_config(model, task, out, **{"bootstrap": 50, **kw})
 
 
 def _records(path: Path) -> dict[str, dict]:
