@@ -14,13 +14,20 @@ tasks averaged draw by draw; ECE is the metric.
   seeds and questions resampled) must have its interval above 0, else that test gets no
   verdict (inconclusive, reason given).
 * Verdicts: reproduced when I's interval lies below 0; not reproduced when it lies above
-  ``-NEGLIGIBLE`` (-0.005); inconclusive otherwise.
+  ``-NEGLIGIBLE`` (-0.005); inconclusive otherwise. Amended 2026-12-06, before any claim-3
+  run finished: a firm verdict also needs each seed's own I on its side (two seeds make the
+  interval's seed level coarse; :func:`decide`), and no verdict is given where an
+  evaluation's recorded protocol does not match its arm (:func:`protocol_problems`) or the
+  models scored other questions or gold labels (:func:`_question_set`).
 * Remedies (T 0.5, C 32 at full V): ``D_R = ECE(eps 0.1, R) - ECE(eps 0, R)`` scored as saved
   (``__trained``) and with the training T / C applied (``__trained_applied``), compared with
   ``D(262,144)``: supported when ``D_R - D(262,144)`` lies below 0, not supported when above
   ``-NEGLIGIBLE``, inconclusive otherwise.
 
-A comparison with any of its runs missing is listed with what is missing and gets no verdict.
+A comparison with any of its runs missing, or mismatched as above, is listed with what is
+wrong and gets no verdict. Beside the tests: each arm's accuracy change, MMLU and HellaSwag
+per arm (HellaSwag on its covered share), the SFT targets each V' leaves out of the loss, and
+the GPU check of the output-layer gather where committed (``GATHER_CHECK``).
 Writes ``--results``/``results.json``, ``tables.md``, ``claim3_effects.png`` (each arm's D
 with its interval, once an arm has its runs), the evidence of claim 3's own finished units
 (``samples/``, ``records/``) and the claim-3 records of ``experiments/results/claims.json``.
@@ -43,9 +50,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import claims as C  # noqa: E402
-from control_report import PRIMARY, _records, probabilities, save_evidence  # noqa: E402
+from control_report import (  # noqa: E402
+    PRIMARY,
+    SECONDARY,
+    _records,
+    probabilities,
+    save_evidence,
+)
 from restore_units import RESTORED  # noqa: E402
-from sft_calibration import SFTRun  # noqa: E402
+from sft_calibration import APPLIED, SFTRun  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NORM = "tokens"
@@ -56,6 +69,19 @@ MIDDLE_V = 65536
 EPS = 0.1
 NEGLIGIBLE = 0.005
 REMEDIES = {"T 0.5": {"temperature": 0.5}, "C 32": {"softcap": 32.0}}
+# The subsets' own record (built by claim3_subsets.py): the share of SFT targets each V' keeps.
+SUBSETS = ROOT / "experiments/results/claim3_subsets/subsets.json"
+# Where the GPU check of the output-layer gather (bench_scoring.py's JSON from
+# `device_benches.sh eval`) is committed; the plan reports it beside the verdict.
+GATHER_CHECK = ROOT / "benchmarks/results/scoring_gpu_head_gather.json"
+# Training-time options and the scoring-time protocol entries that apply them.
+TRANSFORM_KEYS = {"temperature": "logit_temperature", "softcap": "logit_softcap"}
+SEED_CAVEAT = (
+    "With two training seeds the seed level of the bootstrap is coarse: a quarter of the "
+    "draws hold seed 1 alone and a quarter seed 2 alone, so the intervals understate the "
+    "seed-to-seed spread. A firm verdict therefore also needs each seed's own I on its side "
+    "(amendment of 2026-12-06, docs/issue12_plan.md); the per-seed values are listed."
+)
 
 
 @dataclass(frozen=True)
@@ -72,6 +98,20 @@ class Arm:
         run = SFTRun(eps, seed, lr=8e-5, epochs=3, **dict(self.kwargs))
         return self.work / "evals" / f"{run.name(8e-5)}__{self.fmt}"
 
+    @property
+    def vocab(self) -> int | None:
+        """The head subset's size its evaluations must record (None: the full head)."""
+        return dict(self.kwargs).get("vocab")
+
+    @property
+    def transform(self) -> dict[str, float]:
+        """The scoring-time logit transform its evaluations must record: the run's training
+        T / C in the applied format, nothing otherwise."""
+        if self.fmt != APPLIED:
+            return {}
+        kw = dict(self.kwargs)
+        return {key: float(kw[k]) for k, key in TRANSFORM_KEYS.items() if k in kw}
+
 
 def _load(arms: Sequence[Arm], seeds: Sequence[int]) -> tuple[dict, list[str]]:
     """(records by (arm label, eps, seed), missing folders named)."""
@@ -87,36 +127,76 @@ def _load(arms: Sequence[Arm], seeds: Sequence[int]) -> tuple[dict, list[str]]:
     return recs, missing
 
 
+def _summaries(arms: Sequence[Arm], seeds: Sequence[int]) -> dict[tuple[str, float, int], Any]:
+    """Each evaluation's summary.json protocol (None where the file is absent)."""
+    out: dict[tuple[str, float, int], Any] = {}
+    for arm in arms:
+        for eps in (0.0, EPS):
+            for s in seeds:
+                path = arm.folder(eps, s) / "summary.json"
+                out[(arm.label, eps, s)] = (
+                    json.loads(path.read_text(encoding="utf-8")).get("protocol", {})
+                    if path.exists()
+                    else None
+                )
+    return out
+
+
 def primary_left_out(arms: Sequence[Arm], seeds: Sequence[int]) -> list[str]:
     """Primary-task questions a head subset left out (``eval --uncovered skip``, recorded in
     each evaluation's summary.json), one entry per evaluation and task. The amended protocol
     keeps every primary answer token, so this must be empty; if not, D would be computed on
-    a selection of the questions, and the comparison gets no verdict."""
+    a selection of the questions, and the comparison gets no verdict. An evaluation without
+    a summary is :func:`protocol_problems`' to report."""
     found = []
-    for arm in arms:
-        for eps in (0.0, EPS):
-            for s in seeds:
-                summary = arm.folder(eps, s) / "summary.json"
-                if not summary.exists():
-                    continue
-                proto = json.loads(summary.read_text(encoding="utf-8")).get("protocol", {})
-                for task, c in (proto.get("uncovered_questions") or {}).items():
-                    if task in PRIMARY and c.get("left_out"):
-                        found.append(
-                            f"{arm.label} eps {eps:g} seed {s}: {task} {c['left_out']} of "
-                            f"{c['questions']}"
-                        )
+    for (label, eps, s), proto in _summaries(arms, seeds).items():
+        for task, c in ((proto or {}).get("uncovered_questions") or {}).items():
+            if task in PRIMARY and c.get("left_out"):
+                found.append(
+                    f"{label} eps {eps:g} seed {s}: {task} {c['left_out']} of {c['questions']}"
+                )
     return found
 
 
-def _shared_keys(recs: dict, task: str) -> list[str] | None:
-    """The question ids every loaded model scored for ``task`` (None if one lacks the task)."""
-    sets = []
-    for r in recs.values():
-        if task not in r:
-            return None
-        sets.append(set(r[task]))
-    return sorted(set.intersection(*sets)) if sets else None
+def protocol_problems(arms: Sequence[Arm], seeds: Sequence[int]) -> list[str]:
+    """What in the evaluations' recorded protocols does not match their arm: a missing
+    summary.json (so the left-out check could not look), a head subset of another size (or
+    one where the full head was meant), a subset scored without ``--uncovered skip``, or a
+    scoring-time T / C other than the arm's (the applied format must carry the run's own,
+    the others none). Any entry means the comparison gets no verdict."""
+    found = []
+    for (label, eps, s), proto in _summaries(arms, seeds).items():
+        arm = next(a for a in arms if a.label == label)
+        name = f"{label} eps {eps:g} seed {s}"
+        if proto is None:
+            found.append(f"{name}: no summary.json")
+            continue
+        size = (proto.get("head_subset") or {}).get("size")
+        if size != arm.vocab:
+            found.append(f"{name}: head subset {size or 'none'}, expected {arm.vocab or 'none'}")
+        if arm.vocab is not None and proto.get("uncovered") != "skip":
+            found.append(f"{name}: --uncovered {proto.get('uncovered')}, expected skip")
+        for key in TRANSFORM_KEYS.values():
+            if proto.get(key) != arm.transform.get(key):
+                found.append(f"{name}: {key} {proto.get(key)}, expected {arm.transform.get(key)}")
+    return found
+
+
+def _question_set(recs: dict, task: str) -> tuple[list[str] | None, str | None]:
+    """(the question ids of ``task``, None) when every loaded model scored the same ids with
+    the same gold labels; else (None, what differs). A subset of the questions, or labels
+    that moved between code versions, would make the comparison one of other questions."""
+    if any(task not in r for r in recs.values()):
+        return None, None
+    ids = [set(r[task]) for r in recs.values()]
+    if any(i != ids[0] for i in ids[1:]):
+        sizes = sorted({len(i) for i in ids})
+        return None, f"{task}: the models scored different questions (counts {sizes})"
+    keys = sorted(ids[0])
+    labels = [probabilities([r[task][k] for k in keys], NORM)[1] for r in recs.values()]
+    if any(not np.array_equal(lab, labels[0]) for lab in labels[1:]):
+        return None, f"{task}: the models' gold labels differ"
+    return keys, None
 
 
 def _seed_probs(
@@ -143,11 +223,20 @@ def _gap_draws(
     return float(cols.mean()), per_seed[picks, np.arange(draws)[:, None]].mean(axis=1)
 
 
+def _seed_ece(probs: np.ndarray, y: np.ndarray) -> float:
+    """ECE of one model (the registry's point function, as the bootstrap's ``a`` and ``b``)."""
+    from calibrated_lm.calibration.items import ItemArrays
+    from calibrated_lm.calibration.registry import get as registered
+
+    return float(registered("ece").point(ItemArrays.from_probs(probs, y), 15, "width"))
+
+
 def effects(
     arms: Sequence[Arm], seeds: Sequence[int], draws: int
 ) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """Per arm: D (ECE eps 0.1 - eps 0, primary mean), its draws, and the eps-0 gap's, on
-    the questions every model of ``arms`` scored; plus what is missing."""
+    """Per arm: D (ECE eps 0.1 - eps 0, primary mean), its draws, each seed's own D, the
+    accuracy change, and the eps-0 gap's draws, on the questions every model of ``arms``
+    scored (the same ids and labels, else no verdict); plus what is missing or wrong."""
     from calibrated_lm.calibration import percentile_interval
     from calibrated_lm.calibration.paired import two_level_bootstrap
 
@@ -156,10 +245,15 @@ def effects(
     if missing:
         return out, missing
     d_draws: dict[str, list[np.ndarray]] = {a.label: [] for a in arms}
+    acc_draws: dict[str, list[np.ndarray]] = {a.label: [] for a in arms}
     g_draws: dict[str, list[np.ndarray]] = {a.label: [] for a in arms}
-    points: dict[str, list[tuple[float, float, float]]] = {a.label: [] for a in arms}
+    points: dict[str, list[tuple[float, float, float, float]]] = {a.label: [] for a in arms}
+    per_seed: dict[str, list[list[float]]] = {a.label: [] for a in arms}
     for task in PRIMARY:
-        keys = _shared_keys(recs, task)
+        keys, differs = _question_set(recs, task)
+        if differs:
+            missing.append(differs)
+            continue
         if not keys:
             missing.append(f"task {task}")
             continue
@@ -167,24 +261,32 @@ def effects(
             y = probabilities([recs[(arm.label, 0.0, seeds[0])][task][k] for k in keys], NORM)[1]
             pa = _seed_probs(recs, arm.label, 0.0, seeds, task, keys)
             pb = _seed_probs(recs, arm.label, EPS, seeds, task, keys)
-            res = two_level_bootstrap(pa, pb, y, draws=draws, seed=0, return_draws=True)
+            res = two_level_bootstrap(
+                pa, pb, y, metrics=["accuracy", "ece"], draws=draws, seed=0, return_draws=True
+            )
             gap, gd = _gap_draws(pa, y, draws)
-            ece = res["ece"]
+            ece, acc = res["ece"], res["accuracy"]
+            seed_d = [_seed_ece(b, y) - _seed_ece(a, y) for a, b in zip(pa, pb)]
             out[arm.label]["tasks"][task] = {
                 "n": len(keys),
                 "ece_eps0": ece["a"],
                 "ece_eps": ece["b"],
                 "D": ece["delta"],
                 "D_ci95": ece["ci95"],
+                "D_per_seed": seed_d,
+                "d_accuracy": acc["delta"],
+                "d_accuracy_ci95": acc["ci95"],
                 "gap_eps0": gap,
             }
             d_draws[arm.label].append(np.asarray(ece["draws"]))
+            acc_draws[arm.label].append(np.asarray(acc["draws"]))
             g_draws[arm.label].append(gd)
-            points[arm.label].append((ece["a"], ece["b"], gap))
+            points[arm.label].append((ece["a"], ece["b"], gap, acc["delta"]))
+            per_seed[arm.label].append(seed_d)
     if missing:
         return out, missing
     for arm in arms:
-        a, b, g = np.mean(points[arm.label], axis=0)
+        a, b, g, dacc = np.mean(points[arm.label], axis=0)
         d = np.mean(np.stack(d_draws[arm.label]), axis=0)
         gd = np.mean(np.stack(g_draws[arm.label]), axis=0)
         out[arm.label].update(
@@ -192,11 +294,52 @@ def effects(
             ece_eps=float(b),
             D=float(b - a),
             D_ci95=percentile_interval(d),
+            # Seed j's D, primary mean: the bootstrap's point D is their mean.
+            D_per_seed=[float(v) for v in np.mean(per_seed[arm.label], axis=0)],
+            d_accuracy=float(dacc),
+            d_accuracy_ci95=percentile_interval(np.mean(np.stack(acc_draws[arm.label]), axis=0)),
             gap_eps0=float(g),
             gap_ci95=percentile_interval(gd),
             _draws=d,
         )
     return out, missing
+
+
+def secondary(arm: Arm, seeds: Sequence[int], draws: int) -> dict[str, Any]:
+    """D and the accuracy change on MMLU and HellaSwag for one arm, on the questions its own
+    four evaluations share (beside the primary test, as the plan asks; HellaSwag under a
+    head subset is the covered share, given with ``covered``). Empty while a run is missing."""
+    from calibrated_lm.calibration.paired import two_level_bootstrap
+
+    recs, missing = _load([arm], seeds)
+    if missing:
+        return {}
+    protos = _summaries([arm], seeds)
+    out: dict[str, Any] = {}
+    for task in SECONDARY:
+        if any(task not in r for r in recs.values()):
+            continue
+        keys = sorted(set.intersection(*(set(r[task]) for r in recs.values())))
+        if not keys:
+            continue
+        y = probabilities([recs[(arm.label, 0.0, seeds[0])][task][k] for k in keys], NORM)[1]
+        pa = _seed_probs(recs, arm.label, 0.0, seeds, task, keys)
+        pb = _seed_probs(recs, arm.label, EPS, seeds, task, keys)
+        res = two_level_bootstrap(pa, pb, y, metrics=["accuracy", "ece"], draws=draws, seed=0)
+        shares = [
+            ((p or {}).get("uncovered_questions") or {}).get(task, {}).get("share")
+            for p in protos.values()
+        ]
+        left = max((v for v in shares if v is not None), default=0.0)
+        out[task] = {
+            "n": len(keys),
+            "covered": 1.0 - left,
+            "D": res["ece"]["delta"],
+            "D_ci95": res["ece"]["ci95"],
+            "d_accuracy": res["accuracy"]["delta"],
+            "d_accuracy_ci95": res["accuracy"]["ci95"],
+        }
+    return out
 
 
 def base_under_heads(work: Path, draws: int) -> dict[str, Any]:
@@ -243,6 +386,41 @@ def contrast_verdict(ci: Sequence[float]) -> str:
     return "inconclusive"
 
 
+def decide(
+    ci: Sequence[float],
+    per_seed: Sequence[float],
+    *,
+    left_out: Sequence[str] = (),
+    regime_failed: Sequence[str] = (),
+) -> tuple[str, str | None]:
+    """(verdict, reason or None) of one contrast, in the pre-registered order: primary
+    questions left out, then the regime check, then the interval (:func:`contrast_verdict`).
+    Amended 2026-12-06, before any claim-3 run finished: a firm verdict also needs every
+    seed's own contrast on its side (each below 0 for reproduced, each above -NEGLIGIBLE for
+    not reproduced), since two seeds make the interval's seed level coarse. An interval
+    below 0 but inside (-NEGLIGIBLE, 0) stays "reproduced" as pre-registered, with the
+    reason saying the effect is under the margin."""
+    if left_out:
+        return "inconclusive", "primary questions left out by the head subset: " + "; ".join(
+            left_out
+        )
+    if regime_failed:
+        return "inconclusive", "regime check failed (eps 0 not over-confident) at " + ", ".join(
+            regime_failed
+        )
+    verdict = contrast_verdict(ci)
+    seeds = ", ".join(f"{v:+.4f}" for v in per_seed)
+    if verdict == "reproduced" and not all(v < 0 for v in per_seed):
+        return "inconclusive", f"interval below 0, but the seeds disagree (per seed: {seeds})"
+    if verdict == "not reproduced" and not all(v > -NEGLIGIBLE for v in per_seed):
+        return "inconclusive", (
+            f"interval above -{NEGLIGIBLE}, but a seed's own contrast is not (per seed: {seeds})"
+        )
+    if verdict == "reproduced" and ci[0] > -NEGLIGIBLE:
+        return verdict, f"the whole interval lies within (-{NEGLIGIBLE}, 0): under the margin"
+    return verdict, None
+
+
 def _contrast(
     arms: Sequence[Arm],
     small: str,
@@ -255,30 +433,34 @@ def _contrast(
     from calibrated_lm.calibration import percentile_interval
 
     eff, missing = effects(arms, seeds, draws)
+    problems = protocol_problems(arms, seeds) if not missing else []
     entry: dict[str, Any] = {
         "arms": {k: {x: y for x, y in v.items() if x != "_draws"} for k, v in eff.items()},
-        "missing": missing,
+        "missing": missing + problems,
         "verdict": None,
     }
-    if missing:
+    if entry["missing"]:
         return entry
     diff = eff[small]["_draws"] - eff[large]["_draws"]
+    # Seed j of one arm against seed j of the other: the pairing the shared draws use.
+    per_seed = [s - b for s, b in zip(eff[small]["D_per_seed"], eff[large]["D_per_seed"])]
     entry["contrast"] = {
         "a": eff[large]["D"],
         "b": eff[small]["D"],
         "delta": eff[small]["D"] - eff[large]["D"],
         "ci95": percentile_interval(diff),
+        "per_seed": per_seed,
     }
     failed = [r for r in regime if not eff[r]["gap_ci95"][0] > 0]
-    left_out = primary_left_out(arms, seeds)
-    if left_out:
-        entry["verdict"] = "inconclusive"
-        entry["reason"] = "primary questions left out by the head subset: " + "; ".join(left_out)
-    elif failed:
-        entry["verdict"] = "inconclusive"
-        entry["reason"] = "regime check failed (eps 0 not over-confident) at " + ", ".join(failed)
-    else:
-        entry["verdict"] = contrast_verdict(entry["contrast"]["ci95"])
+    verdict, reason = decide(
+        entry["contrast"]["ci95"],
+        per_seed,
+        left_out=primary_left_out(arms, seeds),
+        regime_failed=failed,
+    )
+    entry["verdict"] = verdict
+    if reason:
+        entry["reason"] = reason
     return entry
 
 
@@ -307,6 +489,13 @@ def write_report(
             out["tests"][f"remedy {name} ({how}): D_R - D(262,144)"] = _contrast(
                 [arm, full], arm.label, full.label, seeds, bootstrap, [full.label]
             )
+    out["secondary"] = {
+        a.label: secondary(a, seeds, bootstrap)
+        for a in (full, middle, small)
+        + tuple(Arm(f"{n}, as saved", work, tuple(kw.items())) for n, kw in REMEDIES.items())
+    }
+    out["sft_targets_left_out"] = _targets_left_out()
+    out["gpu_gather_check"] = _gather_check()
     records = []
     for test, e in out["tests"].items():
         if e["verdict"] is None:
@@ -339,9 +528,29 @@ def write_report(
     (results / "results.json").write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
     (results / "tables.md").write_text(_tables(out), encoding="utf-8")
     _figure(out, results)  # after the tables: a figure cannot cost them
-    if records:
-        C.update(records, source="claim3", path=claims_path)
+    # Always: a test that lost its verdict (a run found wrong, say) must not leave an older
+    # record of it behind.
+    C.update(records, source="claim3", path=claims_path)
     return out
+
+
+def _targets_left_out() -> dict[str, float]:
+    """Per V', the share of SFT target tokens outside the subset (left out of the loss), from
+    the subsets' own record; empty where that file is absent."""
+    if not SUBSETS.exists():
+        return {}
+    rows = json.loads(SUBSETS.read_text(encoding="utf-8"))
+    return {f"V'={r['size']}": 1.0 - float(r["kept_share_sft_targets"]) for r in rows}
+
+
+def _gather_check() -> dict[str, Any] | None:
+    """The GPU A-B of the scorer before and after the output-layer gather, where committed:
+    its device, question count, largest score difference and same predictions."""
+    if not GATHER_CHECK.exists():
+        return None
+    r = json.loads(GATHER_CHECK.read_text(encoding="utf-8"))
+    keys = ("device", "questions", "max_abs_score_diff", "same_prediction")
+    return {k: r.get(k) for k in keys}
 
 
 def _figure(out: dict[str, Any], results: Path) -> Path | None:
@@ -397,19 +606,63 @@ def _tables(out: dict[str, Any]) -> str:
         "Generated by `experiments/claim3_report.py`; pre-registered (and amended before any "
         "run) in `docs/issue12_plan.md`, step 5. D = ECE(eps 0.1) - ECE(eps 0), same seed, "
         "trained format, per-token scores, primary-task mean; two-level bootstrap 95% "
-        "intervals; gap = eps 0's confidence minus accuracy (the regime check).",
+        "intervals; gap = eps 0's confidence minus accuracy (the regime check); d acc = "
+        "accuracy(eps 0.1) - accuracy(eps 0).",
         "",
-        "| test | arm | ECE eps 0 | ECE eps 0.1 | D [95% CI] | gap eps 0 [95% CI] |",
-        "|---|---|---|---|---|---|",
+        SEED_CAVEAT,
+        "",
+        "The remedies' regime check is the full-vocabulary arm's: a remedy changes the "
+        "training at V' = 262,144, and the test asks whether it restores the benefit there.",
+        "",
+        "| test | arm | ECE eps 0 | ECE eps 0.1 | D [95% CI] | D per seed | d acc [95% CI] "
+        "| gap eps 0 [95% CI] |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for test, e in out["tests"].items():
         for label, a in e["arms"].items():
             if "D" not in a:
                 continue
+            seeds = ", ".join(f"{v:+.3f}" for v in a["D_per_seed"])
             lines.append(
                 f"| {test} | {label} | {a['ece_eps0']:.3f} | {a['ece_eps']:.3f} | "
-                f"{a['D']:+.3f} {_ci(a['D_ci95'])} | {a['gap_eps0']:+.3f} {_ci(a['gap_ci95'])} |"
+                f"{a['D']:+.3f} {_ci(a['D_ci95'])} | {seeds} | "
+                f"{a['d_accuracy']:+.3f} {_ci(a['d_accuracy_ci95'])} | "
+                f"{a['gap_eps0']:+.3f} {_ci(a['gap_ci95'])} |"
             )
+    sec = {k: v for k, v in (out.get("secondary") or {}).items() if v}
+    if sec:
+        lines += [
+            "",
+            "## Secondary tasks beside the test (each arm on its own shared questions)",
+            "",
+            "| arm | task | n | covered | D [95% CI] | d acc [95% CI] |",
+            "|---|---|---|---|---|---|",
+        ]
+        for label, tasks in sec.items():
+            for task, r in tasks.items():
+                lines.append(
+                    f"| {label} | {task} | {r['n']} | {r['covered']:.3f} | {r['D']:+.3f} "
+                    f"{_ci(r['D_ci95'])} | {r['d_accuracy']:+.3f} {_ci(r['d_accuracy_ci95'])} |"
+                )
+    left = out.get("sft_targets_left_out") or {}
+    if left:
+        shares = "; ".join(f"{k}: {v:.1%}" for k, v in sorted(left.items()))
+        lines += [
+            "",
+            f"SFT target tokens outside the head subset (left out of the loss): {shares}.",
+        ]
+    check = out.get("gpu_gather_check")
+    lines += [
+        "",
+        "GPU check of the output-layer gather (claim 3's runs are scored with it, claim 2's "
+        "and the base's restricted-head scores without it): "
+        + (
+            f"{check['device']}, {check['questions']} questions, largest score difference "
+            f"{check['max_abs_score_diff']:.2e}, {check['same_prediction']} same predictions."
+            if check
+            else "not measured yet (docs/issue12_plan.md, scoring change of 2026-12-04)."
+        ),
+    ]
     base = out.get("base_under_heads") or {}
     if base:
         lines += [
@@ -430,11 +683,15 @@ def _tables(out: dict[str, Any]) -> str:
     lines += ["", "## Contrasts and verdicts", ""]
     for test, e in out["tests"].items():
         if e["verdict"] is None:
-            lines.append(f"- {test}: no verdict; missing: {', '.join(e['missing'])}")
+            lines.append(f"- {test}: no verdict; missing or mismatched: {', '.join(e['missing'])}")
             continue
         c = e["contrast"]
         why = f" ({e['reason']})" if "reason" in e else ""
-        lines.append(f"- {test}: {c['delta']:+.3f} {_ci(c['ci95'])}: **{e['verdict']}**{why}")
+        seeds = ", ".join(f"{v:+.3f}" for v in c["per_seed"])
+        lines.append(
+            f"- {test}: {c['delta']:+.3f} {_ci(c['ci95'])}, per seed {seeds}: "
+            f"**{e['verdict']}**{why}"
+        )
     return "\n".join(lines) + "\n"
 
 

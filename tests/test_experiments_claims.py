@@ -13,6 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import claims as C  # noqa: E402
 import control_report as R  # noqa: E402
+from helpers_claims import samples as _samples  # noqa: E402
 
 
 def test_records_verdicts_update_and_render(tmp_path: Path) -> None:
@@ -42,40 +43,6 @@ def test_bad_records_name_the_record() -> None:
         C.check_records([good, {k: v for k, v in good.items() if k != "verdict"}])
     with pytest.raises(ValueError, match="record 0: a must be a finite number"):
         C.check_records([{**good, "a": float("nan")}])
-
-
-def _samples(
-    path: Path,
-    rng,
-    n: int,
-    sharp: float,
-    acc_shift: float = 0.0,
-    tasks=("arc_easy", "arc_challenge"),
-) -> None:
-    """Tasks of n 4-choice questions (two primary ones by default); ``sharp`` scales the
-    logits (confidence)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for task in tasks:
-        for i in range(n):
-            y = i % 4
-            z = np.random.default_rng(i).normal(size=4)  # the same question for every model
-            z[y] += 0.8 + acc_shift
-            z = z * sharp
-            lines.append(
-                json.dumps(
-                    {
-                        "task": task,
-                        "id": str(i),
-                        "choice_logprobs": list(z * 3),
-                        "label": y,
-                        "choice_char_lengths": [5] * 4,
-                        "choice_token_counts": [3] * 4,
-                    }
-                )  # fmt: skip
-            )
-    path.write_text("\n".join(lines) + "\n")
-    (path.parent / "done.json").write_text("{}")
 
 
 def _heldout(path: Path, conf: float, acc: float, m: int = 200) -> None:
@@ -175,121 +142,6 @@ def test_claim2_verdict_rules() -> None:
     assert R2.verdict({"ci95": [-0.004, 0.02]}, acc_ok) == "not reproduced"
     assert R2.verdict({"ci95": [-0.03, 0.02]}, {"ci95": [-0.05, -0.02]}) == "not reproduced"
     assert R2.verdict({"ci95": [-0.03, 0.02]}, acc_ok) == "inconclusive"
-
-
-def test_claim3_report_interaction_regime_check_and_missing_runs(tmp_path: Path) -> None:
-    import claim3_report as R3
-    from sft_calibration import SFTRun
-
-    rng = np.random.default_rng(0)
-    c2, c3 = tmp_path / "c2", tmp_path / "c3"
-
-    def ev(work, eps, seed, sharp, fmt="trained", **kw):
-        name = SFTRun(eps, seed, lr=8e-5, epochs=3, **kw).name(8e-5)
-        _samples(work / f"evals/{name}__{fmt}/samples.jsonl", rng, 150, sharp, tasks=R3.PRIMARY)
-
-    for s in (1, 2):
-        # Full V: eps 0 over-confident, smoothing barely helps (sharpness 2.5 -> 2.4).
-        ev(c2, 0.0, s, 2.5)
-        ev(c2, 0.1, s, 2.4)
-        # V' 24,576: the same over-confidence, smoothing calibrates (2.5 -> 1.0).
-        ev(c3, 0.0, s, 2.5, vocab=24576)
-        ev(c3, 0.1, s, 1.0, vocab=24576)
-        # V' 65,536: eps 0 not over-confident (under-confident): the regime check fails.
-        ev(c3, 0.0, s, 0.3, vocab=65536)
-        ev(c3, 0.1, s, 0.3, vocab=65536)
-    ev(c3, 0.0, 1, 2.5, temperature=0.5)  # one remedy run only
-    claims = tmp_path / "claims.json"
-    out = R3.write_report(c3, c2, tmp_path / "res", bootstrap=200, claims_path=claims)
-    tests = out["tests"]
-    primary = tests["primary: I = D(24,576) - D(262,144)"]
-    assert primary["verdict"] == "reproduced" and primary["contrast"]["ci95"][1] < 0
-    small, full = primary["arms"]["V'=24576"], primary["arms"]["V'=262144"]
-    assert small["D"] < full["D"] < 0 and small["gap_ci95"][0] > 0
-    assert primary["contrast"]["delta"] == pytest.approx(small["D"] - full["D"])
-    middle = tests["D(65,536) - D(262,144)"]
-    assert middle["verdict"] == "inconclusive" and "V'=65536" in middle["reason"]
-    remedy = tests["remedy T 0.5 (as saved): D_R - D(262,144)"]
-    assert remedy["verdict"] is None and "T 0.5, as saved eps 0.1 seed 1" in remedy["missing"]
-    text = (tmp_path / "res/tables.md").read_text()
-    assert "**reproduced**" in text and "no verdict; missing" in text
-    png = (tmp_path / "res/claim3_effects.png").read_bytes()
-    assert png.startswith(b"\x89PNG") and len(png) > 5000
-    recs = [r for r in json.loads(claims.read_text()) if r["claim"] == "3"]
-    assert {r["setting"] for r in recs} == {
-        "primary: I = D(24,576) - D(262,144)",
-        "D(65,536) - D(262,144)",
-    }
-
-
-def test_claim3_report_commits_its_own_finished_units_and_the_base_under_each_head(
-    tmp_path: Path,
-) -> None:
-    """The evidence the next session's staging restores from: claim 3's finished evaluations
-    (samples and records), never a unit restored from the control or a run cut short."""
-    import claim3_report as R3
-    from restore_units import RESTORED
-
-    rng = np.random.default_rng(0)
-    c3 = tmp_path / "c3"
-    _samples(c3 / "evals/base__trained/samples.jsonl", rng, 120, 1.0, tasks=R3.PRIMARY)
-    (c3 / "evals/base__trained" / RESTORED).write_text("{}")  # the control's, committed there
-    _samples(c3 / "evals/base_V24576__trained/samples.jsonl", rng, 120, 1.2, tasks=R3.PRIMARY)
-    cut = c3 / "runs/sft_lr8e-05_ep3_eps0_V24576_s1"  # begun, lost with the machine
-    cut.mkdir(parents=True)
-    (cut / "metrics.jsonl").write_text('{"step": 1}\n')
-    res = tmp_path / "res"
-    out = R3.write_report(c3, tmp_path / "c2", res, bootstrap=100, claims_path=tmp_path / "c.json")
-    assert sorted(p.name for p in (res / "samples").iterdir()) == ["base_V24576__trained.jsonl.gz"]
-    assert (res / "records/evals/base_V24576__trained/done.json").is_file()
-    assert not (res / "records/evals/base__trained").exists()
-    assert not (res / "records/runs").exists()
-    base = out["base_under_heads"]
-    assert list(base) == ["V'=24576"] and set(base["V'=24576"]) == set(R3.PRIMARY)
-    ece = base["V'=24576"]["arc_easy"]["ece"]  # sharper logits through the cut head
-    assert ece["delta"] == pytest.approx(ece["b"] - ece["a"]) and ece["delta"] != 0
-    assert "restricted minus full head" in (res / "tables.md").read_text()
-    assert not (res / "claim3_effects.png").exists()  # no arm has its runs yet
-
-
-def test_claim3_report_refuses_a_verdict_when_primary_questions_were_left_out(
-    tmp_path: Path,
-) -> None:
-    """The amended protocol keeps every primary answer token in the subsets; an evaluation
-    whose summary records a primary question left out (``--uncovered skip``) makes the test
-    inconclusive with the evaluation named, while HellaSwag's left-out share is allowed."""
-    import claim3_report as R3
-    from sft_calibration import SFTRun
-
-    rng = np.random.default_rng(0)
-    c2, c3 = tmp_path / "c2", tmp_path / "c3"
-    for s in (1, 2):
-        for work, kw, sharp in ((c2, {}, (2.5, 2.4)), (c3, {"vocab": 24576}, (2.5, 1.0))):
-            for eps, sh in zip((0.0, 0.1), sharp):
-                name = SFTRun(eps, s, lr=8e-5, epochs=3, **kw).name(8e-5)
-                folder = work / f"evals/{name}__trained"
-                _samples(folder / "samples.jsonl", rng, 150, sh, tasks=R3.PRIMARY)
-                if kw:
-                    left = {"hellaswag": {"questions": 100, "left_out": 80, "share": 0.8}}
-                    if (eps, s) == (0.1, 2):
-                        left["arc_easy"] = {"questions": 150, "left_out": 3, "share": 0.02}
-                    (folder / "summary.json").write_text(
-                        json.dumps({"protocol": {"uncovered_questions": left}})
-                    )
-    arms = [R3.Arm("V'=24576", c3, (("vocab", 24576),)), R3.Arm("V'=262144", c2)]
-    assert R3.primary_left_out(arms, (1, 2)) == ["V'=24576 eps 0.1 seed 2: arc_easy 3 of 150"]
-    out = R3.write_report(c3, c2, tmp_path / "res", bootstrap=100, claims_path=tmp_path / "c")
-    primary = out["tests"]["primary: I = D(24,576) - D(262,144)"]
-    assert primary["verdict"] == "inconclusive"
-    assert "left out by the head subset" in primary["reason"] and "arc_easy 3" in primary["reason"]
-
-
-def test_claim3_contrast_verdict_rules() -> None:
-    import claim3_report as R3
-
-    assert R3.contrast_verdict([-0.03, -0.01]) == "reproduced"
-    assert R3.contrast_verdict([-0.004, 0.02]) == "not reproduced"
-    assert R3.contrast_verdict([-0.03, 0.01]) == "inconclusive"
 
 
 def test_claim2_report_keeps_an_earlier_heldout_pair_whose_files_are_gone(tmp_path: Path) -> None:
