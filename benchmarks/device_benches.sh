@@ -43,10 +43,11 @@ stage)
         cut-cross-entropy==25.1.1 || exit 3
     "${pip[@]}" --only-binary=:all: --python-version 3.12 multiprocess==0.70.19 || exit 3
     # lm-evaluation-harness 0.4.13 and what it needs beyond the image (all pure Python; the
-    # three sdists built into wheels here), for `eval`.
+    # three sdists built into wheels here), for `eval`. pytz: typepy imports it when lm-eval
+    # prints its results table (session 17: lm-eval exited 1 there, after writing its samples).
     "${pip[@]}" lm-eval==0.4.13 evaluate==0.4.6 pytablewriter==1.2.1 dataproperty==1.1.1 \
         mbstrdecoder==1.1.5 pathvalidate==3.3.1 tabledata==1.3.5 tcolorpy==0.1.7 typepy==1.3.5 \
-        chardet==6.0.0.post1 more-itertools==11.2.1 nltk==3.10.4 || exit 3
+        chardet==6.0.0.post1 more-itertools==11.2.1 nltk==3.10.4 pytz==2025.2 || exit 3
     .venv/bin/python -m pip wheel -q --no-deps -w "$out" sqlitedict==2.1.0 word2number==1.1 \
         rouge-score==0.1.2 || exit 3
     rm -f "$out"/*.tar.gz "$out"/*.zip
@@ -73,7 +74,7 @@ trl)
     tail -n 1 "$OUT/stream_test.txt"
     prof=$(mktemp -d)
     timeout "$limit" python3 benchmarks/bench_trl_step.py --profile "$prof" --memory "$prof" \
-        --variants trl_nll,calibrated,calibrated_rows512 \
+        --variants trl_nll,calibrated,calibrated_rows512,calibrated_rows512_onestream \
         --out "$OUT/trl_step_h200.md" --json "$OUT/trl_step_h200.json" >"$OUT/trl_step_log.txt" 2>&1
     bench_rc=$?
     echo "bench_trl_step: exit $bench_rc"

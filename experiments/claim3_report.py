@@ -73,7 +73,7 @@ REMEDIES = {"T 0.5": {"temperature": 0.5}, "C 32": {"softcap": 32.0}}
 SUBSETS = ROOT / "experiments/results/claim3_subsets/subsets.json"
 # Where the GPU check of the output-layer gather (bench_scoring.py's JSON from
 # `device_benches.sh eval`) is committed; the plan reports it beside the verdict.
-GATHER_CHECK = ROOT / "benchmarks/results/scoring_gpu_head_gather.json"
+GATHER_CHECK = ROOT / "benchmarks/results/session17/scoring_h200_head_gather.json"
 # Training-time options and the scoring-time protocol entries that apply them.
 TRANSFORM_KEYS = {"temperature": "logit_temperature", "softcap": "logit_softcap"}
 SEED_CAVEAT = (
@@ -658,7 +658,8 @@ def _tables(out: dict[str, Any]) -> str:
         "and the base's restricted-head scores without it): "
         + (
             f"{check['device']}, {check['questions']} questions, largest score difference "
-            f"{check['max_abs_score_diff']:.2e}, {check['same_prediction']} same predictions."
+            f"{check['max_abs_score_diff']:.2e} nats, the same prediction on "
+            f"{check['same_prediction']} of {check['questions']}."
             if check
             else "not measured yet (docs/issue12_plan.md, scoring change of 2026-12-04)."
         ),
