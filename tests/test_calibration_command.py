@@ -134,3 +134,21 @@ def test_chars_normalization_from_the_command(tmp_path):
     assert chars["accuracy"] == 1.0 and chars["mean_confidence"] == pytest.approx(np.e / (1 + np.e))
     assert main(args) == 0
     assert json.loads((out / "summary.json").read_text())["tasks"]["toy"]["accuracy"] == 0.0
+
+
+def test_example_never_replaces_an_existing_file(tmp_path, capsys):
+    """--example onto an evaluation's samples (or any other file) refuses and leaves it; onto
+    an earlier example of the same seed it reuses that file."""
+    samples = tmp_path / "samples.jsonl"
+    text = '{"task": "t", "id": 0, "choice_logprobs": [-1.0, -2.0], "label": 0}\n'
+    samples.write_text(text)
+    rc = main(["metrics", "--example", str(samples), "--output", str(tmp_path / "m")])
+    assert rc == 2 and samples.read_text() == text
+    err = capsys.readouterr().err
+    assert "exists and is not the example file" in err and "Traceback" not in err
+    assert not (tmp_path / "m").exists()
+    example = tmp_path / "example.jsonl"
+    args = ["metrics", "--example", str(example), "--output", str(tmp_path / "m2")]
+    assert main([*args, "--bootstrap", "0"]) == 0
+    first = example.read_bytes()
+    assert main([*args, "--bootstrap", "0"]) == 0 and example.read_bytes() == first

@@ -140,7 +140,7 @@ def format_table(tasks: dict[str, dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from calibrated_lm.calibration.example import write_example
+    from calibrated_lm.calibration.example import ExampleExistsError, write_example
     from calibrated_lm.runlock import run_lock
 
     # Every option before any file is read or written.
@@ -149,6 +149,11 @@ def run(args: argparse.Namespace) -> int:
     if args.example is not None:
         try:
             files.insert(0, write_example(args.example, seed=0))
+        except ExampleExistsError:
+            raise UserError(
+                f"--example {args.example}: that file exists and is not the example file, so it "
+                "was left as it was; give a new path for the example"
+            ) from None
         except OSError as exc:
             raise UserError(f"cannot write the example to {args.example}: {exc.strerror}") from None
         print(f"wrote synthetic example samples (simulated over-confident model) to {args.example}")

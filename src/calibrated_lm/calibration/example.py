@@ -58,9 +58,23 @@ def simulate(seed: int = 0) -> list[dict]:
     return records
 
 
+class ExampleExistsError(FileExistsError):
+    """``path`` holds a file other than this example: it is left as it was."""
+
+
 def write_example(path: str | Path, seed: int = 0) -> Path:
-    """Write the synthetic samples JSONL to ``path`` (parents created) and return the path."""
+    """Write the synthetic samples JSONL to ``path`` (parents created) and return the path.
+
+    A file already at ``path`` is kept: an identical example (an earlier ``--example`` with
+    the same seed) is used as it is, anything else raises :class:`ExampleExistsError`, so
+    the example can never replace an evaluation's samples or any other file."""
     path = Path(path)
+    text = "".join(json.dumps(rec) + "\n" for rec in simulate(seed))
+    if path.is_file():
+        # Sizes first: a large samples file is refused without being read.
+        if path.stat().st_size == len(text.encode()) and path.read_text(encoding="utf-8") == text:
+            return path
+        raise ExampleExistsError(f"{path} exists and is not this example file")
     path.parent.mkdir(parents=True, exist_ok=True)
     # Atomically (durable.py): `metrics` reads the file right after, and later runs again.
-    return durable.write_text(path, "".join(json.dumps(rec) + "\n" for rec in simulate(seed)))
+    return durable.write_text(path, text)
