@@ -426,6 +426,30 @@ def test_sigterm_checkpoints_the_current_step_and_resume_matches(setup):
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
 
 
+def test_a_signal_during_the_final_save_waits_for_it(setup, monkeypatch, capsys):
+    """SIGINT while the last checkpoint and final/ are written (a Ctrl-C at the end of a run)
+    no longer cuts torch.save mid-archive: the save finishes, the run returns, and the
+    message names the folder."""
+    import signal
+
+    from calibrated_lm.training import loop
+
+    real = loop.save_final
+
+    def interrupted_save(*a, **kw):
+        signal.raise_signal(signal.SIGINT)  # delivered while final/ is being written
+        return real(*a, **kw)
+
+    monkeypatch.setattr(loop, "save_final", interrupted_save)
+    before = signal.getsignal(signal.SIGINT)
+    out = train(_cfg(setup, "late_sigint", max_steps=2, save_every=0))
+    final = Path(out["final"])
+    assert (final / "config.json").is_file() and out["steps"] == 2
+    assert "SIGINT came during the final save" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is before
+    assert sorted(p.name for p in (final.parent / "checkpoints").iterdir()) == ["step-000002"]
+
+
 def test_cli_train_stopped_by_sigterm_says_so_and_exits_143(setup, tmp_path):
     """End to end: `calibrated-lm train` in its own process, SIGTERM once it has logged a
     step: exit status 128 + 15, a sentence naming the checkpoint, and that checkpoint."""

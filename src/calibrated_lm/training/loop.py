@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 import random
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -253,7 +254,18 @@ def _train(
     start = _resume(run, checked.resume)
     run.data_outside_share = _announce(run, start)
     last, skipped_steps = _step_loop(run, start, on_step=on_step, stop=stop)
-    return _finish(run, start, last, skipped_steps)
+    # A SIGINT or SIGTERM now would cut the last checkpoint or final/ mid-write (torch.save
+    # then fails on its own half-written archive, with a traceback): the first one waits for
+    # them, which take seconds; a second one still ends the process at once.
+    with StopRequest() as late:
+        result = _finish(run, start, last, skipped_steps)
+    if late.signum is not None and run.info.main:
+        print(
+            f"{late.name} came during the final save; the save was finished first: "
+            f"{result['final']}",
+            file=sys.stderr,
+        )
+    return result
 
 
 # -- phase 1: checks before anything is loaded -----------------------------------------------
