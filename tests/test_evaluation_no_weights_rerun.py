@@ -170,3 +170,25 @@ def test_the_effective_config_is_what_the_loaded_model_keeps() -> None:
     assert loading.effective_config(gemma3) is gemma3
     plain = LlamaConfig(**TINY_SHAPE)
     assert loading.effective_config(plain) is plain
+
+
+def test_a_first_start_that_scored_nothing_does_not_pin_the_folder(tmp_path: Path) -> None:
+    """Weights that cannot be read on the first start leave a run.json but no score; once
+    the weights are there, the rerun into the same folder scores instead of refusing a
+    model whose files "changed since they were scored"."""
+    model = build_tiny_lm(tmp_path / "model")
+    task = write_quiz(tmp_path / "quiz.jsonl", 4)
+    out = tmp_path / "run"
+    weights = model / "model.safetensors"
+    kept = weights.read_bytes()
+    weights.unlink()
+    with pytest.raises(UserError):
+        run_eval(_cfg(model, task, out))
+    assert not any(p.stat().st_size for p in out.glob("samples*.jsonl"))
+    weights.write_bytes(kept)
+    summary = run_eval(_cfg(model, task, out))
+    assert summary["protocol"]["timing"]["questions_scored_this_run"] == 4
+    # With scores in the folder, a changed model is refused again.
+    weights.write_bytes(kept + b"\0")
+    with pytest.raises(UserError, match="changed"):
+        run_eval(_cfg(model, task, out))

@@ -170,3 +170,16 @@ def test_data_dir_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv(DATA_ENV, str(tmp_path / "nowhere"))
     with pytest.raises(UserError, match="holds neither"):
         load_docs("arc_easy", "validation")
+
+
+def test_more_shots_than_the_pool_holds_is_refused(tmp_path) -> None:
+    """A few-shot pool too small for --num-fewshot: one sentence with the largest count that
+    works, not prompts with fewer shots under a protocol that records the count asked for."""
+    from helpers_quiz import write_quiz
+
+    from calibrated_lm.errors import UserError
+
+    task = str(write_quiz(tmp_path / "quiz.jsonl", 4))
+    assert len(build_items(task, num_fewshot=3)) == 4  # each question's three others
+    with pytest.raises(UserError, match=r"--num-fewshot 10: .* holds only 3 .* to 3 or less"):
+        build_items(task, num_fewshot=10)

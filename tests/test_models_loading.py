@@ -88,3 +88,14 @@ def test_embedded_gguf_converted_once_and_faithful(
     assert diff < 1e-4
     loading.load_model("smollm2-135m-instruct", device="cpu")
     assert os.stat(entry / "config.json").st_mtime_ns == stamp
+
+
+def test_a_cut_weights_file_is_one_sentence(tmp_path):
+    """A model folder whose safetensors file was cut short (an interrupted copy): a UserError
+    that says so, not safetensors' own traceback."""
+    folder = build_tiny_lm(tmp_path / "m")
+    weights = folder / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 3)
+    with pytest.raises(UserError, match="damaged or was cut short"):
+        loading.load_model(folder, device="cpu")

@@ -625,7 +625,8 @@ def _read_run_file(out: Path) -> dict[str, Any] | None:
 
 def _check_run_file(out: Path, key: dict[str, Any]) -> dict[str, Any] | None:
     """Refuse a folder whose stored run does not match ``key`` (all or part of the protocol);
-    return the stored run.json (None for a fresh folder)."""
+    return the stored run.json (None for a fresh folder, or one whose run.json no score was
+    made under: its journals are empty, so it is treated as fresh)."""
     old = _read_run_file(out)
     if old is None:
         journals = [p for p in _journals(out) if p.stat().st_size > 0]
@@ -642,6 +643,10 @@ def _check_run_file(out: Path, key: dict[str, Any]) -> dict[str, Any] | None:
         )
     changes = _protocol_changes(old, key)
     if changes:
+        if not any(p.stat().st_size > 0 for p in _journals(out)):
+            # Nothing was scored under the stored key (a first start that failed, say on
+            # weights that could not be read): it pins nothing, so the folder starts afresh.
+            return None
         raise _refusal(out, changes)
     return old
 

@@ -635,8 +635,27 @@ def load_weights(opened: OpenedModel) -> Any:
         model = AutoModelForCausalLM.from_pretrained(opened.path, dtype=opened.dtype)
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"could not load model {opened.name}: {exc}") from exc
+    except Exception as exc:
+        if not _damaged_weights(exc):
+            raise
+        raise UserError(
+            f"could not read the weights of model {opened.name} ({exc}); the file is damaged "
+            "or was cut short (an interrupted copy or download): copy or save it again"
+        ) from exc
     model.to(opened.device).eval()
     return model
+
+
+def _damaged_weights(exc: BaseException) -> bool:
+    """Whether ``exc`` is a weights file that cannot be parsed: safetensors' own error (a
+    truncated header or data), or torch's zip reader on a cut pickle checkpoint."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - transformers needs safetensors
+        SafetensorError = ()  # noqa: N806
+    if isinstance(exc, SafetensorError):
+        return True
+    return isinstance(exc, RuntimeError) and "PytorchStreamReader failed" in str(exc)
 
 
 def load_model(

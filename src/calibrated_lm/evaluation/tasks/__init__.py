@@ -404,6 +404,14 @@ def build_items(
             shots = ""
             if num_fewshot > 0:
                 chosen = _select_shots(pool, doc, num_fewshot, unit.fewshot_sampler)
+                if len(chosen) < num_fewshot:
+                    # Fewer shots than asked would be scored while the protocol records the
+                    # count asked for.
+                    raise UserError(
+                        f"--num-fewshot {num_fewshot}: task {unit.key}'s few-shot split "
+                        f"{unit.fewshot_split!r} holds only {len(chosen)} example(s) besides "
+                        f"question {doc.id}; lower --num-fewshot to {len(chosen)} or less"
+                    )
                 shots = "".join(_shot_text(s) + FEWSHOT_DELIMITER for s in chosen)
             if doc.contexts is not None:
                 contexts = [shots + c for c in doc.contexts]
