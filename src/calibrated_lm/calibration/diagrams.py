@@ -168,9 +168,15 @@ def plot_reliability(
         ]
     else:
         handles += [Line2D([], [], ls=":", color="0.3", label="gap to the diagonal"), interval]
-    ax.legend(handles=handles, loc="upper left", fontsize=8.5, frameon=True, framealpha=0.92)
+    # Outside the axes, on the right: inside, it covered the low-confidence bars and their
+    # counts; the figure is saved with a tight bounding box, which takes it in.
+    ax.legend(
+        handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8.5, frameon=False
+    )
     ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
+    # Headroom above 1 for the bin counts written over the tallest bars.
+    ax.set_ylim(0, 1.1)
+    ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_ylabel("accuracy")
     ax.grid(alpha=0.25, lw=0.6)
     bins_text = "equal-width" if binning == "width" else "equal-mass"
