@@ -152,3 +152,18 @@ def test_example_never_replaces_an_existing_file(tmp_path, capsys):
     assert main([*args, "--bootstrap", "0"]) == 0
     first = example.read_bytes()
     assert main([*args, "--bootstrap", "0"]) == 0 and example.read_bytes() == first
+
+
+def test_metrics_refuses_to_write_into_an_eval_folder(tmp_path, capsys):
+    """eval's folder (run.json beside its summary): metrics would replace the summary and
+    diagrams under eval's report.md, so it refuses before writing anything."""
+    folder = tmp_path / "eval_run"
+    folder.mkdir()
+    (folder / "run.json").write_text("{}")
+    (folder / "summary.json").write_text('{"eval": true}')
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"task": "t", "id": 0, "choice_logprobs": [-1.0, -2.0], "label": 0}\n')
+    assert main(["metrics", str(path), "--output", str(folder)]) == 2
+    assert "holds a calibrated-lm eval run" in capsys.readouterr().err
+    assert (folder / "summary.json").read_text() == '{"eval": true}'
+    assert sorted(p.name for p in folder.iterdir()) == ["run.json", "summary.json"]

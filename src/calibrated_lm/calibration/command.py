@@ -146,6 +146,14 @@ def run(args: argparse.Namespace) -> int:
     # Every option before any file is read or written.
     check_counts(n_bins=args.n_bins, bootstrap=args.bootstrap, seed=args.seed, binning=args.binning)
     files = [Path(f) for f in args.files]
+    # An eval folder (its run.json; the name is eval's, which this package does not import):
+    # metrics would replace eval's summary.json and diagrams, leaving its report.md about
+    # other numbers.
+    if (Path(args.output) / "run.json").is_file():
+        raise UserError(
+            f"--output {args.output} holds a calibrated-lm eval run (run.json), whose summary "
+            "and diagrams metrics would replace; give another --output folder"
+        )
     if args.example is not None:
         try:
             files.insert(0, write_example(args.example, seed=0))
