@@ -179,3 +179,10 @@ def test_compare_diagrams_name_the_normalisation(tmp_path: Path, monkeypatch) ->
     compare_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "cmp", bootstrap=10,
                  normalization="chars")  # fmt: skip
     assert [k["normalization"] for k in seen] == ["chars"]
+
+
+def test_a_samples_file_given_for_a_run_folder_is_named(tmp_path) -> None:
+    path = tmp_path / "ok.jsonl"
+    path.write_text("{}\n")
+    with pytest.raises(UserError, match="is a file; compare takes eval run folders"):
+        compare_runs([path, tmp_path / "other"], tmp_path / "out")

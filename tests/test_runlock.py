@@ -181,3 +181,12 @@ def test_train_refuses_an_output_in_use(tmp_path: Path, holder) -> None:
         train(cfg)
     h.release()
     assert not out.exists()  # the holder created it, and left it empty
+
+
+def test_an_output_path_that_is_a_file_is_one_sentence(tmp_path: Path) -> None:
+    path = tmp_path / "ok.jsonl"
+    path.write_text("{}\n")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        with run_lock(path):
+            pass
+    assert path.read_text() == "{}\n"

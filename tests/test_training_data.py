@@ -147,3 +147,8 @@ def test_empty_dataset_after_filtering_is_an_error(tmp_path: Path, tokenizers):
     empty.write_text("\n")
     with pytest.raises(UserError, match="is empty"):
         load_dataset(empty, tokenizers[0], max_seq_len=8)
+
+
+def test_a_data_folder_is_named_as_one(tmp_path) -> None:
+    with pytest.raises(UserError, match="is a folder; give the JSON or JSONL file in it"):
+        read_records(tmp_path)

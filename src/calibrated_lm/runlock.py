@@ -118,6 +118,8 @@ def run_lock(folder: str | os.PathLike[str], *, active: bool = True) -> Iterator
     if not active:
         yield path
         return
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is a file, not a folder; give another output folder")
     created = _missing_dirs(folder)
     folder.mkdir(parents=True, exist_ok=True)
     try:

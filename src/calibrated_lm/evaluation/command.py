@@ -99,8 +99,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--fit-split",
         action="store_true",
-        help="also score each task's validation split (samples_validation.jsonl) so that "
-        "`calibrated-lm compare` can fit a temperature on it",
+        help="also score each task's whole validation split (samples_validation.jsonl; "
+        "--limit does not apply to it) so that `calibrated-lm compare` can fit a temperature "
+        "on it (a task without a validation split gets none)",
     )
     p.add_argument(
         "--overwrite",

@@ -127,6 +127,11 @@ def _load_run(path: Path) -> dict[str, Any]:
     from calibrated_lm.evaluation.samples_file import read_records
 
     samples = path / SAMPLES
+    if path.is_file():
+        raise UserError(
+            f"{path} is a file; compare takes eval run folders (the --output of calibrated-lm "
+            "eval) or lm-evaluation-harness --output_path folders"
+        )
     if not path.is_dir():
         raise UserError(f"{path} is not an eval run folder (no such folder)")
     if not samples.exists():

@@ -87,6 +87,8 @@ def read_records(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     file and line (JSONL) or item index (JSON array).
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"data file {path} is a folder; give the JSON or JSONL file in it")
     if not path.is_file():
         raise UserError(f"data file {path} does not exist")
     text = path.read_text(encoding="utf-8")
