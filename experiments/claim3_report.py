@@ -599,6 +599,11 @@ def _ci(ci: Sequence[float]) -> str:
     return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
 
 
+def _section(title: str, columns: Sequence[str]) -> list[str]:
+    """A blank line, ``title``, a blank line and a markdown table header of ``columns``."""
+    return ["", title, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def _tables(out: dict[str, Any]) -> str:
     lines = [
         "# Claim 3: the label-smoothing benefit against the vocabulary at D = 640",
@@ -631,13 +636,10 @@ def _tables(out: dict[str, Any]) -> str:
             )
     sec = {k: v for k, v in (out.get("secondary") or {}).items() if v}
     if sec:
-        lines += [
-            "",
+        lines += _section(
             "## Secondary tasks beside the test (each arm on its own shared questions)",
-            "",
-            "| arm | task | n | covered | D [95% CI] | d acc [95% CI] |",
-            "|---|---|---|---|---|---|",
-        ]
+            ["arm", "task", "n", "covered", "D [95% CI]", "d acc [95% CI]"],
+        )
         for label, tasks in sec.items():
             for task, r in tasks.items():
                 lines.append(
@@ -666,13 +668,10 @@ def _tables(out: dict[str, Any]) -> str:
     ]
     base = out.get("base_under_heads") or {}
     if base:
-        lines += [
-            "",
+        lines += _section(
             "## The base model through each restricted head (restricted minus full head)",
-            "",
-            "| head | task | n | acc full | d acc [95% CI] | ECE full | d ECE [95% CI] |",
-            "|---|---|---|---|---|---|---|",
-        ]
+            ["head", "task", "n", "acc full", "d acc [95% CI]", "ECE full", "d ECE [95% CI]"],
+        )
         for head, tasks in base.items():
             for task, r in tasks.items():
                 acc, ece = r["accuracy"], r["ece"]
