@@ -188,3 +188,14 @@ def test_capacity_command_end_to_end(tmp_path, capsys):
     assert "V/D" in text and "LS gap" in text
     assert main(["capacity", "--model", str(folder), "--eps", "1.5"]) == 2
     assert main(["capacity", "--model", str(tmp_path / "missing")]) == 2
+    # Another model's results in the folder are not replaced; the same model's are redone.
+    other = build_tiny_lm(tmp_path / "other", seed=1)
+    before = (out / "summary.json").read_bytes()
+    assert main(["capacity", "--model", str(other), "--samples", "8", "--output", str(out)]) == 2
+    assert "holds the capacity results of model" in capsys.readouterr().err
+    assert (out / "summary.json").read_bytes() == before
+    assert main(["capacity", "--model", str(folder), "--samples", "8", "--output", str(out)]) == 0
+    (tmp_path / "ev").mkdir()
+    (tmp_path / "ev/run.json").write_text("{}")
+    args = ["capacity", "--model", str(folder), "--samples", "8", "--output", str(tmp_path / "ev")]
+    assert main(args) == 2 and "holds an eval run" in capsys.readouterr().err

@@ -100,10 +100,39 @@ def run(args: argparse.Namespace) -> int:
     resolve_model(args.model)
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(str(args.model)).name or str(args.model))
     out = Path(args.output or Path("runs") / "capacity" / name)
+    _check_output(out, str(args.model))
     # Create the output folder first: an unwritable path fails before minutes of analysis.
     out.mkdir(parents=True, exist_ok=True)
     with run_lock(out):  # one writer per output folder
         return _analyze(args, eps, out)
+
+
+def _check_output(out: Path, model: str) -> None:
+    """Refuse an --output that holds another command's run (eval's run.json, train's
+    metrics.jsonl) or another model's capacity results: they would be replaced. The same
+    model's results are recomputed in place."""
+    import json
+
+    for name, what in (("run.json", "an eval run"), ("metrics.jsonl", "a training run")):
+        if (out / name).is_file():
+            raise UserError(f"--output {out} holds {what} ({name}); give another --output folder")
+    summary = out / "summary.json"
+    if not summary.is_file():
+        return
+    try:
+        old = json.loads(summary.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        old = None
+    if not isinstance(old, dict) or "reach_ls" not in old:
+        raise UserError(
+            f"--output {out} holds a summary.json that is not a capacity result; give another "
+            "--output folder"
+        )
+    if old.get("model") != model:
+        raise UserError(
+            f"--output {out} holds the capacity results of model {old.get('model')}, which "
+            f"this run of {model} would replace; give another --output folder"
+        )
 
 
 def _analyze(args: argparse.Namespace, eps: tuple[float, ...], out: Path) -> int:
