@@ -192,3 +192,17 @@ def test_a_first_start_that_scored_nothing_does_not_pin_the_folder(tmp_path: Pat
     weights.write_bytes(kept + b"\0")
     with pytest.raises(UserError, match="changed"):
         run_eval(_cfg(model, task, out))
+
+
+def test_eval_refuses_a_training_run_folder(tmp_path: Path) -> None:
+    """eval into train's --output (metrics.jsonl, checkpoints/), even with --overwrite: its
+    start-over would delete eval files only, and the folder is not eval's."""
+    model = build_tiny_lm(tmp_path / "model")
+    task = write_quiz(tmp_path / "quiz.jsonl", 4)
+    out = tmp_path / "train_run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match="holds a calibrated-lm train run"):
+            run_eval(_cfg(model, task, out, overwrite=overwrite))
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "metrics.jsonl"]

@@ -426,6 +426,17 @@ def test_sigterm_checkpoints_the_current_step_and_resume_matches(setup):
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
 
 
+def test_train_refuses_an_eval_run_folder(setup, tmp_path):
+    """train into eval's --output (its run.json): refused before anything is written."""
+    cfg = _cfg(setup, "x")
+    out = tmp_path / "eval_run"
+    out.mkdir()
+    (out / "run.json").write_text("{}")
+    with pytest.raises(UserError, match="holds a calibrated-lm eval run"):
+        train(replace(cfg, output=str(out)))
+    assert sorted(p.name for p in out.iterdir()) == ["run.json"]
+
+
 def test_a_signal_during_the_final_save_waits_for_it(setup, monkeypatch, capsys):
     """SIGINT while the last checkpoint and final/ are written (a Ctrl-C at the end of a run)
     no longer cuts torch.save mid-archive: the save finishes, the run returns, and the

@@ -863,6 +863,13 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     check_mode_with_subset(cfg.uncovered, subset is not None)
     splits = _task_splits(tasks, cfg.split)
     out = Path(cfg.output)
+    if (out / "metrics.jsonl").is_file() or (out / "checkpoints").is_dir():
+        # Even with --overwrite: its deletions are eval's files, and a training run's
+        # folder is not eval's to start over.
+        raise UserError(
+            f"--output {out} holds a calibrated-lm train run (metrics.jsonl, checkpoints); "
+            "give eval another --output folder"
+        )
     if not cfg.overwrite:
         # What can be refused before the model loads is refused now.
         _check_run_file(out, _early_key(cfg, fingerprint, splits, subset))

@@ -305,6 +305,11 @@ def _preflight(cfg: TrainConfig) -> _Checked:
         max_grad_norm=cfg.max_grad_norm,
     )
     output = Path(cfg.output)
+    if (output / "run.json").is_file():
+        raise UserError(
+            f"--output {output} holds a calibrated-lm eval run (run.json); give train another "
+            "--output folder"
+        )
     checkpoints = list_checkpoints(output)
     if checkpoints and not cfg.resume:
         raise UserError(
