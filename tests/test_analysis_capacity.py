@@ -198,4 +198,4 @@ def test_capacity_command_end_to_end(tmp_path, capsys):
     (tmp_path / "ev").mkdir()
     (tmp_path / "ev/run.json").write_text("{}")
     args = ["capacity", "--model", str(folder), "--samples", "8", "--output", str(tmp_path / "ev")]
-    assert main(args) == 2 and "holds an eval run" in capsys.readouterr().err
+    assert main(args) == 2 and "holds a calibrated-lm eval run" in capsys.readouterr().err

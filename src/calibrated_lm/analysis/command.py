@@ -108,14 +108,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_output(out: Path, model: str) -> None:
-    """Refuse an --output that holds another command's run (eval's run.json, train's
-    metrics.jsonl) or another model's capacity results: they would be replaced. The same
-    model's results are recomputed in place."""
+    """Refuse an --output that holds another command's run (:mod:`calibrated_lm.run_folders`)
+    or another model's capacity results: they would be replaced. The same model's results
+    are recomputed in place."""
     import json
 
-    for name, what in (("run.json", "an eval run"), ("metrics.jsonl", "a training run")):
-        if (out / name).is_file():
-            raise UserError(f"--output {out} holds {what} ({name}); give another --output folder")
+    from calibrated_lm.run_folders import refuse_other_runs
+
+    refuse_other_runs(out, "capacity")
     summary = out / "summary.json"
     if not summary.is_file():
         return

@@ -141,19 +141,15 @@ def format_table(tasks: dict[str, dict]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from calibrated_lm.calibration.example import ExampleExistsError, write_example
+    from calibrated_lm.run_folders import refuse_other_runs
     from calibrated_lm.runlock import run_lock
 
     # Every option before any file is read or written.
     check_counts(n_bins=args.n_bins, bootstrap=args.bootstrap, seed=args.seed, binning=args.binning)
     files = [Path(f) for f in args.files]
-    # An eval folder (its run.json; the name is eval's, which this package does not import):
-    # metrics would replace eval's summary.json and diagrams, leaving its report.md about
-    # other numbers.
-    if (Path(args.output) / "run.json").is_file():
-        raise UserError(
-            f"--output {args.output} holds a calibrated-lm eval run (run.json), whose summary "
-            "and diagrams metrics would replace; give another --output folder"
-        )
+    # In eval's folder, metrics would replace eval's summary.json and diagrams, leaving its
+    # report.md about other numbers.
+    refuse_other_runs(args.output, "metrics")
     if args.example is not None:
         try:
             files.insert(0, write_example(args.example, seed=0))

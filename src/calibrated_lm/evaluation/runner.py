@@ -859,17 +859,14 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     fingerprint = model_fingerprint(cfg.model)
     subset = resolve_head_subset(cfg)
     from calibrated_lm.evaluation.uncovered import check_mode_with_subset
+    from calibrated_lm.run_folders import refuse_other_runs
 
     check_mode_with_subset(cfg.uncovered, subset is not None)
     splits = _task_splits(tasks, cfg.split)
     out = Path(cfg.output)
-    if (out / "metrics.jsonl").is_file() or (out / "checkpoints").is_dir():
-        # Even with --overwrite: its deletions are eval's files, and a training run's
-        # folder is not eval's to start over.
-        raise UserError(
-            f"--output {out} holds a calibrated-lm train run (metrics.jsonl, checkpoints); "
-            "give eval another --output folder"
-        )
+    # Even with --overwrite: it deletes eval's files only, and another command's folder is
+    # not eval's to start over.
+    refuse_other_runs(out, "eval")
     if not cfg.overwrite:
         # What can be refused before the model loads is refused now.
         _check_run_file(out, _early_key(cfg, fingerprint, splits, subset))

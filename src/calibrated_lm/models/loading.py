@@ -649,10 +649,8 @@ def load_weights(opened: OpenedModel) -> Any:
 def _damaged_weights(exc: BaseException) -> bool:
     """Whether ``exc`` is a weights file that cannot be parsed: safetensors' own error (a
     truncated header or data), or torch's zip reader on a cut pickle checkpoint."""
-    try:
-        from safetensors import SafetensorError
-    except ImportError:  # pragma: no cover - transformers needs safetensors
-        SafetensorError = ()  # noqa: N806
+    from safetensors import SafetensorError  # a dependency of transformers
+
     if isinstance(exc, SafetensorError):
         return True
     return isinstance(exc, RuntimeError) and "PytorchStreamReader failed" in str(exc)

@@ -48,6 +48,7 @@ from typing import Any
 import torch
 
 from calibrated_lm.errors import UserError
+from calibrated_lm.run_folders import refuse_other_runs
 from calibrated_lm.training import distributed as D
 from calibrated_lm.training.backends import Backend, StepOutcome, make_backend
 from calibrated_lm.training.batching import StepPlan, collate
@@ -305,11 +306,7 @@ def _preflight(cfg: TrainConfig) -> _Checked:
         max_grad_norm=cfg.max_grad_norm,
     )
     output = Path(cfg.output)
-    if (output / "run.json").is_file():
-        raise UserError(
-            f"--output {output} holds a calibrated-lm eval run (run.json); give train another "
-            "--output folder"
-        )
+    refuse_other_runs(output, "train")
     checkpoints = list_checkpoints(output)
     if checkpoints and not cfg.resume:
         raise UserError(

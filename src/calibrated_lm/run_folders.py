@@ -1,0 +1,32 @@
+"""Whose run an output folder holds, so that no command writes into another command's.
+
+Each command that owns its folder is known by the files it writes there first: eval's
+``run.json`` (``evaluation.runner.RUN_FILE``), train's ``metrics.jsonl`` and ``checkpoints/``
+(``training.loop.METRICS_FILE``, ``training.checkpoint.checkpoint_root``); a test pins these
+names to those constants. ``metrics`` and ``capacity`` own no marker here: capacity checks its
+own ``summary.json`` (another model's results), and metrics writes only derived files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from calibrated_lm.errors import UserError
+
+MARKERS: dict[str, tuple[str, ...]] = {
+    "eval": ("run.json",),
+    "train": ("metrics.jsonl", "checkpoints"),
+}
+
+
+def refuse_other_runs(folder: str | Path, command: str) -> None:
+    """Raise :class:`UserError` if ``folder`` holds the run of a command other than
+    ``command`` (whose files ``command`` would replace or mix with its own)."""
+    folder = Path(folder)
+    for other, names in MARKERS.items():
+        found = [n for n in names if other != command and (folder / n).exists()]
+        if found:
+            raise UserError(
+                f"--output {folder} holds a calibrated-lm {other} run ({', '.join(found)}); "
+                f"give {command} another --output folder"
+            )
