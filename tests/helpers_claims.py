@@ -10,14 +10,13 @@ import numpy as np
 
 def samples(
     path: Path,
-    rng,
     n: int,
     sharp: float,
     acc_shift: float = 0.0,
     tasks=("arc_easy", "arc_challenge"),
 ) -> None:
     """Tasks of n 4-choice questions (two primary ones by default); ``sharp`` scales the
-    logits (confidence)."""
+    logits (confidence). Question i is the same for every model (its own seed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = []
     for task in tasks:

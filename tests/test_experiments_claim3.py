@@ -36,7 +36,7 @@ def ev(
     applied format), overridden by ``protocol``."""
     name = SFTRun(eps, seed, lr=8e-5, epochs=3, **kw).name(8e-5)
     folder = work / f"evals/{name}__{fmt}"
-    samples(folder / "samples.jsonl", None, n, sharp, tasks=R3.PRIMARY)
+    samples(folder / "samples.jsonl", n, sharp, tasks=R3.PRIMARY)
     proto: dict = {}
     if "vocab" in kw:
         proto["head_subset"] = {"size": kw["vocab"], "vocab_size": 262144}
@@ -265,7 +265,7 @@ def test_claim3_report_lists_secondary_tasks_and_the_left_out_shares(tmp_path: P
         for eps, sharp in ((0.0, 2.5), (0.1, 1.0)):
             name = SFTRun(eps, s, lr=8e-5, epochs=3, vocab=24576).name(8e-5)
             folder = c3 / f"evals/{name}__trained"
-            samples(folder / "samples.jsonl", None, 150, sharp, tasks=tasks)
+            samples(folder / "samples.jsonl", 150, sharp, tasks=tasks)
             proto = {
                 "head_subset": {"size": 24576},
                 "uncovered": "skip",
@@ -293,11 +293,10 @@ def test_claim3_report_commits_its_own_finished_units_and_the_base_under_each_he
     (samples and records), never a unit restored from the control or a run cut short."""
     from restore_units import RESTORED
 
-    rng = np.random.default_rng(0)
     c3 = tmp_path / "c3"
-    samples(c3 / "evals/base__trained/samples.jsonl", rng, 120, 1.0, tasks=R3.PRIMARY)
+    samples(c3 / "evals/base__trained/samples.jsonl", 120, 1.0, tasks=R3.PRIMARY)
     (c3 / "evals/base__trained" / RESTORED).write_text("{}")  # the control's, committed there
-    samples(c3 / "evals/base_V24576__trained/samples.jsonl", rng, 120, 1.2, tasks=R3.PRIMARY)
+    samples(c3 / "evals/base_V24576__trained/samples.jsonl", 120, 1.2, tasks=R3.PRIMARY)
     cut = c3 / "runs/sft_lr8e-05_ep3_eps0_V24576_s1"  # begun, lost with the machine
     cut.mkdir(parents=True)
     (cut / "metrics.jsonl").write_text('{"step": 1}\n')

@@ -57,15 +57,14 @@ def _heldout(path: Path, conf: float, acc: float, m: int = 200) -> None:
 
 
 def test_control_report_applies_the_preregistered_criterion(tmp_path: Path) -> None:
-    rng = np.random.default_rng(0)
     work = tmp_path / "work"
-    _samples(work / "evals/base__trained/samples.jsonl", rng, 300, 1.0)
+    _samples(work / "evals/base__trained/samples.jsonl", 300, 1.0)
     _heldout(work / "heldout_base/heldout.json", 0.55, 0.50)
     # lr 8e-5 x 3 epochs: sharper logits (over-confident) and a higher held-out gap;
     # lr 8e-5 x 1 epoch: the base's scores again (no change).
     over, same = "sft_lr8e-05_ep3_eps0_s1", "sft_lr8e-05_ep1_eps0_s1"
-    _samples(work / f"evals/{over}__trained/samples.jsonl", rng, 300, 2.5)
-    _samples(work / f"evals/{same}__trained/samples.jsonl", rng, 300, 1.0)
+    _samples(work / f"evals/{over}__trained/samples.jsonl", 300, 2.5)
+    _samples(work / f"evals/{same}__trained/samples.jsonl", 300, 1.0)
     _heldout(work / f"runs/{over}/heldout.json", 0.70, 0.50)
     _heldout(work / f"runs/{same}/heldout.json", 0.55, 0.50)
     for name in (over, same):
@@ -95,13 +94,12 @@ def test_claim2_report_verdicts_and_missing_seeds(tmp_path: Path) -> None:
     import claim2_report as R2
     from sft_calibration import SFTRun
 
-    rng = np.random.default_rng(0)
     work = tmp_path / "w"
 
     def ev(eps, seed, sharp):
         name = SFTRun(eps, seed, lr=8e-5, epochs=3).name(8e-5)
         path = work / f"evals/{name}__trained/samples.jsonl"
-        _samples(path, rng, 120, sharp, tasks=R2.PRIMARY + R2.SECONDARY)
+        _samples(path, 120, sharp, tasks=R2.PRIMARY + R2.SECONDARY)
 
     for s in (1, 2, 3):
         ev(0.0, s, 2.5)  # over-confident eps 0
@@ -148,11 +146,10 @@ def test_claim2_report_keeps_an_earlier_heldout_pair_whose_files_are_gone(tmp_pa
     import claim2_report as R2
     from sft_calibration import SFTRun
 
-    rng = np.random.default_rng(0)
     work, res = tmp_path / "w", tmp_path / "res"
     names = {e: SFTRun(e, 1, lr=8e-5, epochs=3).name(8e-5) for e in (0.0, 0.1)}
     for e, sharp in ((0.0, 2.5), (0.1, 1.0)):
-        _samples(work / f"evals/{names[e]}__trained/samples.jsonl", rng, 80, sharp,
+        _samples(work / f"evals/{names[e]}__trained/samples.jsonl", 80, sharp,
                  tasks=R2.PRIMARY + R2.SECONDARY)  # fmt: skip
     _heldout(work / f"runs/{names[0.0]}/heldout.json", 0.70, 0.50)
     _heldout(work / f"runs/{names[0.1]}/heldout.json", 0.55, 0.50)
