@@ -27,6 +27,94 @@ def test_hub_id_passes_through() -> None:
     assert loading.resolve_model("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
 
 
+def test_hub_probe_sees_an_open_port_and_a_closed_one() -> None:
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        assert loading.hub_reachable(f"http://127.0.0.1:{port}", timeout=2.0)
+    # The port was just released: nothing listens there now.
+    assert not loading.hub_reachable(f"http://127.0.0.1:{port}", timeout=2.0)
+    assert not loading.hub_reachable("not a url", timeout=0.5)
+
+
+@pytest.fixture
+def online_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No offline mode and no proxy, whatever the machine running the tests sets."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for var in loading._PROXY_VARS:
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+def test_unreachable_hub_refuses_an_uncached_id_at_once(online_env: pytest.MonkeyPatch) -> None:
+    online_env.setattr(loading, "hub_reachable", lambda endpoint: False)
+    online_env.setattr(loading, "_hub_cached", lambda repo: False)
+    with pytest.raises(UserError, match="'gogle/gemma-3-270m' is not an embedded model.*cannot be"):
+        loading.open_model("gogle/gemma-3-270m", device="cpu")
+
+
+def test_hub_plan(online_env: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    probed: list[str] = []
+
+    def reachable(endpoint: str) -> bool:
+        probed.append(endpoint)
+        return up
+
+    online_env.setattr(loading, "hub_reachable", reachable)
+    online_env.setattr(loading, "_hub_cached", lambda repo: True)
+    up = True
+    assert loading.hub_local_only("me/tiny") is False
+    up = False
+    assert loading.hub_local_only("me/tiny") is True  # cached: read from the cache only
+    assert probed == [constants.ENDPOINT] * 2
+    # Offline mode or a proxy: transformers decides, and nothing is probed.
+    online_env.setenv("HTTPS_PROXY", "http://proxy:3128")
+    assert loading.hub_local_only("me/tiny") is False
+    online_env.delenv("HTTPS_PROXY")
+    online_env.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert loading.hub_local_only("me/tiny") is False
+    assert len(probed) == 2
+
+
+def test_cached_hub_id_loads_from_cache_only(
+    tmp_path: Path, online_env: pytest.MonkeyPatch
+) -> None:
+    import transformers
+
+    folder = build_tiny_lm(tmp_path / "tiny")
+    online_env.setattr(loading, "hub_reachable", lambda endpoint: False)
+    online_env.setattr(loading, "_hub_cached", lambda repo: True)
+    seen: list[tuple[str, object]] = []
+
+    def cached(cls_name: str):
+        real = getattr(transformers, cls_name).from_pretrained
+
+        def load(name: str, **kwargs: object) -> object:
+            if name != "me/tiny":  # transformers' own inner loads, of the folder below
+                return real(name, **kwargs)
+            seen.append((cls_name, kwargs.get("local_files_only")))
+            return real(str(folder), **{k: v for k, v in kwargs.items() if k != "local_files_only"})
+
+        return load
+
+    for cls_name in ("AutoTokenizer", "AutoConfig", "AutoModelForCausalLM"):
+        online_env.setattr(getattr(transformers, cls_name), "from_pretrained", cached(cls_name))
+    model, tok = loading.load_model("me/tiny", device="cpu")
+    assert sorted(seen) == [
+        ("AutoConfig", True),
+        ("AutoModelForCausalLM", True),
+        ("AutoTokenizer", True),
+    ]
+    assert not model.training and tok("a")["input_ids"]
+
+
 def test_cache_dir_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(loading.CACHE_ENV, str(tmp_path / "c"))
     assert loading.cache_dir() == tmp_path / "c"

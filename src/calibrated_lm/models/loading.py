@@ -542,6 +542,8 @@ class OpenedModel:
     device: str
     dtype: Any
     model_class: str
+    # A hub id read from the local cache only, the hub being unreachable (:func:`hub_local_only`).
+    local_files_only: bool = False
 
     @property
     def dtype_name(self) -> str:
@@ -574,6 +576,78 @@ def effective_config(config: Any) -> Any:
     except (KeyError, ValueError):
         return config
     return text if getattr(cls, "config_class", None) is type(text) else config
+
+
+# How long the hub's host may take to accept a connection before a hub id that is not cached
+# is refused: transformers' own retries on an unreachable hub take about 50 s to give up.
+HUB_PROBE_TIMEOUT_S = 5.0
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy")
+
+
+def hub_reachable(endpoint: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to ``endpoint``'s host (port 443 for https, else 80 or the
+    URL's own) opens within ``timeout`` seconds, name lookup included.
+
+    The lookup runs in a daemon thread, so a resolver that hangs costs ``timeout``, not its
+    own minutes.
+    """
+    import threading
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    host = url.hostname
+    if not host:
+        return False
+    port = url.port or (443 if url.scheme == "https" else 80)
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    worker = threading.Thread(target=probe, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return bool(result and result[0])
+
+
+def _hub_cached(repo_id: str) -> bool:
+    """Whether the local Hugging Face cache holds ``repo_id``'s config.json."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError:  # not a valid repo id: nothing of it can be cached
+        return False
+    return isinstance(found, str)
+
+
+def hub_local_only(repo_id: str) -> bool:
+    """Plan the load of hub id ``repo_id``: whether to read it from the local cache only.
+
+    Offline mode (``HF_HUB_OFFLINE``) or a proxy leaves it to transformers (False). Otherwise
+    the hub's host is probed (:func:`hub_reachable`): reachable, False; unreachable with the
+    model cached, True (transformers would retry the network for every file first);
+    unreachable and not cached, a :class:`UserError`, in seconds rather than after
+    transformers' retries.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in _PROXY_VARS):
+        return False
+    if hub_reachable(constants.ENDPOINT):
+        return False
+    if _hub_cached(repo_id):
+        return True
+    raise UserError(
+        f"model {repo_id!r} is not an embedded model or a local path, so it would be "
+        f"downloaded from the Hugging Face Hub, but {constants.ENDPOINT} cannot be reached "
+        "from this machine and the model is not in the local cache: check the name, or pass "
+        f"a local checkpoint folder or .gguf file (embedded: {', '.join(EMBEDDED_MODELS)})"
+    )
 
 
 def _device_name(dev: str) -> str:
@@ -609,11 +683,12 @@ def open_model(
     resolved = resolve_model(name_or_path)
     if isinstance(resolved, Path) and resolved.suffix == ".gguf":
         resolved = convert_gguf(resolved)
+    local_only = hub_local_only(resolved) if isinstance(resolved, str) else False
     dev = _pick_device(device)
     torch_dtype = _pick_dtype(dtype, dev)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(resolved))
-        config = AutoConfig.from_pretrained(str(resolved))
+        tokenizer = AutoTokenizer.from_pretrained(str(resolved), local_files_only=local_only)
+        config = AutoConfig.from_pretrained(str(resolved), local_files_only=local_only)
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"could not load model {name_or_path}: {exc}") from exc
     return OpenedModel(
@@ -624,6 +699,7 @@ def open_model(
         device=_device_name(dev),
         dtype=torch_dtype,
         model_class=_causal_lm_class_name(config),
+        local_files_only=local_only,
     )
 
 
@@ -632,7 +708,9 @@ def load_weights(opened: OpenedModel) -> Any:
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(opened.path, dtype=opened.dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            opened.path, dtype=opened.dtype, local_files_only=opened.local_files_only
+        )
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"could not load model {opened.name}: {exc}") from exc
     except Exception as exc:
