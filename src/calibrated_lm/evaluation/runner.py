@@ -38,6 +38,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -382,6 +383,24 @@ def _fit_split(cfg: EvalConfig, task: Task) -> str | None:
     if cfg.fit_split and fit is not None and fit != (cfg.split or task.eval_split):
         return fit
     return None
+
+
+def fit_split_notes(cfg: EvalConfig, tasks: Sequence[Task]) -> list[str]:
+    """One line per task that ``--fit-split`` scores nothing extra for: the task names no
+    split to fit a temperature on, or that split is the one being scored."""
+    notes = []
+    for task in tasks:
+        if _fit_split(cfg, task) is not None:
+            continue
+        if task.fit_split is None:
+            why = "names no split to fit a temperature on (its task file has no fit_split)"
+        else:
+            why = f"would fit on {task.fit_split}, the split being scored"
+        notes.append(
+            f"note: --fit-split: task {task.name} {why}; nothing extra is scored for it, and "
+            "`calibrated-lm compare` shows - for its temperature"
+        )
+    return notes
 
 
 # ----------------------------------------------------------------------------- what pins a run
@@ -849,6 +868,10 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         fit = _fit_split(cfg, task)
         if fit is not None:
             _load_task_docs(task, fit, None)
+    if cfg.fit_split:
+        for note in fit_split_notes(cfg, tasks):
+            if D.dist_info().is_main:
+                print(note, file=sys.stderr, flush=True)
     phases: dict[str, Any] = {
         "process_start_to_eval_s": None if age_at_start is None else round(age_at_start, 2),
         "tasks_read_s": _since(t_start),
