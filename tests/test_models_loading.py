@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -187,3 +188,45 @@ def test_a_cut_weights_file_is_one_sentence(tmp_path):
         f.truncate(weights.stat().st_size // 3)
     with pytest.raises(UserError, match="damaged or was cut short"):
         loading.load_model(folder, device="cpu")
+
+
+def test_tokenizer_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    import transformers
+
+    monkeypatch.setenv(loading.CACHE_ENV, str(tmp_path / "cache"))
+    folder = build_tiny_lm(tmp_path / "tiny")
+    first = loading.open_model(folder, device="cpu").tokenizer
+    (entry,) = (tmp_path / "cache" / "tokenizers").iterdir()
+    built: list[str] = []
+    real = transformers.AutoTokenizer.from_pretrained
+
+    def counting(name: str, **kwargs: object) -> object:
+        built.append(str(name))
+        return real(name, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", counting)
+    text = "Question 7: which one?\nAnswer: ä"
+    again = loading.open_model(folder, device="cpu").tokenizer
+    assert built == [] and again(text)["input_ids"] == first(text)["input_ids"]
+    assert type(again) is type(first)
+    # Training state beside a checkpoint does not change the key; a copy with the same files
+    # shares the entry, under its own name.
+    copy = tmp_path / "step-2"
+    shutil.copytree(folder, copy)
+    (copy / "trainer_state.json").write_text("{}")
+    assert loading.open_model(copy, device="cpu").tokenizer.name_or_path == str(copy)
+    assert built == [] and len(list(entry.parent.iterdir())) == 1
+    # An edited tokenizer file is a new entry, built from the files.
+    cfg = copy / "tokenizer_config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "model_max_length": 77}))
+    assert loading.open_model(copy, device="cpu").tokenizer.model_max_length == 77
+    assert built == [str(copy)] and len(list(entry.parent.iterdir())) == 2
+    # A torn entry is rebuilt, not an error.
+    entry.write_bytes(entry.read_bytes()[:100])
+    assert (
+        loading.open_model(folder, device="cpu").tokenizer(text)["input_ids"]
+        == first(text)["input_ids"]
+    )
+    assert built == [str(copy), str(folder)] and entry.stat().st_size > 100
