@@ -230,3 +230,11 @@ def test_tokenizer_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         == first(text)["input_ids"]
     )
     assert built == [str(copy), str(folder)] and entry.stat().st_size > 100
+
+
+def test_a_folder_transformers_cannot_load_is_one_line(tmp_path: Path) -> None:
+    # transformers' own message spans several lines; quoted in ours it must not.
+    (tmp_path / "config.json").write_text('{"model_type": "nosuchmodel"}')
+    with pytest.raises(UserError, match="could not load model") as info:
+        loading.open_model(tmp_path, device="cpu")
+    assert "\n" not in str(info.value)

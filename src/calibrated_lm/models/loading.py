@@ -84,6 +84,12 @@ def cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("calibrated-lm"))
 
 
+def _one_line(exc: BaseException) -> str:
+    """A library's error message on one line (transformers' span several, with blank lines),
+    so that the error it is quoted in stays one sentence."""
+    return " ".join(str(exc).split())
+
+
 def _note(message: str) -> None:
     """One status line on stderr (stdout may be a table or JSON someone parses)."""
     print(f"calibrated-lm: {message}", file=sys.stderr, flush=True)
@@ -453,7 +459,7 @@ def convert_gguf(gguf: Path) -> Path:
         )
     except Exception as exc:  # transformers raises many types for a bad file
         raise UserError(
-            f"could not load GGUF model {gguf} ({gguf.stat().st_size} bytes): {exc} "
+            f"could not load GGUF model {gguf} ({gguf.stat().st_size} bytes): {_one_line(exc)} "
             "(a truncated or damaged download gives errors such as 'cannot reshape array'; "
             "fetch the file again)"
         ) from exc
@@ -764,7 +770,7 @@ def open_model(
         tokenizer = _load_tokenizer(resolved, local_only)
         config = AutoConfig.from_pretrained(str(resolved), local_files_only=local_only)
     except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"could not load model {name_or_path}: {exc}") from exc
+        raise UserError(f"could not load model {name_or_path}: {_one_line(exc)}") from exc
     return OpenedModel(
         name=str(name_or_path),
         path=str(resolved),
@@ -786,12 +792,12 @@ def load_weights(opened: OpenedModel) -> Any:
             opened.path, dtype=opened.dtype, local_files_only=opened.local_files_only
         )
     except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"could not load model {opened.name}: {exc}") from exc
+        raise UserError(f"could not load model {opened.name}: {_one_line(exc)}") from exc
     except Exception as exc:
         if not _damaged_weights(exc):
             raise
         raise UserError(
-            f"could not read the weights of model {opened.name} ({exc}); the file is damaged "
+            f"could not read the weights of model {opened.name} ({_one_line(exc)}); the file is damaged "
             "or was cut short (an interrupted copy or download): copy or save it again"
         ) from exc
     model.to(opened.device).eval()
