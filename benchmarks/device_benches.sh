@@ -90,9 +90,21 @@ eval)
     # and whether any score moves there (bit-identical on the CPU); ~60 s. Then all of
     # HellaSwag validation, lm-eval's HF backend (batch auto) and `calibrated-lm eval`,
     # bf16. 5 files under $OUT.
+    # `eval LIMIT float32`: only the HellaSwag comparison, both sides in fp32 (whether the
+    # differing predictions of the bf16 run are rounding), into eval_hellaswag_GPU_float32.md.
     limit=${2:-300}
+    dtype=${3:-bfloat16}
     install_wheels
     export PYTHONPATH="$HOME/sft_site:$PYTHONPATH" CALIBRATED_LM_CACHE="$HOME/clm_cache"
+    gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | awk '{print tolower($2)}')
+    if [ "$dtype" != bfloat16 ]; then
+        timeout "$limit" python3 benchmarks/bench_eval_vs_lm_eval.py --lm-eval-path "$HOME/bench_site" \
+            --task hellaswag --limit 0 --device cuda --dtype "$dtype" --batch-size auto \
+            --model gemma-3-270m --out "$OUT/eval_hellaswag_${gpu}_$dtype.md" >"$OUT/eval_log_$dtype.txt" 2>&1
+        rc=$?
+        tail -n 12 "$OUT/eval_log_$dtype.txt"
+        exit $rc
+    fi
     start=$(date +%s)
     timeout 150 python3 benchmarks/bench_scoring.py --before "${CARRY:-.carry/bench}/scoring_4691b5d.py" \
         --before-label 4691b5d --model gemma-3-270m --device cuda --limit 300 \
