@@ -39,12 +39,14 @@ def test_phases_before_the_first_batch_are_recorded_and_add_up(tmp_path: Path) -
     assert sum(timing[k] for k in PHASES) <= timing["to_scoring_start_s"] + 0.03
     assert timing["to_scoring_start_s"] <= first
     assert first <= timing["total_s"]
+    assert 0 <= timing["weights_load_s"] <= timing["model_load_s"]
     if timing["process_to_first_batch_s"] is not None:  # Linux
         assert timing["process_to_first_batch_s"] >= first
         assert timing["process_start_to_eval_s"] <= timing["process_to_first_batch_s"]
     again = run_eval(cfg)["protocol"]["timing"]  # resumed: nothing to score
     assert again["questions_scored_this_run"] == 0
     assert again["to_first_batch_s"] is None and again["process_to_first_batch_s"] is None
+    assert again["weights_load_s"] is None  # nothing to score: the weights were not read
 
 
 @pytest.mark.skipif(process_age_s() is None, reason="no /proc/self/stat here")

@@ -847,7 +847,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     (issue 15's "start to first scored batch"): ``process_start_to_eval_s`` (interpreter,
     imports and argument parsing, for a CLI run), ``tasks_read_s``, ``model_load_s``
     (tokenizer and config, plus the weights when there is something to score: a rerun with
-    nothing left to score never reads them),
+    nothing left to score never reads them; ``weights_load_s`` is the weights' part),
     ``prepare_s`` (items built, journals checked), ``to_scoring_start_s`` (this call's start
     to the first forward pass), then ``to_first_batch_s`` from this call's
     start and ``process_to_first_batch_s`` from the process's, both when the first window of
@@ -1186,6 +1186,8 @@ def _run_locked(
         "timing": {
             **(phases or {}),
             "model_load_s": round(load_s, 2),
+            # Of model_load_s, reading the weights onto their device (None: not read).
+            "weights_load_s": round(loaded["s"], 2) if "s" in loaded else None,
             "prepare_s": round(prepare_s, 2),
             "to_scoring_start_s": round(t_score - t_start, 2),
             "to_first_batch_s": first_batch.get("to_first_batch_s"),
