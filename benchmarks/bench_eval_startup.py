@@ -196,6 +196,7 @@ def importtime_top(raw: Path, depth: int = 0, rows: int = 15) -> str:
 
 
 def main() -> None:
+    global BASE, MODEL
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
         sys.exit(child(sys.argv[4:], Path(sys.argv[2])))
     if len(sys.argv) > 2 and sys.argv[1] == "--importtime-top":
@@ -210,14 +211,20 @@ def main() -> None:
     )  # fmt: skip
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: the eval's --device")
+    ap.add_argument("--model", default=MODEL, help=f"the eval's --model (default {MODEL})")
     args = ap.parse_args()
-    global BASE
+    MODEL = args.model
     BASE = ["--model", MODEL, *TASK, "--device", args.device, "--no-progress"]
     parts = set(args.only.split(","))
     from calibrated_lm.models.loading import load_model
 
     load_model(MODEL, device="cpu")  # the GGUF conversion cache is warm before any timing
-    res: dict = {"label": args.label, "device": args.device, "load_at_start": _load()}
+    res: dict = {
+        "label": args.label,
+        "model": MODEL,
+        "device": args.device,
+        "load_at_start": _load(),
+    }
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         if "docs" in parts:
