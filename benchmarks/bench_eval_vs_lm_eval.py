@@ -73,6 +73,7 @@ def _compare(lm_eval_dir: Path, task: str, ours: dict[str, dict]) -> dict:
     if not files:
         return {"compared_questions": 0}
     worst, agree, n = 0.0, 0, 0
+    diffs: list[tuple[float, str, int, float, float]] = []  # the largest, to be looked at
     for line in files[0].read_text().split("\n"):
         if not line.strip():
             continue
@@ -84,12 +85,20 @@ def _compare(lm_eval_dir: Path, task: str, ours: dict[str, dict]) -> dict:
         theirs = [float(r[0][0]) for r in s["resps"]]
         mine = ours[key]["choice_logprobs"]
         worst = max(worst, max(abs(a - b) for a, b in zip(theirs, mine)))
+        for c, (a, b) in enumerate(zip(theirs, mine)):
+            diffs.append((abs(a - b), key, c, a, b))
         agree += theirs.index(max(theirs)) == mine.index(max(mine))
         n += 1
     return {
         "compared_questions": n,
         "max_abs_loglik_diff": worst,
         "same_prediction": f"{agree}/{n}",
+        # question key, choice, lm-eval's and our log-likelihood: where they part most.
+        "largest_diffs": [
+            {"key": k, "choice": c, "lm_eval": a, "ours": b}
+            for _, k, c, a, b in sorted(diffs, reverse=True)[:8]
+        ],
+        "choices_over_1e-2_nats": sum(d[0] > 1e-2 for d in diffs),
     }
 
 
