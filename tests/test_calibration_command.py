@@ -167,3 +167,21 @@ def test_metrics_refuses_to_write_into_an_eval_folder(tmp_path, capsys):
     assert "holds a calibrated-lm eval run" in capsys.readouterr().err
     assert (folder / "summary.json").read_text() == '{"eval": true}'
     assert sorted(p.name for p in folder.iterdir()) == ["run.json", "summary.json"]
+
+
+def test_metrics_keeps_another_commands_summary_and_reruns_over_its_own(tmp_path, capsys):
+    """A capacity result (or any summary.json metrics did not write, unreadable ones too) is
+    refused and left as it was; metrics' own summary is replaced by a rerun."""
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"task": "t", "id": 0, "choice_logprobs": [-1.0, -2.0], "label": 0}\n')
+    for i, text in enumerate(['{"reach_ls": [], "model": "m"}', "{not json"]):
+        folder = tmp_path / f"other{i}"
+        folder.mkdir()
+        (folder / "summary.json").write_text(text)
+        assert main(["metrics", str(path), "--output", str(folder)]) == 2
+        assert "not a metrics summary" in capsys.readouterr().err
+        assert (folder / "summary.json").read_text() == text
+        assert [p.name for p in folder.iterdir()] == ["summary.json"]
+    own = tmp_path / "own"
+    assert main(["metrics", str(path), "--output", str(own)]) == 0
+    assert main(["metrics", str(path), "--output", str(own), "--n-bins", "5"]) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -139,6 +140,24 @@ def format_table(tasks: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def _refuse_foreign_summary(out: Path) -> None:
+    """Refuse an output folder whose summary.json is not an earlier metrics summary (a
+    capacity result, say, or a file that cannot be read): metrics would replace it."""
+    summary = out / "summary.json"
+    if not summary.is_file():
+        return
+    try:
+        old = json.loads(summary.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        old = None
+    tool = old.get("protocol", {}).get("tool", "") if isinstance(old, dict) else ""
+    if not (isinstance(tool, str) and tool.endswith(" metrics")):
+        raise UserError(
+            f"--output {out} holds a summary.json that is not a metrics summary (another "
+            "command's results); metrics would replace it, so give another --output folder"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     from calibrated_lm.calibration.example import ExampleExistsError, write_example
     from calibrated_lm.run_folders import refuse_other_runs
@@ -150,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
     # In eval's folder, metrics would replace eval's summary.json and diagrams, leaving its
     # report.md about other numbers.
     refuse_other_runs(args.output, "metrics")
+    _refuse_foreign_summary(Path(args.output))
     if args.example is not None:
         try:
             files.insert(0, write_example(args.example, seed=0))
