@@ -145,7 +145,7 @@ def main() -> int:
                 run = [sys.executable, "-m", "cProfile", "-o", str(prof), str(child)]
             cmd = [*run, str(model), "--tasks", args.tasks,
                    "--split", args.split, "--device", "cpu", "--no-progress",
-                   "--bootstrap", "10", "--output", str(out)]  # fmt: skip
+                   "--bootstrap", "20", "--output", str(out)]  # fmt: skip
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             wall = time.perf_counter() - t0

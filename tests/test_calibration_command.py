@@ -98,8 +98,8 @@ def test_bad_file_is_one_sentence_with_file_and_line(tmp_path, capsys):
     [
         (["metrics"], "give at least one samples FILE"),
         (["metrics", "nope.jsonl"], "nope.jsonl: no such file"),
-        (["metrics", "x.jsonl", "--n-bins", "0"], "--n-bins must be at least 1"),
-        (["metrics", "x.jsonl", "--bootstrap", "-3"], "--bootstrap must be 0 or more"),
+        (["metrics", "x.jsonl", "--n-bins", "0"], "--n-bins must be from 1 to 1000"),
+        (["metrics", "x.jsonl", "--bootstrap", "-3"], "--bootstrap must be 0 (no intervals) or at least 20"),
     ],
 )
 def test_usage_errors(argv, message, capsys):
@@ -185,3 +185,15 @@ def test_metrics_keeps_another_commands_summary_and_reruns_over_its_own(tmp_path
     own = tmp_path / "own"
     assert main(["metrics", str(path), "--output", str(own)]) == 0
     assert main(["metrics", str(path), "--output", str(own), "--n-bins", "5"]) == 0
+
+
+def test_bins_and_draws_out_of_range_are_one_sentence(tmp_path, capsys):
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"task": "t", "id": 0, "choice_logprobs": [-1.0, -2.0], "label": 0}\n')
+    for opt, value, want in [
+        ("--n-bins", "1000000", "--n-bins must be from 1 to 1000"),
+        ("--bootstrap", "1", "--bootstrap must be 0 (no intervals) or at least 20"),
+    ]:
+        out = tmp_path / f"out{opt}"
+        assert main(["metrics", str(path), "--output", str(out), opt, value]) == 2
+        assert want in capsys.readouterr().err and not out.exists()

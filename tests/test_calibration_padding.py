@@ -199,7 +199,7 @@ def test_compare_keeps_a_minus_inf_choice_as_a_choice(tmp_path):
         for i in range(20)
     ]
     (run / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    res = compare_runs([run], tmp_path / "out", bootstrap=10)
+    res = compare_runs([run], tmp_path / "out", bootstrap=20)
     entry = next(iter(res["tasks"]["q"]["runs"].values()))
     # Question 0's gold answer has p = 0: wrong, and NLL infinite (not "label 2 of 2 choices").
     assert entry["accuracy"] == np.float64(19 / 20)

@@ -176,7 +176,7 @@ def test_compare_diagrams_name_the_normalisation(tmp_path: Path, monkeypatch) ->
     monkeypatch.setattr(calibration, "reliability_diagram", spy)
     _run(tmp_path / "a", 1.0, 0, False)
     _run(tmp_path / "b", 2.0, 1, False)
-    compare_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "cmp", bootstrap=10,
+    compare_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "cmp", bootstrap=20,
                  normalization="chars")  # fmt: skip
     assert [k["normalization"] for k in seen] == ["chars"]
 
@@ -186,3 +186,30 @@ def test_a_samples_file_given_for_a_run_folder_is_named(tmp_path) -> None:
     path.write_text("{}\n")
     with pytest.raises(UserError, match="is a file; compare takes eval run folders"):
         compare_runs([path, tmp_path / "other"], tmp_path / "out")
+
+
+def test_no_bootstrap_gives_differences_without_intervals_or_verdicts(tmp_path: Path) -> None:
+    """--bootstrap 0 used to resample once and print that single draw as a "95% interval",
+    with better/worse verdicts from it."""
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 4, 100)
+    s = rng.normal(size=(100, 4))
+    _same_questions(tmp_path / "ref", s, y)
+    _same_questions(tmp_path / "sharp", s * 3, y)
+    out = tmp_path / "cmp"
+    result = compare_runs([tmp_path / "ref", tmp_path / "sharp"], out, bootstrap=0)
+    paired = next(e for k, e in result["tasks"]["quiz"]["runs"].items() if k != "ref")["paired"]
+    assert paired["n"] == 100 and paired["ece"]["delta"] != 0
+    assert all(paired[m]["ci95"] is None and paired[m]["verdict"] is None for m in ("ece", "nll"))
+    md = (out / "compare.md").read_text()
+    assert "no intervals" in md and "95% bootstrap intervals" not in md
+    (row,) = [line for line in md.splitlines() if line.startswith("| sharp") and "+" in line]
+    assert "[" not in row and "worse" not in row and "better" not in row
+
+
+@pytest.mark.parametrize("draws", [1, 19])
+def test_too_few_draws_for_an_interval_are_refused(tmp_path: Path, draws: int) -> None:
+    _same_questions(tmp_path / "ref", np.zeros((4, 2)), np.zeros(4, dtype=int))
+    with pytest.raises(UserError, match="--bootstrap must be 0 \\(no intervals\\) or at least 20"):
+        compare_runs([tmp_path / "ref", tmp_path / "ref"], tmp_path / "cmp", bootstrap=draws)
+    assert not (tmp_path / "cmp").exists()

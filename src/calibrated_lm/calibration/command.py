@@ -65,15 +65,27 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+MAX_BINS = 1000
+# 1 / (1 - 0.95): the fewest draws whose 2.5th and 97.5th percentiles are not the two extremes.
+MIN_DRAWS = 20
+
+
 def check_counts(
     *, n_bins: Any = None, bootstrap: Any = None, seed: Any = None, binning: Any = None
 ) -> None:
     """The shared checks of ``--n-bins``, ``--bootstrap``, ``--seed`` and ``--binning``
     (metrics, eval, compare): one sentence naming the option; None skips an option."""
-    if n_bins is not None and (not _is_int(n_bins) or n_bins < 1):
-        raise UserError(f"--n-bins must be at least 1, got {n_bins!r}")
-    if bootstrap is not None and (not _is_int(bootstrap) or bootstrap < 0):
-        raise UserError(f"--bootstrap must be 0 or more, got {bootstrap!r}")
+    if n_bins is not None and (not _is_int(n_bins) or not 1 <= n_bins <= MAX_BINS):
+        # Far more bins than questions leaves nearly every bin empty, and the bootstrap's
+        # per-bin arrays grow with the count (a million bins took 24 GB and a kill).
+        raise UserError(f"--n-bins must be from 1 to {MAX_BINS}, got {n_bins!r}")
+    if bootstrap is not None and (
+        not _is_int(bootstrap) or bootstrap < 0 or 0 < bootstrap < MIN_DRAWS
+    ):
+        raise UserError(
+            f"--bootstrap must be 0 (no intervals) or at least {MIN_DRAWS}, got {bootstrap!r}: "
+            "with fewer draws a 95% interval's ends are single draws, not percentiles"
+        )
     if seed is not None and (not _is_int(seed) or seed < 0):
         raise UserError(f"--seed must be 0 or more, got {seed!r}")
     if binning is not None and binning not in ("width", "mass"):

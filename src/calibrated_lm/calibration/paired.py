@@ -87,10 +87,11 @@ def paired_bootstrap_items(
     shared by both sides (the indices of ``bootstrap_indices(n, draws, seed)``).
     """
     _same_questions(items_a, items_b, "paired_bootstrap")
-    if draws < 1:
-        raise ValueError(f"bootstrap draws must be at least 1, got {draws}")
+    if draws < 0:
+        raise ValueError(f"bootstrap draws must be 0 or more, got {draws}")
     chosen = paired_metrics(metrics)
-    with_ci = [m for m in chosen if m.has_ci]
+    # No draws: the point differences alone, every interval None.
+    with_ci = [m for m in chosen if m.has_ci] if draws else []
     diffs: dict[str, list[np.ndarray]] = {m.name: [] for m in with_ci}
     width = max(items_a.probs.shape[1], items_b.probs.shape[1])
     for idx in index_chunks(items_a.n, draws, seed, width) if with_ci else ():
@@ -102,7 +103,7 @@ def paired_bootstrap_items(
     for m in chosen:
         a = float(m.point(items_a, n_bins, binning))
         b = float(m.point(items_b, n_bins, binning))
-        ci = percentile_interval(np.concatenate(diffs[m.name]), level) if m.has_ci else None
+        ci = percentile_interval(np.concatenate(diffs[m.name]), level) if m.name in diffs else None
         out[m.name] = {"a": a, "b": b, "delta": b - a, "ci95": ci}
     return out
 

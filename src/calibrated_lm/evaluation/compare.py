@@ -300,7 +300,12 @@ def _compare(
         for t in _by_task(r["records"]):
             if t not in task_names:
                 task_names.append(t)
-    result: dict[str, Any] = {"normalization": normalization, "runs": labels, "tasks": {}}
+    result: dict[str, Any] = {
+        "normalization": normalization,
+        "bootstrap": bootstrap,
+        "runs": labels,
+        "tasks": {},
+    }
     result["reference"] = labels[0]
     result["warnings"] = []
     for task in task_names:
@@ -432,7 +437,7 @@ def _paired_vs_reference(
             entry["paired"] = {"n": 0, "why": f"numbers of choices differ from {reference}'s"}
             continue
         res = paired_bootstrap_items(
-            ia, ib, metrics=shown, draws=max(bootstrap, 1), n_bins=n_bins, binning=binning
+            ia, ib, metrics=shown, draws=bootstrap, n_bins=n_bins, binning=binning
         )
         for m in shown:
             res[m.name]["direction"] = m.direction
@@ -511,7 +516,12 @@ def _markdown(result: dict[str, Any]) -> str:
     from calibrated_lm.evaluation.report import markdown_table
 
     lines = ["# Calibration comparison", ""]
-    lines.append(f"Normalization: {result['normalization']}; 95% bootstrap intervals in brackets.")
+    ci = (
+        "95% bootstrap intervals in brackets"
+        if result.get("bootstrap", 1)
+        else "no intervals and no better/worse (--bootstrap 0)"
+    )
+    lines.append(f"Normalization: {result['normalization']}; {ci}.")
     lines.append(
         f"Paired differences are run - reference ({result['reference']}) on the questions both "
         "scored; better/worse: the interval excludes 0 in the metric's better/worse direction."
@@ -548,7 +558,8 @@ def run(args: argparse.Namespace) -> int:
         print(text_table(header(), table(result, task)))
         paired = paired_table(result, task)
         if paired:
-            print(f"paired differences vs {result['reference']} (95% CI):")
+            ci = "95% CI" if result.get("bootstrap", 1) else "no intervals: --bootstrap 0"
+            print(f"paired differences vs {result['reference']} ({ci}):")
             print(text_table(paired_header(), paired))
         print(f"diagram: {[p for p in data['diagram'] if p.endswith('.png')][0]}")
     print(f"\nreport: {args.output / 'compare.md'}")
