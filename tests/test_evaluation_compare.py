@@ -213,3 +213,17 @@ def test_too_few_draws_for_an_interval_are_refused(tmp_path: Path, draws: int) -
     with pytest.raises(UserError, match="--bootstrap must be 0 \\(no intervals\\) or at least 20"):
         compare_runs([tmp_path / "ref", tmp_path / "ref"], tmp_path / "cmp", bootstrap=draws)
     assert not (tmp_path / "cmp").exists()
+
+
+def test_an_eval_folder_without_its_test_journal_is_not_read_as_lm_eval(tmp_path: Path) -> None:
+    """Its samples_validation.jsonl matches lm-eval's samples_*.jsonl: it was read as the
+    run's results of a task, without a word."""
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 4, 50)
+    s = rng.normal(size=(50, 4))
+    _same_questions(tmp_path / "ref", s, y)
+    run = tmp_path / "val_only"
+    run.mkdir()
+    _write(run / "samples_validation.jsonl", s, y)
+    with pytest.raises(UserError, match="val_only is an eval run folder .* without its samples"):
+        compare_runs([tmp_path / "ref", run], tmp_path / "cmp", bootstrap=20)

@@ -87,7 +87,10 @@ def _cut_short(path: Path) -> UserError | None:
 def _lm_eval_files(path: Path) -> list[Path]:
     """lm-evaluation-harness ``--log_samples`` files under ``path`` (it writes them into a
     sub-folder named after the model): one per task, or a sentence naming the duplicates."""
-    files = sorted(path.rglob("samples_*.jsonl"))
+    from calibrated_lm.evaluation.runner import FIT_SAMPLES
+
+    # eval's validation journal matches lm-eval's pattern too: it is never one of its files.
+    files = sorted(f for f in path.rglob("samples_*.jsonl") if f.name != FIT_SAMPLES)
     by_task: dict[str, list[Path]] = {}
     from calibrated_lm.calibration.samples import lm_eval_task_name
 
@@ -135,6 +138,14 @@ def _load_run(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         raise UserError(f"{path} is not an eval run folder (no such folder)")
     if not samples.exists():
+        from calibrated_lm.evaluation.runner import RUN_FILE
+
+        ours = [n for n in (RUN_FILE, FIT_SAMPLES) if (path / n).exists()]
+        if ours:  # eval's folder, its test journal gone: not an lm-eval folder
+            raise UserError(
+                f"{path} is an eval run folder ({', '.join(ours)}) without its {SAMPLES}: "
+                "rerun that eval with the same --output to score the questions again"
+            )
         harness = _lm_eval_files(path)
         if harness:
             return _load_lm_eval_run(path, harness)
