@@ -227,3 +227,17 @@ def test_an_eval_folder_without_its_test_journal_is_not_read_as_lm_eval(tmp_path
     _write(run / "samples_validation.jsonl", s, y)
     with pytest.raises(UserError, match="val_only is an eval run folder .* without its samples"):
         compare_runs([tmp_path / "ref", run], tmp_path / "cmp", bootstrap=20)
+
+
+def test_an_unfinished_eval_is_compared_with_a_warning(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    y = rng.integers(0, 4, 40)
+    s = rng.normal(size=(40, 4))
+    _same_questions(tmp_path / "ref", s, y)
+    _same_questions(tmp_path / "cut", s, y, keep=25)
+    (tmp_path / "cut" / "run.json").write_text("{}")  # started, never wrote its summary
+    result = compare_runs([tmp_path / "ref", tmp_path / "cut"], tmp_path / "cmp", bootstrap=20)
+    assert any(w.startswith("cut: its eval has not finished") for w in result["warnings"])
+    (tmp_path / "cut" / "summary.json").write_text(json.dumps({"protocol": {}}))
+    again = compare_runs([tmp_path / "ref", tmp_path / "cut"], tmp_path / "cmp2", bootstrap=20)
+    assert not any("has not finished" in w for w in again["warnings"])

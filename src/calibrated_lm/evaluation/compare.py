@@ -182,7 +182,18 @@ def _load_run(path: Path) -> dict[str, Any]:
                 f"{summary_path} is not an eval summary (expected an object with a protocol); "
                 "rerun that eval to rebuild it, or delete it"
             )
-    return {"path": path, "summary": summary, "records": records, "fit": fit, "files": files}
+    from calibrated_lm.evaluation.runner import RUN_FILE
+
+    # eval writes run.json first and summary.json last.
+    unfinished = (path / RUN_FILE).exists() and not summary_path.exists()
+    return {
+        "path": path,
+        "summary": summary,
+        "records": records,
+        "fit": fit,
+        "files": files,
+        "unfinished": unfinished,
+    }
 
 
 def _validate_run(run: dict[str, Any], normalization: str) -> None:
@@ -318,7 +329,13 @@ def _compare(
         "tasks": {},
     }
     result["reference"] = labels[0]
-    result["warnings"] = []
+    result["warnings"] = [
+        f"{label}: its eval has not finished (run.json but no summary.json: interrupted, or "
+        "still running), so its questions are compared as far as it got; rerun that eval "
+        "with the same --output to finish it"
+        for label, r in zip(labels, runs)
+        if r.get("unfinished")
+    ]
     for task in task_names:
         series = {}
         rows = {}
