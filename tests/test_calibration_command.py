@@ -99,7 +99,10 @@ def test_bad_file_is_one_sentence_with_file_and_line(tmp_path, capsys):
         (["metrics"], "give at least one samples FILE"),
         (["metrics", "nope.jsonl"], "nope.jsonl: no such file"),
         (["metrics", "x.jsonl", "--n-bins", "0"], "--n-bins must be from 1 to 1000"),
-        (["metrics", "x.jsonl", "--bootstrap", "-3"], "--bootstrap must be 0 (no intervals) or at least 20"),
+        (
+            ["metrics", "x.jsonl", "--bootstrap", "-3"],
+            "--bootstrap must be 0 (no intervals) or at least 20",
+        ),
     ],
 )
 def test_usage_errors(argv, message, capsys):
