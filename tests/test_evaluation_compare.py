@@ -241,3 +241,27 @@ def test_an_unfinished_eval_is_compared_with_a_warning(tmp_path: Path) -> None:
     (tmp_path / "cut" / "summary.json").write_text(json.dumps({"protocol": {}}))
     again = compare_runs([tmp_path / "ref", tmp_path / "cut"], tmp_path / "cmp2", bootstrap=20)
     assert not any("has not finished" in w for w in again["warnings"])
+
+
+def test_runs_scored_with_another_normalization_are_named(tmp_path: Path, capsys) -> None:
+    from calibrated_lm.cli import main
+
+    rng = np.random.default_rng(8)
+    y = rng.integers(0, 4, 30)
+    s = rng.normal(size=(30, 4))
+    for name, norm in (("plain", "none"), ("perchar", "chars")):
+        _same_questions(tmp_path / name, s, y)
+        summary = {"protocol": {"normalization": norm}}
+        (tmp_path / name / "summary.json").write_text(json.dumps(summary))
+    out = tmp_path / "cmp"
+    argv = ["compare", str(tmp_path / "plain"), str(tmp_path / "perchar"), "--output", str(out)]
+    assert main([*argv, "--bootstrap", "20"]) == 0
+    printed = capsys.readouterr().out
+    assert "normalization: none (the reference's (plain))" in printed
+    assert "warning: every run is compared with normalization none" in printed
+    assert "perchar: chars" in printed
+    assert "perchar: chars" in (out / "compare.md").read_text()
+    # Chosen on the command line: said so, and the run that differs is still named.
+    assert main([*argv, "--bootstrap", "20", "--normalization", "chars"]) == 0
+    printed = capsys.readouterr().out
+    assert "normalization: chars (--normalization)" in printed and "plain: none" in printed

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -274,18 +275,32 @@ def compare_runs(
                 str(r["path"]) + label[len(r["path"].name) :] for r, label in zip(runs, labels)
             ]
         _check_labels(labels, "the default labels (give --labels)")
+    chosen_by = "--normalization"
     if normalization is None:
         normalization = runs[0]["summary"].get("protocol", {}).get("normalization", "none")
+        chosen_by = f"the reference's ({runs[0]['path'].name})"
         if normalization not in NORMALIZATIONS:
             raise UserError(
                 f"{runs[0]['path']}/summary.json names an unknown normalization "
                 f"{normalization!r}; pass --normalization none, chars or tokens"
             )
+    # Each run's own (its eval's summary), so that one scored another way is said, not hidden.
+    own = {
+        r["path"].name: r["summary"].get("protocol", {}).get("normalization", normalization)
+        for r in runs
+    }
+    differ = sorted(f"{name}: {n}" for name, n in own.items() if n != normalization)
     for r in runs:
         _validate_run(r, normalization)
     # The lock creates the output folder (and removes it again if nothing gets written).
+    notes = [
+        f"every run is compared with normalization {normalization} ({chosen_by}), but "
+        f"some evals reported another ({', '.join(differ)}); pass --normalization to choose"
+    ] if differ else []  # fmt: skip
     with run_lock(output):
-        return _compare(runs, output, labels, normalization, n_bins, binning, bootstrap)
+        return _compare(
+            runs, output, labels, normalization, n_bins, binning, bootstrap, notes, chosen_by
+        )
 
 
 NORMALIZATIONS = ("none", "chars", "tokens")
@@ -309,6 +324,8 @@ def _compare(
     n_bins: int,
     binning: str,
     bootstrap: int,
+    notes: Sequence[str] = (),
+    chosen_by: str = "--normalization",
 ) -> dict[str, Any]:
     from calibrated_lm.calibration import (
         fit_temperature,
@@ -324,12 +341,13 @@ def _compare(
                 task_names.append(t)
     result: dict[str, Any] = {
         "normalization": normalization,
+        "normalization_chosen_by": chosen_by,
         "bootstrap": bootstrap,
         "runs": labels,
         "tasks": {},
     }
     result["reference"] = labels[0]
-    result["warnings"] = [
+    result["warnings"] = list(notes) + [
         f"{label}: its eval has not finished (run.json but no summary.json: interrupted, or "
         "still running), so its questions are compared as far as it got; rerun that eval "
         "with the same --output to finish it"
@@ -579,6 +597,7 @@ def run(args: argparse.Namespace) -> int:
         binning=args.binning,
         bootstrap=args.bootstrap,
     )
+    print(f"normalization: {result['normalization']} ({result['normalization_chosen_by']})")
     for w in result["warnings"]:
         print(f"warning: {w}")
     for task, data in result["tasks"].items():
