@@ -265,3 +265,15 @@ def test_runs_scored_with_another_normalization_are_named(tmp_path: Path, capsys
     assert main([*argv, "--bootstrap", "20", "--normalization", "chars"]) == 0
     printed = capsys.readouterr().out
     assert "normalization: chars (--normalization)" in printed and "plain: none" in printed
+
+
+def test_runs_with_no_task_in_common_are_warned_about(tmp_path: Path) -> None:
+    rng = np.random.default_rng(9)
+    y = rng.integers(0, 4, 20)
+    s = rng.normal(size=(20, 4))
+    for name, task in (("a", "easy"), ("b", "hard")):
+        (tmp_path / name).mkdir()
+        _write(tmp_path / name / "samples.jsonl", s, y, task=task)
+    result = compare_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "cmp", bootstrap=20)
+    (w,) = result["warnings"]
+    assert w.startswith("the runs share no task (a: easy; b: hard)")

@@ -347,6 +347,8 @@ def _compare(
         "tasks": {},
     }
     result["reference"] = labels[0]
+    per_run = [set(_by_task(r["records"])) for r in runs]
+    shared_tasks = [t for t in task_names if sum(t in ts for ts in per_run) > 1]
     result["warnings"] = list(notes) + [
         f"{label}: its eval has not finished (run.json but no summary.json: interrupted, or "
         "still running), so its questions are compared as far as it got; rerun that eval "
@@ -354,6 +356,11 @@ def _compare(
         for label, r in zip(labels, runs)
         if r.get("unfinished")
     ]
+    if len(runs) > 1 and not shared_tasks:
+        which = "; ".join(f"{lab}: {', '.join(sorted(ts))}" for lab, ts in zip(labels, per_run))
+        result["warnings"].append(
+            f"the runs share no task ({which}), so nothing is paired: each run is summarised alone"
+        )
     for task in task_names:
         series = {}
         rows = {}
