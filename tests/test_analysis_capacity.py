@@ -188,6 +188,11 @@ def test_capacity_command_end_to_end(tmp_path, capsys):
     assert "V/D" in text and "LS gap" in text
     assert main(["capacity", "--model", str(folder), "--eps", "1.5"]) == 2
     assert main(["capacity", "--model", str(tmp_path / "missing")]) == 2
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["capacity", "--model", str(folder), "--output", str(afile)]) == 2
+    assert "--output " + str(afile) + " is a file, not a folder" in capsys.readouterr().err
+    assert afile.read_text() == "x"
     # Another model's results in the folder are not replaced; the same model's are redone.
     other = build_tiny_lm(tmp_path / "other", seed=1)
     before = (out / "summary.json").read_bytes()

@@ -60,7 +60,7 @@ def format_report(summary: dict[str, Any]) -> str:
         f"{summary['log10_one_minus_ceiling']['median']:.3g} (max "
         f"{summary['log10_one_minus_ceiling']['max']:.3g})",
         f"entropy at the ceiling point: median {summary['entropy_at_ceiling']['median']:.3g} "
-        f"nats; lowest found {summary['lowest_entropy_found']:.3g} nats",
+        f"nats; lowest found {summary['lowest_entropy_found'] + 0.0:.3g} nats",
         f"uniform margin max_h min_j (z_y - z_j): lower median "
         f"{summary['gap_lower']['median']:.3g}, upper median {summary['gap_upper']['median']:.3g}",
         f"can be argmax (certified): {summary['frac_can_be_argmax']:.1%}; "
@@ -115,6 +115,8 @@ def _check_output(out: Path, model: str) -> None:
 
     from calibrated_lm.run_folders import refuse_other_runs
 
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} is a file, not a folder; give a folder for the results")
     refuse_other_runs(out, "capacity")
     summary = out / "summary.json"
     if not summary.is_file():
