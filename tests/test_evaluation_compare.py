@@ -277,3 +277,9 @@ def test_runs_with_no_task_in_common_are_warned_about(tmp_path: Path) -> None:
     result = compare_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "cmp", bootstrap=20)
     (w,) = result["warnings"]
     assert w.startswith("the runs share no task (a: easy; b: hard)")
+
+
+def test_a_journal_that_is_a_folder_is_one_sentence(tmp_path: Path) -> None:
+    (tmp_path / "odd" / "samples.jsonl").mkdir(parents=True)
+    with pytest.raises(UserError, match="samples.jsonl is not a file"):
+        compare_runs([tmp_path / "odd"], tmp_path / "cmp", bootstrap=20)

@@ -156,6 +156,9 @@ def _load_run(path: Path) -> dict[str, Any]:
         )
     files = [samples] + ([path / FIT_SAMPLES] if (path / FIT_SAMPLES).exists() else [])
     for f in files:
+        if not f.is_file():
+            raise UserError(f"{f} is not a file; an eval run's {f.name} is a JSONL file")
+    for f in files:
         problem = _cut_short(f)
         if problem is not None:
             raise problem
