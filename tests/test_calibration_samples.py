@@ -265,3 +265,19 @@ def test_multiple_input_tasks_are_refused_with_a_reason(tmp_path):
     write_lm_eval_samples(path, docs)
     with pytest.raises(UserError, match=r":1: every choice has the same continuation"):
         read_samples([path])
+
+
+def test_one_tasks_records_of_two_splits_are_not_pooled(tmp_path, capsys):
+    from calibrated_lm.cli import main
+
+    def rec(i, split):
+        return {"task": "t", "id": i, "choice_logprobs": [-1.0, -2.0], "label": 0, "split": split}
+
+    a, b = tmp_path / "samples.jsonl", tmp_path / "samples_validation.jsonl"
+    a.write_text("".join(json.dumps(rec(i, "test")) + "\n" for i in range(3)))
+    b.write_text("".join(json.dumps(rec(i + 3, "validation")) + "\n" for i in range(3)))
+    out = tmp_path / "out"
+    assert main(["metrics", str(a), str(b), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "task t has records of split test" in err and "samples_validation.jsonl:1" in err
+    assert main(["metrics", str(a), "--output", str(out), "--bootstrap", "0"]) == 0

@@ -259,6 +259,22 @@ def group_samples(records: Iterable[SampleRecord]) -> dict[str, TaskSamples]:
     return tasks
 
 
+def _refuse_mixed_splits(records: Sequence[SampleRecord]) -> None:
+    """One task's records from two splits (an eval's samples.jsonl with its
+    samples_validation.jsonl, say) would be pooled into one set of metrics: refuse that."""
+    first: dict[str, SampleRecord] = {}
+    for r in records:
+        if r.split is None:
+            continue
+        seen = first.setdefault(r.task, r)
+        if seen.split != r.split:
+            raise UserError(
+                f"task {r.task} has records of split {seen.split} ({seen.source}) and of split "
+                f"{r.split} ({r.source}); their metrics would be pooled, so give the files of "
+                "one split at a time"
+            )
+
+
 def read_samples(
     paths: Sequence[str | Path] | str | Path, *, normalization: str = "none"
 ) -> dict[str, TaskSamples]:
@@ -277,6 +293,7 @@ def read_samples(
     records: list[SampleRecord] = []
     for p in paths:
         records += read_sample_records(p)
+    _refuse_mixed_splits(records)
     tasks = group_samples(records)
     if normalization in ("chars", "tokens"):
         need = (
