@@ -281,3 +281,13 @@ def test_one_tasks_records_of_two_splits_are_not_pooled(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "task t has records of split test" in err and "samples_validation.jsonl:1" in err
     assert main(["metrics", str(a), "--output", str(out), "--bootstrap", "0"]) == 0
+
+
+def test_a_summary_given_as_samples_says_so(tmp_path):
+    from calibrated_lm.calibration.samples import read_sample_records
+    from calibrated_lm.errors import UserError
+
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps({"protocol": {"tool": "x"}, "tasks": {}}, indent=2))
+    with pytest.raises(UserError, match="summary.json:1: .*one JSON document"):
+        read_sample_records(path)

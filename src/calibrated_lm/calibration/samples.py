@@ -154,6 +154,18 @@ def decode_json_line(raw: bytes) -> dict | None:
     return obj
 
 
+def _is_json_document(path: Path, limit: int = 64 << 20) -> bool:
+    """Whether ``path`` (at most ``limit`` bytes, plain text) parses whole as one JSON value:
+    a summary.json given where samples are expected."""
+    try:
+        if path.stat().st_size > limit or path.suffix == ".gz":
+            return False
+        json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def json_lines(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSON Lines file (gzip or plain);
     a line that is not UTF-8, not JSON or not an object is a ``UserError`` naming it."""
@@ -168,6 +180,11 @@ def json_lines(path: Path) -> Iterator[tuple[int, dict]]:
                     obj = decode_json_line(raw)
                 except BadLine as exc:
                     advice = f"; {exc.advice}" if exc.advice else ""
+                    if lineno == 1 and _is_json_document(path):
+                        advice = (
+                            "; the file is one JSON document (a summary or report?), not JSON "
+                            "Lines: give the samples file (samples.jsonl, one object per line)"
+                        )
                     raise _fail(path, lineno, f"{exc}{advice}") from None
                 if obj is not None:
                     yield lineno, obj
