@@ -283,3 +283,16 @@ def test_a_journal_that_is_a_folder_is_one_sentence(tmp_path: Path) -> None:
     (tmp_path / "odd" / "samples.jsonl").mkdir(parents=True)
     with pytest.raises(UserError, match="samples.jsonl is not a file"):
         compare_runs([tmp_path / "odd"], tmp_path / "cmp", bootstrap=20)
+
+
+def test_verdicts() -> None:
+    from calibrated_lm.calibration.registry import get
+    from calibrated_lm.evaluation.compare import verdict
+
+    ece, acc = get("ece"), get("accuracy")
+    assert verdict(ece, [0.01, 0.02]) == "worse" and verdict(acc, [0.01, 0.02]) == "better"
+    assert verdict(ece, [-0.01, 0.02]) == "no clear difference"
+    # Float rounding of the same scores: a consistent sign, a size far below any display.
+    assert verdict(ece, [-3e-7, -1e-7]) == "no clear difference"
+    assert verdict(ece, [-3e-6, -1e-6]) == "better"
+    assert verdict(ece, None) is None

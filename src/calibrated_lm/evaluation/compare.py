@@ -447,13 +447,19 @@ def _items(records: list[SampleRecord], normalization: str) -> ItemArrays:
     return ItemArrays(logp, k, np.array([r.label for r in records], dtype=np.int64))
 
 
+FLOAT_NOISE = 1e-6
+
+
 def verdict(metric: Metric, ci: list[float] | None) -> str | None:
     """The run against the reference on ``metric``: "better" or "worse" when the interval
     of metric(run) - metric(reference) excludes 0 and the metric has a better direction, "no
-    clear difference" when it includes 0, None without a direction or an interval."""
+    clear difference" when it includes 0 or lies within +-``FLOAT_NOISE``, None without a
+    direction or an interval."""
     if metric.direction is None or ci is None or any(np.isnan(ci)):
         return None
-    if ci[0] <= 0.0 <= ci[1]:
+    # An interval inside +-FLOAT_NOISE is the rounding of equal scores (another summation
+    # order or batch), not a difference, however consistent its sign.
+    if ci[0] <= 0.0 <= ci[1] or max(abs(ci[0]), abs(ci[1])) < FLOAT_NOISE:
         return "no clear difference"
     up = ci[0] > 0.0
     return "better" if up == (metric.direction == "higher") else "worse"
