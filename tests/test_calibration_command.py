@@ -200,3 +200,18 @@ def test_bins_and_draws_out_of_range_are_one_sentence(tmp_path, capsys):
         out = tmp_path / f"out{opt}"
         assert main(["metrics", str(path), "--output", str(out), opt, value]) == 2
         assert want in capsys.readouterr().err and not out.exists()
+
+
+def test_a_rerun_removes_the_diagrams_of_tasks_it_no_longer_has(tmp_path, capsys):
+    path = tmp_path / "s.jsonl"
+    rows = [{"task": t, "id": i, "choice_logprobs": [-1.0, -2.0], "label": i % 2}
+            for t in ("alpha", "beta") for i in range(4)]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    assert main(["metrics", str(path), "--output", str(out), "--bootstrap", "0"]) == 0
+    assert (out / "reliability_beta.png").exists()
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["task"] == "alpha"))
+    assert main(["metrics", str(path), "--output", str(out), "--bootstrap", "0"]) == 0
+    assert "removed" in capsys.readouterr().out
+    left = sorted(p.name for p in out.glob("reliability_*"))
+    assert left == ["reliability_alpha.png", "reliability_alpha.svg"]

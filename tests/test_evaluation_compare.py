@@ -296,3 +296,24 @@ def test_verdicts() -> None:
     assert verdict(ece, [-3e-7, -1e-7]) == "no clear difference"
     assert verdict(ece, [-3e-6, -1e-6]) == "better"
     assert verdict(ece, None) is None
+
+
+def test_a_rerun_removes_the_diagrams_of_tasks_it_no_longer_has(tmp_path: Path) -> None:
+    rng = np.random.default_rng(10)
+    y = rng.integers(0, 4, 20)
+    s = rng.normal(size=(20, 4))
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        with (tmp_path / name / "samples.jsonl").open("w") as fh:
+            for task in ("easy", "hard"):
+                for i, (row, lab) in enumerate(zip(s, y)):
+                    rec = {"task": task, "id": str(i), "choice_logprobs": row.tolist(),
+                           "choice_char_lengths": [3] * len(row)}  # fmt: skip
+                    fh.write(json.dumps({**rec, "label": int(lab)}) + "\n")
+    out = tmp_path / "cmp"
+    compare_runs([tmp_path / "a", tmp_path / "b"], out, bootstrap=20)
+    assert (out / "compare_hard.png").exists()
+    for name in ("a", "b"):
+        _write(tmp_path / name / "samples.jsonl", s, y, task="easy")
+    compare_runs([tmp_path / "a", tmp_path / "b"], out, bootstrap=20)
+    assert sorted(p.name for p in out.glob("compare_*")) == ["compare_easy.png", "compare_easy.svg"]

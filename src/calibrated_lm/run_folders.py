@@ -30,3 +30,19 @@ def refuse_other_runs(folder: str | Path, command: str) -> None:
                 f"--output {folder} holds a calibrated-lm {other} run ({', '.join(found)}); "
                 f"give {command} another --output folder"
             )
+
+
+def remove_stale_figures(
+    folder: str | Path, prefix: str, written: list[Path] | list[str]
+) -> list[Path]:
+    """Delete ``folder/PREFIX*.png`` and ``.svg`` files that this run did not write (an earlier
+    run's figures of tasks this one does not have), so that the folder shows only what its
+    report describes. Returns what was removed."""
+    folder = Path(folder)
+    keep = {Path(p).resolve() for p in written}
+    removed = []
+    for p in sorted(folder.glob(f"{prefix}*")):
+        if p.suffix in (".png", ".svg") and p.is_file() and p.resolve() not in keep:
+            p.unlink()
+            removed.append(p)
+    return removed

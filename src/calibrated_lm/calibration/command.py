@@ -300,5 +300,10 @@ def _write_outputs(args: argparse.Namespace, out: Path, summary: dict, samples: 
             raise UserError(
                 f"cannot write diagrams to {out} ({exc.strerror}); summary.json is written"
             ) from None
+    from calibrated_lm.run_folders import remove_stale_figures
+
+    stale = remove_stale_figures(out, "reliability_", written)
     print(f"wrote {len(written)} diagram files under {out}/")
+    if stale:
+        print(f"removed {len(stale)} diagram files of an earlier run's other tasks")
     return 0

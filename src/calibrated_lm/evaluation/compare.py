@@ -424,6 +424,10 @@ def _compare(
         result["tasks"][task] = {"runs": rows, "diagram": [str(p) for p in paths_out]}
     write_json(output / "compare.json", result)
     durable.write_text(output / "compare.md", _markdown(result))
+    from calibrated_lm.run_folders import remove_stale_figures
+
+    drawn = [p for t in result["tasks"].values() for p in t["diagram"]]
+    remove_stale_figures(output, "compare_", drawn)
     return result
 
 
