@@ -317,3 +317,9 @@ def test_a_rerun_removes_the_diagrams_of_tasks_it_no_longer_has(tmp_path: Path) 
         _write(tmp_path / name / "samples.jsonl", s, y, task="easy")
     compare_runs([tmp_path / "a", tmp_path / "b"], out, bootstrap=20)
     assert sorted(p.name for p in out.glob("compare_*")) == ["compare_easy.png", "compare_easy.svg"]
+
+
+def test_the_same_run_twice_is_refused(tmp_path: Path) -> None:
+    _same_questions(tmp_path / "ref", np.zeros((4, 2)), np.zeros(4, dtype=int))
+    with pytest.raises(UserError, match="is given twice"):
+        compare_runs([tmp_path / "ref", tmp_path / "x" / ".." / "ref"], tmp_path / "cmp")

@@ -3,8 +3,10 @@
 Each command that owns its folder is known by the files it writes there first: eval's
 ``run.json`` (``evaluation.runner.RUN_FILE``), train's ``metrics.jsonl`` and ``checkpoints/``
 (``training.loop.METRICS_FILE``, ``training.checkpoint.checkpoint_root``); a test pins these
-names to those constants. ``metrics`` and ``capacity`` own no marker here: capacity checks its
-own ``summary.json`` (another model's results), and metrics writes only derived files.
+names to those constants. ``metrics`` and ``capacity`` own no marker here: each checks the
+``summary.json`` it would replace (capacity: another model's results; metrics: any summary it
+did not write). :func:`remove_stale_figures` clears an earlier run's figures from a folder a
+command writes again.
 """
 
 from __future__ import annotations

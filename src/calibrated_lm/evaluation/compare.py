@@ -267,6 +267,14 @@ def compare_runs(
         if len(labels) != len(paths):
             raise UserError(f"{len(labels)} labels for {len(paths)} runs")
         _check_labels(labels, "--labels")
+    seen: dict[Path, Path] = {}
+    for p in map(Path, paths):
+        if p.resolve() in seen:
+            raise UserError(
+                f"{p} is given twice (as {seen[p.resolve()]} before); a run compared with "
+                "itself has no difference to show"
+            )
+        seen[p.resolve()] = p
     runs = [_load_run(Path(p)) for p in paths]
     if labels is None:
         labels = []
