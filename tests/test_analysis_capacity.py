@@ -185,7 +185,7 @@ def test_capacity_command_end_to_end(tmp_path, capsys):
     assert len(tokens["token_ids"]) == len(tokens["gap_lower"]) == 8
     assert (out / "capacity.png").stat().st_size > 1000 and (out / "capacity.svg").exists()
     text = capsys.readouterr().out
-    assert "V/D" in text and "LS gap" in text
+    assert "V/D" in text and "LS gap" in text and "note: --samples" not in text
     assert main(["capacity", "--model", str(folder), "--eps", "1.5"]) == 2
     assert main(["capacity", "--model", str(tmp_path / "missing")]) == 2
     afile = tmp_path / "afile"
@@ -200,6 +200,9 @@ def test_capacity_command_end_to_end(tmp_path, capsys):
     assert "holds the capacity results of model" in capsys.readouterr().err
     assert (out / "summary.json").read_bytes() == before
     assert main(["capacity", "--model", str(folder), "--samples", "8", "--output", str(out)]) == 0
+    big = ["capacity", "--model", str(folder), "--samples", "100000", "--output", str(out)]
+    assert main(big) == 0
+    assert "is more than the vocabulary's" in capsys.readouterr().out
     (tmp_path / "ev").mkdir()
     (tmp_path / "ev/run.json").write_text("{}")
     args = ["capacity", "--model", str(folder), "--samples", "8", "--output", str(tmp_path / "ev")]

@@ -168,6 +168,11 @@ def _analyze(args: argparse.Namespace, eps: tuple[float, ...], out: Path) -> int
         report, out / "capacity", title=f"{args.model}: V={report.vocab}, D={report.dim}"
     )
     print(format_report(summary))
+    if summary["samples"] < args.samples:
+        print(
+            f"note: --samples {args.samples} is more than the vocabulary's {summary['samples']} "
+            "tokens, so every token was analysed once"
+        )
     print(f"time: model load {timing['load_s']} s, analysis {timing['analysis_s']} s")
     print(f"wrote {out / 'summary.json'}, {out / 'tokens.json'}, {', '.join(map(str, paths))}")
     return 0
