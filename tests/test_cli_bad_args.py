@@ -333,6 +333,10 @@ def test_compare_refuses_duplicate_labels_and_torn_journals(tmp_path: Path) -> N
     good = _run_folder(tmp_path, "good", [_good_record(i) for i in range(4)])
     out = tmp_path / "cmp"
     code, err = _run(["compare", str(good), str(good), "--output", str(out)])
+    assert code == 2 and "is given twice" in err
+    other = _run_folder(tmp_path, "other", [_good_record(i) for i in range(4)])
+    argv = ["compare", str(good), str(other), "--labels", "x,x", "--output", str(out)]
+    code, err = _run(argv)
     assert code == 2 and "two runs are labelled" in err
     code, err = _run(["compare", str(good), "--labels", "a,b", "--output", str(out)])
     assert code == 2 and "2 labels for 1 runs" in err
