@@ -48,3 +48,19 @@ def remove_stale_figures(
             p.unlink()
             removed.append(p)
     return removed
+
+
+def existing_summary(folder: str | Path) -> dict | None:
+    """``folder/summary.json`` as the command about to replace it sees it: None when there is
+    none, ``{}`` when it cannot be read or is not a JSON object (whose it is cannot be told),
+    else the object."""
+    import json
+
+    path = Path(folder) / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

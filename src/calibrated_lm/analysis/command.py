@@ -111,21 +111,15 @@ def _check_output(out: Path, model: str) -> None:
     """Refuse an --output that holds another command's run (:mod:`calibrated_lm.run_folders`)
     or another model's capacity results: they would be replaced. The same model's results
     are recomputed in place."""
-    import json
-
-    from calibrated_lm.run_folders import refuse_other_runs
+    from calibrated_lm.run_folders import existing_summary, refuse_other_runs
 
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out} is a file, not a folder; give a folder for the results")
     refuse_other_runs(out, "capacity")
-    summary = out / "summary.json"
-    if not summary.is_file():
+    old = existing_summary(out)
+    if old is None:
         return
-    try:
-        old = json.loads(summary.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        old = None
-    if not isinstance(old, dict) or "reach_ls" not in old:
+    if "reach_ls" not in old:
         raise UserError(
             f"--output {out} holds a summary.json that is not a capacity result; give another "
             "--output folder"

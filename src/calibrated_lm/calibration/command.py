@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -155,14 +154,13 @@ def format_table(tasks: dict[str, dict]) -> str:
 def _refuse_foreign_summary(out: Path) -> None:
     """Refuse an output folder whose summary.json is not an earlier metrics summary (a
     capacity result, say, or a file that cannot be read): metrics would replace it."""
-    summary = out / "summary.json"
-    if not summary.is_file():
+    from calibrated_lm.run_folders import existing_summary
+
+    old = existing_summary(out)
+    if old is None:
         return
-    try:
-        old = json.loads(summary.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        old = None
-    tool = old.get("protocol", {}).get("tool", "") if isinstance(old, dict) else ""
+    protocol = old.get("protocol")
+    tool = protocol.get("tool") if isinstance(protocol, dict) else None
     if not (isinstance(tool, str) and tool.endswith(" metrics")):
         raise UserError(
             f"--output {out} holds a summary.json that is not a metrics summary (another "
