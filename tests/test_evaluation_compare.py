@@ -323,3 +323,19 @@ def test_the_same_run_twice_is_refused(tmp_path: Path) -> None:
     _same_questions(tmp_path / "ref", np.zeros((4, 2)), np.zeros(4, dtype=int))
     with pytest.raises(UserError, match="is given twice"):
         compare_runs([tmp_path / "ref", tmp_path / "x" / ".." / "ref"], tmp_path / "cmp")
+
+
+def test_samples_without_lengths_compare_unnormalised(tmp_path: Path) -> None:
+    """The samples format needs no lengths unless a length normalisation asks for them; compare
+    used to ask for character lengths even with normalization none."""
+    rng = np.random.default_rng(11)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        rows = [{"task": "t", "id": str(i), "choice_logprobs": rng.normal(size=4).tolist(),
+                 "label": i % 4} for i in range(30)]  # fmt: skip
+        (tmp_path / name / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = compare_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "cmp", bootstrap=20)
+    assert result["normalization"] == "none"
+    assert result["tasks"]["t"]["runs"]["b"]["paired"]["n"] == 30
+    with pytest.raises(UserError, match="samples.jsonl:1: --normalization chars needs choice"):
+        compare_runs([tmp_path / "a"], tmp_path / "cmp2", bootstrap=20, normalization="chars")

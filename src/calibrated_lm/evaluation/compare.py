@@ -372,7 +372,11 @@ def _compare(
         result["warnings"].append(
             f"the runs share no task ({which}), so nothing is paired: each run is summarised alone"
         )
-    for task in task_names:
+    from tqdm import tqdm
+
+    # Each task's per-run bootstraps and paired bootstraps are the long part (minutes at
+    # MMLU's 14k questions or many draws), as in ``metrics``' bar.
+    for task in tqdm(task_names, desc="tasks", unit="task"):
         series = {}
         rows = {}
         keyed = {

@@ -33,22 +33,25 @@ def group_records(
     return tasks, lengths, groups_of(records)
 
 
-def record_lengths(record: SampleRecord, normalization: str) -> list:
+def record_lengths(record: SampleRecord, normalization: str) -> list | None:
     """The record's per-choice lengths for ``normalization`` (token counts for "tokens",
     character lengths otherwise); a UserError names what is missing
-    (records of runs before token counts were stored have none)."""
+    (records of runs before token counts were stored have none). With "none" nothing is
+    required: None when the record holds no character lengths."""
     from calibrated_lm.errors import UserError
 
-    # "none" divides by nothing; the character lengths stand in (every record has them).
+    # "none" divides by nothing: the character lengths stand in where the record has them
+    # (eval's always do), and a hand-written samples file without them is fine.
+    wanted = normalization
     normalization = "tokens" if normalization == "tokens" else "chars"
     value = record.lengths(normalization)
-    if value is None:
+    if value is None and wanted != "none":
         raise UserError(
             f"question {record.task}/{record.id} has no per-choice "
             f"{'token counts' if normalization == 'tokens' else 'character lengths'} for "
             f"--normalization {normalization} (scored before they were stored: rescore it)"
         )
-    return list(value)
+    return None if value is None else list(value)
 
 
 def top_level_tasks(records: Sequence[SampleRecord]) -> list[str]:
