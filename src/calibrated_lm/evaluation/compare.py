@@ -127,7 +127,7 @@ def _load_lm_eval_run(path: Path, files: list[Path]) -> dict[str, Any]:
 def _load_run(path: Path) -> dict[str, Any]:
     """A run folder's records and summary, read (not yet validated: see _validate_run): our
     eval folder, or an lm-evaluation-harness ``--output_path`` folder of ``--log_samples``."""
-    from calibrated_lm.evaluation.runner import FIT_SAMPLES, SAMPLES
+    from calibrated_lm.evaluation.runner import FIT_SAMPLES, RUN_FILE, SAMPLES
     from calibrated_lm.evaluation.samples_file import read_records
 
     samples = path / SAMPLES
@@ -139,8 +139,6 @@ def _load_run(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         raise UserError(f"{path} is not an eval run folder (no such folder)")
     if not samples.exists():
-        from calibrated_lm.evaluation.runner import RUN_FILE
-
         ours = [n for n in (RUN_FILE, FIT_SAMPLES) if (path / n).exists()]
         if ours:  # eval's folder, its test journal gone: not an lm-eval folder
             raise UserError(
@@ -186,8 +184,6 @@ def _load_run(path: Path) -> dict[str, Any]:
                 f"{summary_path} is not an eval summary (expected an object with a protocol); "
                 "rerun that eval to rebuild it, or delete it"
             )
-    from calibrated_lm.evaluation.runner import RUN_FILE
-
     # eval writes run.json first and summary.json last.
     unfinished = (path / RUN_FILE).exists() and not summary_path.exists()
     return {
