@@ -713,9 +713,10 @@ def _tokenizer_cache_file(folder: Path) -> Path:
 def _load_tokenizer(resolved: Path | str, local_only: bool) -> Any:
     """``AutoTokenizer.from_pretrained(resolved)``, through a pickle cache for a local folder.
 
-    transformers 5 builds a tokenizer by parsing tokenizer.json in Python: 2.8 s for Gemma 3's
-    262,144-token vocabulary on this project's CPU, against 1.2 s to unpickle the built object
-    (whose Rust part is restored from its own serialisation). A cache entry that cannot be
+    transformers 5 builds a tokenizer by parsing tokenizer.json in Python: for Gemma 3's
+    262,144-token vocabulary, 5.1 s in a fresh process on this project's CPU against 3.6 s to
+    unpickle the built object, whose Rust part is restored from its own serialisation
+    (``benchmarks/bench_tokenizer_load.py``). A cache entry that cannot be
     read is rebuilt; one that cannot be written is skipped (the cache only saves time).
     """
     import pickle
