@@ -31,6 +31,20 @@ def test_tasks_groups_and_pooled_all():
     assert tasks["b"]["accuracy"] == 0.5 and tasks["b"]["n_choices"] == {"min": 2, "max": 3}
 
 
+def test_each_task_s_bootstrap_is_counted_on_a_bar(monkeypatch):
+    from helpers_progress import recording_bars
+
+    bars = recording_bars(monkeypatch)
+    summarize_tasks({"a": A, "b": B}, protocol={}, bootstrap=30, progress=True)
+    draws = [b for b in bars if b["desc"] != "tasks"]
+    assert draws == [
+        {"desc": f"{name} bootstrap", "total": 30, "n": 30} for name in ("a", "b", "all")
+    ]
+    bars.clear()
+    summarize_tasks({"a": A}, protocol={}, bootstrap=30)  # no progress asked: no bars
+    assert bars == []
+
+
 def test_single_task_all_equals_the_task_and_chars_lengths_are_per_task():
     lengths = {"a": [[1, 2, 3], [1, 1], [2, 2, 2, 2]]}
     out = summarize_tasks({"a": A}, protocol={}, choice_char_lengths=lengths,

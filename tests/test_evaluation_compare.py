@@ -339,3 +339,20 @@ def test_samples_without_lengths_compare_unnormalised(tmp_path: Path) -> None:
     assert result["tasks"]["t"]["runs"]["b"]["paired"]["n"] == 30
     with pytest.raises(UserError, match="samples.jsonl:1: --normalization chars needs choice"):
         compare_runs([tmp_path / "a"], tmp_path / "cmp2", bootstrap=20, normalization="chars")
+
+
+def test_each_task_s_draws_are_counted_on_a_bar(tmp_path: Path, monkeypatch) -> None:
+    from helpers_progress import recording_bars
+
+    bars = recording_bars(monkeypatch)
+    t_sharp = _run(tmp_path / "sharp", 4.0, 0, True)
+    _run(tmp_path / "other", 1.0, 1, False)  # other gold answers: no paired difference
+    scores = [r.choice_logprobs for r in read_sample_records(tmp_path / "sharp/samples.jsonl")]
+    y = [r.label for r in read_sample_records(tmp_path / "sharp/samples.jsonl")]
+    _same_questions(tmp_path / "base", np.array(scores) / t_sharp, np.array(y))
+    runs = [tmp_path / "base", tmp_path / "sharp", tmp_path / "other"]
+    compare_runs(runs, tmp_path / "cmp", bootstrap=40)
+    (draws,) = [b for b in bars if b["desc"] == "quiz bootstrap"]
+    # base's summary, sharp's before and after T, other's, and sharp - base: 5 x 40 draws;
+    # other - base is counted as a pass but has none (its gold answers differ).
+    assert draws == {"desc": "quiz bootstrap", "total": 240, "n": 200}

@@ -13,12 +13,15 @@ lm-eval plugin's standard errors) without other edits.
 
 :func:`index_chunks` yields the resamples of :func:`~calibrated_lm.calibration.bootstrap.
 bootstrap_indices` a chunk at a time (the same indices), so that (draws x items) arrays stay a
-few million entries.
+few million entries; inside :func:`draws_bar` each chunk advances a progress bar, since one
+task's draws can take minutes (20,000 draws of a large task).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import numpy as np
 
@@ -46,6 +49,31 @@ def has_fast_path(metric: Metric) -> bool:
     return _BUILTIN_POINTS.get(metric.name) is metric.point
 
 
+# Where index_chunks reports the rows it has handed out (None: nowhere). A context variable,
+# not an argument, so that summarize, the paired bootstraps and the registry's metrics need no
+# progress parameter threaded through them.
+_ON_DRAWS: ContextVar[Callable[[int], None] | None] = ContextVar("_ON_DRAWS", default=None)
+
+
+@contextmanager
+def draws_bar(total: int, desc: str, enabled: bool = True) -> Iterator[None]:
+    """Count on a tqdm bar (``total`` draws, removed when done) the bootstrap draws that
+    :func:`index_chunks` hands out inside the block; ``enabled`` False or ``total`` 0 shows
+    nothing. A chunk is counted once its consumer asks for the next one, i.e. when its draws
+    have been computed."""
+    if not enabled or total <= 0:
+        yield
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=desc, unit="draw", leave=False) as bar:
+        token = _ON_DRAWS.set(bar.update)
+        try:
+            yield
+        finally:
+            _ON_DRAWS.reset(token)
+
+
 def index_chunks(n: int, draws: int, seed: int, width: int = 1) -> Iterator[np.ndarray]:
     """The rows of ``bootstrap_indices(n, draws, seed)``, in chunks of at most about
     4,000,000 / (n * max(1, width // 2)) rows (``width``: the number of choices, which the
@@ -55,8 +83,12 @@ def index_chunks(n: int, draws: int, seed: int, width: int = 1) -> Iterator[np.n
         raise ValueError("cannot bootstrap an empty sample")
     rng = np.random.default_rng(seed)
     chunk = max(1, 4_000_000 // (n * max(1, width // 2)))
+    on_draws = _ON_DRAWS.get()
     for start in range(0, int(draws), chunk):
-        yield rng.integers(0, n, size=(min(chunk, int(draws) - start), n), dtype=np.int64)
+        rows = min(chunk, int(draws) - start)
+        yield rng.integers(0, n, size=(rows, n), dtype=np.int64)
+        if on_draws is not None:
+            on_draws(rows)
 
 
 def _weighted_means(w: np.ndarray, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -10,7 +10,7 @@ import numpy as np
 from calibrated_lm.calibration.binning import bin_table
 from calibrated_lm.calibration.bootstrap import percentile_interval
 from calibrated_lm.calibration.items import ItemArrays
-from calibrated_lm.calibration.metric_draws import index_chunks, metric_draws
+from calibrated_lm.calibration.metric_draws import draws_bar, index_chunks, metric_draws
 from calibrated_lm.calibration.registry import BUILTIN
 from calibrated_lm.calibration.registry import metrics as registered_metrics
 from calibrated_lm.calibration.scores import ChoiceScores, choice_log_probabilities
@@ -162,7 +162,8 @@ def summarize_tasks(
     for name, members in iterator:
         rows, labels, lens = pooled(members)
         try:
-            results[name] = summarize(rows, labels, choice_char_lengths=lens, **settings)
+            with draws_bar(int(bootstrap), f"{name} bootstrap", enabled=progress):
+                results[name] = summarize(rows, labels, choice_char_lengths=lens, **settings)
         except ValueError as exc:
             raise ValueError(f"task {name!r}: {exc}") from exc
     if "all" not in results:

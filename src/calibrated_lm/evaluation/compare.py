@@ -40,6 +40,7 @@ import numpy as np
 from calibrated_lm import durable
 from calibrated_lm.calibration.items import ItemArrays
 from calibrated_lm.calibration.jsonfile import write_json
+from calibrated_lm.calibration.metric_draws import draws_bar
 from calibrated_lm.calibration.record import SampleRecord
 from calibrated_lm.calibration.registry import Metric
 from calibrated_lm.calibration.registry import metrics as registered_metrics
@@ -334,11 +335,7 @@ def _compare(
     notes: Sequence[str] = (),
     chosen_by: str = "--normalization",
 ) -> dict[str, Any]:
-    from calibrated_lm.calibration import (
-        fit_temperature,
-        reliability_diagram,
-        summarize,
-    )
+    from calibrated_lm.calibration import reliability_diagram
     from calibrated_lm.evaluation.report import confidence_correct
 
     task_names: list[str] = []
@@ -389,34 +386,24 @@ def _compare(
                 f"are on each run's own questions, the paired differences on the "
                 f"{len(shared)} shared with the reference"
             )
-        for label, run in zip(labels, runs):
-            recs = _by_task(run["records"]).get(task)
-            if not recs:
-                continue
-            s, y = _scores(recs, normalization)
-            base = summarize(s, y, n_bins=n_bins, binning=binning, bootstrap=bootstrap)
-            entry: dict[str, Any] = {k: base[k] for k in base if k != "bins"}
-            fit = _by_task(run["fit"]).get(task)
-            if fit:
-                fs, fy = _scores(fit, normalization)
-                temp = fit_temperature(fs, fy)
-                scaled = summarize(
-                    [row / temp for row in s],  # ragged: -inf choices stay choices
-                    y,
-                    n_bins=n_bins,
-                    binning=binning,
-                    bootstrap=bootstrap,
+        # The draws of this task (each run's summary, again after T, and each paired
+        # difference) on a bar of their own: one task can take minutes.
+        total = bootstrap * _draw_passes(runs, labels, keyed, task)
+        with draws_bar(total, f"{task} bootstrap"):
+            for label, run in zip(labels, runs):
+                recs = _by_task(run["records"]).get(task)
+                if not recs:
+                    continue
+                fit = _by_task(run["fit"]).get(task)
+                entry = _run_entry(recs, fit, normalization, n_bins, binning, bootstrap)
+                rows[label] = entry
+                series[label] = confidence_correct(recs, normalization)
+            if rows:
+                _paired_vs_reference(
+                    rows, keyed, labels[0], normalization, n_bins, binning, bootstrap
                 )
-                entry["temperature"] = temp
-                entry["fit_n"] = len(fit)
-                for m in registered_metrics("after_T"):
-                    entry[f"{m.name}_after_T"] = scaled[m.name]
-                    entry[f"{m.name}_after_T_ci95"] = scaled.get(f"{m.name}_ci95")
-            rows[label] = entry
-            series[label] = confidence_correct(recs, normalization)
         if not rows:
             continue
-        _paired_vs_reference(rows, keyed, labels[0], normalization, n_bins, binning, bootstrap)
         for label, e in rows.items():
             why = e.get("paired", {}).get("why")
             if why:
@@ -437,6 +424,61 @@ def _compare(
     drawn = [p for t in result["tasks"].values() for p in t["diagram"]]
     remove_stale_figures(output, "compare_", drawn)
     return result
+
+
+def _run_entry(
+    recs: list[SampleRecord],
+    fit: list[SampleRecord] | None,
+    normalization: str,
+    n_bins: int,
+    binning: str,
+    bootstrap: int,
+) -> dict[str, Any]:
+    """One run's row for one task: ``summarize`` of its records (without the bin table) and,
+    with a fit split, the temperature fitted by NLL on it and the ``after_T`` metrics of the
+    records' scores divided by it."""
+    from calibrated_lm.calibration import fit_temperature, summarize
+
+    s, y = _scores(recs, normalization)
+    base = summarize(s, y, n_bins=n_bins, binning=binning, bootstrap=bootstrap)
+    entry: dict[str, Any] = {k: base[k] for k in base if k != "bins"}
+    if fit:
+        fs, fy = _scores(fit, normalization)
+        temp = fit_temperature(fs, fy)
+        scaled = summarize(
+            [row / temp for row in s],  # ragged: -inf choices stay choices
+            y,
+            n_bins=n_bins,
+            binning=binning,
+            bootstrap=bootstrap,
+        )
+        entry["temperature"] = temp
+        entry["fit_n"] = len(fit)
+        for m in registered_metrics("after_T"):
+            entry[f"{m.name}_after_T"] = scaled[m.name]
+            entry[f"{m.name}_after_T_ci95"] = scaled.get(f"{m.name}_ci95")
+    return entry
+
+
+def _draw_passes(
+    runs: list[dict[str, Any]],
+    labels: list[str],
+    keyed: dict[str, dict[str, SampleRecord]],
+    task: str,
+) -> int:
+    """How many bootstraps ``compare`` runs on ``task`` (for its draws bar): one per run that
+    has the task, one more per run with a fit split for it, and one per paired difference
+    (a run other than the reference sharing questions with it). An upper bound: a pair
+    whose gold answers or numbers of choices differ is counted but draws nothing."""
+    ref = keyed.get(labels[0]) or {}
+    passes = 0
+    for label, run in zip(labels, runs):
+        if not keyed[label]:
+            continue
+        passes += 1 + bool(_by_task(run["fit"]).get(task))
+        if label != labels[0] and set(ref) & set(keyed[label]):
+            passes += 1
+    return passes
 
 
 def paired_metrics() -> list[Metric]:
