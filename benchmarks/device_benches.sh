@@ -8,6 +8,7 @@
 #   bash benchmarks/device_benches.sh eval [SECONDS=300]              # there: issue 15's eval
 #   bash benchmarks/device_benches.sh pipeline                        # there: eval's host ceiling
 #   bash benchmarks/device_benches.sh scale [SECONDS=300]             # there: rate vs model size
+#   bash benchmarks/device_benches.sh gradw [SECONDS=240]             # there: grad_W update
 #
 # `stage` downloads (no dependencies: the device image has the rest, see the device tool's
 # KINDS.md) TRL and what it needs beyond the image (datasets, dill, multiprocess for the
@@ -149,6 +150,18 @@ scale)
     timeout "$limit" python3 benchmarks/bench_scoring_scale.py --device cuda \
         --tasks hellaswag,arc_easy --limit 500 \
         --out "$OUT/scoring_scale_h200.md" --json "$OUT/scoring_scale_h200.json" 2>&1 | tail -n 6
+    ;;
+gradw)
+    # Issue 15, goal 1: the weight-gradient update, cuBLAS addmm against the Triton kernel that
+    # reads the old tile while its products run (bench_grad_weight.py), then its GPU tests.
+    # Needs nothing carried. 3 files under $OUT; ~120 s on a warm machine.
+    limit=${2:-240}
+    export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_loss_triton.py \
+        -k "grad_weight or weight_update or low_precision" >"$OUT/gradw_tests.txt" 2>&1
+    tail -n 1 "$OUT/gradw_tests.txt"
+    timeout "$limit" python3 benchmarks/bench_grad_weight.py --out "$OUT" 2>&1 | tail -n 30
     ;;
 run)
     limit=${2:-540}

@@ -167,6 +167,7 @@ def forward_backward(
     # (compute-bound) only read the gradient block: run them concurrently on two streams.
     side = _side_stream(hidden.device) if grad_w is not None and grad_h is not None else None
     main = torch.cuda.current_stream(hidden.device) if side is not None else None
+    own_update = getattr(backend, "grad_weight_", None) if _own_grad_w() else None
     for i, r0 in enumerate(range(0, n, block_rows)):
         r1 = min(n, r0 + block_rows)
         h_blk = hidden[r0:r1]
@@ -179,7 +180,9 @@ def forward_backward(
             side.wait_stream(main)
         with torch.cuda.stream(side) if side is not None else _nullcontext():
             if grad_w is not None:
-                if i == 0:
+                if own_update is not None:
+                    own_update(grad_w, block, h_blk, i > 0)
+                elif i == 0:
                     torch.mm(block.T, h_blk, out=grad_w)
                 else:
                     grad_w.addmm_(block.T, h_blk)
@@ -190,6 +193,13 @@ def forward_backward(
         if side is not None:
             main.wait_stream(side)  # the next block overwrites the buffer
     return finalize(acc, idx, targets, vocab, cfg), Grads(grad_h, grad_w, grad_b)
+
+
+def _own_grad_w() -> bool:
+    """Whether the weight-gradient update runs as the backend's own kernel (the Triton one:
+    ``CALIBRATED_LM_LCE_GRAD_W=triton``) instead of cuBLAS ``addmm``. Off by default until a
+    device benchmark (``benchmarks/bench_grad_weight.py``) shows it faster."""
+    return os.environ.get("CALIBRATED_LM_LCE_GRAD_W", "cublas") == "triton"
 
 
 # One side stream per device, made once. torch keeps a cuBLAS workspace (32 MiB on Hopper) per

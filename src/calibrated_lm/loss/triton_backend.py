@@ -16,6 +16,7 @@ import triton
 from calibrated_lm.loss.config import LossConfig
 from calibrated_lm.loss.engine import S, T, merge_partials, new_accumulators
 from calibrated_lm.loss.kernels.fused_forward import fused_forward_kernel
+from calibrated_lm.loss.kernels.grad_weight import grad_weight_kernel
 from calibrated_lm.loss.kernels.row_grad import row_grad_kernel
 from calibrated_lm.loss.kernels.row_update import row_update_kernel
 
@@ -61,6 +62,20 @@ _fused_forward_tuned = triton.autotune(_FWD_CONFIGS, key=["N_COLS", "D"])(
         fused_forward_kernel
     )
 )
+
+# The weight-gradient update's tiles. The autotuner times each config on the real C, so it
+# restores C after each trial (an accumulating kernel would otherwise add the block many times).
+_GRAD_W_CONFIGS = [
+    triton.Config({"BM": 128, "BN": 256, "BK": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BM": 128, "BN": 256, "BK": 64}, num_warps=8, num_stages=4),
+    triton.Config({"BM": 256, "BN": 128, "BK": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BM": 128, "BN": 128, "BK": 64}, num_warps=8, num_stages=4),
+    triton.Config({"BM": 128, "BN": 128, "BK": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BM": 128, "BN": 128, "BK": 32}, num_warps=4, num_stages=5),
+]
+_grad_weight_tuned = triton.autotune(
+    _GRAD_W_CONFIGS, key=["n_vocab", "dim", "BETA"], restore_value=["c_ptr"]
+)(grad_weight_kernel)
 
 
 class TritonBackend:
@@ -133,6 +148,41 @@ class TritonBackend:
             BLOCK=size,
             num_warps=warps,
         )
+
+    def grad_weight_(
+        self, grad_w: torch.Tensor, block: torch.Tensor, h_blk: torch.Tensor, beta: bool
+    ) -> None:
+        """``grad_w = beta * grad_w + block.T @ h_blk`` in place (fp32 accumulation, one
+        rounding to grad_w's dtype), the old tile read while the products run."""
+        rows, vocab = block.shape
+        dim = h_blk.shape[1]
+        assert block.stride(1) == 1 and h_blk.stride(1) == 1 and grad_w.stride(1) == 1
+        args = (
+            block,
+            h_blk,
+            grad_w,
+            rows,
+            vocab,
+            dim,
+            block.stride(0),
+            h_blk.stride(0),
+            grad_w.stride(0),
+        )
+        consts = dict(
+            BETA=beta,
+            IEEE_FP32=block.dtype == torch.float32,
+            CAST_FP32=_interpret() and block.dtype != torch.float32,
+        )
+        if _interpret():
+            bm, bn = 16, 32
+            grid = (triton.cdiv(vocab, bm) * triton.cdiv(dim, bn),)
+            grad_weight_kernel[grid](*args, **consts, BM=bm, BN=bn, BK=16, num_warps=1)
+            return
+
+        def grid(meta: dict) -> tuple[int]:
+            return (triton.cdiv(vocab, meta["BM"]) * triton.cdiv(dim, meta["BN"]),)
+
+        _grad_weight_tuned[grid](*args, **consts)
 
     def forward_stats(
         self,

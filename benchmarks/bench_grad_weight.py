@@ -1,0 +1,215 @@
+"""The weight-gradient update of the fused loss: cuBLAS against the Triton kernel (issue 15).
+
+Question: at the Gemma-2 head (V 256,000, D 2,304) the loss's backward pays ~11 ms of its
+61 ms for ``grad_W += G.T @ h_blk``, one read-modify-write of the (V, D) weight gradient per
+token block (benchmarks/NOTES.md, "Where the targets stand"). cuBLAS's addmm took 1.41 ms per
+464-row block where its product alone is ~0.77 ms. Does a kernel that reads the old tile while
+its products run (``loss/kernels/grad_weight.py``) close that gap?
+
+Part 1, the update alone, per (R, V, D) block shape: cuBLAS ``mm`` (beta 0) and ``addmm``
+(beta 1) against the Triton kernel with beta 0 and 1; median of ``triton.testing.do_bench``,
+the rate in TFLOP/s and TB/s (bf16: 4 bytes per element of C with beta 1, 2 without), and each
+result's relative error against an fp32 product (TF32 off).
+Part 2, the whole loss forward+backward (``linear_cross_entropy``, eps 0.1, 10% of targets
+ignored) with ``CALIBRATED_LM_LCE_GRAD_W`` = cublas and triton, each with the side stream on and
+off, all in this one process: median time, peak extra memory, and the gradients' relative
+errors against bench_loss.py's fp32 reference.
+
+Usage (on a GPU): python benchmarks/bench_grad_weight.py --out DIR
+Writes DIR/grad_weight.md and DIR/grad_weight.json after each part; progress on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# (R rows of the token block, V, D): Gemma-2-2B's head at the default memory fraction (464
+# rows) and at larger blocks; gemma-3-270m's at patch_model's 1,024-row floor and below.
+UPDATE_SHAPES = [
+    (464, 256000, 2304),
+    (1024, 256000, 2304),
+    (2048, 256000, 2304),
+    (512, 262144, 640),
+    (1024, 262144, 640),
+]
+# (name, N, D, V) for part 2.
+LOSS_SHAPES = [("gemma2-2b", 8192, 2304, 256000), ("gemma3-270m", 8192, 640, 262144)]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
+
+
+def update_row(rows: int, vocab: int, dim: int) -> dict:
+    """Times and errors of the four update variants at one block shape."""
+    from triton.testing import do_bench
+
+    from calibrated_lm.loss.triton_backend import TritonBackend
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    # Gradient-sized values (softmax probabilities are ~1/V), so repeated accumulation during
+    # timing stays far from bf16 overflow.
+    block = (torch.randn(rows, vocab, device="cuda", generator=gen) / vocab).bfloat16()
+    h = torch.randn(rows, dim, device="cuda", generator=gen).bfloat16()
+    c0 = (torch.randn(vocab, dim, device="cuda", generator=gen) * 1e-4).bfloat16()
+    backend = TritonBackend()
+    want1 = c0.float() + block.float().T @ h.float()
+    want0 = block.float().T @ h.float()
+    out: dict = {"rows": rows, "vocab": vocab, "dim": dim}
+
+    def run(name: str, fn, want: torch.Tensor, beta: bool) -> None:
+        c = c0.clone()
+        fn(c)
+        torch.cuda.synchronize()
+        err = rel(c, want)
+        c = c0.clone()
+        ms = do_bench(lambda: fn(c), warmup=25, rep=200, return_mode="median")
+        flops = 2.0 * rows * vocab * dim
+        bytes_ = (4 if beta else 2) * vocab * dim + 2 * rows * (vocab + dim)
+        out[name] = {
+            "ms": ms,
+            "tflops": flops / ms / 1e9,
+            "tbps": bytes_ / ms / 1e9,
+            "rel_err": err,
+        }
+        print(f"  {name}: {ms:.3f} ms, rel. err {err:.2e}", file=sys.stderr)
+
+    run("cublas_mm", lambda c: torch.mm(block.T, h, out=c), want0, False)
+    run("cublas_addmm", lambda c: c.addmm_(block.T, h), want1, True)
+    run("triton_beta0", lambda c: backend.grad_weight_(c, block, h, False), want0, False)
+    run("triton_beta1", lambda c: backend.grad_weight_(c, block, h, True), want1, True)
+    return out
+
+
+def loss_row(name: str, n: int, dim: int, vocab: int) -> dict:
+    """The whole loss forward+backward with each update and stream setting."""
+    from bench_loss import make_inputs, reference
+    from triton.testing import do_bench
+
+    from calibrated_lm import linear_cross_entropy
+
+    h, w, y = make_inputs(n, dim, vocab)
+    ref_loss, ref_gh, ref_gw = reference(h, w, y, 0.1, None)
+    out: dict = {"shape": name, "n": n, "dim": dim, "vocab": vocab}
+    for grad_w in ("cublas", "triton"):
+        for streams in ("1", "0"):
+            os.environ["CALIBRATED_LM_LCE_GRAD_W"] = grad_w
+            os.environ["CALIBRATED_LM_LCE_STREAMS"] = streams
+            hh = h.detach().clone().requires_grad_()
+            ww = w.detach().clone().requires_grad_()
+
+            def step(hh=hh, ww=ww) -> tuple[torch.Tensor, ...]:
+                loss = linear_cross_entropy(hh, ww, y, label_smoothing=0.1, impl="triton")
+                return (loss, *torch.autograd.grad(loss, [hh, ww]))
+
+            loss, gh, gw = step()  # compiles and autotunes outside the timing
+            errs = {"loss": rel(loss, ref_loss), "grad_h": rel(gh, ref_gh)}
+            errs["grad_w"] = rel(gw, ref_gw)
+            del loss, gh, gw
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            kept = step()
+            peak = torch.cuda.max_memory_allocated() - base
+            del kept
+            ms = do_bench(step, warmup=5, rep=60, return_mode="median")
+            key = f"{grad_w}_streams{streams}"
+            out[key] = {"ms": ms, "peak_extra_mib": peak / 2**20, **errs}
+            print(f"  {name} {key}: {ms:.2f} ms, peak +{peak / 2**20:.0f} MiB", file=sys.stderr)
+    os.environ.pop("CALIBRATED_LM_LCE_GRAD_W", None)
+    os.environ.pop("CALIBRATED_LM_LCE_STREAMS", None)
+    return out
+
+
+def write(out_dir: Path, result: dict) -> None:
+    (out_dir / "grad_weight.json").write_text(json.dumps(result, indent=1))
+    gpu = result["gpu"]
+    lines = [
+        f"# The weight-gradient update: cuBLAS vs the Triton kernel ({gpu})",
+        "",
+        f"torch {result['torch']}, Triton {result['triton']}; medians of do_bench; written by",
+        "`benchmarks/bench_grad_weight.py`.",
+        "",
+        "## The update alone, bf16 (ms; TFLOP/s; relative error against fp32)",
+        "",
+        "| R x V x D | cuBLAS mm | Triton, beta 0 | cuBLAS addmm | Triton, beta 1 | "
+        "Triton / addmm |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in result["update"]:
+
+        def cell(k: str, r: dict = r) -> str:
+            m = r[k]
+            return f"{m['ms']:.3f} ({m['tflops']:.0f}; {m['rel_err']:.1e})"
+
+        ratio = r["triton_beta1"]["ms"] / r["cublas_addmm"]["ms"]
+        lines.append(
+            f"| {r['rows']} x {r['vocab']:,} x {r['dim']} | {cell('cublas_mm')} | "
+            f"{cell('triton_beta0')} | {cell('cublas_addmm')} | {cell('triton_beta1')} | "
+            f"{ratio:.2f} |"
+        )
+    if result["loss"]:
+        lines += [
+            "",
+            "## The whole loss, forward+backward, N = 8,192, bf16, eps 0.1",
+            "",
+            "| head | update | side stream | ms | vs cuBLAS, stream | peak extra MiB | "
+            "grad_h err | grad_W err |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in result["loss"]:
+            base = r["cublas_streams1"]["ms"]
+            for key in ("cublas_streams1", "cublas_streams0", "triton_streams1", "triton_streams0"):
+                m = r[key]
+                upd, st = key.split("_streams")
+                lines.append(
+                    f"| {r['shape']} | {upd} | {'on' if st == '1' else 'off'} | "
+                    f"{m['ms']:.2f} | {m['ms'] / base:.3f} | {m['peak_extra_mib']:.0f} | "
+                    f"{m['grad_h']:.1e} | {m['grad_w']:.1e} |"
+                )
+    (out_dir / "grad_weight.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True, help="folder for the .md and .json")
+    ap.add_argument("--skip-loss", action="store_true", help="part 1 only")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_grad_weight: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import triton
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 references are true fp32
+    result: dict = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "update": [],
+        "loss": [],
+    }
+    for i, shape in enumerate(UPDATE_SHAPES, 1):
+        print(f"[update {i}/{len(UPDATE_SHAPES)}] R, V, D = {shape}", file=sys.stderr)
+        result["update"].append(update_row(*shape))
+        torch.cuda.empty_cache()
+        write(args.out, result)
+    if not args.skip_loss:
+        for i, shape in enumerate(LOSS_SHAPES, 1):
+            print(f"[loss {i}/{len(LOSS_SHAPES)}] {shape[0]}", file=sys.stderr)
+            result["loss"].append(loss_row(*shape))
+            torch.cuda.empty_cache()
+            write(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

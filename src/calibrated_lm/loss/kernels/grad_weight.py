@@ -1,0 +1,78 @@
+"""Kernel: the weight-gradient update of one token block, ``C = beta * C + G.T @ H``.
+
+G is a (R, V) gradient block, H the block's (R, D) hidden states, C the (V, D) weight gradient
+(beta is 0 for the first block, 1 after). Each program owns one (BM, BN) tile of C: it reduces
+over the R rows in BK steps with fp32 accumulation, starting from the old C tile when BETA, and
+rounds to C's dtype once.
+
+Why not cuBLAS ``addmm``: at small R the update is on the roofline's ridge. Per element of C it
+does 2 R flops against 4 bytes of bf16 read and write, so at R = 464 both take ~0.75 ms for the
+Gemma-2 head (V 256,000, D 2,304) on an H100, yet addmm took 1.41 ms there (benchmarks/NOTES.md,
+run 1): the read of C does not overlap its product. Here the old tile is loaded before the
+reduction loop, so its read is in flight while the products run.
+
+Programs are ordered with the D tiles of one V tile next to each other, so the G columns of a V
+tile are read from HBM about once and then served from L2 to the other D tiles.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def grad_weight_kernel(
+    g_ptr,
+    h_ptr,
+    c_ptr,
+    n_rows,
+    n_vocab,
+    dim,
+    stride_g,
+    stride_h,
+    stride_c,
+    BETA: tl.constexpr,
+    IEEE_FP32: tl.constexpr,
+    CAST_FP32: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    d_tiles = tl.cdiv(dim, BN)
+    v0 = (pid // d_tiles) * BM
+    d0 = (pid % d_tiles) * BN
+    offs_v = v0 + tl.arange(0, BM)
+    offs_d = d0 + tl.arange(0, BN)
+    mask_v = offs_v < n_vocab
+    mask_d = offs_d < dim
+    c_ptrs = c_ptr + offs_v[:, None].to(tl.int64) * stride_c + offs_d[None, :]
+    c_mask = mask_v[:, None] & mask_d[None, :]
+    if BETA:
+        acc = tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    offs_k = tl.arange(0, BK)
+    for k0 in range(0, n_rows, BK):
+        rows = k0 + offs_k
+        mask_k = rows < n_rows
+        # G.T tile (BM, BK): column v of G is row v of G.T.
+        gt = tl.load(
+            g_ptr + rows[None, :].to(tl.int64) * stride_g + offs_v[:, None],
+            mask=mask_v[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        h = tl.load(
+            h_ptr + rows[:, None].to(tl.int64) * stride_h + offs_d[None, :],
+            mask=mask_k[:, None] & mask_d[None, :],
+            other=0.0,
+        )
+        if CAST_FP32:  # the interpreter's low-precision dot is unreliable
+            gt = gt.to(tl.float32)
+            h = h.to(tl.float32)
+        if IEEE_FP32:  # fp32 inputs: full precision, not TF32
+            acc = tl.dot(gt, h, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(gt, h, acc)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
