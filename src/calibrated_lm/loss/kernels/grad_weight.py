@@ -9,7 +9,7 @@ Why not cuBLAS ``addmm``: at small R the update is on the roofline's ridge. Per 
 does 2 R flops against 4 bytes of bf16 read and write, so at R = 464 both take ~0.75 ms for the
 Gemma-2 head (V 256,000, D 2,304) on an H100, yet addmm took 1.41 ms there (benchmarks/NOTES.md,
 run 1): the read of C does not overlap its product. Here the old tile is loaded before the
-reduction loop, so its read is in flight while the products run.
+reduction loop and added after it, so its read is in flight while the products run.
 
 Programs are ordered with the D tiles of one V tile next to each other, so the G columns of a V
 tile are read from HBM about once and then served from L2 to the other D tiles.
@@ -50,17 +50,18 @@ def grad_weight_kernel(
     c_ptrs = c_ptr + offs_v[:, None].to(tl.int64) * stride_c + offs_d[None, :]
     c_mask = mask_v[:, None] & mask_d[None, :]
     if BETA:
-        acc = tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
-    else:
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        # Issued here, used after the loop: the read is in flight while the products run
+        # (a load feeding the first tl.dot as its accumulator would have to land first).
+        old = tl.load(c_ptrs, mask=c_mask, other=0.0)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
     offs_k = tl.arange(0, BK)
     for k0 in range(0, n_rows, BK):
         rows = k0 + offs_k
         mask_k = rows < n_rows
-        # G.T tile (BM, BK): column v of G is row v of G.T.
-        gt = tl.load(
-            g_ptr + rows[None, :].to(tl.int64) * stride_g + offs_v[:, None],
-            mask=mask_v[:, None] & mask_k[None, :],
+        # A (BK, BM) tile of G, contiguous along the vocabulary, used transposed.
+        g = tl.load(
+            g_ptr + rows[:, None].to(tl.int64) * stride_g + offs_v[None, :],
+            mask=mask_k[:, None] & mask_v[None, :],
             other=0.0,
         )
         h = tl.load(
@@ -69,10 +70,12 @@ def grad_weight_kernel(
             other=0.0,
         )
         if CAST_FP32:  # the interpreter's low-precision dot is unreliable
-            gt = gt.to(tl.float32)
+            g = g.to(tl.float32)
             h = h.to(tl.float32)
         if IEEE_FP32:  # fp32 inputs: full precision, not TF32
-            acc = tl.dot(gt, h, acc, input_precision="ieee")
+            acc = tl.dot(tl.trans(g), h, acc, input_precision="ieee")
         else:
-            acc = tl.dot(gt, h, acc)
+            acc = tl.dot(tl.trans(g), h, acc)
+    if BETA:
+        acc += old.to(tl.float32)
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
