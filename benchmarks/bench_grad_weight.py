@@ -32,11 +32,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # (R rows of the token block, V, D): Gemma-2-2B's head at the default memory fraction (464
-# rows) and at larger blocks; gemma-3-270m's at patch_model's 1,024-row floor and below.
+# rows) and at larger blocks; gemma-3-270m's at the default fraction's 128 rows (bench_loss's
+# row, session 13), 512 and patch_model's 1,024-row floor.
 UPDATE_SHAPES = [
     (464, 256000, 2304),
     (1024, 256000, 2304),
     (2048, 256000, 2304),
+    (128, 262144, 640),
     (512, 262144, 640),
     (1024, 262144, 640),
 ]
