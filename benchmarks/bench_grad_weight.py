@@ -44,6 +44,32 @@ UPDATE_SHAPES = [
 ]
 # (name, N, D, V) for part 2.
 LOSS_SHAPES = [("gemma2-2b", 8192, 2304, 256000), ("gemma3-270m", 8192, 640, 262144)]
+# --smoke: tiny shapes on the CPU under TRITON_INTERPRET=1, to check the script before device
+# time is spent on it (its times mean nothing).
+SMOKE_UPDATE = [(37, 300, 40)]
+SMOKE_LOSS = [("tiny", 64, 24, 300)]
+DEV = "cuda"
+
+
+def timed(fn, warmup: int, rep: int) -> float:
+    """Median ms of fn: do_bench on a GPU, a few wall-clock runs in the smoke test."""
+    if DEV == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+    import time
+
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[1]
+
+
+def sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -52,16 +78,14 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def update_row(rows: int, vocab: int, dim: int) -> dict:
     """Times and errors of the four update variants at one block shape."""
-    from triton.testing import do_bench
-
     from calibrated_lm.loss.triton_backend import TritonBackend
 
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    gen = torch.Generator(device=DEV).manual_seed(0)
     # Gradient-sized values (softmax probabilities are ~1/V), so repeated accumulation during
     # timing stays far from bf16 overflow.
-    block = (torch.randn(rows, vocab, device="cuda", generator=gen) / vocab).bfloat16()
-    h = torch.randn(rows, dim, device="cuda", generator=gen).bfloat16()
-    c0 = (torch.randn(vocab, dim, device="cuda", generator=gen) * 1e-4).bfloat16()
+    block = (torch.randn(rows, vocab, device=DEV, generator=gen) / vocab).bfloat16()
+    h = torch.randn(rows, dim, device=DEV, generator=gen).bfloat16()
+    c0 = (torch.randn(vocab, dim, device=DEV, generator=gen) * 1e-4).bfloat16()
     backend = TritonBackend()
     want1 = c0.float() + block.float().T @ h.float()
     want0 = block.float().T @ h.float()
@@ -70,10 +94,10 @@ def update_row(rows: int, vocab: int, dim: int) -> dict:
     def run(name: str, fn, want: torch.Tensor, beta: bool) -> None:
         c = c0.clone()
         fn(c)
-        torch.cuda.synchronize()
+        sync()
         err = rel(c, want)
         c = c0.clone()
-        ms = do_bench(lambda: fn(c), warmup=25, rep=200, return_mode="median")
+        ms = timed(lambda: fn(c), warmup=25, rep=200)
         flops = 2.0 * rows * vocab * dim
         bytes_ = (4 if beta else 2) * vocab * dim + 2 * rows * (vocab + dim)
         out[name] = {
@@ -93,12 +117,15 @@ def update_row(rows: int, vocab: int, dim: int) -> dict:
 
 def loss_row(name: str, n: int, dim: int, vocab: int) -> dict:
     """The whole loss forward+backward with each update and stream setting."""
-    from bench_loss import make_inputs, reference
-    from triton.testing import do_bench
+    from bench_loss import IGN, reference
 
     from calibrated_lm import linear_cross_entropy
 
-    h, w, y = make_inputs(n, dim, vocab)
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    h = torch.randn(n, dim, device=DEV, generator=gen).bfloat16()
+    w = (torch.randn(vocab, dim, device=DEV, generator=gen) * (2.0 / dim**0.5)).bfloat16()
+    y = torch.randint(0, vocab, (n,), device=DEV, generator=gen)
+    y[torch.rand(n, device=DEV, generator=gen) < 0.1] = IGN
     ref_loss, ref_gh, ref_gw = reference(h, w, y, 0.1, None)
     out: dict = {"shape": name, "n": n, "dim": dim, "vocab": vocab}
     for grad_w in ("cublas", "triton"):
@@ -116,13 +143,15 @@ def loss_row(name: str, n: int, dim: int, vocab: int) -> dict:
             errs = {"loss": rel(loss, ref_loss), "grad_h": rel(gh, ref_gh)}
             errs["grad_w"] = rel(gw, ref_gw)
             del loss, gh, gw
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            kept = step()
-            peak = torch.cuda.max_memory_allocated() - base
-            del kept
-            ms = do_bench(step, warmup=5, rep=60, return_mode="median")
+            sync()
+            peak = 0
+            if DEV == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                kept = step()
+                peak = torch.cuda.max_memory_allocated() - base
+                del kept
+            ms = timed(step, warmup=5, rep=60)
             key = f"{grad_w}_streams{streams}"
             out[key] = {"ms": ms, "peak_extra_mib": peak / 2**20, **errs}
             print(f"  {name} {key}: {ms:.2f} ms, peak +{peak / 2**20:.0f} MiB", file=sys.stderr)
@@ -161,7 +190,7 @@ def write(out_dir: Path, result: dict) -> None:
     if result["loss"]:
         lines += [
             "",
-            "## The whole loss, forward+backward, N = 8,192, bf16, eps 0.1",
+            "## The whole loss, forward+backward, bf16, eps 0.1",
             "",
             "| head | update | side stream | ms | vs cuBLAS, stream | peak extra MiB | "
             "grad_h err | grad_W err |",
@@ -184,31 +213,39 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="folder for the .md and .json")
     ap.add_argument("--skip-loss", action="store_true", help="part 1 only")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (interpreter)")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("bench_grad_weight: needs a CUDA GPU", file=sys.stderr)
+    global DEV
+    update_shapes, loss_shapes = UPDATE_SHAPES, LOSS_SHAPES
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
+        DEV, update_shapes, loss_shapes = "cpu", SMOKE_UPDATE, SMOKE_LOSS
+    elif not torch.cuda.is_available():
+        print("bench_grad_weight: needs a CUDA GPU (or --smoke)", file=sys.stderr)
         return 2
     import triton
 
     args.out.mkdir(parents=True, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 references are true fp32
     result: dict = {
-        "gpu": torch.cuda.get_device_name(),
+        "gpu": torch.cuda.get_device_name() if DEV == "cuda" else "CPU smoke test",
         "torch": torch.__version__,
         "triton": triton.__version__,
         "update": [],
         "loss": [],
     }
-    for i, shape in enumerate(UPDATE_SHAPES, 1):
-        print(f"[update {i}/{len(UPDATE_SHAPES)}] R, V, D = {shape}", file=sys.stderr)
+    for i, shape in enumerate(update_shapes, 1):
+        print(f"[update {i}/{len(update_shapes)}] R, V, D = {shape}", file=sys.stderr)
         result["update"].append(update_row(*shape))
-        torch.cuda.empty_cache()
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
         write(args.out, result)
     if not args.skip_loss:
-        for i, shape in enumerate(LOSS_SHAPES, 1):
-            print(f"[loss {i}/{len(LOSS_SHAPES)}] {shape[0]}", file=sys.stderr)
+        for i, shape in enumerate(loss_shapes, 1):
+            print(f"[loss {i}/{len(loss_shapes)}] {shape[0]}", file=sys.stderr)
             result["loss"].append(loss_row(*shape))
-            torch.cuda.empty_cache()
+            if DEV == "cuda":
+                torch.cuda.empty_cache()
             write(args.out, result)
     return 0
 

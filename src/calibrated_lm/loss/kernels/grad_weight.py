@@ -78,4 +78,5 @@ def grad_weight_kernel(
             acc = tl.dot(tl.trans(g), h, acc)
     if BETA:
         acc += old.to(tl.float32)
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+    # Round to nearest (the GPU default, stated; the interpreter truncates whatever is asked).
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=c_mask)
