@@ -279,6 +279,8 @@ def table(rows, meta):
     lines = [
         f"GPU: {meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}; "
         f"bf16 inputs, 10% ignored tokens, eps = {EPS} (Cut Cross-Entropy and TRL: eps = 0).",
+        f"Ours: weight-gradient update {meta.get('grad_w_update', 'cublas')}, side stream "
+        f"{'on' if meta.get('side_stream', True) else 'off'}.",
         "",
         "| shape | method | fwd ms | fwd+bwd ms | fwd extra MiB | fwd+bwd extra MiB "
         "| fwd+bwd extra / grads | fwd loss rel. err | loss rel. err | hidden-grad rel. err "
@@ -363,6 +365,10 @@ def main() -> int:
         "triton": triton.__version__,
         "python": platform.python_version(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        # ours' settings from the environment (engine.py): the weight-gradient update and the
+        # side stream.
+        "grad_w_update": os.environ.get("CALIBRATED_LM_LCE_GRAD_W", "cublas"),
+        "side_stream": os.environ.get("CALIBRATED_LM_LCE_STREAMS", "1") != "0",
     }
     for pkg in ("liger_kernel", "cut_cross_entropy", "trl"):
         try:

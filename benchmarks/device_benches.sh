@@ -9,6 +9,7 @@
 #   bash benchmarks/device_benches.sh pipeline                        # there: eval's host ceiling
 #   bash benchmarks/device_benches.sh scale [SECONDS=300]             # there: rate vs model size
 #   bash benchmarks/device_benches.sh gradw [SECONDS=240]             # there: grad_W update
+#   bash benchmarks/device_benches.sh loss [SECONDS=300] [SHAPE ...]  # there: bench_loss.py
 #
 # `stage` downloads (no dependencies: the device image has the rest, see the device tool's
 # KINDS.md) TRL and what it needs beyond the image (datasets, dill, multiprocess for the
@@ -162,6 +163,21 @@ gradw)
         -k "grad_weight or weight_update or low_precision" >"$OUT/gradw_tests.txt" 2>&1
     tail -n 1 "$OUT/gradw_tests.txt"
     timeout "$limit" python3 benchmarks/bench_grad_weight.py --out "$OUT" 2>&1 | tail -n 30
+    ;;
+loss)
+    # Issue 15, goal 1: bench_loss.py at the named shapes (all when none), against the peers,
+    # with the environment's settings of ours (e.g. CALIBRATED_LM_LCE_GRAD_W=triton), which
+    # the table states. 2 files under $OUT.
+    limit=${2:-300}
+    shift 2 2>/dev/null || shift $#
+    shapes=()
+    [ $# -gt 0 ] && shapes=(--shapes "$@")
+    install_wheels
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    timeout "$limit" python3 benchmarks/bench_loss.py --out "$OUT/loss_h200" \
+        "${shapes[@]}" >"$OUT/loss_log.txt" 2>&1
+    echo "bench_loss: exit $?"
+    tail -n 12 "$OUT/loss_log.txt"
     ;;
 run)
     limit=${2:-540}
