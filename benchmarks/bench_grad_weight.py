@@ -151,7 +151,7 @@ def loss_row(name: str, n: int, dim: int, vocab: int) -> dict:
                 kept = step()
                 peak = torch.cuda.max_memory_allocated() - base
                 del kept
-            ms = timed(step, warmup=5, rep=60)
+            ms = timed(step, warmup=200, rep=1500)  # do_bench: milliseconds of runs
             key = f"{grad_w}_streams{streams}"
             out[key] = {"ms": ms, "peak_extra_mib": peak / 2**20, **errs}
             print(f"  {name} {key}: {ms:.2f} ms, peak +{peak / 2**20:.0f} MiB", file=sys.stderr)
