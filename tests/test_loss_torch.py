@@ -52,7 +52,10 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_matches_float64_oracle_fp32(case, reduction, small_blocks):
+@pytest.mark.parametrize("order", ["token", "vocab"])
+def test_matches_float64_oracle_fp32(case, reduction, order, small_blocks, monkeypatch):
+    # order: CALIBRATED_LM_LCE_ORDER, token blocks outer (default) or vocabulary tiles outer.
+    monkeypatch.setenv("CALIBRATED_LM_LCE_ORDER", order)
     case = dict(case)
     h, w, y, b = make_problem(bias=case.pop("bias", False), seed=len(reduction))
     kw = dict(bias=b, reduction=reduction, **case)
@@ -161,7 +164,9 @@ def test_only_some_inputs_need_grad():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_no_worse_than_twice_pytorch(dtype):
+@pytest.mark.parametrize("order", ["token", "vocab"])
+def test_low_precision_no_worse_than_twice_pytorch(dtype, order, monkeypatch):
+    monkeypatch.setenv("CALIBRATED_LM_LCE_ORDER", order)
     h, w, y, _ = make_problem(n=64, d=32, v=301, dtype=dtype, seed=7)
     eps = 0.1
     ref = reference_linear_cross_entropy(h, w, y, label_smoothing=eps)
@@ -322,3 +327,17 @@ def test_the_side_stream_is_made_once_per_device(monkeypatch):
     assert engine._side_stream(torch.device("cpu")) is None
     monkeypatch.setenv("CALIBRATED_LM_LCE_STREAMS", "0")
     assert engine._side_stream(torch.device("cuda", 0)) is None
+
+
+def test_vocab_outer_order_runs_several_tiles(small_blocks):
+    # The oracle test above must exercise more than one vocabulary tile in that order.
+    h, _, _, _ = make_problem()
+    cols = chunking.grad_block_cols(h.shape[0], 203, h.shape[1], 4, False, True)
+    assert cols < 203
+
+
+def test_unknown_loop_order_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("CALIBRATED_LM_LCE_ORDER", "columns")
+    h, w, y, _ = make_problem()
+    with pytest.raises(ValueError, match="CALIBRATED_LM_LCE_ORDER must be 'token' or 'vocab'"):
+        linear_cross_entropy(h, w, y, impl="torch")

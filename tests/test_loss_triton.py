@@ -66,7 +66,9 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_triton_matches_float64_oracle_fp32(case, reduction, small_blocks):
+@pytest.mark.parametrize("order", ["token", "vocab"])
+def test_triton_matches_float64_oracle_fp32(case, reduction, order, small_blocks, monkeypatch):
+    monkeypatch.setenv("CALIBRATED_LM_LCE_ORDER", order)
     case = dict(case)
     # V = 300: not a multiple of any block size; 40 rows -> 3 row blocks, 3 vocab tiles.
     h, w, y, b = make_problem(40, 24, 300, bias=case.pop("bias", False), seed=len(case))
@@ -129,9 +131,14 @@ def test_triton_all_ignored_is_zero():
 @pytest.mark.skipif(not CUDA, reason="bf16/fp16 tl.dot is only meaningful on a GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("blocks", ["one", "many"])
-@pytest.mark.parametrize("grad_w", ["cublas", "triton"])
-def test_low_precision_no_worse_than_twice_pytorch(dtype, blocks, grad_w, monkeypatch):
-    monkeypatch.setenv("CALIBRATED_LM_LCE_GRAD_W", grad_w)
+@pytest.mark.parametrize("update", ["cublas", "triton", "vocab-outer"])
+def test_low_precision_no_worse_than_twice_pytorch(dtype, blocks, update, monkeypatch):
+    # update: the weight-gradient update of the token-outer order (CALIBRATED_LM_LCE_GRAD_W),
+    # or the vocabulary-outer order (CALIBRATED_LM_LCE_ORDER=vocab), which has none.
+    if update == "vocab-outer":
+        monkeypatch.setenv("CALIBRATED_LM_LCE_ORDER", "vocab")
+    else:
+        monkeypatch.setenv("CALIBRATED_LM_LCE_GRAD_W", update)
     if blocks == "many":
         monkeypatch.setattr(chunking, "_GPU_MIN_BLOCK", 256 * 50257 * 2)
         monkeypatch.setattr(chunking, "DEFAULT_MEMORY_FRACTION", 0.0)

@@ -70,6 +70,32 @@ def _block_rows(
     )
 
 
+def _forward_backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    row_scale: torch.Tensor,
+    cfg: LossConfig,
+    backend: engine.Backend,
+    need: tuple[bool, bool, bool],
+) -> tuple[engine.TokenResults, engine.Grads]:
+    """The gradient pass in the loop order ``engine.loop_order()`` names."""
+    if engine.loop_order() == "vocab":
+        n = hidden.shape[0]
+        vocab = weight.shape[0]
+        on_gpu, size = hidden.is_cuda, hidden.element_size()
+        cols = chunking.grad_block_cols(n, vocab, hidden.shape[1], size, on_gpu, need[1])
+        tile = chunking.forward_tile(n, vocab, size, on_gpu)
+        return engine.forward_backward_vocab_outer(
+            hidden, weight, bias, targets, row_scale, cfg, backend, cols, need, tile
+        )
+    rows = _block_rows(hidden, weight, need[1], cfg)
+    return engine.forward_backward(
+        hidden, weight, bias, targets, row_scale, cfg, backend, rows, need
+    )
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """Inputs: hidden (N, D), weight (V, D), bias (V,) or None, targets (N,), then settings.
     Outputs: reduced loss, then per-token lse, entropy, confidence, correct (no gradient)."""
@@ -110,16 +136,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         else:
             scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
             row_scale = valid.float() * scale
-            res, grads = engine.forward_backward(
-                hidden,
-                weight,
-                bias,
-                targets,
-                row_scale,
-                cfg,
-                backend,
-                _block_rows(hidden, weight, need[1], cfg),
-                need,
+            res, grads = _forward_backward(
+                hidden, weight, bias, targets, row_scale, cfg, backend, need
             )
             ctx.grads = grads
         loss = _reduce(res.loss, reduction, n_valid)
@@ -134,16 +152,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             valid = targets != ctx.cfg.ignore_index
             g = grad_loss.float()
             row_scale = torch.where(valid, g, torch.zeros_like(g)).contiguous()
-            _, grads = engine.forward_backward(
-                hidden,
-                weight,
-                bias,
-                targets,
-                row_scale,
-                ctx.cfg,
-                ctx.backend,
-                _block_rows(hidden, weight, ctx.need[1], ctx.cfg),
-                ctx.need,
+            _, grads = _forward_backward(
+                hidden, weight, bias, targets, row_scale, ctx.cfg, ctx.backend, ctx.need
             )
         else:
             grads = ctx.grads

@@ -55,6 +55,22 @@ def grad_block_rows(
     return max(1, min(n, max(16, rows)))
 
 
+def grad_block_cols(
+    n: int, vocab: int, dim: int, elem_bytes: int, on_gpu: bool, weight_grad: bool
+) -> int:
+    """Vocabulary columns per (N x cols) block of the vocabulary-outer gradient pass (a
+    multiple of 128 unless V is smaller): the same memory budget as ``grad_block_rows``'s
+    block, spent on all N tokens at once. Its float32 (N, D) hidden-gradient accumulator
+    comes on top."""
+    if on_gpu:
+        grad_bytes = ((vocab * dim if weight_grad else 0) + n * dim) * elem_bytes
+        budget = max(memory_fraction() * grad_bytes, _GPU_MIN_BLOCK)
+    else:
+        budget = _CPU_BLOCK
+    cols = int(budget // (max(n, 1) * elem_bytes)) // 128 * 128
+    return max(1, min(vocab, max(128, cols)))
+
+
 def forward_tile(n: int, vocab: int, elem_bytes: int, on_gpu: bool) -> tuple[int, int]:
     """(rows, cols) of the logit tile used when no gradient is needed."""
     budget = _GPU_FORWARD_TILE if on_gpu else _CPU_FORWARD_TILE

@@ -55,8 +55,12 @@ class Backend(Protocol):
         bias: torch.Tensor | None,
         row_scale: torch.Tensor,
         cfg: LossConfig,
+        col0: int = 0,
+        vocab: int | None = None,
     ) -> None:
-        """Overwrite ``block`` (rows x V logits) with ``row_scale[:, None] * dL/dz``."""
+        """Overwrite ``block`` (rows x cols logits of vocabulary columns ``col0:col0+cols``
+        of a ``vocab``-entry vocabulary, all of it by default) with
+        ``row_scale[:, None] * dL/dz``."""
 
 
 def new_accumulators(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,12 +115,26 @@ def forward_only(
     tile: tuple[int, int],
 ) -> TokenResults:
     """Loss and statistics without gradients, over (rows x cols) logit tiles."""
+    acc, idx = _statistics(hidden, weight, bias, targets, cfg, backend, tile)
+    return finalize(acc, idx, targets, weight.shape[0], cfg)
+
+
+def _statistics(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    cfg: LossConfig,
+    backend: Backend,
+    tile: tuple[int, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merged accumulators (5, N) and argmax (N): the backend's fused kernel where it has one,
+    else (rows x cols) logit tiles."""
     n = hidden.shape[0]
     vocab = weight.shape[0]
     fused = getattr(backend, "forward_stats", None)
     if fused is not None:  # on-chip logits, no tiles in memory
-        acc, idx = fused(hidden, weight, bias, targets, cfg)
-        return finalize(acc, idx, targets, vocab, cfg)
+        return fused(hidden, weight, bias, targets, cfg)
     acc, idx = new_accumulators(n, hidden.device)
     rows, cols = tile
     buf = torch.empty(rows * cols, dtype=hidden.dtype, device=hidden.device)
@@ -127,7 +145,7 @@ def forward_only(
             block = buf[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
             torch.mm(hidden[r0:r1], weight[c0:c1].T, out=block)
             backend.update(acc[:, r0:r1], idx[r0:r1], block, c0, bias, targets[r0:r1], cfg)
-    return finalize(acc, idx, targets, vocab, cfg)
+    return acc, idx
 
 
 class Grads(NamedTuple):
@@ -200,6 +218,73 @@ def _own_grad_w() -> bool:
     ``CALIBRATED_LM_LCE_GRAD_W=triton``) instead of cuBLAS ``addmm``. Off by default until a
     device benchmark (``benchmarks/bench_grad_weight.py``) shows it faster."""
     return os.environ.get("CALIBRATED_LM_LCE_GRAD_W", "cublas") == "triton"
+
+
+def forward_backward_vocab_outer(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    row_scale: torch.Tensor,
+    cfg: LossConfig,
+    backend: Backend,
+    block_cols: int,
+    need: tuple[bool, bool, bool],
+    tile: tuple[int, int],
+) -> tuple[TokenResults, Grads]:
+    """The same results as :func:`forward_backward`, in the vocabulary-outer order.
+
+    First the per-token statistics without gradients (lse from the backend's fused kernel, or
+    ``tile``-sized logit tiles), then per tile of ``block_cols`` vocabulary columns over all N
+    tokens: logits = h @ W[tile].T, the gradient in place, grad_W[tile] = G.T @ h (written
+    once: no read-modify-write of the V x D weight gradient) and grad_h += G @ W[tile] into a
+    float32 (N, D) accumulator, rounded to the input dtype at the end. Four N x V x D products
+    instead of three, traded for the weight gradient's per-block traffic (4 V D bytes a token
+    block in bf16), which outweighs a product when the token blocks are small (small D:
+    ``chunking.grad_block_rows``). Extra memory: the (N, block_cols) block and 4 N D bytes.
+    """
+    n, dim = hidden.shape
+    vocab = weight.shape[0]
+    acc, idx = _statistics(hidden, weight, bias, targets, cfg, backend, tile)
+    lse = acc[M] + torch.log(acc[S])
+    dev = hidden.device
+    grad_h32 = torch.zeros(n, dim, dtype=torch.float32, device=dev) if need[0] else None
+    # Every tile writes its rows of the weight gradient, so only an empty problem needs zeros.
+    new_w = torch.empty if n > 0 else torch.zeros
+    grad_w = new_w(weight.shape, dtype=weight.dtype, device=dev) if need[1] else None
+    grad_b = new_w(vocab, dtype=torch.float32, device=dev) if need[2] else None
+    cols = max(1, min(block_cols, vocab))
+    buf = torch.empty(n * cols, dtype=hidden.dtype, device=dev)
+    own = getattr(backend, "grad_weight_", None)
+    for c0 in range(0, vocab if n > 0 else 0, cols):
+        c1 = min(vocab, c0 + cols)
+        w_tile = weight[c0:c1]
+        block = buf[: n * (c1 - c0)].view(n, c1 - c0)
+        torch.mm(hidden, w_tile.T, out=block)
+        backend.grad_(block, lse, targets, bias, row_scale, cfg, col0=c0, vocab=vocab)
+        if grad_w is not None:
+            torch.mm(block.T, hidden, out=grad_w[c0:c1])
+        if grad_h32 is not None:
+            if own is not None:  # fp32 accumulation of bf16 products, no temporary
+                own(grad_h32, block.T, w_tile, True)
+            elif block.dtype == torch.float32:
+                grad_h32.addmm_(block, w_tile)
+            else:  # each tile's product rounded once to the input dtype, then summed in fp32
+                grad_h32 += torch.mm(block, w_tile)
+        if grad_b is not None:
+            grad_b[c0:c1] = block.sum(0, dtype=torch.float32)
+    grad_h = grad_h32.to(hidden.dtype) if grad_h32 is not None else None
+    return finalize(acc, idx, targets, vocab, cfg), Grads(grad_h, grad_w, grad_b)
+
+
+def loop_order() -> str:
+    """``token`` (token blocks outer: :func:`forward_backward`, the default) or ``vocab``
+    (:func:`forward_backward_vocab_outer`), from ``CALIBRATED_LM_LCE_ORDER``. The default
+    stays until a device benchmark shows where the vocabulary-outer order is faster."""
+    order = os.environ.get("CALIBRATED_LM_LCE_ORDER", "token")
+    if order not in ("token", "vocab"):
+        raise ValueError(f"CALIBRATED_LM_LCE_ORDER must be 'token' or 'vocab', not {order!r}")
+    return order
 
 
 # One side stream per device, made once. torch keeps a cuBLAS workspace (32 MiB on Hopper) per

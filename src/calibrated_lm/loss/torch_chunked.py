@@ -62,17 +62,20 @@ class TorchBackend:
         bias: torch.Tensor | None,
         row_scale: torch.Tensor,
         cfg: LossConfig,
+        col0: int = 0,
+        vocab: int | None = None,
     ) -> None:
-        vocab = block.shape[1]
+        cols = block.shape[1]
         eps = cfg.label_smoothing
-        c = _capped_logits(block, 0, bias, cfg)
+        c = _capped_logits(block, col0, bias, cfg)
         g = torch.exp(c - lse[:, None])
         if cfg.z_loss:
             g *= (1.0 + 2.0 * cfg.z_loss * lse)[:, None]
-        g -= eps / vocab
-        valid = targets != cfg.ignore_index
-        rows = torch.nonzero(valid)[:, 0]
-        g[rows, targets[rows].long()] -= 1.0 - eps
+        g -= eps / (vocab or cols)
+        local = targets - col0  # the target's column in this block, if it is one of them
+        inside = (targets != cfg.ignore_index) & (local >= 0) & (local < cols)
+        rows = torch.nonzero(inside)[:, 0]
+        g[rows, local[rows].long()] -= 1.0 - eps
         if cfg.softcap is not None:
             g *= 1.0 - (c / cfg.softcap).square()
         g *= row_scale[:, None]

@@ -123,6 +123,8 @@ class TritonBackend:
         bias: torch.Tensor | None,
         row_scale: torch.Tensor,
         cfg: LossConfig,
+        col0: int = 0,
+        vocab: int | None = None,
     ) -> None:
         rows, cols = block.shape
         if rows == 0:
@@ -133,12 +135,13 @@ class TritonBackend:
             block,
             block.stride(0),
             cols,
-            bias if bias is not None else block,
+            col0,
+            bias[col0:] if bias is not None else block,
             targets,
             lse.contiguous(),
             row_scale.contiguous(),
             cfg.ignore_index,
-            eps / cols,
+            eps / (vocab or cols),
             1.0 - eps,
             2.0 * cfg.z_loss,
             cfg.softcap or 1.0,
@@ -153,10 +156,12 @@ class TritonBackend:
         self, grad_w: torch.Tensor, block: torch.Tensor, h_blk: torch.Tensor, beta: bool
     ) -> None:
         """``grad_w = beta * grad_w + block.T @ h_blk`` in place (fp32 accumulation, one
-        rounding to grad_w's dtype), the old tile read while the products run."""
+        rounding to grad_w's dtype), the old tile read while the products run. ``block`` may
+        be any 2-D view (e.g. ``G.T`` for ``grad_h += G @ W``); the others need unit stride
+        along their last axis."""
         rows, vocab = block.shape
         dim = h_blk.shape[1]
-        assert block.stride(1) == 1 and h_blk.stride(1) == 1 and grad_w.stride(1) == 1
+        assert h_blk.stride(1) == 1 and grad_w.stride(1) == 1
         args = (
             block,
             h_blk,
@@ -165,6 +170,7 @@ class TritonBackend:
             vocab,
             dim,
             block.stride(0),
+            block.stride(1),
             h_blk.stride(0),
             grad_w.stride(0),
         )

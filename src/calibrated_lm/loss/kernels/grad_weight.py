@@ -11,6 +11,10 @@ Gemma-2 head (V 256,000, D 2,304) on an H100, yet addmm took 1.41 ms there (benc
 run 1): the read of C does not overlap its product. Here the old tile is loaded before the
 reduction loop and added after it, so its read is in flight while the products run.
 
+The same kernel computes any ``C = beta * C + A.T @ B`` with A given by its two strides
+(``stride_g`` along the reduced axis, ``stride_gm`` along C's rows): the vocabulary-outer
+order uses it for the hidden gradient, ``grad_h += G @ W_tile`` in float32, with A = G.T.
+
 Programs are ordered with the D tiles of one V tile next to each other, so the G columns of a V
 tile are read from HBM about once and then served from L2 to the other D tiles.
 """
@@ -30,6 +34,7 @@ def grad_weight_kernel(
     n_vocab,
     dim,
     stride_g,
+    stride_gm,
     stride_h,
     stride_c,
     BETA: tl.constexpr,
@@ -58,9 +63,12 @@ def grad_weight_kernel(
     for k0 in range(0, n_rows, BK):
         rows = k0 + offs_k
         mask_k = rows < n_rows
-        # A (BK, BM) tile of G, contiguous along the vocabulary, used transposed.
+        # A (BK, BM) tile of G (for the weight gradient contiguous along the vocabulary,
+        # stride_gm = 1), used transposed.
         g = tl.load(
-            g_ptr + rows[:, None].to(tl.int64) * stride_g + offs_v[None, :],
+            g_ptr
+            + rows[:, None].to(tl.int64) * stride_g
+            + offs_v[None, :].to(tl.int64) * stride_gm,
             mask=mask_k[:, None] & mask_v[None, :],
             other=0.0,
         )

@@ -4,6 +4,8 @@
 
 with p_j = exp(c_j - lse), c the (softcapped) logits and the last factor only with a softcap.
 ``scale`` is 0 at ignored rows (zero gradient) and e.g. 1 / n_valid for a mean.
+The block may hold vocabulary columns ``col0 : col0 + n_cols`` only (the vocabulary-outer
+order); ``eps_over_v`` is eps over the whole vocabulary and the bias starts at ``col0``.
 Grid (rows, splits): program (r, k) handles columns [k * COLS_PER_PROG, ...) of row r.
 """
 
@@ -20,6 +22,7 @@ def row_grad_kernel(
     block_ptr,
     stride_row,
     n_cols,
+    col0,
     bias_ptr,
     targets_ptr,
     lse_ptr,
@@ -40,7 +43,7 @@ def row_grad_kernel(
     lse = tl.load(lse_ptr + r)
     scale = tl.load(scale_ptr + r)
     y = tl.load(targets_ptr + r)
-    y = tl.where(y == ignore_index, -1, y)
+    y = tl.where(y == ignore_index, -1, y - col0)  # the target's column in this block
     p_factor = 1.0 + two_z_loss * lse
     offs = tl.arange(0, BLOCK)
     for start in range(0, COLS_PER_PROG, BLOCK):
