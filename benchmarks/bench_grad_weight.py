@@ -11,9 +11,11 @@ Part 1, the update alone, per (R, V, D) block shape: cuBLAS ``mm`` (beta 0) and 
 the rate in TFLOP/s and TB/s (bf16: 4 bytes per element of C with beta 1, 2 without), and each
 result's relative error against an fp32 product (TF32 off).
 Part 2, the whole loss forward+backward (``linear_cross_entropy``, eps 0.1, 10% of targets
-ignored) with ``CALIBRATED_LM_LCE_GRAD_W`` = cublas and triton, each with the side stream on and
-off, all in this one process: median time, peak extra memory, and the gradients' relative
-errors against bench_loss.py's fp32 reference.
+ignored) in each of ``LOSS_VARIANTS``: the default, the side stream off, the Triton update
+(``CALIBRATED_LM_LCE_GRAD_W=triton``) with and without it, and the vocabulary-outer order
+(``CALIBRATED_LM_LCE_ORDER=vocab``), all in this one process: median time, peak extra memory
+(the returned gradients included), and the loss's and gradients' relative errors against
+bench_loss.py's fp32 reference.
 
 Usage (on a GPU): python benchmarks/bench_grad_weight.py --out DIR
 Writes DIR/grad_weight.md and DIR/grad_weight.json after each part; progress on stderr.
@@ -43,7 +45,24 @@ UPDATE_SHAPES = [
     (1024, 262144, 640),
 ]
 # (name, N, D, V) for part 2.
-LOSS_SHAPES = [("gemma2-2b", 8192, 2304, 256000), ("gemma3-270m", 8192, 640, 262144)]
+LOSS_SHAPES = [
+    ("gemma2-2b", 8192, 2304, 256000),
+    ("gemma3-270m", 8192, 640, 262144),
+    ("gemma2-2b N65536", 65536, 2304, 256000),
+]
+# Part 2's settings of ours (engine.py's switches; unset ones take their defaults): the
+# default, the side stream off, the Triton update with and without it, the other loop order.
+ENV_VARS = ("CALIBRATED_LM_LCE_GRAD_W", "CALIBRATED_LM_LCE_STREAMS", "CALIBRATED_LM_LCE_ORDER")
+LOSS_VARIANTS = {
+    "token_cublas": {},
+    "token_cublas_onestream": {"CALIBRATED_LM_LCE_STREAMS": "0"},
+    "token_triton": {"CALIBRATED_LM_LCE_GRAD_W": "triton"},
+    "token_triton_onestream": {
+        "CALIBRATED_LM_LCE_GRAD_W": "triton",
+        "CALIBRATED_LM_LCE_STREAMS": "0",
+    },
+    "vocab_outer": {"CALIBRATED_LM_LCE_ORDER": "vocab"},
+}
 # --smoke: tiny shapes on the CPU under TRITON_INTERPRET=1, to check the script before device
 # time is spent on it (its times mean nothing).
 SMOKE_UPDATE = [(37, 300, 40)]
@@ -128,35 +147,34 @@ def loss_row(name: str, n: int, dim: int, vocab: int) -> dict:
     y[torch.rand(n, device=DEV, generator=gen) < 0.1] = IGN
     ref_loss, ref_gh, ref_gw = reference(h, w, y, 0.1, None)
     out: dict = {"shape": name, "n": n, "dim": dim, "vocab": vocab}
-    for grad_w in ("cublas", "triton"):
-        for streams in ("1", "0"):
-            os.environ["CALIBRATED_LM_LCE_GRAD_W"] = grad_w
-            os.environ["CALIBRATED_LM_LCE_STREAMS"] = streams
-            hh = h.detach().clone().requires_grad_()
-            ww = w.detach().clone().requires_grad_()
+    for key, env in LOSS_VARIANTS.items():
+        for var in ENV_VARS:
+            os.environ.pop(var, None)
+        os.environ.update(env)
+        hh = h.detach().clone().requires_grad_()
+        ww = w.detach().clone().requires_grad_()
 
-            def step(hh=hh, ww=ww) -> tuple[torch.Tensor, ...]:
-                loss = linear_cross_entropy(hh, ww, y, label_smoothing=0.1, impl="triton")
-                return (loss, *torch.autograd.grad(loss, [hh, ww]))
+        def step(hh=hh, ww=ww) -> tuple[torch.Tensor, ...]:
+            loss = linear_cross_entropy(hh, ww, y, label_smoothing=0.1, impl="triton")
+            return (loss, *torch.autograd.grad(loss, [hh, ww]))
 
-            loss, gh, gw = step()  # compiles and autotunes outside the timing
-            errs = {"loss": rel(loss, ref_loss), "grad_h": rel(gh, ref_gh)}
-            errs["grad_w"] = rel(gw, ref_gw)
-            del loss, gh, gw
-            sync()
-            peak = 0
-            if DEV == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                kept = step()
-                peak = torch.cuda.max_memory_allocated() - base
-                del kept
-            ms = timed(step, warmup=200, rep=1500)  # do_bench: milliseconds of runs
-            key = f"{grad_w}_streams{streams}"
-            out[key] = {"ms": ms, "peak_extra_mib": peak / 2**20, **errs}
-            print(f"  {name} {key}: {ms:.2f} ms, peak +{peak / 2**20:.0f} MiB", file=sys.stderr)
-    os.environ.pop("CALIBRATED_LM_LCE_GRAD_W", None)
-    os.environ.pop("CALIBRATED_LM_LCE_STREAMS", None)
+        loss, gh, gw = step()  # compiles and autotunes outside the timing
+        errs = {"loss": rel(loss, ref_loss), "grad_h": rel(gh, ref_gh)}
+        errs["grad_w"] = rel(gw, ref_gw)
+        del loss, gh, gw
+        sync()
+        peak = 0
+        if DEV == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            kept = step()
+            peak = torch.cuda.max_memory_allocated() - base
+            del kept
+        ms = timed(step, warmup=200, rep=1500)  # do_bench: milliseconds of runs
+        out[key] = {"ms": ms, "peak_extra_mib": peak / 2**20, **errs}
+        print(f"  {name} {key}: {ms:.2f} ms, peak +{peak / 2**20:.0f} MiB", file=sys.stderr)
+    for var in ENV_VARS:
+        os.environ.pop(var, None)
     return out
 
 
@@ -192,19 +210,18 @@ def write(out_dir: Path, result: dict) -> None:
             "",
             "## The whole loss, forward+backward, bf16, eps 0.1",
             "",
-            "| head | update | side stream | ms | vs cuBLAS, stream | peak extra MiB | "
-            "grad_h err | grad_W err |",
+            "| head | setting | ms | vs the default | peak extra MiB | loss err | grad_h err "
+            "| grad_W err |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for r in result["loss"]:
-            base = r["cublas_streams1"]["ms"]
-            for key in ("cublas_streams1", "cublas_streams0", "triton_streams1", "triton_streams0"):
+            base = r["token_cublas"]["ms"]
+            for key in LOSS_VARIANTS:
                 m = r[key]
-                upd, st = key.split("_streams")
                 lines.append(
-                    f"| {r['shape']} | {upd} | {'on' if st == '1' else 'off'} | "
-                    f"{m['ms']:.2f} | {m['ms'] / base:.3f} | {m['peak_extra_mib']:.0f} | "
-                    f"{m['grad_h']:.1e} | {m['grad_w']:.1e} |"
+                    f"| {r['shape']} | {key} | {m['ms']:.2f} | {m['ms'] / base:.3f} | "
+                    f"{m['peak_extra_mib']:.0f} | {m['loss']:.1e} | {m['grad_h']:.1e} | "
+                    f"{m['grad_w']:.1e} |"
                 )
     (out_dir / "grad_weight.md").write_text("\n".join(lines) + "\n")
 
