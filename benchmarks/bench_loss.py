@@ -6,7 +6,7 @@ same, Liger's fused linear CE, Cut Cross-Entropy (eps = 0: it has no smoothing; 
 default gradient filtering), TRL's chunked log-prob kernel (eps = 0: the NLL path of
 ``trl.SFTTrainer``, with the entropy and top-1 outputs that trainer asks for; only where TRL
 is installed), and ours (calibrated_lm.linear_cross_entropy, several memory
-fractions). For each: median forward (no grad) and forward+backward time (CUDA events), peak
+fractions, the Triton weight-gradient update and the vocabulary-outer order). For each: median forward (no grad) and forward+backward time (CUDA events), peak
 extra memory (peak allocated minus allocated before the call; for forward+backward the
 returned gradients are included), and relative errors of the loss, hidden gradient and weight
 gradient against an fp32 reference computed in row chunks with plain PyTorch (TF32 off).
@@ -36,6 +36,8 @@ IGN = -100
 EPS = 0.1
 MIB = 1 << 20
 FRACTION = "CALIBRATED_LM_LCE_MEMORY_FRACTION"
+GRAD_W = "CALIBRATED_LM_LCE_GRAD_W"
+ORDER = "CALIBRATED_LM_LCE_ORDER"
 
 SHAPES = {
     # name: (N, D, V, softcap)
@@ -174,6 +176,9 @@ def methods(softcap):
         ("ours", EPS, lambda: ours_loss(softcap, EPS)),
         ("ours, memory fraction 0.1", EPS, lambda: ours_loss(softcap, EPS, {FRACTION: "0.1"})),
         ("ours, memory fraction 0.3", EPS, lambda: ours_loss(softcap, EPS, {FRACTION: "0.3"})),
+        # Session 20's two alternatives to the weight gradient's per-block cuBLAS update.
+        ("ours, Triton weight update", EPS, lambda: ours_loss(softcap, EPS, {GRAD_W: "triton"})),
+        ("ours, vocabulary-outer", EPS, lambda: ours_loss(softcap, EPS, {ORDER: "vocab"})),
     ]
 
 
