@@ -63,6 +63,11 @@ LOSS_VARIANTS = {
     },
     "vocab_outer": {"CALIBRATED_LM_LCE_ORDER": "vocab"},
 }
+# --crossover: where the vocabulary-outer order stops paying (session 20 measured it at 128
+# token-order rows, 0.52x the default, and at 464, 1.15x): Gemma 3's vocabulary at N 8,192
+# with D from 640 to 2,304, so the default's rows are 128, 208, 304, 416 and 464.
+CROSSOVER_SHAPES = [(f"V262144 D{d}", 8192, d, 262144) for d in (640, 1024, 1536, 2048, 2304)]
+CROSSOVER_VARIANTS = ("token_cublas", "vocab_outer")
 # --smoke: tiny shapes on the CPU under TRITON_INTERPRET=1, to check the script before device
 # time is spent on it (its times mean nothing).
 SMOKE_UPDATE = [(37, 300, 40)]
@@ -134,7 +139,9 @@ def update_row(rows: int, vocab: int, dim: int) -> dict:
     return out
 
 
-def loss_row(name: str, n: int, dim: int, vocab: int) -> dict:
+def loss_row(
+    name: str, n: int, dim: int, vocab: int, variants: tuple[str, ...] = tuple(LOSS_VARIANTS)
+) -> dict:
     """The whole loss forward+backward with each update and stream setting."""
     from bench_loss import IGN, reference
 
@@ -146,8 +153,13 @@ def loss_row(name: str, n: int, dim: int, vocab: int) -> dict:
     y = torch.randint(0, vocab, (n,), device=DEV, generator=gen)
     y[torch.rand(n, device=DEV, generator=gen) < 0.1] = IGN
     ref_loss, ref_gh, ref_gw = reference(h, w, y, 0.1, None)
+    from calibrated_lm.loss import chunking
+
     out: dict = {"shape": name, "n": n, "dim": dim, "vocab": vocab}
-    for key, env in LOSS_VARIANTS.items():
+    # The default order's rows per block at this shape (bf16, weight gradient needed).
+    out["token_rows"] = chunking.grad_block_rows(n, vocab, dim, 2, DEV == "cuda", True)
+    for key in variants:
+        env = LOSS_VARIANTS[key]
         for var in ENV_VARS:
             os.environ.pop(var, None)
         os.environ.update(env)
@@ -186,13 +198,16 @@ def write(out_dir: Path, result: dict) -> None:
         "",
         f"torch {result['torch']}, Triton {result['triton']}; medians of do_bench; written by",
         "`benchmarks/bench_grad_weight.py`.",
-        "",
-        "## The update alone, bf16 (ms; TFLOP/s; relative error against fp32)",
-        "",
-        "| R x V x D | cuBLAS mm | Triton, beta 0 | cuBLAS addmm | Triton, beta 1 | "
-        "Triton / addmm |",
-        "|---|---|---|---|---|---|",
     ]
+    if result["update"]:
+        lines += [
+            "",
+            "## The update alone, bf16 (ms; TFLOP/s; relative error against fp32)",
+            "",
+            "| R x V x D | cuBLAS mm | Triton, beta 0 | cuBLAS addmm | Triton, beta 1 | "
+            "Triton / addmm |",
+            "|---|---|---|---|---|---|",
+        ]
     for r in result["update"]:
 
         def cell(k: str, r: dict = r) -> str:
@@ -216,10 +231,10 @@ def write(out_dir: Path, result: dict) -> None:
         ]
         for r in result["loss"]:
             base = r["token_cublas"]["ms"]
-            for key in LOSS_VARIANTS:
+            for key in [k for k in LOSS_VARIANTS if k in r]:
                 m = r[key]
                 lines.append(
-                    f"| {r['shape']} | {key} | {m['ms']:.2f} | {m['ms'] / base:.3f} | "
+                    f"| {r['shape']} ({r.get('token_rows', '?')} rows) | {key} | {m['ms']:.2f} | {m['ms'] / base:.3f} | "
                     f"{m['peak_extra_mib']:.0f} | {m['loss']:.1e} | {m['grad_h']:.1e} | "
                     f"{m['grad_w']:.1e} |"
                 )
@@ -231,9 +246,17 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True, help="folder for the .md and .json")
     ap.add_argument("--skip-loss", action="store_true", help="part 1 only")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (interpreter)")
+    ap.add_argument(
+        "--crossover",
+        action="store_true",
+        help="only the default and the vocabulary-outer order, at D 640..2304 (V 262,144)",
+    )
     args = ap.parse_args()
     global DEV
     update_shapes, loss_shapes = UPDATE_SHAPES, LOSS_SHAPES
+    variants = tuple(LOSS_VARIANTS)
+    if args.crossover:
+        update_shapes, loss_shapes, variants = [], CROSSOVER_SHAPES, CROSSOVER_VARIANTS
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
         DEV, update_shapes, loss_shapes = "cpu", SMOKE_UPDATE, SMOKE_LOSS
@@ -260,7 +283,7 @@ def main() -> int:
     if not args.skip_loss:
         for i, shape in enumerate(loss_shapes, 1):
             print(f"[loss {i}/{len(loss_shapes)}] {shape[0]}", file=sys.stderr)
-            result["loss"].append(loss_row(*shape))
+            result["loss"].append(loss_row(*shape, variants=variants))
             if DEV == "cuda":
                 torch.cuda.empty_cache()
             write(args.out, result)

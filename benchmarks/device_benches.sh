@@ -8,7 +8,7 @@
 #   bash benchmarks/device_benches.sh eval [SECONDS=300]              # there: issue 15's eval
 #   bash benchmarks/device_benches.sh pipeline                        # there: eval's host ceiling
 #   bash benchmarks/device_benches.sh scale [SECONDS=300]             # there: rate vs model size
-#   bash benchmarks/device_benches.sh gradw [SECONDS=240]             # there: grad_W update
+#   bash benchmarks/device_benches.sh gradw [SECONDS=240] [crossover] # there: grad_W update
 #   bash benchmarks/device_benches.sh loss [SECONDS=300] [SHAPE ...]  # there: bench_loss.py
 #
 # `stage` downloads (no dependencies: the device image has the rest, see the device tool's
@@ -157,15 +157,21 @@ scale)
     ;;
 gradw)
     # Issue 15, goal 1: the weight-gradient update, cuBLAS addmm against the Triton kernel that
-    # reads the old tile while its products run (bench_grad_weight.py), then its GPU tests.
-    # Needs nothing carried. 3 files under $OUT; ~120 s on a warm machine.
+    # reads the old tile while its products run, and the vocabulary-outer order
+    # (bench_grad_weight.py), then the GPU tests of both. `gradw SECONDS crossover`: only the
+    # default against the vocabulary-outer order at D 640..2,304 (where it stops paying).
+    # The bench comes first (session 20: the tests took the whole of a 150 s timeout).
+    # Needs nothing carried. 4 files under $OUT.
     limit=${2:-240}
+    mode=()
+    [ "${3:-}" = crossover ] && mode=(--crossover)
     export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-    timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_loss_triton.py \
+    timeout "$limit" python3 benchmarks/bench_grad_weight.py --out "$OUT" "${mode[@]}" 2>&1 | tail -n 30
+    timeout "${GRADW_TEST_S:-300}" python3 -m pytest -q -x -p no:cacheprovider tests/test_loss_triton.py \
         -k "grad_weight or weight_update or low_precision or float64_oracle" >"$OUT/gradw_tests.txt" 2>&1
+    echo "GPU tests: exit $?"
     tail -n 1 "$OUT/gradw_tests.txt"
-    timeout "$limit" python3 benchmarks/bench_grad_weight.py --out "$OUT" 2>&1 | tail -n 30
     ;;
 loss)
     # Issue 15, goal 1: bench_loss.py at the named shapes (all when none), against the peers,
