@@ -86,9 +86,8 @@ def _forward_backward(
         vocab = weight.shape[0]
         on_gpu, size = hidden.is_cuda, hidden.element_size()
         cols = chunking.grad_block_cols(n, vocab, hidden.shape[1], size, on_gpu, need[1])
-        tile = chunking.forward_tile(n, vocab, size, on_gpu)
         return engine.forward_backward_vocab_outer(
-            hidden, weight, bias, targets, row_scale, cfg, backend, cols, need, tile
+            hidden, weight, bias, targets, row_scale, cfg, backend, cols, need
         )
     rows = _block_rows(hidden, weight, need[1], cfg)
     return engine.forward_backward(

@@ -230,22 +230,31 @@ def forward_backward_vocab_outer(
     backend: Backend,
     block_cols: int,
     need: tuple[bool, bool, bool],
-    tile: tuple[int, int],
 ) -> tuple[TokenResults, Grads]:
     """The same results as :func:`forward_backward`, in the vocabulary-outer order.
 
-    First the per-token statistics without gradients (lse from the backend's fused kernel, or
-    ``tile``-sized logit tiles), then per tile of ``block_cols`` vocabulary columns over all N
-    tokens: logits = h @ W[tile].T, the gradient in place, grad_W[tile] = G.T @ h (written
+    First the per-token statistics over tiles of ``block_cols`` vocabulary columns (all N
+    tokens each), then per tile again: logits = h @ W[tile].T, the gradient in place, grad_W[tile] = G.T @ h (written
     once: no read-modify-write of the V x D weight gradient) and grad_h += G @ W[tile] into a
     float32 (N, D) accumulator, rounded to the input dtype at the end. Four N x V x D products
-    instead of three, traded for the weight gradient's per-block traffic (4 V D bytes a token
+    instead of three (the logits twice), traded for the weight gradient's per-block traffic (4 V D bytes a token
     block in bf16), which outweighs a product when the token blocks are small (small D:
     ``chunking.grad_block_rows``). Extra memory: the (N, block_cols) block and 4 N D bytes.
     """
     n, dim = hidden.shape
     vocab = weight.shape[0]
-    acc, idx = _statistics(hidden, weight, bias, targets, cfg, backend, tile)
+    cols = max(1, min(block_cols, vocab))
+    buf = torch.empty(n * cols, dtype=hidden.dtype, device=hidden.device)
+    # The statistics from the very tiles the gradient pass recomputes, so that the gradient's
+    # softmax sums to one over its own (rounded, capped) logits. The fused kernel's fp32
+    # on-chip logits would not: with bf16 inputs and confident targets that mismatch tripled
+    # the hidden gradient's error (review of session 20).
+    acc, idx = new_accumulators(n, hidden.device)
+    for c0 in range(0, vocab if n > 0 else 0, cols):
+        c1 = min(vocab, c0 + cols)
+        block = buf[: n * (c1 - c0)].view(n, c1 - c0)
+        torch.mm(hidden, weight[c0:c1].T, out=block)
+        backend.update(acc, idx, block, c0, bias, targets, cfg)
     lse = acc[M] + torch.log(acc[S])
     dev = hidden.device
     grad_h32 = torch.zeros(n, dim, dtype=torch.float32, device=dev) if need[0] else None
@@ -253,8 +262,8 @@ def forward_backward_vocab_outer(
     new_w = torch.empty if n > 0 else torch.zeros
     grad_w = new_w(weight.shape, dtype=weight.dtype, device=dev) if need[1] else None
     grad_b = new_w(vocab, dtype=torch.float32, device=dev) if need[2] else None
-    cols = max(1, min(block_cols, vocab))
-    buf = torch.empty(n * cols, dtype=hidden.dtype, device=dev)
+    # On CUDA the hidden gradient accumulates in fp32 through the backend's Triton update
+    # (whatever CALIBRATED_LM_LCE_GRAD_W says: cuBLAS has no in-place bf16 x bf16 -> fp32 add).
     own = getattr(backend, "grad_weight_", None)
     for c0 in range(0, vocab if n > 0 else 0, cols):
         c1 = min(vocab, c0 + cols)

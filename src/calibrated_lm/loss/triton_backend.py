@@ -73,9 +73,16 @@ _GRAD_W_CONFIGS = [
     triton.Config({"BM": 128, "BN": 128, "BK": 64}, num_warps=4, num_stages=4),
     triton.Config({"BM": 128, "BN": 128, "BK": 32}, num_warps=4, num_stages=5),
 ]
-_grad_weight_tuned = triton.autotune(
-    _GRAD_W_CONFIGS, key=["n_vocab", "dim", "BETA"], restore_value=["c_ptr"]
-)(grad_weight_kernel)
+# Keyed on C's row count rounded up to a power of two (``m_bucket``), not the count itself:
+# the hidden-gradient use has C's rows = N tokens, and a new N per batch would retune each time.
+# Only the accumulating variant restores C (its trials would otherwise add up); the writing
+# one needs no copy of C, which for the weight gradient is V x D.
+_grad_weight_tuned = {
+    beta: triton.autotune(
+        _GRAD_W_CONFIGS, key=["m_bucket", "dim"], restore_value=["c_ptr"] if beta else None
+    )(grad_weight_kernel)
+    for beta in (False, True)
+}
 
 
 class TritonBackend:
@@ -161,13 +168,16 @@ class TritonBackend:
         along their last axis."""
         rows, vocab = block.shape
         dim = h_blk.shape[1]
-        assert h_blk.stride(1) == 1 and grad_w.stride(1) == 1
+        if h_blk.stride(1) != 1:  # e.g. a column-major hidden or weight: copy the (K, D) rows
+            h_blk = h_blk.contiguous()
+        assert grad_w.stride(1) == 1  # the gradient buffers are ours, allocated contiguous
         args = (
             block,
             h_blk,
             grad_w,
             rows,
             vocab,
+            triton.next_power_of_2(max(vocab, 1)),
             dim,
             block.stride(0),
             block.stride(1),
@@ -188,7 +198,7 @@ class TritonBackend:
         def grid(meta: dict) -> tuple[int]:
             return (triton.cdiv(vocab, meta["BM"]) * triton.cdiv(dim, meta["BN"]),)
 
-        _grad_weight_tuned[grid](*args, **consts)
+        _grad_weight_tuned[beta][grid](*args, **consts)
 
     def forward_stats(
         self,

@@ -32,6 +32,7 @@ def grad_weight_kernel(
     c_ptr,
     n_rows,
     n_vocab,
+    m_bucket,  # unused here: the autotuner's key (n_vocab rounded up to a power of two)
     dim,
     stride_g,
     stride_gm,
