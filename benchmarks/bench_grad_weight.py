@@ -234,8 +234,8 @@ def write(out_dir: Path, result: dict) -> None:
             for key in [k for k in LOSS_VARIANTS if k in r]:
                 m = r[key]
                 lines.append(
-                    f"| {r['shape']} ({r.get('token_rows', '?')} rows) | {key} | {m['ms']:.2f} | {m['ms'] / base:.3f} | "
-                    f"{m['peak_extra_mib']:.0f} | {m['loss']:.1e} | {m['grad_h']:.1e} | "
+                    f"| {r['shape']} ({r.get('token_rows', '?')} rows) | {key} | "
+                    f"{m['ms']:.2f} | {m['ms'] / base:.3f} | {m['peak_extra_mib']:.0f} | {m['loss']:.1e} | {m['grad_h']:.1e} | "
                     f"{m['grad_w']:.1e} |"
                 )
     (out_dir / "grad_weight.md").write_text("\n".join(lines) + "\n")

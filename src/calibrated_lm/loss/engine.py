@@ -233,13 +233,15 @@ def forward_backward_vocab_outer(
 ) -> tuple[TokenResults, Grads]:
     """The same results as :func:`forward_backward`, in the vocabulary-outer order.
 
-    First the per-token statistics over tiles of ``block_cols`` vocabulary columns (all N
-    tokens each), then per tile again: logits = h @ W[tile].T, the gradient in place, grad_W[tile] = G.T @ h (written
-    once: no read-modify-write of the V x D weight gradient) and grad_h += G @ W[tile] into a
-    float32 (N, D) accumulator, rounded to the input dtype at the end. Four N x V x D products
-    instead of three (the logits twice), traded for the weight gradient's per-block traffic (4 V D bytes a token
-    block in bf16), which outweighs a product when the token blocks are small (small D:
-    ``chunking.grad_block_rows``). Extra memory: the (N, block_cols) block and 4 N D bytes.
+    Two passes over tiles of ``block_cols`` vocabulary columns, all N tokens each. The first
+    computes the tiles' logits and merges their statistics (lse). The second computes each
+    tile's logits again, overwrites them with the gradient, writes grad_W[tile] = G.T @ h once
+    (no read-modify-write of the V x D weight gradient) and adds grad_h += G @ W[tile] into
+    a float32 (N, D) accumulator, rounded to the input dtype at the end. That is four
+    N x V x D products instead of three (the logits twice), traded for the token order's
+    weight-gradient traffic (4 V D bytes per token block in bf16), which outweighs a product
+    when its token blocks are small (small D: ``chunking.grad_block_rows``). Extra memory:
+    the (N, block_cols) block and 4 N D bytes.
     """
     n, dim = hidden.shape
     vocab = weight.shape[0]

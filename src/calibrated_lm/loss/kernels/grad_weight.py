@@ -2,8 +2,8 @@
 
 G is a (R, V) gradient block, H the block's (R, D) hidden states, C the (V, D) weight gradient
 (beta is 0 for the first block, 1 after). Each program owns one (BM, BN) tile of C: it reduces
-over the R rows in BK steps with fp32 accumulation, starting from the old C tile when BETA, and
-rounds to C's dtype once.
+over the R rows in BK steps with fp32 accumulation, adds the old C tile when BETA, and rounds
+to C's dtype once.
 
 Why not cuBLAS ``addmm``: at small R the update is on the roofline's ridge. Per element of C it
 does 2 R flops against 4 bytes of bf16 read and write, so at R = 464 both take ~0.75 ms for the
