@@ -25,6 +25,17 @@ def memory_fraction() -> float:
     return float(os.environ.get("CALIBRATED_LM_LCE_MEMORY_FRACTION", DEFAULT_MEMORY_FRACTION))
 
 
+def _grad_block_bytes(
+    n: int, vocab: int, dim: int, elem_bytes: int, on_gpu: bool, weight_grad: bool
+) -> float:
+    """Bytes of the gradient pass's logit block: on GPUs the memory fraction of the gradient
+    outputs (at least 32 MiB), on the CPU a fixed 16 MiB."""
+    if not on_gpu:
+        return _CPU_BLOCK
+    grad_bytes = ((vocab * dim if weight_grad else 0) + n * dim) * elem_bytes
+    return max(memory_fraction() * grad_bytes, _GPU_MIN_BLOCK)
+
+
 def grad_block_rows(
     n: int,
     vocab: int,
@@ -45,11 +56,7 @@ def grad_block_rows(
     grows by rows x V elements) for callers that can spare it, such as a training step whose
     activations dwarf the block.
     """
-    if on_gpu:
-        grad_bytes = ((vocab * dim if weight_grad else 0) + n * dim) * elem_bytes
-        budget = max(memory_fraction() * grad_bytes, _GPU_MIN_BLOCK)
-    else:
-        budget = _CPU_BLOCK
+    budget = _grad_block_bytes(n, vocab, dim, elem_bytes, on_gpu, weight_grad)
     rows = int(budget // (vocab * elem_bytes)) // 16 * 16
     rows = max(rows, -(-min_rows // 16) * 16)
     return max(1, min(n, max(16, rows)))
@@ -62,11 +69,7 @@ def grad_block_cols(
     multiple of 128 unless V is smaller): the same memory budget as ``grad_block_rows``'s
     block, spent on all N tokens at once. Its float32 (N, D) hidden-gradient accumulator
     comes on top."""
-    if on_gpu:
-        grad_bytes = ((vocab * dim if weight_grad else 0) + n * dim) * elem_bytes
-        budget = max(memory_fraction() * grad_bytes, _GPU_MIN_BLOCK)
-    else:
-        budget = _CPU_BLOCK
+    budget = _grad_block_bytes(n, vocab, dim, elem_bytes, on_gpu, weight_grad)
     cols = int(budget // (max(n, 1) * elem_bytes)) // 128 * 128
     return max(1, min(vocab, max(128, cols)))
 

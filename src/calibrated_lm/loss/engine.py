@@ -130,14 +130,30 @@ def _statistics(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merged accumulators (5, N) and argmax (N): the backend's fused kernel where it has one,
     else (rows x cols) logit tiles."""
-    n = hidden.shape[0]
-    vocab = weight.shape[0]
     fused = getattr(backend, "forward_stats", None)
     if fused is not None:  # on-chip logits, no tiles in memory
         return fused(hidden, weight, bias, targets, cfg)
-    acc, idx = new_accumulators(n, hidden.device)
     rows, cols = tile
     buf = torch.empty(rows * cols, dtype=hidden.dtype, device=hidden.device)
+    return _tile_statistics(hidden, weight, bias, targets, cfg, backend, rows, cols, buf)
+
+
+def _tile_statistics(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    cfg: LossConfig,
+    backend: Backend,
+    rows: int,
+    cols: int,
+    buf: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accumulators and argmax merged over (rows x cols) logit tiles, each a cuBLAS product
+    into ``buf`` (at least rows x cols elements) that the backend reduces."""
+    n = hidden.shape[0]
+    vocab = weight.shape[0]
+    acc, idx = new_accumulators(n, hidden.device)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         for c0 in range(0, vocab, cols):
@@ -249,14 +265,10 @@ def forward_backward_vocab_outer(
     buf = torch.empty(n * cols, dtype=hidden.dtype, device=hidden.device)
     # The statistics from the very tiles the gradient pass recomputes, so that the gradient's
     # softmax sums to one over its own (rounded, capped) logits. The fused kernel's fp32
-    # on-chip logits would not: with bf16 inputs and confident targets that mismatch tripled
-    # the hidden gradient's error (review of session 20).
-    acc, idx = new_accumulators(n, hidden.device)
-    for c0 in range(0, vocab if n > 0 else 0, cols):
-        c1 = min(vocab, c0 + cols)
-        block = buf[: n * (c1 - c0)].view(n, c1 - c0)
-        torch.mm(hidden, weight[c0:c1].T, out=block)
-        backend.update(acc, idx, block, c0, bias, targets, cfg)
+    # on-chip logits would not: with bf16 inputs and confident targets that mismatch made the
+    # hidden gradient's error several times the token order's (the test
+    # test_vocab_order_is_as_exact_as_token_order_in_bf16_when_confident).
+    acc, idx = _tile_statistics(hidden, weight, bias, targets, cfg, backend, max(n, 1), cols, buf)
     lse = acc[M] + torch.log(acc[S])
     dev = hidden.device
     grad_h32 = torch.zeros(n, dim, dtype=torch.float32, device=dev) if need[0] else None
