@@ -68,6 +68,26 @@ install() {
 }
 
 cmd=${1:-}
+# How many of N workers fit the GPU: a claim-2/3 run (batch 32 x 1,024) held ~42.6 GB of an
+# H100 alone and ran out of memory at step 2 in half of one (session 21), so each worker needs
+# SFT_WORKER_MIB (default 45 GiB). Prints N, or fewer with a note on stderr; N itself when the
+# GPU's memory cannot be read.
+fitting_workers() {
+    local n=$1 total need fit
+    total=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1)
+    need=${SFT_WORKER_MIB:-46080}
+    case "$total" in '' | *[!0-9]*) echo "$n"; return ;; esac
+    fit=$((total * 96 / 100 / need))
+    [ "$fit" -lt 1 ] && fit=1
+    if [ "$fit" -lt "$n" ]; then
+        echo "run: $n workers need ~$need MiB each and this GPU has $total MiB: running $fit" \
+            "(SFT_WORKER_MIB sets the share)" >&2
+        echo "$fit"
+    else
+        echo "$n"
+    fi
+}
+
 case "$cmd" in
 stash)
     mkdir -p "$STASH" && cp "$2"/* "$STASH"/ && ls -la "$STASH" && df -h "$HOME" | tail -1
@@ -90,6 +110,7 @@ run)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/run_log.txt"
     # Several workers share the work folder and the GPU (one 270M model leaves it partly idle);
     # each gets an equal share of GPU memory, minus a margin for the CUDA contexts.
+    workers=$(fitting_workers "$workers")
     frac=()
     [ "$workers" -gt 1 ] && frac=(--gpu-memory-fraction "$(python3 -c "print(round(0.96 / $workers, 3))")")
     [ -n "${SFT_GPU_FRACTION:-}" ] && frac=(--gpu-memory-fraction "$SFT_GPU_FRACTION")
@@ -137,6 +158,11 @@ pair)
     [ -f "$STASH/done_units_$b.tgz" ] || {
         echo "pair: $STASH/done_units_$b.tgz is missing: stage it with STAGE_DONE_ONLY=1" \
             "experiments/claim_stage.sh $b DIR and stash DIR" >&2
+        exit 2
+    }
+    [ "$(fitting_workers 2 2>/dev/null)" = 2 ] || {
+        echo "pair: two runs do not fit this GPU's memory (each needs ~${SFT_WORKER_MIB:-46080} MiB):" \
+            "run one profile at a time with 'run SECONDS PROFILE 1'" >&2
         exit 2
     }
     # Installed and restored one after the other here: the two runs below would race on it.

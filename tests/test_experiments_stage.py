@@ -206,3 +206,35 @@ def test_device_pair_takes_a_chunk_stopped_by_its_timeout_as_normal(tmp_path) ->
     # `timeout` ends a training chunk with SIGTERM (exit 124): the designed end, not a failure.
     res, _ = _pair(tmp_path, fail="claim3", code=124)
     assert res.returncode == 0, res.stdout
+
+
+@pytest.mark.parametrize(("mib", "fits"), [("81559", False), ("143771", True)])
+def test_device_pair_refuses_when_two_runs_do_not_fit_the_gpu(tmp_path, mib, fits) -> None:
+    """Session 21: two claim-3 workers at half an H100 (80 GB) ran out of memory at step 2.
+    `pair` must refuse on such a GPU before touching the machine, and pass on an H200."""
+    bin_, stash = tmp_path / "bin", tmp_path / "sft_stash"
+    bin_.mkdir()
+    stash.mkdir()
+    (stash / "done_units_claim3.tgz").write_bytes(b"")
+    (bin_ / "nvidia-smi").write_text(f"#!/bin/sh\necho {mib}\n")
+    # A python3 that fails at once: on an H200 `pair` goes on to `install`, which needs it.
+    (bin_ / "python3").write_text("#!/bin/sh\nexit 9\n")
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    env = {
+        **os.environ,
+        "HOME": str(tmp_path),
+        "OUT": str(tmp_path / "out"),
+        "PATH": f"{bin_}:{os.environ['PATH']}",
+    }
+    res = subprocess.run(
+        ["bash", str(DEVICE), "pair", "60", "claim2", "claim3"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    refused = res.returncode == 2 and "two runs do not fit" in res.stderr
+    assert refused is not fits, res.stderr
+    if not fits:
+        assert not (tmp_path / "out").exists()
