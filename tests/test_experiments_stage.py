@@ -70,10 +70,17 @@ def test_claim3_restores_the_control_base_and_starts_with_the_smallest_subset() 
         for fmt in ("trained", "plain"):
             done = (committed / f"base_V{v}__{fmt}" / "done.json").is_file()
             assert (f"eval/base_V{v}/{fmt} " in res.stdout) != done, (v, fmt)
-    assert _first_pending(res.stdout)[:2] == [
-        "sft_lr8e-05_ep3_eps0_V24576_s1",
-        "sft_lr8e-05_ep3_eps0.1_V24576_s1",
+    # The profile's order starts with the smallest subset, seed by seed; the runs whose
+    # evaluations are committed (seed 1's, session 21) are restored, not trained again.
+    order = [
+        f"sft_lr8e-05_ep3_eps{eps}_V{v}_s{seed}"
+        for v in (24576, 65536)
+        for seed in (1, 2)
+        for eps in ("0", "0.1")
     ]
+    trained = {r for r in order if (committed / f"{r}__trained" / "done.json").is_file()}
+    assert _first_pending(res.stdout)[:2] == [r for r in order if r not in trained][:2]
+    assert not trained & set(_first_pending(res.stdout))
 
 
 def test_an_unknown_profile_is_refused() -> None:
