@@ -68,9 +68,10 @@ install() {
 }
 
 cmd=${1:-}
-# How many of N workers fit the GPU: a claim-2/3 run (batch 32 x 1,024) held ~42.6 GB of an
-# H100 alone and ran out of memory at step 2 in half of one (session 21), so each worker needs
-# SFT_WORKER_MIB (default 45 GiB). Prints N, or fewer with a note on stderr; N itself when the
+# How many of N workers fit the GPU: a claim-2/3 run (batch 32 x 1,024) alone on an H100
+# showed up to 42,613 MiB in use (experiments/results/sft_claim3/device_logs/session21/
+# call8_gpu_use.txt) and ran out of memory at step 2 in half of one, so each worker needs
+# SFT_WORKER_MIB (default 46,080 MiB). Prints N, or fewer with a note on stderr; N itself when the
 # GPU's memory cannot be read.
 fitting_workers() {
     local n=$1 total need fit
@@ -110,7 +111,7 @@ run)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/run_log.txt"
     # Several workers share the work folder and the GPU (one 270M model leaves it partly idle);
     # each gets an equal share of GPU memory, minus a margin for the CUDA contexts.
-    workers=$(fitting_workers "$workers")
+    workers=$(fitting_workers "$workers" 2> >(tee -a "$OUT/run_log.txt" >&2))
     frac=()
     [ "$workers" -gt 1 ] && frac=(--gpu-memory-fraction "$(python3 -c "print(round(0.96 / $workers, 3))")")
     [ -n "${SFT_GPU_FRACTION:-}" ] && frac=(--gpu-memory-fraction "$SFT_GPU_FRACTION")

@@ -127,10 +127,11 @@ def test_device_pair_refuses_before_touching_the_machine(tmp_path, args, message
 
 
 def _pair(
-    tmp_path: Path, fail: str | None = None, code: int = 1
+    tmp_path: Path, fail: str | None = None, code: int = 1, smi: str = "FAKE GPU, 1 MiB"
 ) -> tuple[subprocess.CompletedProcess, dict]:
-    """Run `sft_device.sh pair 100 claim2 claim3` with stand-ins for nvidia-smi and python3
-    (its `run` of profile ``fail`` exits ``code``); returns the result and the paths used."""
+    """Run `sft_device.sh pair 100 claim2 claim3` with stand-ins for nvidia-smi (which prints
+    ``smi``) and python3 (its `run` of profile ``fail`` exits ``code``); returns the result and
+    the paths used."""
     import tarfile
 
     home, out, bin_ = tmp_path / "home", tmp_path / "out", tmp_path / "bin"
@@ -144,7 +145,7 @@ def _pair(
         (src / f"{marker}.txt").write_text(marker)
         with tarfile.open(stash / name, "w:gz") as tar:
             tar.add(src, arcname=".")
-    (bin_ / "nvidia-smi").write_text("#!/bin/sh\necho 'FAKE GPU, 1 MiB'\n")
+    (bin_ / "nvidia-smi").write_text(f"#!/bin/sh\necho '{smi}'\n")
     # python3 stand-in: records each call's arguments; `bundle` writes its --out file.
     (bin_ / "python3").write_text(
         "#!/bin/sh\n"
@@ -218,30 +219,12 @@ def test_device_pair_takes_a_chunk_stopped_by_its_timeout_as_normal(tmp_path) ->
 @pytest.mark.parametrize(("mib", "fits"), [("81559", False), ("143771", True)])
 def test_device_pair_refuses_when_two_runs_do_not_fit_the_gpu(tmp_path, mib, fits) -> None:
     """Session 21: two claim-3 workers at half an H100 (80 GB) ran out of memory at step 2.
-    `pair` must refuse on such a GPU before touching the machine, and pass on an H200."""
-    bin_, stash = tmp_path / "bin", tmp_path / "sft_stash"
-    bin_.mkdir()
-    stash.mkdir()
-    (stash / "done_units_claim3.tgz").write_bytes(b"")
-    (bin_ / "nvidia-smi").write_text(f"#!/bin/sh\necho {mib}\n")
-    # A python3 that fails at once: on an H200 `pair` goes on to `install`, which needs it.
-    (bin_ / "python3").write_text("#!/bin/sh\nexit 9\n")
-    for f in bin_.iterdir():
-        f.chmod(0o755)
-    env = {
-        **os.environ,
-        "HOME": str(tmp_path),
-        "OUT": str(tmp_path / "out"),
-        "PATH": f"{bin_}:{os.environ['PATH']}",
-    }
-    res = subprocess.run(
-        ["bash", str(DEVICE), "pair", "60", "claim2", "claim3"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    refused = res.returncode == 2 and "two runs do not fit" in res.stderr
-    assert refused is not fits, res.stderr
-    if not fits:
-        assert not (tmp_path / "out").exists()
+    `pair` must refuse on such a GPU before restoring or running anything; an H200 runs both."""
+    res, p = _pair(tmp_path, smi=mib)
+    if fits:
+        assert res.returncode == 0, res.stderr
+        assert (p["home"] / "sft_work_claim3" / "from_b.txt").exists()
+    else:
+        assert res.returncode == 2 and "two runs do not fit" in res.stderr
+        assert not p["calls"].exists()  # python3 never ran: no install, no run
+        assert not (p["home"] / "sft_work").exists()
