@@ -392,6 +392,10 @@ class Experiment:
         # An implementation switch (models/compile.py), not part of the protocol: recorded in
         # each training unit's command.txt.
         self.compile = compile
+        # Whether other workers share this GPU (run --gpu-memory-fraction below 1): a training
+        # chunk's fixed costs (load, final save, held-out pass) differ about 3x between the two
+        # (_past_timings), so each is estimated from runs made the same way.
+        self.shared_gpu = False
 
     # -- learning rate ------------------------------------------------------------------------
     def selected_lr(self) -> float | None:
@@ -561,6 +565,7 @@ class Experiment:
             token_cache=str(self.work / "token_cache"),
         )
         _write_command(out, _train_cli(cfg))
+        start_step = _checkpoint_step(out) or 0
         t0 = time.monotonic()
         result = train(cfg)
         train_s = time.monotonic() - t0
@@ -584,6 +589,10 @@ class Experiment:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         return {
             "train_s": round(train_s, 1),
+            # This chunk's time outside its optimizer steps: what _resume_estimate adds to the
+            # steps left of a begun run.
+            "overhead_s": round(time.monotonic() - t0 - _step_seconds(out, start_step), 1),
+            "shared_gpu": self.shared_gpu,
             "steps": result["steps"],
             "last": result["last"],
             "heldout": {k: v for k, v in held.items() if k != "per_example"},
@@ -855,19 +864,60 @@ def _timing_key(unit: Unit) -> str:
     return f"{unit.kind}:{parts[2]}" if unit.kind == "eval" and len(parts) == 3 else unit.kind
 
 
-# Seconds a training run spends after its last step: the final save and the held-out pass
-# (~120 s in session 13's device logs).
+# A resumed chunk's time outside its steps (load, final save, held-out pass) when no finished
+# run in the work folder was timed the same way: the two-worker figure (claim 2's last chunks on
+# the H200 spent 71-131 s after their training ended, session 13's ~120 s). Alone on an H100, claim 3's runs spent
+# 12-40 s after it, and session 22's resumed last chunk 61 s outside its 11 steps in all.
 TRAIN_TAIL_S = 130.0
 
 
-def _resume_estimate(unit: Unit) -> float | None:
+def _checkpoint_step(run_dir: Path) -> int | None:
+    """The step of a run's latest checkpoint, or None where it has none."""
+    from calibrated_lm.training.checkpoint import STATE_FILE, list_checkpoints
+
+    found = list_checkpoints(run_dir) if run_dir.is_dir() else []
+    if not found:
+        return None
+    try:
+        return int(json.loads((found[-1] / STATE_FILE).read_text(encoding="utf-8"))["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _step_seconds(run_dir: Path, after: int) -> float:
+    """Sum of ``step_s`` over the steps after ``after`` in a run's ``metrics.jsonl``."""
+    from calibrated_lm.training.loop import METRICS_FILE
+
+    total = 0.0
+    try:
+        lines = (run_dir / METRICS_FILE).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return 0.0
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if (
+            isinstance(rec, dict)
+            and isinstance(rec.get("step"), int)
+            and rec["step"] > after
+            and isinstance(rec.get("step_s"), (int, float))
+        ):
+            total += float(rec["step_s"])
+    return total
+
+
+def _resume_estimate(unit: Unit, overhead_s: float | None = None) -> float | None:
     """Seconds a begun training unit needs to finish, or None where its files do not say.
 
-    ``1.1 * ((total_steps - step) * q90(step_s) + TRAIN_TAIL_S)``: ``step`` and
+    ``1.1 * ((total_steps - step) * q90(step_s) + overhead)``: ``step`` and
     ``total_steps`` from its latest checkpoint's state, ``q90`` the 90th percentile of the
     step times in its own ``metrics.jsonl``. A high quantile rather than the median: a run
     logged while the other worker sat idle (~1.0 s a step in session 14) resumes beside a
-    training one (~1.6 s). A run logged before ``step_s`` was recorded gives None.
+    training one (~1.6 s). ``overhead``: ``overhead_s`` (the largest a finished run's last
+    chunk spent outside its steps, on a GPU shared the same way), else ``TRAIN_TAIL_S``. A run
+    logged before ``step_s`` was recorded gives None.
     """
     import statistics
 
@@ -894,16 +944,24 @@ def _resume_estimate(unit: Unit) -> float | None:
     if not times:
         return None
     q90 = statistics.quantiles(times, n=10)[-1] if len(times) > 1 else times[0]
-    return 1.1 * (max(total - step, 0) * q90 + TRAIN_TAIL_S)
+    overhead = TRAIN_TAIL_S if overhead_s is None else overhead_s
+    return 1.1 * (max(total - step, 0) * q90 + overhead)
 
 
-def _estimate(unit: Unit, timed: dict[str, list[float]], profile: Profile) -> float:
+def _overhead_key(shared_gpu: bool) -> str:
+    return f"train_overhead/{'shared' if shared_gpu else 'alone'}"
+
+
+def _estimate(
+    unit: Unit, timed: dict[str, list[float]], profile: Profile, shared_gpu: bool = False
+) -> float:
     # A begun run needs what is left of it, which its own checkpoint and log tell: the
     # profile's whole-run figure made a session's last chunk pass over a run 48 steps from
     # its end (session 14, claim 3). Otherwise the profile's whole-run figure, never past
     # runs' timings: a training unit's unit_s is only its last chunk's time.
     if unit.kind == "train":
-        left = None if unit.done() else _resume_estimate(unit)
+        seen = timed.get(_overhead_key(shared_gpu))
+        left = None if unit.done() else _resume_estimate(unit, max(seen) if seen else None)
         return left if left is not None else float(profile.est.get("train", 60))
     key = _timing_key(unit)
     # Scored like a trained-format unit (the same tasks and template), so timed like one.
@@ -915,7 +973,9 @@ def _estimate(unit: Unit, timed: dict[str, list[float]], profile: Profile) -> fl
 
 
 def _past_timings(units: list[Unit]) -> dict[str, list[float]]:
-    """Seconds of finished units, under both their kind and their :func:`_timing_key`."""
+    """Seconds of finished units, under both their kind and their :func:`_timing_key`; and
+    the time finished training units spent outside their steps in their last chunk, under
+    :func:`_overhead_key` (only those that recorded whether the GPU was shared)."""
     timed: dict[str, list[float]] = {}
     for u in units:
         if u.done():
@@ -923,6 +983,10 @@ def _past_timings(units: list[Unit]) -> dict[str, list[float]]:
             if "unit_s" in d:
                 for key in {u.kind, _timing_key(u)}:
                     timed.setdefault(key, []).append(d["unit_s"])
+            if isinstance(d.get("overhead_s"), (int, float)) and isinstance(
+                d.get("shared_gpu"), bool
+            ):
+                timed.setdefault(_overhead_key(d["shared_gpu"]), []).append(d["overhead_s"])
     return timed
 
 
@@ -936,7 +1000,7 @@ def plan(exp: Experiment, limit_s: float | None) -> None:
         if u.done():
             print(f"{u.name:48s} {'done':8s} {'':>6s}")
             continue
-        est = _estimate(u, timed, exp.p)
+        est = _estimate(u, timed, exp.p, exp.shared_gpu)
         if limit_s is not None and used + est > limit_s and used > 0:
             chunk, used = chunk + 1, 0.0
         used += est
@@ -1045,7 +1109,7 @@ def run_units(
             try:
                 if u.done():  # finished by another worker between our checks
                     continue
-                est = _estimate(u, timed, exp.p)
+                est = _estimate(u, timed, exp.p, exp.shared_gpu)
                 # A checkpointed training run may start when it cannot finish: the chunk's
                 # timeout stops it and the next chunk resumes from its last checkpoint.
                 # Not in a session's last chunk: a resume stopped there is lost with the
@@ -1055,7 +1119,7 @@ def run_units(
                 chunkable = u.kind == "train" and exp.p.save_every > 0 and new_training
                 if u.kind == "train" and not new_training:
                     est += sum(
-                        _estimate(e, timed, exp.p)
+                        _estimate(e, timed, exp.p, exp.shared_gpu)
                         for e in units
                         if u.name in e.needs and not e.done()
                     )
@@ -1210,6 +1274,7 @@ def main(argv: list[str] | None = None) -> int:
         _check_profile(args.work, args.profile)
         if args.gpu_memory_fraction is not None:
             _cap_gpu_memory(args.gpu_memory_fraction, args.device)
+            exp.shared_gpu = args.gpu_memory_fraction < 1
         run_units(exp, args.time_limit, new_training=not args.no_new_training)
         return 0
     if args.cmd == "bundle":

@@ -149,6 +149,7 @@ class _FakeExperiment:
         self.work, self.long_eval = work, long_eval
         self.log: list[tuple[str, str]] = []  # ("start" | "end", unit name), in order
         self.lock = threading.Lock()
+        self.shared_gpu = False
         # Estimates of 10 ms per unit (the actions take 50 ms; only a limit check uses them).
         self.p = sc.dataclasses.replace(
             sc.PROFILES["smoke"],
@@ -307,6 +308,43 @@ def test_a_begun_run_is_estimated_from_its_own_checkpoint_and_steps(tmp_path):
     # A run logged before step_s existed falls back to the profile's figure.
     (unit.folder / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
     assert sc._estimate(unit, {"train": [90.0]}, prof) == prof.est["train"]
+
+
+def test_a_begun_run_adds_the_overhead_finished_runs_had_on_a_gpu_shared_the_same_way(tmp_path):
+    """Session 22: a run 11 steps from its end, alone on an H100, was estimated at 153 s (the
+    two-worker 130 s for load, final save and held-out pass) and waited; it took 70 s. Finished
+    runs' own last-chunk overheads, kept apart by whether the GPU was shared, now stand in."""
+    prof = sc.PROFILES["claim3"]
+    done = []
+    for name, overhead, shared in (("a", 40.0, False), ("b", 61.0, False), ("c", 120.0, True)):
+        u = sc.Unit(f"train/{name}", "train", tmp_path / name, lambda: {})
+        u.folder.mkdir()
+        common.write_json(
+            u.folder / sc.DONE, {"unit_s": 500.0, "overhead_s": overhead, "shared_gpu": shared}
+        )
+        done.append(u)
+    old = sc.Unit("train/old", "train", tmp_path / "old", lambda: {})  # before the fields
+    old.folder.mkdir()
+    common.write_json(old.folder / sc.DONE, {"unit_s": 90.0, "train_s": 10.0})
+    timed = sc._past_timings([*done, old])
+    assert timed["train_overhead/alone"] == [40.0, 61.0]
+    assert timed["train_overhead/shared"] == [120.0]
+    unit = sc.Unit("train/r", "train", tmp_path / "r", lambda: {})
+    _begin(unit.folder, 553, 564, [0.8] * 553)
+    assert sc._estimate(unit, timed, prof) == pytest.approx(1.1 * (11 * 0.8 + 61.0))
+    assert sc._estimate(unit, timed, prof, True) == pytest.approx(1.1 * (11 * 0.8 + 120.0))
+    # Nothing timed the same way: the two-worker figure.
+    assert sc._estimate(unit, sc._past_timings([old]), prof) == pytest.approx(
+        1.1 * (11 * 0.8 + sc.TRAIN_TAIL_S)
+    )
+
+
+def test_a_chunks_step_seconds_count_only_the_steps_after_its_checkpoint(tmp_path):
+    _begin(tmp_path, 3, 5, [1.0, 2.0, 3.0, 4.0, 5.0])
+    assert sc._checkpoint_step(tmp_path) == 3
+    assert sc._checkpoint_step(tmp_path / "none") is None
+    assert sc._step_seconds(tmp_path, 3) == pytest.approx(9.0)  # the cut-off line is skipped
+    assert sc._step_seconds(tmp_path, 0) == pytest.approx(15.0)
 
 
 def test_last_chunk_resumes_a_begun_run_whose_rest_fits_though_a_whole_run_would_not(
