@@ -871,41 +871,54 @@ def _timing_key(unit: Unit) -> str:
 TRAIN_TAIL_S = 130.0
 
 
-def _checkpoint_step(run_dir: Path) -> int | None:
-    """The step of a run's latest checkpoint, or None where it has none."""
+def _checkpoint_state(run_dir: Path) -> dict[str, Any] | None:
+    """The state (``step``, ``total_steps``, ...) of a run's latest checkpoint, or None where
+    it has none or its state does not read."""
     from calibrated_lm.training.checkpoint import STATE_FILE, list_checkpoints
 
     found = list_checkpoints(run_dir) if run_dir.is_dir() else []
     if not found:
         return None
     try:
-        return int(json.loads((found[-1] / STATE_FILE).read_text(encoding="utf-8"))["step"])
-    except (OSError, ValueError, KeyError, TypeError):
+        state = json.loads((found[-1] / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
+    return state if isinstance(state, dict) else None
+
+
+def _checkpoint_step(run_dir: Path) -> int | None:
+    """The step of a run's latest checkpoint, or None where it has none."""
+    state = _checkpoint_state(run_dir)
+    try:
+        return None if state is None else int(state["step"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _step_times(run_dir: Path) -> list[tuple[int | None, float]]:
+    """``(step, step_s)`` of each line of a run's ``metrics.jsonl`` that logs ``step_s``; none
+    where the file does not read."""
+    from calibrated_lm.training.loop import METRICS_FILE
+
+    try:
+        lines = (run_dir / METRICS_FILE).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    out: list[tuple[int | None, float]] = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line cut short by the kill that ended the chunk
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step_s"), (int, float)):
+            step = rec.get("step")
+            out.append((step if isinstance(step, int) else None, float(rec["step_s"])))
+    return out
 
 
 def _step_seconds(run_dir: Path, after: int) -> float:
     """Sum of ``step_s`` over the steps after ``after`` in a run's ``metrics.jsonl``."""
-    from calibrated_lm.training.loop import METRICS_FILE
-
-    total = 0.0
-    try:
-        lines = (run_dir / METRICS_FILE).read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return 0.0
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if (
-            isinstance(rec, dict)
-            and isinstance(rec.get("step"), int)
-            and rec["step"] > after
-            and isinstance(rec.get("step_s"), (int, float))
-        ):
-            total += float(rec["step_s"])
-    return total
+    return sum(t for step, t in _step_times(run_dir) if step is not None and step > after)
 
 
 def _resume_estimate(unit: Unit, overhead_s: float | None = None) -> float | None:
@@ -921,26 +934,14 @@ def _resume_estimate(unit: Unit, overhead_s: float | None = None) -> float | Non
     """
     import statistics
 
-    from calibrated_lm.training.checkpoint import STATE_FILE, list_checkpoints
-    from calibrated_lm.training.loop import METRICS_FILE
-
-    found = list_checkpoints(unit.folder)
-    if not found:
+    state = _checkpoint_state(unit.folder)
+    if state is None:
         return None
     try:
-        state = json.loads((found[-1] / STATE_FILE).read_text(encoding="utf-8"))
         step, total = int(state["step"]), int(state["total_steps"])
-        lines = (unit.folder / METRICS_FILE).read_text(encoding="utf-8").splitlines()
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError, ValueError):
         return None
-    times: list[float] = []
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except ValueError:  # a line cut short by the kill that ended the chunk
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("step_s"), (int, float)):
-            times.append(float(rec["step_s"]))
+    times = [t for _, t in _step_times(unit.folder)]
     if not times:
         return None
     q90 = statistics.quantiles(times, n=10)[-1] if len(times) > 1 else times[0]
