@@ -132,13 +132,15 @@ def fail(opened):
     raise UserError("weights unreadable in this test")
 
 loading.load_weights = fail
+import torch.distributed as dist
 try:
     run_eval(EvalConfig(model=sys.argv[1], tasks=[sys.argv[2]], output=Path(sys.argv[3]),
                         bootstrap=20, progress=False, device="cpu", chat_template="off",
                         batch_size=3))
 except UserError as exc:
-    print("stopped:", exc)
+    print("stopped:", exc, "| group alive:", dist.is_initialized())
     sys.exit(3)
+print("finished | group alive:", dist.is_initialized())
 """
 
 
@@ -167,11 +169,16 @@ def test_two_ranks_without_weights_rerun_or_stop_together(tmp_path: Path) -> Non
     run_eval(EvalConfig(model=str(model), tasks=[str(task)], output=out, bootstrap=20,
                         progress=False, device="cpu", chat_template="off", batch_size=3))  # fmt: skip
     before = (out / "samples.jsonl").read_bytes()
+    # Each rank leaves the process group before it exits, after a finished run and after a
+    # stop alike: a gloo group alive at exit once aborted a rank that had stopped cleanly
+    # (rc -6, "terminate called without an active exception").
     for rc, text in _two_ranks(NO_WEIGHTS_SCRIPT, str(model), str(task), str(out)):
         assert rc == 0, text[-2000:]  # nothing left: the failing load_weights is never called
+        assert "finished | group alive: False" in text, text[-2000:]
     rows[2]["context"] += " (edited)"
     task.write_text("".join(json.dumps(r) + "\n" for r in rows))
     results = _two_ranks(NO_WEIGHTS_SCRIPT, str(model), str(task), str(out))
     for rc, text in results:
         assert rc == 3 and "weights unreadable" in text, text[-2000:]
+        assert "group alive: False" in text, text[-2000:]
     assert (out / "samples.jsonl").read_bytes() == before

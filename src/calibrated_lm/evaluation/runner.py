@@ -898,8 +898,30 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     # One eval per folder at a time (rank 0 holds the lock for the whole launch).
     from calibrated_lm.runlock import run_lock
 
-    with run_lock(out, active=info.is_main):
-        return _run_locked(cfg, tasks, out, info, fingerprint, splits, t_start, subset, phases)
+    device = _rank_device(cfg.device, info)
+    joined = D.init_process_group(info, use_cuda=device.startswith("cuda"))
+    try:
+        with run_lock(out, active=info.is_main):
+            summary = _run_locked(
+                cfg, tasks, out, info, device, fingerprint, splits, t_start, subset, phases
+            )
+    except BaseException:
+        if joined:
+            D.leave_process_group(together=False)
+        raise
+    if joined:
+        D.leave_process_group(together=True)
+    return summary
+
+
+def _rank_device(device: str, info: D.DistInfo) -> str:
+    """This rank's device: ``cuda:LOCAL_RANK`` under a launcher with GPUs, else ``device``."""
+    import torch
+
+    if info.world > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank)
+        return f"cuda:{info.local_rank}"
+    return device
 
 
 def _run_locked(
@@ -907,6 +929,7 @@ def _run_locked(
     tasks: list[Task],
     out: Path,
     info: D.DistInfo,
+    device: str,
     fingerprint: dict[str, Any],
     splits: dict[str, str],
     t_start: float,
@@ -919,11 +942,6 @@ def _run_locked(
     from calibrated_lm.evaluation.tasks import build_items
     from calibrated_lm.models.loading import load_weights, open_model
 
-    device = cfg.device
-    if info.world > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
-        device = f"cuda:{info.local_rank}"
-        torch.cuda.set_device(info.local_rank)
-    D.init_process_group(info, use_cuda=device.startswith("cuda"))
     t0 = time.perf_counter()
     # Tokenizer and config first: the protocol, the journals and what is left to score need no
     # weights, so a rerun with nothing left to score never reads them (nor moves them to a GPU).
