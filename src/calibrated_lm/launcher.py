@@ -37,3 +37,17 @@ def launch_env() -> LaunchEnv:
 
         raise UserError(f"RANK={rank} is outside WORLD_SIZE={world} set by the launcher")
     return LaunchEnv(rank=rank, world=world, local_rank=local)
+
+
+def leave_process_group(together: bool) -> None:
+    """Destroy this process' process group, if any, before the interpreter exits: a rank that
+    exited with its gloo group alive could abort at exit ("terminate called without an active
+    exception", rc -6) after finishing or stopping cleanly. ``together``: wait for every rank
+    first (after finished work, so that no rank leaves while rank 0 still writes); not after an
+    error, which another rank may not share (a barrier would then wait for ever)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        if together:
+            dist.barrier()
+        dist.destroy_process_group()

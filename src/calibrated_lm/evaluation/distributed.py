@@ -25,7 +25,8 @@ dist_info = launch_env
 
 def init_process_group(info: DistInfo, use_cuda: bool) -> bool:
     """Join the launcher's process group (NCCL on GPUs, gloo on CPU) when world > 1; True when
-    this call created it (and :func:`leave_process_group` is then this caller's to call)."""
+    this call created it (and leaving it, ``launcher.leave_process_group``, is then this
+    caller's to do)."""
     if info.world <= 1:
         return False
     import torch.distributed as dist
@@ -34,20 +35,6 @@ def init_process_group(info: DistInfo, use_cuda: bool) -> bool:
         return False
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return True
-
-
-def leave_process_group(together: bool) -> None:
-    """Destroy the process group before the interpreter exits: a rank that exited with its
-    gloo group alive could abort at exit ("terminate called without an active exception",
-    rc -6) after a clean stop. ``together``: wait for every rank first (after a finished run,
-    so that no rank leaves while rank 0 still writes); not after an error, which another rank
-    may not share (a barrier would then wait for ever)."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        if together:
-            dist.barrier()
-        dist.destroy_process_group()
 
 
 def barrier(info: DistInfo) -> None:

@@ -895,22 +895,23 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         _check_run_file(out, _early_key(cfg, fingerprint, splits, subset))
         _check_journal_hashes(out)
     out.mkdir(parents=True, exist_ok=True)
-    # One eval per folder at a time (rank 0 holds the lock for the whole launch).
+    from calibrated_lm.launcher import leave_process_group
     from calibrated_lm.runlock import run_lock
 
     device = _rank_device(cfg.device, info)
     joined = D.init_process_group(info, use_cuda=device.startswith("cuda"))
     try:
+        # One eval per folder at a time (rank 0 holds the lock for the whole launch).
         with run_lock(out, active=info.is_main):
             summary = _run_locked(
                 cfg, tasks, out, info, device, fingerprint, splits, t_start, subset, phases
             )
     except BaseException:
         if joined:
-            D.leave_process_group(together=False)
+            leave_process_group(together=False)
         raise
     if joined:
-        D.leave_process_group(together=True)
+        leave_process_group(together=True)
     return summary
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from calibrated_lm.launcher import launch_env
+from calibrated_lm.launcher import launch_env, leave_process_group
 
 
 @dataclass
@@ -66,11 +66,7 @@ def teardown(info: DistInfo) -> None:
     still writing the final model aborted at exit ("terminate called without an active
     exception"), failing a run whose work was done."""
     if info.enabled:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+        leave_process_group(together=True)
 
 
 def barrier(info: DistInfo) -> None:
