@@ -865,9 +865,10 @@ def _timing_key(unit: Unit) -> str:
 
 
 # A resumed chunk's time outside its steps (load, final save, held-out pass) when no finished
-# run in the work folder was timed the same way: the two-worker figure (claim 2's last chunks on
-# the H200 spent 71-131 s after their training ended, session 13's ~120 s). Alone on an H100, claim 3's runs spent
-# 12-40 s after it, and session 22's resumed last chunk 61 s outside its 11 steps in all.
+# run in the work folder was timed the same way: the two-worker figure (claim 2's last chunks
+# on the H200 spent 71-131 s after their training ended, session 13's ~120 s). Alone on an
+# H100, claim 3's runs spent 12-40 s after it, and session 22's resumed last chunk 61 s
+# outside its 11 steps in all.
 TRAIN_TAIL_S = 130.0
 
 
