@@ -228,12 +228,22 @@ def train(
     # Run-folder lock (calibrated_lm.runlock): rank 0 holds OUTPUT/.lock for the whole run, so
     # a second process training into the same --output is refused with one sentence. The
     # (pure) argument check runs first so that a bad value still touches no folder.
-    from calibrated_lm.launcher import launch_env
+    from calibrated_lm.launcher import launch_env, leave_process_group
     from calibrated_lm.runlock import run_lock
 
     validate_config(cfg)
-    with run_lock(cfg.output, active=launch_env().is_main):
-        return _train(cfg, model_and_tokenizer=model_and_tokenizer, on_step=on_step, stop=stop)
+    # A group this call creates is this call's to leave, after an error too: a rank that
+    # exited with its gloo group alive could abort at exit (rc -6, "terminate called without
+    # an active exception") after stopping with a clean message.
+    had_group = D.group_alive()
+    try:
+        with run_lock(cfg.output, active=launch_env().is_main):
+            return _train(cfg, model_and_tokenizer=model_and_tokenizer, on_step=on_step, stop=stop)
+    except BaseException:
+        if not had_group and D.group_alive():
+            # No barrier: another rank may not share this error and would wait for ever.
+            leave_process_group(together=False)
+        raise
 
 
 def _train(
