@@ -96,13 +96,21 @@ eval)
     # HellaSwag validation, lm-eval's HF backend (batch auto) and `calibrated-lm eval`,
     # bf16. 5 files under $OUT.
     # `eval LIMIT float32`: only the HellaSwag comparison, both sides in fp32 (whether the
-    # differing predictions of the bf16 run are rounding), into eval_hellaswag_GPU_float32.md.
+    # differing predictions of the bf16 run are rounding), into eval_hellaswag_GPU_float32.md,
+    # after compare_hellaswag_tokens.py (hellaswag_tokens_GPU.md). 4 files under $OUT.
     limit=${2:-300}
     dtype=${3:-bfloat16}
     install_wheels
     export PYTHONPATH="$HOME/sft_site:$PYTHONPATH" CALIBRATED_LM_CACHE="$HOME/clm_cache"
     gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | awk '{print tolower($2)}')
     if [ "$dtype" != bfloat16 ]; then
+        # Session 23: first, both tools' token ids on this machine's tokenizer and converted
+        # model (no weights read, ~30 s): whether the GPU run's differences start there.
+        start=$(date +%s)
+        timeout 120 python3 benchmarks/compare_hellaswag_tokens.py --lm-eval-path "$HOME/bench_site" \
+            --out "$OUT/hellaswag_tokens_$gpu.md" >"$OUT/tokens_log.txt" 2>&1
+        echo "compare_hellaswag_tokens: exit $? after $(($(date +%s) - start)) s"
+        limit=$((limit - ($(date +%s) - start)))
         timeout "$limit" python3 benchmarks/bench_eval_vs_lm_eval.py --lm-eval-path "$HOME/bench_site" \
             --task hellaswag --limit 0 --device cuda --dtype "$dtype" --batch-size auto \
             --model gemma-3-270m --out "$OUT/eval_hellaswag_${gpu}_$dtype.md" >"$OUT/eval_log_$dtype.txt" 2>&1
