@@ -207,6 +207,25 @@ def longest(ids: dict[str, Pairs], n: int = 10) -> list[dict[str, Any]]:
     return [{"key": k, "choice": i, "total": t, "ctx": c, "cont": m} for t, k, i, c, m in rows[:n]]
 
 
+def logits_cache_groups(ids: dict[str, Pairs]) -> dict[str, Any]:
+    """lm-eval's HF backend scores once per group of requests with the same ``context +
+    continuation[:-1]`` ids (``Collator(group_by="contexts")`` with ``_lookup_one_token_cont``)
+    and gathers each member's continuation from the group's first positions; a group whose
+    members' continuations differ in length would misalign them. Counts such groups."""
+    groups: dict[tuple[int, ...], list[tuple[str, int, int]]] = {}
+    for key, pairs in ids.items():
+        for i, (c, k) in enumerate(pairs):
+            groups.setdefault(tuple(c + k[:-1]), []).append((key, i, len(k)))
+    shared = [g for g in groups.values() if len(g) > 1]
+    mixed = [g for g in shared if len({n for *_, n in g}) > 1]
+    return {
+        "groups_of_more_than_one_request": len(shared),
+        "requests_in_them": sum(map(len, shared)),
+        "groups_with_continuations_of_different_lengths": len(mixed),
+        "examples": [[f"{k} choice {i} ({n} tokens)" for k, i, n in g] for g in mixed[:5]],
+    }
+
+
 def self_test(lm: Any, encoder: Any) -> dict[str, Any]:
     """``compare`` on pairs where the answer is known: our Encoder on the same request (no
     difference), the pair tokenised without moving the context's trailing space onto the
@@ -325,6 +344,7 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     res["comparison"] = compare(lm_ids, our_ids, lm.tokenizer, lm_strings, our_strings)
     res["only_lm_eval_keys"] = sorted(set(lm_ids) - set(our_ids))[:10]
     res["only_ours_keys"] = sorted(set(our_ids) - set(lm_ids))[:10]
+    res["lm_eval_logits_cache"] = logits_cache_groups(lm_ids)
     res["longest_lm_eval"] = longest(lm_ids)
     res["longest_ours"] = longest(our_ids)
     lm_max = res["lm_eval"]["max_length"]
