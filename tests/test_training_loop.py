@@ -323,6 +323,8 @@ try:
                       progress=False, device="cpu"))
 except UserError as exc:
     print("stopped:", exc, "| group alive:", dist.is_initialized())
+    if dist.is_initialized():  # the caller's group is the caller's to leave
+        dist.destroy_process_group()
     sys.exit(3)
 """
 
