@@ -114,7 +114,7 @@ def lm_eval_requests(arrow: Path, tmp: Path, limit: int) -> dict[str, list[tuple
 def our_items(model: str, limit: int) -> tuple[list[Any], Any, int, Any]:
     """Our items, encoder, window and config for ``eval --tasks hellaswag --split validation
     --chat-template off`` (runner.run_eval / _run_locked, weights never read)."""
-    from calibrated_lm.evaluation.runner import chat_wrapper, use_chat_template
+    from calibrated_lm.evaluation.chat_format import chat_wrapper, use_chat_template
     from calibrated_lm.evaluation.scoring import make_encoder, model_max_length
     from calibrated_lm.evaluation.tasks import build_items, resolve_tasks
     from calibrated_lm.models.loading import open_model

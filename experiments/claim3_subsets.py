@@ -99,7 +99,7 @@ def eval_tokens(
 ) -> EvalTokens:
     """Tokenise every request of ``tasks`` as the scorer does, in both formats: plain, and
     chat-rendered with ``template`` (zero-shot, the evaluated splits, as the SFT experiment)."""
-    from calibrated_lm.evaluation.runner import chat_wrapper
+    from calibrated_lm.evaluation.chat_format import chat_wrapper
     from calibrated_lm.evaluation.scoring import make_encoder
     from calibrated_lm.evaluation.tasks import build_items, resolve_tasks
 

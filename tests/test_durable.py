@@ -286,11 +286,11 @@ def test_the_model_cache_sidecar_and_joined_file_are_durable(tmp_path, monkeypat
 def test_an_eval_started_over_syncs_the_deletions_before_the_new_run_file(tmp_path, monkeypatch):
     """``--overwrite``: after a power loss the old journals must not come back beside a
     run.json pinning another model, so the folder is fsynced between the two."""
-    from calibrated_lm.evaluation import runner
+    from calibrated_lm.evaluation import run_file
 
     out = tmp_path / "run"
     out.mkdir()
-    (out / runner.RUN_FILE).write_text('{"model": "old"}\n')
+    (out / run_file.RUN_FILE).write_text('{"model": "old"}\n')
     (out / "samples.jsonl").write_text('{"task": "t", "id": 0}\n')
     rec = _Recorder(monkeypatch)
     real_unlink = Path.unlink
@@ -300,14 +300,14 @@ def test_an_eval_started_over_syncs_the_deletions_before_the_new_run_file(tmp_pa
         real_unlink(self, missing_ok=missing_ok)
 
     monkeypatch.setattr(Path, "unlink", unlink)
-    runner._start_over(out, {"model": "new"})
-    rec.check(out / runner.RUN_FILE)
+    run_file._start_over(out, {"model": "new"})
+    rec.check(out / run_file.RUN_FILE)
     ev = rec.events
     gone = ev.index(("unlink", "samples.jsonl"))
-    renamed = ev.index(("replace", runner.RUN_FILE))
+    renamed = ev.index(("replace", run_file.RUN_FILE))
     assert ("fsync-dir", out.stat().st_ino) in ev[gone:renamed], ev
-    assert _names(out) == [runner.RUN_FILE]
-    assert json.loads((out / runner.RUN_FILE).read_text()) == {"model": "new"}
+    assert _names(out) == [run_file.RUN_FILE]
+    assert json.loads((out / run_file.RUN_FILE).read_text()) == {"model": "new"}
 
 
 def test_a_new_samples_journal_has_its_folder_fsynced(tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from calibrated_lm.errors import UserError
-from calibrated_lm.evaluation.runner import RUN_FILE
+from calibrated_lm.evaluation.run_file import RUN_FILE
 from calibrated_lm.run_folders import MARKERS, refuse_other_runs
 from calibrated_lm.training.checkpoint import checkpoint_root
 from calibrated_lm.training.loop import METRICS_FILE

@@ -1,7 +1,7 @@
 """Whose run an output folder holds, so that no command writes into another command's.
 
 Each command that owns its folder is known by the files it writes there first: eval's
-``run.json`` (``evaluation.runner.RUN_FILE``), train's ``metrics.jsonl`` and ``checkpoints/``
+``run.json`` (``evaluation.run_file.RUN_FILE``), train's ``metrics.jsonl`` and ``checkpoints/``
 (``training.loop.METRICS_FILE``, ``training.checkpoint.checkpoint_root``); a test pins these
 names to those constants. ``metrics`` and ``capacity`` own no marker here: each checks the
 ``summary.json`` it would replace (capacity: another model's results; metrics: any summary it

@@ -89,7 +89,7 @@ def _cut_short(path: Path) -> UserError | None:
 def _lm_eval_files(path: Path) -> list[Path]:
     """lm-evaluation-harness ``--log_samples`` files under ``path`` (it writes them into a
     sub-folder named after the model): one per task, or a sentence naming the duplicates."""
-    from calibrated_lm.evaluation.runner import FIT_SAMPLES
+    from calibrated_lm.evaluation.run_file import FIT_SAMPLES
 
     # eval's validation journal matches lm-eval's pattern too: it is never one of its files.
     files = sorted(f for f in path.rglob("samples_*.jsonl") if f.name != FIT_SAMPLES)
@@ -128,7 +128,7 @@ def _load_lm_eval_run(path: Path, files: list[Path]) -> dict[str, Any]:
 def _load_run(path: Path) -> dict[str, Any]:
     """A run folder's records and summary, read (not yet validated: see _validate_run): our
     eval folder, or an lm-evaluation-harness ``--output_path`` folder of ``--log_samples``."""
-    from calibrated_lm.evaluation.runner import FIT_SAMPLES, RUN_FILE, SAMPLES
+    from calibrated_lm.evaluation.run_file import FIT_SAMPLES, RUN_FILE, SAMPLES
     from calibrated_lm.evaluation.samples_file import read_records
 
     samples = path / SAMPLES
