@@ -300,7 +300,7 @@ def test_an_eval_started_over_syncs_the_deletions_before_the_new_run_file(tmp_pa
         real_unlink(self, missing_ok=missing_ok)
 
     monkeypatch.setattr(Path, "unlink", unlink)
-    run_file._start_over(out, {"model": "new"})
+    run_file.start_over(out, {"model": "new"})
     rec.check(out / run_file.RUN_FILE)
     ev = rec.events
     gone = ev.index(("unlink", "samples.jsonl"))

@@ -1,11 +1,11 @@
 """What pins an evaluation folder's scores: ``run.json`` and the checks made against it.
 
 ``run.json`` holds the protocol key of the run that scored the folder's journals
-(:func:`_protocol_key`): the model's fingerprint (:func:`model_fingerprint`), dtype, chat
+(:func:`protocol_key`): the model's fingerprint (:func:`model_fingerprint`), dtype, chat
 template, few-shot count, BOS convention, each task's split, and the scoring settings (head
 subset, ``--uncovered``, logit transform). A rerun whose key differs is refused with one
-sentence naming what changed (:func:`_check_run_file`); ``--overwrite`` replaces the folder's
-results crash-safely (:func:`_start_over`). The runner (:mod:`calibrated_lm.evaluation.runner`)
+sentence naming what changed (:func:`check_run_file`); ``--overwrite`` replaces the folder's
+results crash-safely (:func:`start_over`). The runner (:mod:`calibrated_lm.evaluation.runner`)
 makes these checks before and after the model loads.
 """
 
@@ -84,7 +84,7 @@ def _subset_key(subset: SubsetFile | None) -> dict[str, Any]:
     return {} if subset is None else {"head_subset": subset.record()}
 
 
-def _transform(cfg: EvalConfig) -> LogitTransform:
+def transform_of(cfg: EvalConfig) -> LogitTransform:
     """The run's logit transform (a UserError for a value that is not finite and > 0)."""
     return LogitTransform(softcap=cfg.logit_softcap, temperature=cfg.logit_temperature)
 
@@ -98,15 +98,16 @@ def _scoring_key(cfg: EvalConfig, subset: SubsetFile | None) -> dict[str, Any]:
     return {
         **_subset_key(subset),
         **uncovered.key(cfg.uncovered, subset is not None),
-        **_transform(cfg).key(),
+        **transform_of(cfg).key(),
     }
 
 
-def _digest(obj: Any) -> str:
+def json_digest(obj: Any) -> str:
+    """sha256 of ``obj`` as JSON with sorted keys (the summary's short form of a fingerprint)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-def _protocol_key(
+def protocol_key(
     cfg: EvalConfig,
     chat: bool,
     dtype: str,
@@ -117,6 +118,9 @@ def _protocol_key(
     splits: dict[str, str] | None = None,
     subset: SubsetFile | None = None,
 ) -> dict[str, Any]:
+    """The whole protocol ``run.json`` pins, once the model is loaded: the model and its
+    fingerprint, dtype, chat template (its sha256 when one renders the prompts), few-shot
+    count, BOS convention, each task's split and the scoring settings."""
     key: dict[str, Any] = {
         "cache_format": CACHE_FORMAT,
         "model": cfg.model,
@@ -133,7 +137,7 @@ def _protocol_key(
     return key
 
 
-def _early_key(
+def early_key(
     cfg: EvalConfig,
     fingerprint: dict[str, Any],
     splits: dict[str, str],
@@ -236,7 +240,7 @@ def _read_run_file(out: Path) -> dict[str, Any] | None:
     return old
 
 
-def _check_run_file(out: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+def check_run_file(out: Path, key: dict[str, Any]) -> dict[str, Any] | None:
     """Refuse a folder whose stored run does not match ``key`` (all or part of the protocol);
     return the stored run.json (None for a fresh folder, or one whose run.json no score was
     made under: its journals are empty, so it is treated as fresh)."""
@@ -264,7 +268,7 @@ def _check_run_file(out: Path, key: dict[str, Any]) -> dict[str, Any] | None:
     return old
 
 
-def _check_journal_hashes(out: Path) -> None:
+def check_journal_hashes(out: Path) -> None:
     """Refuse records without a question hash: whether their question changed is unknown."""
     for path in _journals(out):
         for r in read_records(path, repair=False):
@@ -275,7 +279,7 @@ def _check_journal_hashes(out: Path) -> None:
                 )
 
 
-def _write_run_file(out: Path, old: dict[str, Any] | None, key: dict[str, Any]) -> None:
+def write_run_file(out: Path, old: dict[str, Any] | None, key: dict[str, Any]) -> None:
     """Pin ``key``, keeping the splits of tasks scored earlier but not in this run."""
     merged = dict(key)
     merged["splits"] = {**((old or {}).get("splits") or {}), **key["splits"]}
@@ -283,7 +287,7 @@ def _write_run_file(out: Path, old: dict[str, Any] | None, key: dict[str, Any]) 
         write_json(out / RUN_FILE, merged)
 
 
-def _start_over(out: Path, key: dict[str, Any]) -> None:
+def start_over(out: Path, key: dict[str, Any]) -> None:
     """``--overwrite``: replace the folder's earlier results by an empty run pinned to ``key``.
 
     The new run.json is written to a temporary file first and renamed over the old one only

@@ -57,15 +57,15 @@ from calibrated_lm.evaluation.logit_transform import LogitTransform
 from calibrated_lm.evaluation.run_file import (
     FIT_SAMPLES,
     SAMPLES,
-    _check_journal_hashes,
-    _check_run_file,
-    _digest,
-    _early_key,
-    _protocol_key,
-    _start_over,
-    _transform,
-    _write_run_file,
+    check_journal_hashes,
+    check_run_file,
+    early_key,
+    json_digest,
     model_fingerprint,
+    protocol_key,
+    start_over,
+    transform_of,
+    write_run_file,
 )
 from calibrated_lm.evaluation.samples_file import (
     SamplesWriter,
@@ -323,7 +323,7 @@ def validate_config(cfg: EvalConfig) -> None:
     from calibrated_lm.evaluation import uncovered
 
     uncovered.check_mode(cfg.uncovered)
-    _transform(cfg)  # a bad --logit-softcap / --logit-temperature is refused here
+    transform_of(cfg)  # a bad --logit-softcap / --logit-temperature is refused here
     if not isinstance(cfg.device, str):
         raise UserError(f"--device must be auto, cpu, cuda or cuda:N, not {cfg.device!r}")
     check_device(cfg.device)
@@ -588,8 +588,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     refuse_other_runs(out, "eval")
     if not cfg.overwrite:
         # What can be refused before the model loads is refused now.
-        _check_run_file(out, _early_key(cfg, fingerprint, splits, subset))
-        _check_journal_hashes(out)
+        check_run_file(out, early_key(cfg, fingerprint, splits, subset))
+        check_journal_hashes(out)
     out.mkdir(parents=True, exist_ok=True)
     from calibrated_lm.launcher import leave_process_group
     from calibrated_lm.runlock import run_lock
@@ -678,7 +678,7 @@ def _run_locked(
         dtype = str(next(loaded["model"].parameters()).dtype).replace("torch.", "")
     chat = use_chat_template(cfg.chat_template, tokenizer)
     encoder = make_encoder(tokenizer, model_config, chat=chat)
-    key = _protocol_key(
+    key = protocol_key(
         cfg,
         chat,
         dtype,
@@ -690,12 +690,12 @@ def _run_locked(
     )
     D.barrier(info)
     # Every rank checks (so every rank stops on a refusal); rank 0 writes.
-    old = None if cfg.overwrite else _check_run_file(out, key)
+    old = None if cfg.overwrite else check_run_file(out, key)
     if info.is_main:
         if cfg.overwrite:
-            _start_over(out, key)
+            start_over(out, key)
         else:
-            _write_run_file(out, old, key)
+            write_run_file(out, old, key)
     D.barrier(info)
     wrap = chat_wrapper(tokenizer) if chat else None
 
@@ -785,7 +785,7 @@ def _run_locked(
 
     from tqdm import tqdm
 
-    transform = _transform(cfg)
+    transform = transform_of(cfg)
     t_score = time.perf_counter()
     prepare_s = t_score - t_loaded
     first_batch: dict[str, float | None] = {}
@@ -871,7 +871,7 @@ def _run_locked(
     protocol = {
         **key,
         # run.json keeps the per-file fingerprint; the summary only its digest.
-        "model_fingerprint": _digest(key["model_fingerprint"]),
+        "model_fingerprint": json_digest(key["model_fingerprint"]),
         "model_class": type(model).__name__ if model is not None else opened.model_class,
         "device": dev,
         "world_size": info.world,
