@@ -200,12 +200,6 @@ class Backend:
         self.model.load_state_dict(ckpt["model"])
         self.optim.load_state_dict(ckpt["optimizer"])
 
-    # -- finish -----------------------------------------------------------------------------
-
-    def teardown(self) -> None:
-        """Leave the process group (all ranks together)."""
-        D.teardown(self.info)
-
 
 class SingleDevice(Backend):
     """One process on one device: the base behaviour as it is."""

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from calibrated_lm.launcher import launch_env, leave_process_group
+from calibrated_lm.launcher import launch_env
 
 
 @dataclass
@@ -31,9 +31,6 @@ class DistInfo:
     world: int
     local_rank: int
     device: torch.device
-    # Whether :func:`setup` created the process group (not a library caller before it): only
-    # then is leaving it this run's to do.
-    owns_group: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -58,20 +55,10 @@ def setup(device: str) -> DistInfo:
             dev = torch.device("cuda", local_rank)
         else:
             dev = torch.device("cpu")
-        owns = not dist.is_initialized()
-        if owns:
+        if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-        return DistInfo(rank, world, local_rank, dev, owns_group=owns)
+        return DistInfo(rank, world, local_rank, dev)
     return DistInfo(0, 1, 0, torch.device(device))
-
-
-def teardown(info: DistInfo) -> None:
-    """Leave the process group together, when :func:`setup` created it (a caller's group stays
-    the caller's): a rank that destroyed its gloo group while rank 0 was still writing the
-    final model aborted at exit ("terminate called without an active exception"), failing a
-    run whose work was done."""
-    if info.enabled and info.owns_group:
-        leave_process_group(together=True)
 
 
 def group_alive() -> bool:

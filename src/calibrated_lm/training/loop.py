@@ -232,18 +232,25 @@ def train(
     from calibrated_lm.runlock import run_lock
 
     validate_config(cfg)
-    # A group this call creates is this call's to leave, after an error too: a rank that
-    # exited with its gloo group alive could abort at exit (rc -6, "terminate called without
-    # an active exception") after stopping with a clean message.
-    had_group = D.group_alive()
+    # A process group this call creates (D.setup, under a launcher) is this call's to leave,
+    # and a library caller's stays the caller's: a rank that exited with its gloo group alive
+    # could abort at exit (rc -6, "terminate called without an active exception") after
+    # finishing or after stopping with a clean message.
+    ours = not D.group_alive()
     try:
         with run_lock(cfg.output, active=launch_env().is_main):
-            return _train(cfg, model_and_tokenizer=model_and_tokenizer, on_step=on_step, stop=stop)
+            result = _train(
+                cfg, model_and_tokenizer=model_and_tokenizer, on_step=on_step, stop=stop
+            )
     except BaseException:
-        if not had_group and D.group_alive():
+        if ours:
             # No barrier: another rank may not share this error and would wait for ever.
             leave_process_group(together=False)
         raise
+    if ours:
+        # Together: no rank leaves while rank 0 still writes the final model.
+        leave_process_group(together=True)
+    return result
 
 
 def _train(
@@ -830,12 +837,11 @@ def _checkpoint(run: _Run, step: int) -> None:
 
 
 def _finish(run: _Run, start: int, last: dict[str, Any], skipped_steps: int) -> dict[str, Any]:
-    """Checkpoint the last step (when this call ran any), save ``final/``, leave the process
-    group; returns what :func:`train` returns."""
+    """Checkpoint the last step (when this call ran any) and save ``final/``; returns what
+    :func:`train` returns (which then leaves the process group)."""
     if run.total > start:
         _checkpoint(run, run.total)
     final = save_final(run.backend, run.tokenizer, run.output, files=run.subset_files)
-    run.backend.teardown()
     return {
         "last": last,
         "final": str(final),
