@@ -7,6 +7,8 @@ this one place, so evaluation and training agree on them.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -47,7 +49,30 @@ def leave_process_group(together: bool) -> None:
     error, which another rank may not share (a barrier would then wait for ever)."""
     import torch.distributed as dist
 
-    if dist.is_initialized():
+    if _in_group():
         if together:
             dist.barrier()
         dist.destroy_process_group()
+
+
+@contextmanager
+def own_process_group() -> Iterator[None]:
+    """Leave, on the way out, a process group that the block created (none before it): after a
+    finished block together (:func:`leave_process_group`), after an error without a barrier. A
+    group that existed before the block (a library caller's) stays its owner's."""
+    ours = not _in_group()
+    try:
+        yield
+    except BaseException:
+        if ours:
+            leave_process_group(together=False)
+        raise
+    if ours:
+        leave_process_group(together=True)
+
+
+def _in_group() -> bool:
+    import torch.distributed as dist
+
+    # is_initialized is absent where torch was built without distributed support.
+    return dist.is_available() and dist.is_initialized()

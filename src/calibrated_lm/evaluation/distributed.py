@@ -23,18 +23,15 @@ DistInfo = LaunchEnv
 dist_info = launch_env
 
 
-def init_process_group(info: DistInfo, use_cuda: bool) -> bool:
-    """Join the launcher's process group (NCCL on GPUs, gloo on CPU) when world > 1; True when
-    this call created it (and leaving it, ``launcher.leave_process_group``, is then this
-    caller's to do)."""
+def init_process_group(info: DistInfo, use_cuda: bool) -> None:
+    """Join the launcher's process group (NCCL on GPUs, gloo on CPU) when world > 1 and this
+    process is in none yet."""
     if info.world <= 1:
-        return False
+        return
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        return False
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return True
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
 
 
 def barrier(info: DistInfo) -> None:

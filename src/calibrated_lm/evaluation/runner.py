@@ -591,24 +591,18 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         check_run_file(out, early_key(cfg, fingerprint, splits, subset))
         check_journal_hashes(out)
     out.mkdir(parents=True, exist_ok=True)
-    from calibrated_lm.launcher import leave_process_group
+    from calibrated_lm.launcher import own_process_group
     from calibrated_lm.runlock import run_lock
 
     device = _rank_device(cfg.device, info)
-    joined = D.init_process_group(info, use_cuda=device.startswith("cuda"))
-    try:
+    # The group joined here is left before returning or raising (launcher.own_process_group).
+    with own_process_group():
+        D.init_process_group(info, use_cuda=device.startswith("cuda"))
         # One eval per folder at a time (rank 0 holds the lock for the whole launch).
         with run_lock(out, active=info.is_main):
-            summary = _run_locked(
+            return _run_locked(
                 cfg, tasks, out, info, device, fingerprint, splits, t_start, subset, phases
             )
-    except BaseException:
-        if joined:
-            leave_process_group(together=False)
-        raise
-    if joined:
-        leave_process_group(together=True)
-    return summary
 
 
 def _rank_device(device: str, info: D.DistInfo) -> str:

@@ -61,13 +61,6 @@ def setup(device: str) -> DistInfo:
     return DistInfo(0, 1, 0, torch.device(device))
 
 
-def group_alive() -> bool:
-    """Whether this process is in a process group now."""
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
-
-
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         import torch.distributed as dist

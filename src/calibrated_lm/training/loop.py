@@ -228,29 +228,15 @@ def train(
     # Run-folder lock (calibrated_lm.runlock): rank 0 holds OUTPUT/.lock for the whole run, so
     # a second process training into the same --output is refused with one sentence. The
     # (pure) argument check runs first so that a bad value still touches no folder.
-    from calibrated_lm.launcher import launch_env, leave_process_group
+    from calibrated_lm.launcher import launch_env, own_process_group
     from calibrated_lm.runlock import run_lock
 
     validate_config(cfg)
-    # A process group this call creates (D.setup, under a launcher) is this call's to leave,
-    # and a library caller's stays the caller's: a rank that exited with its gloo group alive
-    # could abort at exit (rc -6, "terminate called without an active exception") after
-    # finishing or after stopping with a clean message.
-    ours = not D.group_alive()
-    try:
-        with run_lock(cfg.output, active=launch_env().is_main):
-            result = _train(
-                cfg, model_and_tokenizer=model_and_tokenizer, on_step=on_step, stop=stop
-            )
-    except BaseException:
-        if ours:
-            # No barrier: another rank may not share this error and would wait for ever.
-            leave_process_group(together=False)
-        raise
-    if ours:
-        # Together: no rank leaves while rank 0 still writes the final model.
-        leave_process_group(together=True)
-    return result
+    # A process group this call creates (D.setup, under a launcher) is this call's to leave:
+    # a rank that exited with its gloo group alive could abort at exit (rc -6, "terminate
+    # called without an active exception") after finishing or after stopping with a message.
+    with own_process_group(), run_lock(cfg.output, active=launch_env().is_main):
+        return _train(cfg, model_and_tokenizer=model_and_tokenizer, on_step=on_step, stop=stop)
 
 
 def _train(
