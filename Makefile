@@ -17,9 +17,20 @@ DEMO_LIMIT ?= 300
 
 .PHONY: install assets demo test lint format clean
 
+# A full disk makes pip stop half-way with an OSError; say so before starting, in one sentence.
+# $(1): GiB the step needs (measured: .venv is 3.5 GiB, and pip unpacks torch beside it).
+define need_disk
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	if [ "$$free" -lt $(1) ]; then \
+		echo "make: $$free GiB free on the disk of $$(pwd), and $(2) needs about $(1) GiB: free some space (old runs, /tmp) and run make again" >&2; \
+		exit 1; \
+	fi
+endef
+
 install: $(DEPS_STAMP)
 
 $(DEPS_STAMP): pyproject.toml Makefile
+	$(call need_disk,5,installing into $(VENV))
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
@@ -57,6 +68,7 @@ MIN_TESTS := tests/test_evaluation_scoring.py tests/test_evaluation_formats.py \
 	tests/test_training_batching.py tests/test_calibration_paired.py
 
 $(MIN_STAMP): pyproject.toml Makefile
+	$(call need_disk,4,installing the minimum versions into $(MIN_VENV))
 	@test -x $(MIN_VENV)/bin/python || $(PYTHON) -m venv $(MIN_VENV)
 	$(MIN_VENV)/bin/python -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
 	$(MIN_VENV)/bin/python -m pip install -q --disable-pip-version-check $(MIN_SPECS) \
