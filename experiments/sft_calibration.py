@@ -289,7 +289,9 @@ _CLAIM3 = dataclasses.replace(
     # A whole run with two workers on the GPU: 564 steps at ~1.55 s (session 14's device
     # logs) plus the final save and held-out pass. A begun run is estimated from its own
     # log instead (_resume_estimate).
-    est=_CONTROL.est | {"train": 1000},
+    # Alone on the GPU (one worker, session 22 on an H100): 553 steps in 528 s, then 61 s of
+    # final save and held-out pass.
+    est=_CONTROL.est | {"train": 1000, "train_alone": 600},
     # Each periodic checkpoint stopped the step clock ~9 s (session 14's logs, steps 60, 420,
     # 480), 8 of them a run. A chunk's end checkpoints the step it is in (SIGTERM), and
     # checkpoints never outlive the machine, so the periodic ones only guard against a
@@ -964,7 +966,10 @@ def _estimate(
     if unit.kind == "train":
         seen = timed.get(_overhead_key(shared_gpu))
         left = None if unit.done() else _resume_estimate(unit, max(seen) if seen else None)
-        return left if left is not None else float(profile.est.get("train", 60))
+        if left is not None:
+            return left
+        whole = profile.est.get("train", 60) if shared_gpu else profile.est.get("train_alone")
+        return float(whole if whole is not None else profile.est.get("train", 60))
     key = _timing_key(unit)
     # Scored like a trained-format unit (the same tasks and template), so timed like one.
     like = key.replace(APPLIED, "trained") if key.endswith(APPLIED) else key

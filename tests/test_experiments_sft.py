@@ -298,7 +298,10 @@ def _begin(folder, step: int, total: int, step_s: list[float]) -> None:
 def test_a_begun_run_is_estimated_from_its_own_checkpoint_and_steps(tmp_path):
     prof = sc.PROFILES["claim3"]
     unit = sc.Unit("train/r", "train", tmp_path / "r", lambda: {})
-    assert sc._estimate(unit, {}, prof) == prof.est["train"]  # not begun: the profile's figure
+    # Not begun: the profile's whole-run figure, for a GPU shared between workers or not.
+    assert sc._estimate(unit, {}, prof, True) == prof.est["train"]
+    assert sc._estimate(unit, {}, prof) == prof.est["train_alone"] < prof.est["train"]
+    assert sc._estimate(unit, {}, sc.PROFILES["control"]) == sc.PROFILES["control"].est["train"]
     # 80 steps beside an idle worker, 20 beside a training one: the 90th percentile (1.6 s)
     _begin(unit.folder, 516, 564, [1.0] * 80 + [1.6] * 20)
     want = 1.1 * (48 * 1.6 + sc.TRAIN_TAIL_S)
@@ -307,7 +310,7 @@ def test_a_begun_run_is_estimated_from_its_own_checkpoint_and_steps(tmp_path):
     assert sc._estimate(unit, {"train": [90.0]}, prof) == pytest.approx(want)
     # A run logged before step_s existed falls back to the profile's figure.
     (unit.folder / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
-    assert sc._estimate(unit, {"train": [90.0]}, prof) == prof.est["train"]
+    assert sc._estimate(unit, {"train": [90.0]}, prof, True) == prof.est["train"]
 
 
 def test_a_begun_run_adds_the_overhead_finished_runs_had_on_a_gpu_shared_the_same_way(tmp_path):
