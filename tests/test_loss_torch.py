@@ -199,6 +199,15 @@ def test_low_precision_no_worse_than_twice_pytorch(dtype, order, monkeypatch):
         (dict(ignore_index=-100.0), "ignore_index must be an integer"),
         (dict(ignore_index="-100"), "ignore_index must be an integer"),
         (dict(ignore_index=True), "ignore_index must be an integer"),
+        (dict(ignore_index=2**70), "ignore_index must fit in int64"),
+        # Non-finite or non-numeric settings: a sentence, not NaN or a TypeError.
+        (dict(softcap=float("inf")), "softcap must be finite"),
+        (dict(label_smoothing=float("nan")), "label_smoothing must be finite"),
+        (dict(z_loss=float("nan")), "z_loss must be finite"),
+        (dict(label_smoothing=None), "label_smoothing must be a real number"),
+        (dict(z_loss=None), "z_loss must be a real number"),
+        (dict(label_smoothing="0.1"), "label_smoothing must be a real number"),
+        (dict(label_smoothing=torch.tensor([0.1, 0.2])), "label_smoothing must be a real"),
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, message):
@@ -341,3 +350,19 @@ def test_unknown_loop_order_is_a_clear_error(monkeypatch):
     h, w, y, _ = make_problem()
     with pytest.raises(ValueError, match="CALIBRATED_LM_LCE_ORDER must be 'token' or 'vocab'"):
         linear_cross_entropy(h, w, y, impl="torch")
+
+
+def test_a_minus_inf_logit_at_eps_0_gives_pytorchs_loss():
+    """A bias of -inf masks a token: at eps 0 the loss ignores it, as F.cross_entropy does
+    (the smoothing term's sum over logits, -inf there, is not formed); at eps > 0 the
+    smoothed target gives the masked token mass, so the loss is +inf, as in PyTorch."""
+    h, w, y, _ = make_problem(bias=False, ignore_frac=0.0)
+    bias = torch.zeros(w.shape[0])
+    bias[5] = float("-inf")
+    y = torch.where(y == 5, torch.full_like(y, 6), y)
+    want = F.cross_entropy((h.double() @ w.double().T + bias.double()), y)
+    got = linear_cross_entropy(h, w, y, bias=bias, impl="torch")
+    assert torch.isfinite(got) and abs(got.item() - want.item()) < 1e-5
+    smoothed = linear_cross_entropy(h, w, y, bias=bias, label_smoothing=0.1, impl="torch")
+    assert smoothed.item() == float("inf")
+    assert F.cross_entropy(h @ w.T + bias, y, label_smoothing=0.1).item() == float("inf")

@@ -287,3 +287,35 @@ def test_vocab_order_is_as_exact_as_token_order_in_bf16_when_confident(softcap, 
         errs[order] = [rel(a, b) for a, b in zip(got, want)]
     for name, tok, voc in zip(("hidden", "weight"), errs["token"], errs["vocab"]):
         assert voc <= 1.25 * tok, (name, voc, tok)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_strided_bias_and_targets_read_as_their_values(grad):
+    """The kernels index bias and targets by position: views with a stride of 2 (a slice)
+    must give the loss of their contiguous copies, not of every other element, nor an
+    assertion."""
+    h, w, y, b = make_problem(12, 8, 20, bias=True)
+    b2 = torch.randn(40, device=DEVICE)[::2].requires_grad_(grad)
+    y2 = torch.stack([y, y.flip(0)], 1).reshape(-1)[::2]  # int64, stride 2
+    assert not b2.is_contiguous() and not y2.is_contiguous() and y2.dtype == torch.int64
+    with torch.set_grad_enabled(grad):
+        got = linear_cross_entropy(h, w, y2, bias=b2, label_smoothing=0.1, impl="triton")
+        want = reference_linear_cross_entropy(
+            h.double(),
+            w.double(),
+            y2.contiguous(),
+            bias=b2.detach().contiguous().double(),
+            label_smoothing=0.1,
+        )
+    assert rel(got, want) < 1e-5
+    if grad:
+        gb = torch.autograd.grad(got, b2)[0]
+        bd = b2.detach().double().requires_grad_()
+        ref = reference_linear_cross_entropy(
+            h.detach().double(),
+            w.detach().double(),
+            y2.contiguous(),
+            bias=bd,
+            label_smoothing=0.1,
+        )
+        assert rel(gb, torch.autograd.grad(ref, bd)[0]) < 1e-5

@@ -160,6 +160,25 @@ def test_unsupported_models_get_a_clear_error():
         patch_model(tiny("llama"), label_smoothing=1.5)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(label_smoothing=None), "label_smoothing must be a real number"),
+        (dict(softcap=float("inf")), "softcap must be finite"),
+        (dict(temperature=float("inf")), "temperature must be finite"),
+        (dict(temperature=0.0), "temperature must be None or > 0"),
+        (dict(z_loss=float("nan")), "z_loss must be finite"),
+        (dict(impl="bogus"), "impl must be one of"),
+        (dict(min_block_rows=-3), "min_block_rows must be an integer >= 0"),
+    ],
+)
+def test_bad_loss_settings_are_refused_when_patching(kwargs, message):
+    """At patch time, in one sentence, not at the first labelled forward (or as NaN)."""
+    model = tiny("llama")
+    with pytest.raises(ValueError, match=f"^patch_model: {message}"):
+        patch_model(model, **kwargs)
+
+
 def test_generic_model_with_unknown_logit_transform_is_refused():
     class Doubling(transformers.LlamaForCausalLM):
         def forward(self, *args, **kwargs):

@@ -11,7 +11,12 @@ from calibrated_lm.loss import autograd
 from calibrated_lm.loss.config import LossConfig
 from calibrated_lm.loss.engine import Backend
 from calibrated_lm.loss.stats import LinearCrossEntropyStats
-from calibrated_lm.loss.validation import check_arguments, check_ignore_index, check_targets
+from calibrated_lm.loss.validation import (
+    check_arguments,
+    check_ignore_index,
+    check_settings,
+    check_targets,
+)
 
 # What the kernels see as ignore_index when the caller ignores no target: after the range check
 # no scored target can equal it, so it only marks the positions shift=True leaves unscored.
@@ -102,18 +107,14 @@ def linear_cross_entropy(
     Raises:
         ValueError (:class:`calibrated_lm.errors.UserError`): bad shapes, dtypes, devices,
         targets outside [0, V), ``label_smoothing`` outside [0, 1], unknown ``reduction`` or
-        ``impl``, ``softcap <= 0``, ``z_loss < 0``, ``min_block_rows < 0``, an
+        ``impl``, ``softcap <= 0``, ``z_loss < 0``, a NaN or infinite setting,
+        ``min_block_rows < 0``, an
         ``ignore_index`` that is neither an integer nor None.
     """
     check_arguments(
         hidden, weight, targets, bias, label_smoothing, reduction, softcap, z_loss, shift, impl
     )
-    if (
-        isinstance(min_block_rows, bool)
-        or not isinstance(min_block_rows, int)
-        or min_block_rows < 0
-    ):
-        raise UserError(f"min_block_rows must be an integer >= 0, got {min_block_rows!r}.")
+    check_settings(min_block_rows=min_block_rows)
     ignore = check_ignore_index(ignore_index)
     unscored = _UNSCORED if ignore is None else ignore
     vocab, dim = weight.shape
@@ -126,7 +127,10 @@ def linear_cross_entropy(
         full_targets = targets
     token_shape = full_targets.shape
     h2 = hidden.reshape(-1, dim)
-    y1 = full_targets.reshape(-1).long()
+    # The kernels index targets and bias by position: a strided view would be read wrongly.
+    y1 = full_targets.reshape(-1).long().contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
     if ignore is None:
         # Check the caller's scored targets themselves: -100 there is out of range, not skipped.
         scored = targets[..., 1:] if shift else targets

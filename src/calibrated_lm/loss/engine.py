@@ -97,7 +97,9 @@ def finalize(
     entropy = lse - acc[T] / acc[S]
     confidence = torch.exp(acc[M] - lse)
     valid = targets != cfg.ignore_index
-    loss = lse - (1.0 - eps) * acc[CY] - (eps / vocab) * acc[SUMC]
+    loss = lse - (1.0 - eps) * acc[CY]
+    if eps:  # skipped at eps 0: a -inf logit (a bias masking a token) makes sum_j c_j = -inf
+        loss = loss - (eps / vocab) * acc[SUMC]
     if cfg.z_loss:
         loss = loss + cfg.z_loss * lse.square()
     loss = torch.where(valid, loss, torch.zeros_like(loss))

@@ -6,6 +6,7 @@ Every failure the caller can fix raises :class:`calibrated_lm.errors.UserError`
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
 
@@ -68,18 +69,58 @@ def check_arguments(
             raise UserError("bias must be on the same device as hidden.")
         if not bias.dtype.is_floating_point:
             raise UserError(f"bias must be a floating-point tensor, got {bias.dtype}.")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise UserError(f"label_smoothing must lie in [0, 1], got {label_smoothing}.")
+    check_settings(label_smoothing=label_smoothing, softcap=softcap, z_loss=z_loss, impl=impl)
     if reduction not in REDUCTIONS:
         raise UserError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
-    if softcap is not None and not float(softcap) > 0.0:
-        raise UserError(f"softcap must be None or > 0, got {softcap}.")
-    if not float(z_loss) >= 0.0:
-        raise UserError(f"z_loss must be >= 0, got {z_loss}.")
-    if impl not in IMPLS:
-        raise UserError(f"impl must be one of {IMPLS}, got {impl!r}.")
     if shift and hidden.dim() < 2:
         raise UserError("shift=True needs hidden of shape (..., T, D) with a sequence dimension.")
+
+
+def _real(name: str, value: Any, prefix: str) -> float:
+    """``value`` as a finite Python float (a number or a one-element tensor), else a
+    :class:`UserError`: a NaN or an infinity has no meaning as a loss setting (an infinite
+    softcap or temperature turns ``s * tanh(z / s)`` or ``z / T`` into NaN or 0)."""
+    try:
+        if isinstance(value, (bool, str)):
+            raise TypeError
+        x = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise UserError(f"{prefix}{name} must be a real number, got {value!r}.") from None
+    if not math.isfinite(x):
+        raise UserError(f"{prefix}{name} must be finite, got {value!r}.")
+    return x
+
+
+def check_settings(
+    *,
+    label_smoothing: Any = 0.0,
+    softcap: Any = None,
+    z_loss: Any = 0.0,
+    impl: Any = "auto",
+    temperature: Any = None,
+    min_block_rows: Any = 0,
+    prefix: str = "",
+) -> None:
+    """The loss's hyper-parameters, checked without any tensor, so that :func:`patch_model`
+    refuses them when it is called rather than at the first forward: ``label_smoothing`` in
+    [0, 1]; ``softcap`` and ``temperature`` None or finite and > 0; ``z_loss`` finite and >= 0;
+    ``impl`` one of :data:`IMPLS`; ``min_block_rows`` an integer >= 0. ``prefix`` starts every
+    message (e.g. ``"patch_model: "``)."""
+    if not 0.0 <= _real("label_smoothing", label_smoothing, prefix) <= 1.0:
+        raise UserError(f"{prefix}label_smoothing must lie in [0, 1], got {label_smoothing}.")
+    for name, value in (("softcap", softcap), ("temperature", temperature)):
+        if value is not None and not _real(name, value, prefix) > 0.0:
+            raise UserError(f"{prefix}{name} must be None or > 0, got {value}.")
+    if not _real("z_loss", z_loss, prefix) >= 0.0:
+        raise UserError(f"{prefix}z_loss must be >= 0, got {z_loss}.")
+    if not isinstance(impl, str) or impl not in IMPLS:
+        raise UserError(f"{prefix}impl must be one of {IMPLS}, got {impl!r}.")
+    if (
+        isinstance(min_block_rows, bool)
+        or not isinstance(min_block_rows, int)
+        or min_block_rows < 0
+    ):
+        raise UserError(f"{prefix}min_block_rows must be an integer >= 0, got {min_block_rows!r}.")
 
 
 def check_ignore_index(ignore_index: Any) -> int | None:
@@ -89,9 +130,14 @@ def check_ignore_index(ignore_index: Any) -> int | None:
         return None
     if not isinstance(ignore_index, bool):
         try:
-            return operator.index(ignore_index)
+            value = operator.index(ignore_index)
         except TypeError:
             pass
+        else:
+            # Targets are int64: a value outside that range can never match one.
+            if -(2**63) <= value < 2**63:
+                return value
+            raise UserError(f"ignore_index must fit in int64, got {ignore_index!r}.")
     raise UserError(
         f"ignore_index must be an integer (or None to ignore no target), got {ignore_index!r}."
     )

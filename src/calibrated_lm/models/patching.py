@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from calibrated_lm.errors import UserError
+from calibrated_lm.loss.validation import check_settings
 from calibrated_lm.models.head_subset import HeadSubset
 from calibrated_lm.models.restricted_head import RestrictedHead, check_vocab
 from calibrated_lm.models.restricted_head import untie_head as _untie_head
@@ -131,7 +132,7 @@ def _output_head(model: nn.Module) -> nn.Module:
 
 
 def _resolve(
-    model: nn.Module, label_smoothing, softcap, temperature, z_loss, impl="auto"
+    model: nn.Module, label_smoothing, softcap, temperature, z_loss, impl="auto", min_block_rows=0
 ) -> PatchConfig:
     config = getattr(model, "config", None)
     if config is None or getattr(config, "is_encoder_decoder", False):
@@ -139,14 +140,15 @@ def _resolve(
             f"patch_model: {type(model).__name__} is not a decoder-only transformers causal LM; "
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)} and generic *ForCausalLM models."
         )
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"patch_model: label_smoothing must be in [0, 1], got {label_smoothing}")
-    if softcap is not None and not float(softcap) > 0:
-        raise ValueError(f"patch_model: softcap must be > 0, got {softcap}")
-    if temperature is not None and not float(temperature) > 0:
-        raise ValueError(f"patch_model: temperature must be > 0, got {temperature}")
-    if float(z_loss) < 0:
-        raise ValueError(f"patch_model: z_loss must be >= 0, got {z_loss}")
+    check_settings(
+        label_smoothing=label_smoothing,
+        softcap=softcap,
+        temperature=temperature,
+        z_loss=z_loss,
+        impl=impl,
+        min_block_rows=min_block_rows,
+        prefix="patch_model: ",
+    )
     base = getattr(model, "base_model", model)
     if base is model:
         raise ValueError(
@@ -538,7 +540,7 @@ def patch_model(
     vocabulary size.
     """
     outer, model = model, _causal_lm(model)
-    cfg = _resolve(model, label_smoothing, softcap, temperature, z_loss, impl)
+    cfg = _resolve(model, label_smoothing, softcap, temperature, z_loss, impl, min_block_rows)
     head = None
     if head_subset is not None:
         check_vocab(model, head_subset)
