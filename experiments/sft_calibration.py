@@ -567,6 +567,11 @@ class Experiment:
             token_cache=str(self.work / "token_cache"),
         )
         _write_command(out, _train_cli(cfg))
+        if not cfg.resume:
+            # Not done, nothing to resume: a final/ here is from an attempt stopped after its
+            # checkpoints were removed and before done.json; train() refuses to overwrite a
+            # finished model, and this unit trains it again (as before that refusal).
+            shutil.rmtree(out / "final", ignore_errors=True)
         start_step = _checkpoint_step(out) or 0
         t0 = time.monotonic()
         result = train(cfg)

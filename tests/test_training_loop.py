@@ -569,3 +569,55 @@ def test_compile_trains_like_eager(setup, monkeypatch):
 def test_compile_with_deepspeed_is_refused_before_loading(setup):
     with pytest.raises(UserError, match="--compile does not work with --deepspeed"):
         train(_cfg(setup, "nope", compile=True, deepspeed="ds.json"))
+
+
+def test_a_finished_model_is_kept_and_resume_knows_its_files_and_model(setup, tmp_path):
+    """Review of 2026-12-07: a new run into a folder whose checkpoints were removed replaced
+    its final/ and metrics.jsonl without a word; --resume refused the same data or model
+    spelled another way, and took another model's checkpoint with a page of missing keys."""
+    import shutil
+
+    root, model_dir, data = setup
+    cfg = _cfg(setup, "kept", max_steps=2)
+    train(cfg)
+    # The same files, spelled with "./" in them: resumed (one more step), not refused.
+    respelled = replace(
+        cfg,
+        resume=True,
+        max_steps=3,
+        data=f"{data.parent}/./{data.name}",
+        model=f"{model_dir.parent}/./{model_dir.name}",
+    )
+    assert train(respelled)["steps"] == 3
+    # Asked for fewer steps than the checkpoint holds: nothing trained, its own step reported.
+    result = train(replace(cfg, resume=True, max_steps=1))
+    assert result["last"] == {} or not result["last"]
+    assert result["steps"] == 3
+    # Checkpoints removed, final/ kept: a new run is refused and loses nothing.
+    out = Path(cfg.output)
+    shutil.rmtree(out / "checkpoints")
+    lines = (out / "metrics.jsonl").read_text()
+    weights = _params(out / "final")
+    with pytest.raises(UserError, match="already holds a finished run's model"):
+        train(cfg)
+    assert (out / "metrics.jsonl").read_text() == lines
+    after = _params(out / "final")
+    assert after.keys() == weights.keys() and all(torch.equal(after[k], weights[k]) for k in after)
+    # Another model (one layer fewer) now at the run's --model path: one sentence, before
+    # any weight is loaded into it.
+    swapped = tmp_path / "model"
+    shutil.copytree(model_dir, swapped)
+    cfg2 = _cfg(setup, "kept2", max_steps=2, model=str(swapped))
+    train(cfg2)
+    conf = json.loads((swapped / "config.json").read_text())
+    conf["num_hidden_layers"] = 1
+    (swapped / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(UserError, match=r"does not fit the model --model loads \(0 weight"):
+        train(replace(cfg2, resume=True, max_steps=3))
+
+
+def test_progress_false_prints_no_tokenizing_bar(setup, capsys):
+    train(_cfg(setup, "quiet", max_steps=1, progress=False))
+    assert "tokenizing" not in capsys.readouterr().err
+    train(_cfg(setup, "loud", max_steps=1, progress=True))
+    assert "tokenizing" in capsys.readouterr().err

@@ -32,7 +32,8 @@ COMMANDS: list[tuple[str, str]] = [
 # What an interrupted command leaves behind, for the message after Ctrl-C.
 RESUME_HINTS: dict[str, str] = {
     "eval": "scored questions are kept in samples.jsonl; rerun the same command to resume.",
-    "train": "checkpoints already written are kept; rerun with --resume to continue.",
+    "train": "checkpoints already written are kept: rerun with --resume to continue from the "
+    "newest, or, where none was written yet, rerun the same command.",
 }
 
 

@@ -240,6 +240,30 @@ def _step_of(path: Path) -> int | None:
     return int(tail) if path.name.startswith(_PREFIX) and tail.isdigit() else None
 
 
+def check_model_fits(model: torch.nn.Module, saved: Mapping[str, Any], path: Path) -> None:
+    """Refuse, in one sentence, a checkpoint whose weights do not fit ``model``: other
+    parameter names or shapes (``--model`` now names another model than the run began from),
+    which ``load_state_dict`` would report as a page of missing keys. Shapes only, no copy;
+    under FSDP2 a parameter's shape is its full, unsharded one."""
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in saved.items() if isinstance(v, torch.Tensor)}
+    missing = sorted(own.keys() - theirs.keys())
+    extra = sorted(theirs.keys() - own.keys())
+    shaped = sorted(k for k in own.keys() & theirs.keys() if own[k] != theirs[k])
+    if not (missing or extra or shaped):
+        return
+    if shaped:
+        k = shaped[0]
+        what = f"{len(shaped)} weight(s) of other shapes, e.g. {k} {theirs[k]} vs {own[k]}"
+    else:
+        k = (missing or extra)[0]
+        what = f"{len(missing)} weight(s) missing and {len(extra)} unknown, e.g. {k}"
+    raise UserError(
+        f"--resume: checkpoint {path.name} does not fit the model --model loads ({what}); "
+        "resume with the model the run started from"
+    )
+
+
 def list_checkpoints(output: Path) -> list[Path]:
     """Checkpoints under ``output`` that have a ``state.json``, oldest first (temporary
     folders excluded; see :func:`inspect_checkpoint` for whether one is intact)."""

@@ -182,6 +182,10 @@ def run(args: argparse.Namespace) -> int:
         head_subset=args.head_subset,
         token_cache=args.token_cache,
     )
+    if args.no_progress:  # transformers' own bars too (loading and writing weights)
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     result = train(cfg)
     if not launch_env().is_main:  # one summary per run, not per rank
         return 0
@@ -193,5 +197,8 @@ def run(args: argparse.Namespace) -> int:
             f"{result['final']}"
         )
     else:
-        print(f"nothing left to train ({result['steps']} steps done); model at {result['final']}")
+        print(
+            f"nothing left to train: the run is at step {result['steps']}, as many as asked for "
+            f"or more; model at {result['final']}"
+        )
     return 0

@@ -40,7 +40,7 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ from calibrated_lm.training import distributed as D
 from calibrated_lm.training.backends import Backend, StepOutcome, make_backend
 from calibrated_lm.training.batching import StepPlan, collate
 from calibrated_lm.training.checkpoint import (
+    check_model_fits,
     checkpoint_root,
     fsync_dir,
     is_disk_full,
@@ -318,6 +319,14 @@ def _preflight(cfg: TrainConfig) -> _Checked:
         )
     if cfg.resume and not checkpoints:
         raise UserError(f"--resume: no checkpoint in {output / 'checkpoints'} to resume from")
+    if not checkpoints and (output / FINAL_DIR).exists():
+        # A finished run whose checkpoints were removed: a new run would replace its model and
+        # its metrics.jsonl, which nothing could bring back.
+        raise UserError(
+            f"{output} already holds a finished run's model ({output / FINAL_DIR}) and no "
+            "checkpoint to resume from; choose another --output, or remove final/ and "
+            "metrics.jsonl there to train anew"
+        )
     # Bad data fails here (held-out data too).
     check_layouts(read_records(cfg.data), str(cfg.data))
     if cfg.eval_data:
@@ -420,7 +429,7 @@ def _setup(
         cfg.data,
         tokenizer,
         max_seq_len=cfg.max_seq_len,
-        progress=info.main,
+        progress=cfg.progress and info.main,
         # Every rank reads an entry that is there (the key makes it the same tokens); only
         # the main rank writes one, so ranks never race on it.
         cache_dir=cfg.token_cache,
@@ -509,6 +518,8 @@ def _resume(run: _Run, plan: ResumePlan | None) -> int:
     path, ckpt = read_resumable(
         plan, info, weights=run.backend.resume_reads_weights, subset=run.subset
     )
+    if isinstance(ckpt.get("model"), Mapping):
+        check_model_fits(run.backend.model, ckpt["model"], path)
     run.backend.load_checkpoint(path, ckpt)
     set_rng_state(ckpt["rng"])
     start = int(ckpt["state"]["step"])
@@ -831,7 +842,8 @@ def _finish(run: _Run, start: int, last: dict[str, Any], skipped_steps: int) -> 
     return {
         "last": last,
         "final": str(final),
-        "steps": run.total,
+        # A resume past a smaller --max-steps trains nothing and keeps its checkpoint's step.
+        "steps": max(start, run.total),
         "dropped": dict(run.data.dropped),
         "skipped_steps": skipped_steps,
         "template": run.data.template,

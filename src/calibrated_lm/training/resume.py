@@ -116,9 +116,20 @@ def resume_candidates(
     return good
 
 
+def _where(value: Any) -> Any:
+    """A setting that names a local file or folder, as its resolved path (the same files
+    however spelled: ``data.jsonl``, ``./data.jsonl``, an absolute path); else unchanged (a
+    hub id, an embedded model's name)."""
+    if isinstance(value, str) and value and Path(value).exists():
+        return str(Path(value).resolve())
+    return value
+
+
 def _same(key: str, a: Any, b: Any) -> bool:
     if key == "max_grad_norm":  # 0 and None both mean no clipping
         a, b = a or None, b or None
+    if key in ("model", "data"):
+        a, b = _where(a), _where(b)
     return a == b
 
 
@@ -128,7 +139,10 @@ def check_resume(cfg: Any, path: Path, state: dict[str, Any], data_sha: str) -> 
     changed; returns notes (a checkpoint too old to say)."""
     saved = {**RESUME_LEGACY, **state["config"]}
     mine = asdict(cfg)
-    diff = [k for k in RESUME_FIXED if saved.get(k) != mine.get(k)]
+    # The data file is checked by content below where the checkpoint recorded it, so moving
+    # it is no change; an older checkpoint has only its path.
+    fixed = [k for k in RESUME_FIXED if not (k == "data" and state.get("data_sha256"))]
+    diff = [k for k in fixed if not _same(k, saved.get(k), mine.get(k))]
     if diff:
         raise UserError(
             "--resume: these settings differ from the checkpointed run and would change the "
