@@ -289,8 +289,8 @@ _CLAIM3 = dataclasses.replace(
     # A whole run with two workers on the GPU: 564 steps at ~1.55 s (session 14's device
     # logs) plus the final save and held-out pass. A begun run is estimated from its own
     # log instead (_resume_estimate).
-    # Alone on the GPU (one worker, session 22 on an H100): 553 steps in 528 s, then 61 s of
-    # final save and held-out pass.
+    # Alone on the GPU (one worker, session 22 on an H100): 553 steps in a 528 s call, then
+    # 70.5 s for the last 11 steps, the final save and the held-out pass.
     est=_CONTROL.est | {"train": 1000, "train_alone": 600},
     # Each periodic checkpoint stopped the step clock ~9 s (session 14's logs, steps 60, 420,
     # 480), 8 of them a run. A chunk's end checkpoints the step it is in (SIGTERM), and
