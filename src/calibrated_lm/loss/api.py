@@ -84,7 +84,10 @@ def linear_cross_entropy(
         targets: (...) integers in [0, V) or ``ignore_index``.
         ignore_index: the target value that marks positions to skip (default -100, as in
             ``F.cross_entropy``), or None for none.
-        bias: optional (V,).
+        bias: optional (V,). A -inf entry masks its token: at eps 0 the loss is then
+            ``F.cross_entropy``'s, at eps > 0 it is +inf, as in PyTorch (the smoothed target
+            gives the masked token mass); the stats' entropy is NaN there (0 * -inf in
+            sum_j p_j z_j), so mask with a large finite negative bias where stats are read.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (float32 per-position loss shaped like
             ``targets``, or like ``targets[..., 1:]`` with ``shift=True``; 0 where ignored).
         shift: causal-LM shift: position t of ``hidden`` predicts ``targets[..., t + 1]``;
