@@ -141,3 +141,27 @@ def test_bad_task_file_fails_before_the_model_loads(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"bad\.jsonl:2: needs at least 2 choices"):
         run_eval(cfg)
     assert not out.exists()
+
+
+def test_compare_scores_the_questions_the_summary_covers(setup, tmp_path: Path) -> None:
+    """Review of 2026-12-07: after a run of 23 questions and a rerun with --limit 9 into the
+    same folder, the summary covered 9 but compare scored all 23 the journal keeps."""
+    from calibrated_lm.evaluation.compare import compare_runs
+
+    out = tmp_path / "run"
+    run_eval(_cfg(setup, out))
+    small = run_eval(_cfg(setup, out, limit=9))
+    assert small["tasks"]["quiz"]["n"] == 9
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 23  # kept for reuse
+    kept = json.loads((out / "questions.json").read_text())["questions"]["quiz"]
+    assert len(kept) == 9
+    result = compare_runs([out], tmp_path / "cmp", bootstrap=0)
+    (only,) = result["tasks"]["quiz"]["runs"].values()
+    assert only["n"] == 9
+    assert only["accuracy"] == pytest.approx(small["tasks"]["quiz"]["accuracy"])
+    assert only["ece"] == pytest.approx(small["tasks"]["quiz"]["ece"])
+    # A folder from before questions.json: all its questions, with a warning that says so.
+    (out / "questions.json").unlink()
+    old = compare_runs([out], tmp_path / "cmp_old", bootstrap=0)
+    assert [r["n"] for r in old["tasks"]["quiz"]["runs"].values()] == [23]
+    assert any("predates questions.json" in w for w in old["warnings"])

@@ -187,6 +187,9 @@ def _load_run(path: Path) -> dict[str, Any]:
             )
     # eval writes run.json first and summary.json last.
     unfinished = (path / RUN_FILE).exists() and not summary_path.exists()
+    warnings: list[str] = []
+    if summary_path.exists():
+        records = _summary_questions(path, records, summary, warnings)
     return {
         "path": path,
         "summary": summary,
@@ -194,7 +197,42 @@ def _load_run(path: Path) -> dict[str, Any]:
         "fit": fit,
         "files": files,
         "unfinished": unfinished,
+        "warnings": warnings,
     }
+
+
+def _summary_questions(
+    path: Path, records: list[SampleRecord], summary: dict[str, Any], warnings: list[str]
+) -> list[SampleRecord]:
+    """The records of the questions ``summary.json`` covers. samples.jsonl keeps every
+    question ever scored into the folder (a later, smaller --limit or other --tasks reuses
+    them), so without this a compare would score questions the summary did not. A folder
+    written before questions.json existed keeps all its records, with a note where their
+    count per task differs from the summary's."""
+    from calibrated_lm.evaluation.run_file import QUESTIONS, SAMPLES, read_questions
+
+    keys = read_questions(path)
+    if keys is None:
+        counts: dict[str, int] = {}
+        for r in records:
+            counts[r.group or r.task] = counts.get(r.group or r.task, 0) + 1
+        tasks = summary.get("tasks", {}) if isinstance(summary.get("tasks"), dict) else {}
+        stated = {t: v.get("n") for t, v in tasks.items() if isinstance(v, dict) and t != "all"}
+        if stated and any(stated.get(t) != n for t, n in counts.items()):
+            warnings.append(
+                f"{path}: {SAMPLES} holds other questions than summary.json covers (per task: "
+                f"{counts} vs {stated}); that folder predates {QUESTIONS}, so all of them are "
+                "compared; rerun its eval to compare only the summary's"
+            )
+        return records
+    chosen = [r for r in records if r.key in keys]
+    missing = len(keys) - len({r.key for r in chosen})
+    if missing:
+        raise UserError(
+            f"{path}: {missing} question(s) of {QUESTIONS} are not in {SAMPLES}; rerun that "
+            "eval to rebuild the folder"
+        )
+    return chosen
 
 
 def _validate_run(run: dict[str, Any], normalization: str) -> None:
@@ -360,6 +398,7 @@ def _compare(
         for label, r in zip(labels, runs)
         if r.get("unfinished")
     ]
+    result["warnings"] += [w for r in runs for w in r.get("warnings", [])]
     if len(runs) > 1 and not shared_tasks:
         which = "; ".join(f"{lab}: {', '.join(sorted(ts))}" for lab, ts in zip(labels, per_run))
         result["warnings"].append(

@@ -31,6 +31,11 @@ if TYPE_CHECKING:
 SAMPLES = "samples.jsonl"
 FIT_SAMPLES = "samples_validation.jsonl"  # held-out split for temperature fitting (compare)
 RUN_FILE = "run.json"
+# The questions the summary covers: samples.jsonl also keeps earlier commands' questions (a
+# smaller --limit or another task list later reuses them), so a reader of the samples file
+# (compare) needs this to score what the summary scored.
+QUESTIONS = "questions.json"
+QUESTIONS_FORMAT = 1
 # Version of what run.json and the records pin; older folders cannot be checked and are refused.
 CACHE_FORMAT = 2
 
@@ -287,6 +292,34 @@ def write_run_file(out: Path, old: dict[str, Any] | None, key: dict[str, Any]) -
         write_json(out / RUN_FILE, merged)
 
 
+def write_questions(out: Path, keys: list[tuple[str, str]]) -> None:
+    """``questions.json``: ``{"format": 1, "questions": {task: [id, ...]}}``, the (task, id as
+    text) of every question the summary about to be written covers, in the records' order.
+    Written (atomically) before summary.json, so a summary always has its own."""
+    by_task: dict[str, list[str]] = {}
+    for task, qid in keys:
+        by_task.setdefault(task, []).append(qid)
+    write_json(out / QUESTIONS, {"format": QUESTIONS_FORMAT, "questions": by_task}, indent=None)
+
+
+def read_questions(out: Path) -> set[tuple[str, str]] | None:
+    """The (task, id) keys of ``questions.json``, or None where the folder has none (a run
+    written before the file existed); a damaged file is a :class:`UserError`."""
+    path = out / QUESTIONS
+    if not path.exists():
+        return None
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+        questions = obj["questions"]
+        keys = {(str(t), str(q)) for t, ids in questions.items() for q in ids}
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(
+            f'{path} is damaged (expected {{"format": 1, "questions": {{task: [id, ...]}}}}); '
+            "rerun that eval to rebuild it, or delete it and summary.json"
+        ) from None
+    return keys
+
+
 def start_over(out: Path, key: dict[str, Any]) -> None:
     """``--overwrite``: replace the folder's earlier results by an empty run pinned to ``key``.
 
@@ -297,7 +330,8 @@ def start_over(out: Path, key: dict[str, Any]) -> None:
     """
     tmp = out / (RUN_FILE + ".new")
     write_json(tmp, key)  # complete and fsynced before anything is deleted
-    derived = [out / "summary.json", out / "report.md", *sorted(out.glob("results_*.json"))]
+    derived = [out / "summary.json", out / QUESTIONS, out / "report.md"]
+    derived += sorted(out.glob("results_*.json"))
     derived += sorted(out.glob("reliability_*.png")) + sorted(out.glob("reliability_*.svg"))
     for path in derived + _journals(out):
         if path.exists():

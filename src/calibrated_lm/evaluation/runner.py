@@ -65,6 +65,7 @@ from calibrated_lm.evaluation.run_file import (
     protocol_key,
     start_over,
     transform_of,
+    write_questions,
     write_run_file,
 )
 from calibrated_lm.evaluation.samples_file import (
@@ -921,6 +922,7 @@ def _run_locked(
         progress=cfg.progress,
     )
     summary["protocol"]["timing"]["total_s"] = round(time.perf_counter() - t_start, 2)
+    write_questions(out, [record_key(r) for r in records])
     write_json(out / "summary.json", summary)
     _write_lm_eval_results(out, summary, records)
     label = Path(cfg.model).name if cfg.model.endswith(".gguf") else cfg.model
