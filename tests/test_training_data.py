@@ -118,6 +118,17 @@ def test_malformed_jsonl_names_the_line(tmp_path: Path):
         read_records(path)
 
 
+def test_a_byte_order_mark_is_not_part_of_the_data(tmp_path: Path):
+    """Some editors start UTF-8 files with a BOM; json.loads refused the first line."""
+    for name, text in (
+        ("d.jsonl", '{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": "d"}\n'),
+        ("d.json", json.dumps([{"prompt": "a", "completion": "b"}])),
+    ):
+        path = tmp_path / name
+        path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+        assert [r["prompt"] for _, r in read_records(path)][0] == "a"
+
+
 def test_json_array_and_pretty_object_files_read(tmp_path: Path):
     arr = tmp_path / "a.json"
     arr.write_text(json.dumps([{"prompt": "a", "completion": "b"}] * 3, indent=2))

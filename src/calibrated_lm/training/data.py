@@ -91,7 +91,8 @@ def read_records(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
         raise UserError(f"data file {path} is a folder; give the JSON or JSONL file in it")
     if not path.is_file():
         raise UserError(f"data file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    # utf-8-sig: a byte-order mark (as some Windows editors write) is not part of the JSON.
+    text = path.read_text(encoding="utf-8-sig")
     stripped = text.lstrip()
     if not stripped:
         raise UserError(f"data file {path} is empty")
