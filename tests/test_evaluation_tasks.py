@@ -125,6 +125,8 @@ def test_unknown_task_lists_known() -> None:
             ":1: label 2 is outside the 2 choices",
         ),
         (["", '{"context": "a", "choices": ["x"], "label": 0}'], ":2: needs at least 2 choices"),
+        (['{"context": "a", "choices": ["x", ""], "label": 0}'], ":1: choice 1 is empty"),
+        (['{"context": "a", "choices": [" ", "y"], "label": 0}'], ":1: choice 0 is empty"),
         (['{"context": "a", "label": 0}'], ":1: missing field.*choices"),
         (
             ['{"context": "a", "choices": ["x", "y"], "label": true}'],

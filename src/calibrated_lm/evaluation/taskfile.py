@@ -480,6 +480,11 @@ class SplitDef:
             raise RowError("choices", "its choice list is empty")
         if len(choices) < 2:
             raise RowError("choices", f"needs at least 2 choices, got {len(choices)}")
+        empty = [i for i, c in enumerate(choices) if not c.strip()]
+        if empty:
+            # Refused here, before the model loads: an empty answer has no characters for
+            # acc_norm, and the samples reader refuses its zero length after the scoring.
+            raise RowError("choices", f"choice {empty[0]} is empty (choices: {_short(choices)})")
         label = self._label(ctx, choices)
         doc_id = str(self.id(ctx)) if self.id is not None else str(index)
         subject = self.subject(ctx) if self.subject is not None else None
