@@ -142,3 +142,11 @@ def test_eval_writes_an_lm_eval_style_results_file(tmp_path: Path) -> None:
     assert res["higher_is_better"][name]["ece"] is False and res["n-shot"][name] == 0
     assert main(argv) == 0  # a rerun (nothing to score) replaces the file
     assert len(list(out.glob("results_*.json"))) == 1
+
+
+def test_dtype_given_twice_differently_is_refused(capsys) -> None:
+    """--model_args dtype= overrode an explicit --dtype without a word."""
+    args = ["eval", "--model", "hf", "--model_args", "pretrained=m,dtype=bfloat16"]
+    args += ["--tasks", "arc_easy", "--no-progress"]
+    assert main(args + ["--dtype", "float32"]) == 2
+    assert "--dtype float32 and --model_args dtype=bfloat16 differ" in capsys.readouterr().err

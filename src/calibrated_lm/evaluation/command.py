@@ -94,7 +94,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--batch-size", "--batch_size", default="auto", help="auto or rows per forward pass"
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    # None (auto) unless given, so that a --model_args dtype= that differs can be refused.
+    p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"])
     p.set_defaults(chat_template="off")
     p.add_argument(
         "--fit-split",
@@ -198,6 +199,7 @@ def model_from_args(model: str | None, model_args: str | None) -> tuple[str, str
 
 
 def run(args: argparse.Namespace) -> int:
+    from calibrated_lm.errors import UserError
     from calibrated_lm.evaluation.distributed import dist_info
     from calibrated_lm.evaluation.runner import EvalConfig, run_eval
 
@@ -205,7 +207,12 @@ def run(args: argparse.Namespace) -> int:
     model_arg = None if args.model == "hf" and args.model_args else args.model
     model, dtype = model_from_args(model_arg, args.model_args)
     if dtype is not None:
+        if args.dtype not in (None, dtype):
+            raise UserError(
+                f"--dtype {args.dtype} and --model_args dtype={dtype} differ; give one of them"
+            )
         args.dtype = dtype
+    args.dtype = args.dtype or "auto"
     output = args.output or Path("runs") / Path(str(model)).name.replace(".gguf", "")
     cfg = EvalConfig(
         model=model,
