@@ -139,16 +139,20 @@ def test_lengths_fall_back_to_the_choice_texts() -> None:
         ({"task": "q", "id": 1, "choice_logprobs": [-1.0, -2.0], "label": 2}, "outside the 2"),
         ({"task": "q", "id": 1, "choice_logprobs": [-1.0, -2.0], "label": True}, "integer"),
         (
-            {"task": "q", "id": 1, "choice_logprobs": [-1.0], "label": 0, "subject": 3},
+            {"task": "q", "id": 1, "choice_logprobs": [-1.0, -2.0], "label": 0, "subject": 3},
             '"subject" must be a string',
+        ),
+        (
+            {"task": "q", "id": 1, "choice_logprobs": [-1.0], "label": 0},
+            '"choice_logprobs" needs at least 2 choices, got 1',
         ),
         (
             {
                 "task": "q",
                 "id": 1,
-                "choice_logprobs": [-1.0],
+                "choice_logprobs": [-1.0, -2.0],
                 "label": 0,
-                "choice_char_lengths": [0],
+                "choice_char_lengths": [0, 3],
             },
             "positive lengths",
         ),  # fmt: skip

@@ -113,7 +113,9 @@ def test_the_project_writers_keep_the_previous_file_on_a_full_disk(tmp_path, mon
     from calibrated_lm.models import head_subset as hs
     from calibrated_lm.training.resume import truncate_metrics
 
-    record = SampleRecord.from_json({"task": "t", "id": 0, "choice_logprobs": [-1.0], "label": 0})
+    record = SampleRecord.from_json(
+        {"task": "t", "id": 0, "choice_logprobs": [-1.0, -2.0], "label": 0}
+    )
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text('{"step": 1}\n{"step": 2}\n')
     writes: list[tuple[Path, Callable[[], object]]] = [
@@ -250,7 +252,9 @@ def test_the_project_writers_fsync_file_then_rename_then_folder(tmp_path, monkey
     from calibrated_lm.training import tracking
     from calibrated_lm.training.resume import truncate_metrics
 
-    record = SampleRecord.from_json({"task": "t", "id": 0, "choice_logprobs": [-1.0], "label": 0})
+    record = SampleRecord.from_json(
+        {"task": "t", "id": 0, "choice_logprobs": [-1.0, -2.0], "label": 0}
+    )
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
     rec = _Recorder(monkeypatch)
     paths = [
@@ -314,7 +318,9 @@ def test_a_new_samples_journal_has_its_folder_fsynced(tmp_path, monkeypatch):
     from calibrated_lm.calibration.record import SampleRecord
     from calibrated_lm.evaluation.samples_file import SamplesWriter
 
-    record = SampleRecord.from_json({"task": "t", "id": 0, "choice_logprobs": [-1.0], "label": 0})
+    record = SampleRecord.from_json(
+        {"task": "t", "id": 0, "choice_logprobs": [-1.0, -2.0], "label": 0}
+    )
     rec = _Recorder(monkeypatch)
     with SamplesWriter(tmp_path / "samples.jsonl") as w:
         w.write([record])

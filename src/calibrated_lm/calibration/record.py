@@ -134,6 +134,11 @@ class SampleRecord:
         if not isinstance(task, str) or not task:
             raise fail('"task" must be a non-empty string')
         scores = _numbers(obj["choice_logprobs"], "choice_logprobs", fail)
+        if len(scores) < 2:  # as task files and the harness-format reader require
+            raise fail(
+                f'"choice_logprobs" needs at least 2 choices, got {len(scores)}: a question '
+                "with one choice is always right, whatever the model's confidence"
+            )
         label = obj["label"]
         if not isinstance(label, int) or isinstance(label, bool):
             raise fail(f'"label" must be an integer, got {label!r}')
