@@ -142,6 +142,10 @@ def test_eval_writes_an_lm_eval_style_results_file(tmp_path: Path) -> None:
     assert res["higher_is_better"][name]["ece"] is False and res["n-shot"][name] == 0
     assert main(argv) == 0  # a rerun (nothing to score) replaces the file
     assert len(list(out.glob("results_*.json"))) == 1
+    # As the harness: "original" is the whole split, "effective" what --limit left.
+    assert main(argv + ["--limit", "5"]) == 0
+    (path,) = sorted(out.glob("results_*.json"))
+    assert json.loads(path.read_text())["n-samples"][name] == {"original": 12, "effective": 5}
 
 
 def test_dtype_given_twice_differently_is_refused(capsys) -> None:

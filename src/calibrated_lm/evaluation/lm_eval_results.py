@@ -79,6 +79,13 @@ def lm_eval_results(summary: dict[str, Any], records: Sequence[SampleRecord]) ->
                 row[f"{key}_stderr,none"] = "N/A"
         results[task] = row
     shots = proto.get("num_fewshot", 0)
+    # Each task's whole split (a summary from before split_sizes: the questions scored).
+    sizes = {
+        name: n
+        for t in proto.get("tasks", {}).values()
+        if isinstance(t, dict)
+        for name, n in (t.get("split_sizes") or {}).items()
+    }
     return {
         "results": results,
         "group_subtasks": {
@@ -88,7 +95,8 @@ def lm_eval_results(summary: dict[str, Any], records: Sequence[SampleRecord]) ->
         },  # fmt: skip
         "n-shot": {t: shots for t in results},
         "n-samples": {
-            t: {"original": len(by_task[t]), "effective": len(by_task[t])} for t in results
+            t: {"original": sizes.get(t, len(by_task[t])), "effective": len(by_task[t])}
+            for t in results
         },  # fmt: skip
         "higher_is_better": {t: higher_is_better() for t in results},
         "versions": {

@@ -862,6 +862,10 @@ def _run_locked(
             "task_file": task.task_file,
             "source": task.source(split),
             "metadata": dict(task.definition.metadata),
+            # Before --limit, per harness task (a group and each of its members).
+            "split_sizes": {
+                t.name: t.split_size(split) for t in dict.fromkeys([task, *task.units()])
+            },
         }
     protocol = {
         **key,

@@ -164,6 +164,14 @@ class Task:
             raise UserError(f"task {self.key} ({split}) holds no questions")
         return done[:n]
 
+    def split_size(self, split: str | None = None) -> int:
+        """Questions in ``split`` (default: the eval split) before any limit; a group's is
+        its members' sum (the harness's ``n-samples`` ``original``)."""
+        split = self.check_split(split or self.eval_split)
+        if self.members:
+            return sum(m.split_size(split) for m in self.members)
+        return len(self._read(split).rows)
+
     def _read(self, split: str) -> _Rows:
         """The raw rows of ``split``, read on first use."""
         if split in self._rows:
