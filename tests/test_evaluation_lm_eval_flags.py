@@ -154,3 +154,13 @@ def test_dtype_given_twice_differently_is_refused(capsys) -> None:
     args += ["--tasks", "arc_easy", "--no-progress"]
     assert main(args + ["--dtype", "float32"]) == 2
     assert "--dtype float32 and --model_args dtype=bfloat16 differ" in capsys.readouterr().err
+
+
+def test_split_sizes_name_a_group_and_each_of_its_members() -> None:
+    from calibrated_lm.evaluation.runner import split_sizes
+    from calibrated_lm.evaluation.tasks import resolve_task
+
+    sizes = split_sizes(resolve_task("mmlu"), "test")
+    assert len(sizes) == 58 and sizes["mmlu"] == 14042
+    assert sizes["mmlu_abstract_algebra"] == 100 and sum(sizes.values()) == 2 * 14042
+    assert split_sizes(resolve_task("arc_easy"), "test") == {"arc_easy": 2376}

@@ -505,6 +505,13 @@ def _task_splits(tasks: Sequence[Task], split: str | None) -> dict[str, str]:
 # ----------------------------------------------------------------------------- the run
 
 
+def split_sizes(task: Task, split: str) -> dict[str, int]:
+    """Questions of ``split`` before --limit, per harness task name: the task's own and, for
+    a group (MMLU), each member's (``mmlu_anatomy``, as its records are named)."""
+    # A task's records carry its name (a file task's key is its path); a member's, its key.
+    return {task.name: task.split_size(split)} | {m.key: m.split_size(split) for m in task.members}
+
+
 def _write_lm_eval_results(out: Path, summary: dict[str, Any], records: list) -> Path:
     """The harness-style ``results_<date>.json`` (evaluation/lm_eval_results.py), replacing
     the one an earlier (resumed) run of this folder wrote."""
@@ -862,10 +869,7 @@ def _run_locked(
             "task_file": task.task_file,
             "source": task.source(split),
             "metadata": dict(task.definition.metadata),
-            # Before --limit, per harness task (a group and each of its members).
-            "split_sizes": {
-                t.name: t.split_size(split) for t in dict.fromkeys([task, *task.units()])
-            },
+            "split_sizes": split_sizes(task, split),
         }
     protocol = {
         **key,
