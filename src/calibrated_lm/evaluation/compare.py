@@ -215,7 +215,7 @@ def _summary_questions(
     if keys is None:
         counts: dict[str, int] = {}
         for r in records:
-            counts[r.group or r.task] = counts.get(r.group or r.task, 0) + 1
+            counts[r.task] = counts.get(r.task, 0) + 1
         tasks = summary.get("tasks", {}) if isinstance(summary.get("tasks"), dict) else {}
         stated = {t: v.get("n") for t, v in tasks.items() if isinstance(v, dict) and t != "all"}
         if stated and any(stated.get(t) != n for t, n in counts.items()):

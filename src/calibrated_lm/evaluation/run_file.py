@@ -295,7 +295,8 @@ def write_run_file(out: Path, old: dict[str, Any] | None, key: dict[str, Any]) -
 def write_questions(out: Path, keys: list[tuple[str, str]]) -> None:
     """``questions.json``: ``{"format": 1, "questions": {task: [id, ...]}}``, the (task, id as
     text) of every question the summary about to be written covers, in the records' order.
-    Written (atomically) before summary.json, so a summary always has its own."""
+    Written (atomically) just before summary.json: a crash between the two leaves the old
+    summary beside the new list; a rerun of that eval rewrites both."""
     by_task: dict[str, list[str]] = {}
     for task, qid in keys:
         by_task.setdefault(task, []).append(qid)

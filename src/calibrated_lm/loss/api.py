@@ -14,7 +14,6 @@ from calibrated_lm.loss.stats import LinearCrossEntropyStats
 from calibrated_lm.loss.validation import (
     check_arguments,
     check_ignore_index,
-    check_settings,
     check_targets,
 )
 
@@ -115,9 +114,18 @@ def linear_cross_entropy(
         ``ignore_index`` that is neither an integer nor None.
     """
     check_arguments(
-        hidden, weight, targets, bias, label_smoothing, reduction, softcap, z_loss, shift, impl
+        hidden,
+        weight,
+        targets,
+        bias,
+        label_smoothing,
+        reduction,
+        softcap,
+        z_loss,
+        shift,
+        impl,
+        min_block_rows,
     )
-    check_settings(min_block_rows=min_block_rows)
     ignore = check_ignore_index(ignore_index)
     unscored = _UNSCORED if ignore is None else ignore
     vocab, dim = weight.shape

@@ -30,6 +30,7 @@ def check_arguments(
     z_loss: float,
     shift: bool,
     impl: str,
+    min_block_rows: int = 0,
 ) -> None:
     """Check shapes, dtypes and hyper-parameters; cheap, never synchronises the device."""
     for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
@@ -69,7 +70,13 @@ def check_arguments(
             raise UserError("bias must be on the same device as hidden.")
         if not bias.dtype.is_floating_point:
             raise UserError(f"bias must be a floating-point tensor, got {bias.dtype}.")
-    check_settings(label_smoothing=label_smoothing, softcap=softcap, z_loss=z_loss, impl=impl)
+    check_settings(
+        label_smoothing=label_smoothing,
+        softcap=softcap,
+        z_loss=z_loss,
+        impl=impl,
+        min_block_rows=min_block_rows,
+    )
     if reduction not in REDUCTIONS:
         raise UserError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
     if shift and hidden.dim() < 2:
