@@ -156,6 +156,7 @@ def _two_ranks(script: str, *args: str) -> list[tuple[int, str]]:
     return [(p.returncode, out) for p, out in zip(procs, outs)]
 
 
+@pytest.mark.xdist_group("ranks")
 def test_two_ranks_without_weights_rerun_or_stop_together(tmp_path: Path) -> None:
     """A rerun with nothing left reads no weights on any rank; with a question left and weights
     that cannot be read, every rank stops at the same point (none waits at a barrier) and the
@@ -170,8 +171,9 @@ def test_two_ranks_without_weights_rerun_or_stop_together(tmp_path: Path) -> Non
                         progress=False, device="cpu", chat_template="off", batch_size=3))  # fmt: skip
     before = (out / "samples.jsonl").read_bytes()
     # Each rank leaves the process group before it exits, after a finished run and after a
-    # stop alike: a gloo group alive at exit once aborted a rank that had stopped cleanly
-    # (rc -6, "terminate called without an active exception").
+    # stop alike, and after a barrier in both (launcher.on_every_rank): a gloo group alive at
+    # exit once aborted a rank that had stopped cleanly (rc -6, "terminate called without an
+    # active exception"), and later, rarely, a rank that left it alone after its peer.
     for rc, text in _two_ranks(NO_WEIGHTS_SCRIPT, str(model), str(task), str(out)):
         assert rc == 0, text[-2000:]  # nothing left: the failing load_weights is never called
         assert "finished | group alive: False" in text, text[-2000:]

@@ -7,9 +7,14 @@ this one place, so evaluation and training agree on them.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
+
+from calibrated_lm.errors import UserError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -35,8 +40,6 @@ def launch_env() -> LaunchEnv:
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", str(rank)))
     if not 0 <= rank < max(world, 1):
-        from calibrated_lm.errors import UserError
-
         raise UserError(f"RANK={rank} is outside WORLD_SIZE={world} set by the launcher")
     return LaunchEnv(rank=rank, world=world, local_rank=local)
 
@@ -55,14 +58,52 @@ def leave_process_group(together: bool) -> None:
         dist.destroy_process_group()
 
 
+class StoppedTogether(UserError):
+    """A stop every rank of the group raised at the same collective point
+    (:func:`on_every_rank`), so they can leave the group together, as after finished work."""
+
+
+def on_every_rank(fn: Callable[[], T]) -> T:
+    """Call ``fn`` on this rank, and stop every rank if it raised a :class:`UserError` on any.
+
+    A collective (every rank of the group must call it at the same point): the ranks exchange
+    their errors, and all raise :class:`StoppedTogether` (this rank's message, else the first
+    failing rank's) when one failed. Without a group it is ``fn()``. Why: a rank that stops
+    alone leaves without a barrier, and one that left first (rank 0 serves the rendezvous
+    store) has aborted another's exit at times (rc -6 after a clean message, under gloo).
+    """
+    if not _in_group():
+        return fn()
+    import torch.distributed as dist
+
+    mine: str | None = None
+    result: T | None = None
+    try:
+        result = fn()
+    except UserError as exc:
+        mine = str(exc)
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, mine)
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if failed:
+        rank, first = failed[0]
+        raise StoppedTogether(mine if mine is not None else f"rank {rank}: {first}")
+    return result  # type: ignore[return-value]  # fn returned on this rank
+
+
 @contextmanager
 def own_process_group() -> Iterator[None]:
     """Leave, on the way out, a process group that the block created (none before it): after a
-    finished block together (:func:`leave_process_group`), after an error without a barrier. A
-    group that existed before the block (a library caller's) stays its owner's."""
+    finished block or a :class:`StoppedTogether` together (:func:`leave_process_group`), after
+    any other error without a barrier. A group that existed before the block (a library
+    caller's) stays its owner's."""
     ours = not _in_group()
     try:
         yield
+    except StoppedTogether:
+        if ours:
+            leave_process_group(together=True)
+        raise
     except BaseException:
         if ours:
             leave_process_group(together=False)

@@ -639,12 +639,13 @@ def _run_locked(
 
     from calibrated_lm.evaluation.scoring import make_encoder, model_max_length, supports_packing
     from calibrated_lm.evaluation.tasks import build_items
+    from calibrated_lm.launcher import on_every_rank
     from calibrated_lm.models.loading import load_weights, open_model
 
     t0 = time.perf_counter()
     # Tokenizer and config first: the protocol, the journals and what is left to score need no
     # weights, so a rerun with nothing left to score never reads them (nor moves them to a GPU).
-    opened = open_model(cfg.model, dtype=cfg.dtype, device=device)
+    opened = on_every_rank(lambda: open_model(cfg.model, dtype=cfg.dtype, device=device))
     tokenizer = opened.tokenizer
     t_loaded = time.perf_counter()
     load_s = t_loaded - t0
@@ -691,8 +692,8 @@ def _run_locked(
         subset=subset,
     )
     D.barrier(info)
-    # Every rank checks (so every rank stops on a refusal); rank 0 writes.
-    old = None if cfg.overwrite else check_run_file(out, key)
+    # Every rank checks (so every rank stops on a refusal, together); rank 0 writes.
+    old = None if cfg.overwrite else on_every_rank(lambda: check_run_file(out, key))
     if info.is_main:
         if cfg.overwrite:
             start_over(out, key)
@@ -743,7 +744,9 @@ def _run_locked(
     # dropped from a journal), so weights that cannot be read stop every rank at this same
     # point instead of leaving the others waiting at a barrier.
     if D.from_main(work_left, info):
-        need_weights()
+        # Together: a rank whose weights cannot be read stops every rank with it, and they
+        # leave the group after a barrier, as after finished work (launcher.on_every_rank).
+        on_every_rank(need_weights)
     if info.is_main:
         for path, _ in streams:
             _commit_journal(path, plans[path])

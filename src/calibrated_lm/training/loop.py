@@ -418,13 +418,16 @@ def _setup(
     """Load the model and the data, patch the model with the run's loss, hand it to the
     backend (placed or sharded, then compiled with --compile) with its AdamW, and plan the
     steps."""
+    from calibrated_lm.launcher import on_every_rank
     from calibrated_lm.models.patching import patch_model
     from calibrated_lm.training import head_restriction as R
     from calibrated_lm.training import heldout_eval as H
     from calibrated_lm.training.data import load_dataset
 
     info, backend, subset = checked.info, checked.backend, checked.subset
-    model, tokenizer = _load_model(cfg, model_and_tokenizer)
+    # Together: a model no rank can read stops every rank at this point, and they leave the
+    # group after a barrier, as after finished work (launcher.on_every_rank).
+    model, tokenizer = on_every_rank(lambda: _load_model(cfg, model_and_tokenizer))
     data = load_dataset(
         cfg.data,
         tokenizer,
