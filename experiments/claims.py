@@ -36,6 +36,8 @@ METRIC_LABELS = {
     "mean_confidence": "mean confidence",
     "token_gap": "held-out token gap (conf - acc)",
     "token_nll": "held-out token NLL",
+    # Claim 3: a and b are the smoothing effects D = ECE(eps 0.1) - ECE(eps 0) of two arms.
+    "d_ece_contrast": "D = ECE(eps 0.1) - ECE(eps 0)",
 }
 
 
@@ -141,6 +143,9 @@ def blocks(records: Sequence[dict[str, Any]]) -> dict[str, str]:
     c2 = [r for r in records if r["claim"] == "2" and r.get("headline")]
     if c2:
         out["claim2"] = table(c2)
+    c3 = [r for r in records if r["claim"] == "3"]
+    if c3:
+        out["claim3"] = table(c3)
     return out
 
 

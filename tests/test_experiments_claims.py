@@ -35,6 +35,11 @@ def test_records_verdicts_update_and_render(tmp_path: Path) -> None:
     assert C.render_into(readme, C.blocks(recs)) == ["claim1"]
     text = readme.read_text()
     assert "old" not in text and "+0.070 [+0.060, +0.080]" in text and text.endswith("y\n")
+    c3 = C.record("3", "primary: I", "primary mean", "d_ece_contrast", -0.02, -0.03, [-0.02, 0.0])
+    assert C.blocks([c3])["claim3"].splitlines()[-1] == (
+        "| primary: I | primary mean | D = ECE(eps 0.1) - ECE(eps 0) | -0.020 | -0.030 | "
+        "-0.010 [-0.020, +0.000] | no clear change |"
+    )
 
 
 def test_bad_records_name_the_record() -> None:
