@@ -134,10 +134,15 @@ run)
     # A worker's exit status: 0 when its chunk ended by itself, 124 when `timeout` stopped it
     # (the designed end of a training chunk: SIGTERM, the run checkpoints and stops). Anything
     # else (a crash) makes this call exit 1, after the bundle, so that the caller sees it.
+    # Each status goes into run_log.txt: session 25's first chunk ended without its "[stopped]"
+    # line and without the stop's checkpoint, and nothing recorded how its worker ended.
     failed=0
+    w=0
     for pid in "${pids[@]}"; do
         wait "$pid"
         rc=$?
+        w=$((w + 1))
+        echo "worker $w exit status: $rc" >>"$OUT/run_log.txt"
         [ "$rc" = 0 ] || [ "$rc" = 124 ] || failed=1
     done
     [ -n "$smi" ] && kill "$smi" 2>/dev/null
