@@ -6,7 +6,12 @@ since the last periodic checkpoint. :class:`StopRequest` instead records the sig
 asks :meth:`StopRequest.requested` after each optimizer step, writes a checkpoint and raises
 :class:`TrainingStopped`, so ``--resume`` continues from that very step. A second signal while
 the checkpoint is being written falls back to the previous handler (an impatient second Ctrl-C
-still ends the process).
+still ends the process), unless it comes within ``REPEAT_WINDOW_S`` of the first: one stop
+often arrives twice. GNU ``timeout`` sends its signal to the command and then to the whole
+process group, so the command receives it twice, microseconds apart; where the first was
+handled before the second arrived, the second used to end the run mid-checkpoint, without a
+line of output. That fits, and likely explains, session 25's first claim-3 chunk, which lost its
+stop checkpoint that way (``experiments/results/sft_claim3/device_logs/commands.txt``).
 
 In a distributed run the signal may reach only some ranks: the flag is summed over ranks, so
 all stop at the same step (a collective per step; a float, negligible beside the step).
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
@@ -23,6 +29,9 @@ from typing import Any
 from calibrated_lm.errors import UserError
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# A repeat within this many seconds of the first signal is the same stop delivered twice (a
+# process-group kill), not a user's second Ctrl-C: a person's repeat takes longer.
+REPEAT_WINDOW_S = 1.0
 
 
 class TrainingStopped(UserError):
@@ -42,6 +51,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._first_at = 0.0  # time.monotonic() of the first signal
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequest:
@@ -58,7 +68,9 @@ class StopRequest:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is not None:  # second signal: behave as if we were not here
+        if self.signum is not None and time.monotonic() - self._first_at < REPEAT_WINDOW_S:
+            return  # the first stop delivered again (see the module's docstring)
+        if self.signum is not None:  # a later second signal: behave as if we were not here
             previous = self._previous.get(signum, signal.SIG_DFL)
             self.__exit__()
             if callable(previous):
@@ -67,6 +79,7 @@ class StopRequest:
                 signal.raise_signal(signum)
             return
         self.signum = signum
+        self._first_at = time.monotonic()
 
     def request(self, signum: int = signal.SIGTERM) -> None:
         """Ask for a stop as a signal would (used by tests and by embedding code)."""
