@@ -573,3 +573,47 @@ def test_claim3_scores_restricted_runs_skipping_uncovered_and_remedies_also_appl
     assert "--logit-temperature 0.5" in (folder / "command.txt").read_text()
     line = (tmp_path / "evals" / "base_V24576__trained" / "command.txt").read_text()
     assert "--uncovered skip" in line and "--head-subset" in line
+
+
+def _fake_training(monkeypatch, calls: list[bool]) -> None:
+    """train() as the loop behaves at its edges: it refuses to overwrite a finished final/, and
+    otherwise writes one. Held-out stats and the tokenizer copy are stubbed out."""
+    from calibrated_lm.training import loop
+
+    def fake_train(cfg):
+        calls.append(cfg.resume)
+        final = Path(cfg.output) / "final"
+        if final.exists():
+            raise AssertionError(f"train() would refuse: {final} exists")
+        final.mkdir(parents=True)
+        (final / "weights.txt").write_text("new")
+        return {"steps": 3, "last": {"loss": 1.0}, "template": "tulu"}
+
+    monkeypatch.setattr(loop, "train", fake_train)
+    monkeypatch.setattr(sc, "heldout_stats", lambda *a, **k: {"nll": 1.0})
+    monkeypatch.setattr(sc, "_copy_base_tokenizer", lambda base, folder: None)
+
+
+def test_train_unit_removes_a_stale_final_only_when_there_is_nothing_to_resume(
+    tmp_path, monkeypatch
+):
+    calls: list[bool] = []
+    _fake_training(monkeypatch, calls)
+    exp = sc.Experiment(sc.PROFILES["claim3"], tmp_path, [], "cpu")
+    run = sc.SFTRun(0.0, 1, lr=8e-5, epochs=3)
+    out = tmp_path / "runs" / run.name(8e-5)
+    # An attempt stopped after its checkpoints were removed and before done.json: final/ is
+    # left, nothing to resume. The unit trains again instead of stopping on train()'s refusal.
+    (out / "final").mkdir(parents=True)
+    (out / "final" / "weights.txt").write_text("old")
+    result = exp._train(run, 8e-5)
+    assert calls == [False] and result["steps"] == 3
+    assert (out / "final" / "weights.txt").read_text() == "new"
+    assert (out / "heldout.json").exists() and not (out / "checkpoints").exists()
+    # A run with a checkpoint resumes: its folder is left as it is (here the fake's refusal
+    # shows that final/ was not removed first).
+    (out / "checkpoints" / "step-000002").mkdir(parents=True)
+    with pytest.raises(AssertionError, match="would refuse"):
+        exp._train(run, 8e-5)
+    assert calls == [False, True]
+    assert (out / "final" / "weights.txt").read_text() == "new"
