@@ -348,8 +348,34 @@ def test_vocab_outer_order_runs_several_tiles(small_blocks):
 def test_unknown_loop_order_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("CALIBRATED_LM_LCE_ORDER", "columns")
     h, w, y, _ = make_problem()
-    with pytest.raises(ValueError, match="CALIBRATED_LM_LCE_ORDER must be 'token' or 'vocab'"):
+    with pytest.raises(ValueError, match="must be 'token', 'vocab' or 'auto', not 'columns'"):
         linear_cross_entropy(h, w, y, impl="torch")
+
+
+def test_auto_order_takes_vocab_outer_only_for_small_gpu_blocks_with_a_weight_gradient():
+    from calibrated_lm.loss.engine import AUTO_VOCAB_MAX_ROWS, choose_order
+
+    small, large = AUTO_VOCAB_MAX_ROWS, AUTO_VOCAB_MAX_ROWS + 16
+    assert choose_order("auto", small, on_gpu=True, weight_grad=True) == "vocab"
+    assert choose_order("auto", large, on_gpu=True, weight_grad=True) == "token"
+    assert choose_order("auto", small, on_gpu=True, weight_grad=False) == "token"
+    assert choose_order("auto", small, on_gpu=False, weight_grad=True) == "token"
+    # An explicit order is never overridden.
+    assert choose_order("vocab", large, on_gpu=False, weight_grad=False) == "vocab"
+    assert choose_order("token", small, on_gpu=True, weight_grad=True) == "token"
+
+
+def test_auto_order_on_the_cpu_is_the_token_order_bit_for_bit(monkeypatch):
+    h, w, y, _ = make_problem()
+    runs = {}
+    for order in ("token", "auto"):
+        monkeypatch.setenv("CALIBRATED_LM_LCE_ORDER", order)
+        hh, ww = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        loss = linear_cross_entropy(hh, ww, y, label_smoothing=0.1, impl="torch")
+        loss.backward()
+        runs[order] = (loss.detach(), hh.grad, ww.grad)
+    for a, b in zip(runs["token"], runs["auto"], strict=True):
+        assert torch.equal(a, b)
 
 
 def test_a_minus_inf_logit_at_eps_0_gives_pytorchs_loss():

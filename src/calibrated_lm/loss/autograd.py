@@ -80,8 +80,10 @@ def _forward_backward(
     backend: engine.Backend,
     need: tuple[bool, bool, bool],
 ) -> tuple[engine.TokenResults, engine.Grads]:
-    """The gradient pass in the loop order ``engine.loop_order()`` names."""
-    if engine.loop_order() == "vocab":
+    """The gradient pass in the loop order ``engine.loop_order()`` names (``auto``: the one
+    ``engine.choose_order`` picks for this shape)."""
+    rows = _block_rows(hidden, weight, need[1], cfg)
+    if engine.choose_order(engine.loop_order(), rows, hidden.is_cuda, need[1]) == "vocab":
         n = hidden.shape[0]
         vocab = weight.shape[0]
         on_gpu, size = hidden.is_cuda, hidden.element_size()
@@ -89,7 +91,6 @@ def _forward_backward(
         return engine.forward_backward_vocab_outer(
             hidden, weight, bias, targets, row_scale, cfg, backend, cols, need
         )
-    rows = _block_rows(hidden, weight, need[1], cfg)
     return engine.forward_backward(
         hidden, weight, bias, targets, row_scale, cfg, backend, rows, need
     )

@@ -302,14 +302,36 @@ def forward_backward_vocab_outer(
     return finalize(acc, idx, targets, vocab, cfg), Grads(grad_h, grad_w, grad_b)
 
 
+# ``auto``'s threshold. Session 25 (benchmarks/results/session25/, one H100, N 8,192, V 262,144,
+# bf16) timed the vocabulary-outer order against the token order at five token-block sizes:
+# 0.67x at 128 rows, 0.82x at 208, then 1.03x at 304 and 1.15x at 416 and 464. The update's
+# share of a block's time goes as 1 / rows (chunking.grad_block_rows), so the crossover is set
+# by the rows; 256 lies between the last measured win and the first loss.
+AUTO_VOCAB_MAX_ROWS = 256
+
+
 def loop_order() -> str:
-    """``token`` (token blocks outer: :func:`forward_backward`, the default) or ``vocab``
-    (:func:`forward_backward_vocab_outer`), from ``CALIBRATED_LM_LCE_ORDER``. The default
-    stays until a device benchmark shows where the vocabulary-outer order is faster."""
+    """``token`` (token blocks outer: :func:`forward_backward`, the default), ``vocab``
+    (:func:`forward_backward_vocab_outer`) or ``auto`` (:func:`choose_order`), from
+    ``CALIBRATED_LM_LCE_ORDER``. The default stays ``token``: the crossover is measured at one
+    N, and issue 12's claim-3 runs keep one kernel."""
     order = os.environ.get("CALIBRATED_LM_LCE_ORDER", "token")
-    if order not in ("token", "vocab"):
-        raise ValueError(f"CALIBRATED_LM_LCE_ORDER must be 'token' or 'vocab', not {order!r}")
+    if order not in ("token", "vocab", "auto"):
+        raise ValueError(
+            f"CALIBRATED_LM_LCE_ORDER must be 'token', 'vocab' or 'auto', not {order!r}"
+        )
     return order
+
+
+def choose_order(order: str, token_rows: int, on_gpu: bool, weight_grad: bool) -> str:
+    """The loop order to run: ``order`` itself unless it is ``auto``. ``auto`` takes ``vocab``
+    on a GPU when the weight gradient is wanted and the token order's blocks would hold at most
+    :data:`AUTO_VOCAB_MAX_ROWS` rows (small hidden sizes: the per-block weight-gradient update
+    then dominates), else ``token``. On the CPU it is always ``token``: only GPU timings back
+    the choice."""
+    if order != "auto":
+        return order
+    return "vocab" if on_gpu and weight_grad and token_rows <= AUTO_VOCAB_MAX_ROWS else "token"
 
 
 # One side stream per device, made once. torch keeps a cuBLAS workspace (32 MiB on Hopper) per
