@@ -64,7 +64,7 @@ def test_a_repeat_within_the_window_is_the_same_stop(monkeypatch):
     # GNU timeout signals the command and then its process group: the same SIGTERM twice,
     # microseconds apart. The second must not end the process while the checkpoint is written.
     clock = iter([100.0, 100.0002, 101.5])
-    monkeypatch.setattr(stop_mod.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(stop_mod, "_clock", lambda: next(clock))
     before = signal.getsignal(signal.SIGINT)
     with StopRequest() as stop:
         signal.raise_signal(signal.SIGINT)  # at 100.0: recorded
@@ -97,3 +97,30 @@ def test_timeout_delivers_its_signal_twice_and_the_run_survives_it(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "checkpoint written"
+
+
+def test_a_repeat_that_re_enters_the_handler_while_it_records_the_first_is_folded_in(
+    monkeypatch,
+):
+    # The group's signal can land while the handler of the first is still running: the window
+    # must already be open when the stop is visible as recorded.
+    with StopRequest() as stop:
+        fired = []
+
+        def clock_that_is_interrupted() -> float:
+            if not fired:
+                fired.append(1)
+                signal.raise_signal(signal.SIGINT)  # re-enters _handle mid-record
+            return 100.0
+
+        monkeypatch.setattr(stop_mod, "_clock", clock_that_is_interrupted)
+        signal.raise_signal(signal.SIGINT)
+        assert stop.requested() and fired == [1]
+
+
+def test_a_signal_soon_after_request_is_the_same_stop(monkeypatch):
+    monkeypatch.setattr(stop_mod, "_clock", lambda: 5.0)
+    with StopRequest() as stop:
+        stop.request(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)  # inside the window of the request: ignored
+        assert stop.requested()

@@ -6,12 +6,15 @@ since the last periodic checkpoint. :class:`StopRequest` instead records the sig
 asks :meth:`StopRequest.requested` after each optimizer step, writes a checkpoint and raises
 :class:`TrainingStopped`, so ``--resume`` continues from that very step. A second signal while
 the checkpoint is being written falls back to the previous handler (an impatient second Ctrl-C
-still ends the process), unless it comes within ``REPEAT_WINDOW_S`` of the first: one stop
-often arrives twice. GNU ``timeout`` sends its signal to the command and then to the whole
-process group, so the command receives it twice, microseconds apart; where the first was
-handled before the second arrived, the second used to end the run mid-checkpoint, without a
-line of output. That fits, and likely explains, session 25's first claim-3 chunk, which lost its
-stop checkpoint that way (``experiments/results/sft_claim3/device_logs/commands.txt``).
+still ends the process), unless it comes within ``REPEAT_WINDOW_S`` of the first (either
+signal after either): one stop often arrives twice. GNU ``timeout`` sends its signal to the
+command and then to the whole process group, so the command receives it twice, microseconds
+apart; where Python ran the handler for the first before the second arrived, the second used to
+end the run at once, before its stop checkpoint and without a line of output. That fits, and is
+the likely explanation of, session 25's first claim-3 chunk
+(``experiments/results/sft_claim3/device_logs/commands.txt``). The window is timed when the
+handler runs, which Python delays while the main thread is inside a long C call; a repeat that
+arrives during such a call is folded into the first by Python itself.
 
 In a distributed run the signal may reach only some ranks: the flag is summed over ranks, so
 all stop at the same step (a collective per step; a float, negligible beside the step).
@@ -32,6 +35,7 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # A repeat within this many seconds of the first signal is the same stop delivered twice (a
 # process-group kill), not a user's second Ctrl-C: a person's repeat takes longer.
 REPEAT_WINDOW_S = 1.0
+_clock = time.monotonic  # tests replace it
 
 
 class TrainingStopped(UserError):
@@ -68,7 +72,7 @@ class StopRequest:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is not None and time.monotonic() - self._first_at < REPEAT_WINDOW_S:
+        if self.signum is not None and _clock() - self._first_at < REPEAT_WINDOW_S:
             return  # the first stop delivered again (see the module's docstring)
         if self.signum is not None:  # a later second signal: behave as if we were not here
             previous = self._previous.get(signum, signal.SIG_DFL)
@@ -78,12 +82,17 @@ class StopRequest:
             else:
                 signal.raise_signal(signum)
             return
+        self._record(signum)
+
+    def _record(self, signum: int) -> None:
+        # The time first: a repeat that re-enters the handler between the two assignments must
+        # find the window already open, not a recorded signal at time 0 (a "second" stop).
+        self._first_at = _clock()
         self.signum = signum
-        self._first_at = time.monotonic()
 
     def request(self, signum: int = signal.SIGTERM) -> None:
         """Ask for a stop as a signal would (used by tests and by embedding code)."""
-        self.signum = signum
+        self._record(signum)
 
     def requested(self, all_reduce: Callable[[float], float] | None = None) -> bool:
         """Whether any rank was asked to stop (``all_reduce`` sums a float over ranks)."""
