@@ -124,25 +124,32 @@ run)
     fi
     pids=()
     for w in $(seq 1 "$workers"); do
-        timeout "$limit" python3 experiments/sft_calibration.py run --profile "$profile" \
-            --data "$DATA"/instruct/*.json --work "$WORK" --time-limit $((limit - 40)) "${frac[@]}" \
+        timeout --preserve-status "$limit" python3 experiments/sft_calibration.py run \
+            --profile "$profile" --data "$DATA"/instruct/*.json --work "$WORK" \
+            --time-limit $((limit - 40)) "${frac[@]}" \
             ${SFT_RUN_EXTRA:-} \
             >"$OUT/run_log_w$w.txt" 2>&1 &
         pids+=($!)
         sleep 2  # let the first worker take the first unit
     done
-    # A worker's exit status: 0 when its chunk ended by itself, 124 when `timeout` stopped it
-    # (the designed end of a training chunk: SIGTERM, the run checkpoints and stops). Anything
-    # else (a crash) makes this call exit 1, after the bundle, so that the caller sees it.
-    # Each status goes into run_log.txt: session 25's first chunk ended without its "[stopped]"
-    # line and without the stop's checkpoint, and nothing recorded how its worker ended.
+    # A worker's own exit status (--preserve-status: plain `timeout` exits 124 whenever it
+    # fired, however the worker then ended): 0 when its chunk ended by itself or its training
+    # stopped cleanly at `timeout`'s SIGTERM (checkpoint, "[stopped]"); 143 when that SIGTERM
+    # killed it (no stop checkpoint: session 25's first chunk ended so, without a line);
+    # anything else a crash. Every status but 0 (and 124, a worker's own) makes this call exit
+    # 1, after the bundle, so that the caller sees it; each goes into run_log.txt.
     failed=0
     w=0
     for pid in "${pids[@]}"; do
         wait "$pid"
         rc=$?
         w=$((w + 1))
-        echo "worker $w exit status: $rc" >>"$OUT/run_log.txt"
+        case "$rc" in
+        0 | 124) echo "worker $w exit status: $rc" ;;
+        143) echo "worker $w exit status: 143: killed by the chunk's SIGTERM before it could" \
+            "stop (no stop checkpoint)" ;;
+        *) echo "worker $w exit status: $rc: failed" ;;
+        esac | tee -a "$OUT/run_log.txt" >&2
         [ "$rc" = 0 ] || [ "$rc" = 124 ] || failed=1
     done
     [ -n "$smi" ] && kill "$smi" 2>/dev/null

@@ -215,9 +215,19 @@ def test_device_pair_fails_when_one_profile_fails_and_keeps_the_other(tmp_path) 
 
 
 def test_device_pair_takes_a_chunk_stopped_by_its_timeout_as_normal(tmp_path) -> None:
-    # `timeout` ends a training chunk with SIGTERM (exit 124): the designed end, not a failure.
+    # A worker whose training stopped cleanly at the chunk's SIGTERM exits 0; 124 (a worker's
+    # own) is accepted too: neither is a failure.
     res, _ = _pair(tmp_path, fail="claim3", code=124)
     assert res.returncode == 0, res.stdout
+
+
+def test_device_run_flags_a_worker_killed_by_the_chunks_sigterm(tmp_path) -> None:
+    # 143: the SIGTERM ended the worker before its stop checkpoint (session 25's first chunk).
+    res, p = _pair(tmp_path, fail="claim3", code=143, args=("run", "100", "claim3"))
+    assert res.returncode == 1
+    log = (p["out"] / "run_log.txt").read_text()
+    assert "worker 1 exit status: 143: killed by the chunk's SIGTERM" in log
+    assert (p["out"] / "sft_results.tgz").exists()  # the bundle still comes back
 
 
 @pytest.mark.parametrize(("mib", "fits"), [("81559", False), ("143771", True)])
