@@ -355,14 +355,36 @@ def test_unknown_loop_order_is_a_clear_error(monkeypatch):
 def test_auto_order_takes_vocab_outer_only_for_small_gpu_blocks_with_a_weight_gradient():
     from calibrated_lm.loss.engine import AUTO_VOCAB_MAX_ROWS, choose_order
 
-    small, large = AUTO_VOCAB_MAX_ROWS, AUTO_VOCAB_MAX_ROWS + 16
-    assert choose_order("auto", small, on_gpu=True, weight_grad=True) == "vocab"
-    assert choose_order("auto", large, on_gpu=True, weight_grad=True) == "token"
-    assert choose_order("auto", small, on_gpu=True, weight_grad=False) == "token"
-    assert choose_order("auto", small, on_gpu=False, weight_grad=True) == "token"
+    small, large, n = AUTO_VOCAB_MAX_ROWS, AUTO_VOCAB_MAX_ROWS + 16, 8192
+    assert choose_order("auto", small, n, on_gpu=True, weight_grad=True) == "vocab"
+    assert choose_order("auto", large, n, on_gpu=True, weight_grad=True) == "token"
+    assert choose_order("auto", small, n, on_gpu=True, weight_grad=False) == "token"
+    assert choose_order("auto", small, n, on_gpu=False, weight_grad=True) == "token"
+    # One block (rows = N): the weight gradient is written once in either order.
+    assert choose_order("auto", 200, 200, on_gpu=True, weight_grad=True) == "token"
     # An explicit order is never overridden.
-    assert choose_order("vocab", large, on_gpu=False, weight_grad=False) == "vocab"
-    assert choose_order("token", small, on_gpu=True, weight_grad=True) == "token"
+    assert choose_order("vocab", large, n, on_gpu=False, weight_grad=False) == "vocab"
+    assert choose_order("token", small, n, on_gpu=True, weight_grad=True) == "token"
+
+
+def test_the_loss_asks_choose_order_with_its_block_rows_device_and_weight_flag(monkeypatch):
+    import calibrated_lm.loss.engine as engine
+
+    seen = []
+    real = engine.choose_order
+
+    def spy(order, rows, n, on_gpu, weight_grad):
+        seen.append((order, rows, n, on_gpu, weight_grad))
+        return real(order, rows, n, on_gpu, weight_grad)
+
+    monkeypatch.setattr(engine, "choose_order", spy)
+    monkeypatch.setenv("CALIBRATED_LM_LCE_ORDER", "auto")
+    h, w, y, _ = make_problem()
+    hh = h.detach().clone().requires_grad_()
+    linear_cross_entropy(hh, w.detach(), y, label_smoothing=0.1, impl="torch").backward()
+    ((order, rows, n, on_gpu, weight_grad),) = seen
+    assert (order, n, on_gpu, weight_grad) == ("auto", h.shape[0], False, False)
+    assert 1 <= rows <= n
 
 
 def test_auto_order_on_the_cpu_is_the_token_order_bit_for_bit(monkeypatch):

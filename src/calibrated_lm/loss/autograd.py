@@ -83,8 +83,8 @@ def _forward_backward(
     """The gradient pass in the loop order ``engine.loop_order()`` names (``auto``: the one
     ``engine.choose_order`` picks for this shape)."""
     rows = _block_rows(hidden, weight, need[1], cfg)
-    if engine.choose_order(engine.loop_order(), rows, hidden.is_cuda, need[1]) == "vocab":
-        n = hidden.shape[0]
+    n = hidden.shape[0]
+    if engine.choose_order(engine.loop_order(), rows, n, hidden.is_cuda, need[1]) == "vocab":
         vocab = weight.shape[0]
         on_gpu, size = hidden.is_cuda, hidden.element_size()
         cols = chunking.grad_block_cols(n, vocab, hidden.shape[1], size, on_gpu, need[1])

@@ -323,15 +323,20 @@ def loop_order() -> str:
     return order
 
 
-def choose_order(order: str, token_rows: int, on_gpu: bool, weight_grad: bool) -> str:
+def choose_order(
+    order: str, token_rows: int, n_tokens: int, on_gpu: bool, weight_grad: bool
+) -> str:
     """The loop order to run: ``order`` itself unless it is ``auto``. ``auto`` takes ``vocab``
-    on a GPU when the weight gradient is wanted and the token order's blocks would hold at most
-    :data:`AUTO_VOCAB_MAX_ROWS` rows (small hidden sizes: the per-block weight-gradient update
-    then dominates), else ``token``. On the CPU it is always ``token``: only GPU timings back
-    the choice."""
+    on a GPU when the weight gradient is wanted and the token order would cut the ``n_tokens``
+    rows into several blocks of at most :data:`AUTO_VOCAB_MAX_ROWS` rows (small hidden sizes:
+    the per-block weight-gradient update then dominates), else ``token``. One block writes the
+    weight gradient once in either order, so it stays ``token``; so does a ``min_block_rows``
+    floor above the threshold (``patch_model``'s 1,024: large blocks, a small update share).
+    On the CPU it is always ``token``: only GPU timings back the choice."""
     if order != "auto":
         return order
-    return "vocab" if on_gpu and weight_grad and token_rows <= AUTO_VOCAB_MAX_ROWS else "token"
+    small_blocks = token_rows <= AUTO_VOCAB_MAX_ROWS and token_rows < n_tokens
+    return "vocab" if on_gpu and weight_grad and small_blocks else "token"
 
 
 # One side stream per device, made once. torch keeps a cuBLAS workspace (32 MiB on Hopper) per
