@@ -55,7 +55,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        self._first_at = 0.0  # time.monotonic() of the first signal
+        self._first_at = 0.0  # _clock() at the first signal
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequest:
