@@ -351,11 +351,15 @@ def test_two_ranks_leave_only_a_process_group_train_created(setup, tmp_path, own
                str(model)]  # fmt: skip
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT))  # fmt: skip
-    for p in procs:
-        text = p.communicate(timeout=180)[0].decode()
-        assert p.returncode == (0 if ends == "finished" else 3), text[-2000:]
-        assert ends in text and (ends == "finished" or "no-such-model" in text), text[-2000:]
-        assert f"group alive: {owner == 'caller'}" in text, text[-2000:]
+    # Every rank's output before any check: where one rank fails first (a reset connection on
+    # its peer), the other's log holds the cause (CI at 6ffb4c1 showed only rank 0's).
+    texts = [p.communicate(timeout=180)[0].decode() for p in procs]
+    logs = "\n".join(f"--- rank {r} (exit {p.returncode}):\n{t[-1500:]}"
+                     for r, (p, t) in enumerate(zip(procs, texts, strict=True)))  # fmt: skip
+    for p, text in zip(procs, texts, strict=True):
+        assert p.returncode == (0 if ends == "finished" else 3), logs
+        assert ends in text and (ends == "finished" or "no-such-model" in text), logs
+        assert f"group alive: {owner == 'caller'}" in text, logs
     if ends == "finished":
         assert (tmp_path / "out" / "final" / "config.json").exists()
 
