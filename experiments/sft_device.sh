@@ -147,7 +147,7 @@ run)
         case "$rc" in
         0 | 124) echo "worker $w exit status: $rc" ;;
         143) echo "worker $w exit status: 143: killed by the chunk's SIGTERM before it could" \
-            "stop (no stop checkpoint)" ;;
+            "stop cleanly (a training unit: no stop checkpoint)" ;;
         *) echo "worker $w exit status: $rc: failed" ;;
         esac | tee -a "$OUT/run_log.txt" >&2
         [ "$rc" = 0 ] || [ "$rc" = 124 ] || failed=1
