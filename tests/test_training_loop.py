@@ -515,21 +515,34 @@ def test_a_signal_during_the_final_save_waits_for_it(setup, monkeypatch, capsys)
     assert sorted(p.name for p in (final.parent / "checkpoints").iterdir()) == ["step-000002"]
 
 
-def test_cli_train_stopped_by_sigterm_says_so_and_exits_143(setup, tmp_path):
+@pytest.mark.parametrize("via", ["direct", "gnu-timeout"])
+def test_cli_train_stopped_by_sigterm_says_so_and_exits_143(setup, tmp_path, via):
     """End to end: `calibrated-lm train` in its own process, SIGTERM once it has logged a
-    step: exit status 128 + 15, a sentence naming the checkpoint, and that checkpoint."""
+    step: exit status 128 + 15, a sentence naming the checkpoint, and that checkpoint.
+
+    ``gnu-timeout`` runs it as the device runner does, under ``timeout --preserve-status``, and
+    sends SIGTERM to timeout, which relays it as it does when its time is up: to the child,
+    then to its whole process group, so the run gets it twice (session 25's lost stop
+    checkpoint). A run killed by the second would end by the signal (timeout re-raises it:
+    -15 here), not with its own 143."""
+    import shutil
     import signal
     import time
 
+    if via == "gnu-timeout" and shutil.which("timeout") is None:
+        pytest.skip("GNU timeout is not installed")
     root, model_dir, data = setup
     out = tmp_path / "cli_term"
-    cmd = [sys.executable, "-c", "import sys; from calibrated_lm.cli import main; "
+    wrap = ["timeout", "--preserve-status", "1000"] if via == "gnu-timeout" else []
+    cmd = [*wrap, sys.executable, "-c", "import sys; from calibrated_lm.cli import main; "
            "sys.exit(main(sys.argv[1:]))", "train", "--model", str(model_dir), "--data",
            str(data), "--output", str(out), "--batch-size", "2", "--grad-accum", "1",
            "--max-steps", "100000", "--max-seq-len", "64", "--save-every", "0",
            "--no-progress", "--device", "cpu"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # A new session: timeout's group kill stays inside timeout's own group, away from pytest.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)  # fmt: skip
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.exists() and metrics.read_text().strip()):
