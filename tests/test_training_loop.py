@@ -522,9 +522,10 @@ def test_cli_train_stopped_by_sigterm_says_so_and_exits_143(setup, tmp_path, via
 
     ``gnu-timeout`` runs it as the device runner does, under ``timeout --preserve-status``, and
     sends SIGTERM to timeout, which relays it as it does when its time is up: to the child,
-    then to its whole process group, so the run gets it twice (session 25's lost stop
-    checkpoint). A run killed by the second would end by the signal (timeout re-raises it:
-    -15 here), not with its own 143."""
+    then to its whole process group, so the run gets it twice (the suspected cause of session
+    25's lost stop checkpoint; on the CPU the two deliveries coalesce, and the stop code from
+    before f29d4a2 passes too). A run killed by the signal would end by it (timeout re-raises
+    it: -15 here), not with its own 143."""
     import shutil
     import signal
     import time
