@@ -161,7 +161,8 @@ run)
     # A worker's own exit status (--preserve-status: plain `timeout` exits 124 whenever it
     # fired, however the worker then ended): 0 when its chunk ended by itself or its training
     # stopped cleanly at `timeout`'s SIGTERM (checkpoint, "[stopped]"); 143 when that SIGTERM
-    # killed it (no stop checkpoint: session 25's first chunk ended so, without a line);
+    # killed it (no stop checkpoint; session 25's first chunk ended without one and without a
+    # line, under plain `timeout`, so how it ended is not known);
     # anything else a crash. Every status but 0 (and 124, a worker's own) makes this call exit
     # 1, after the bundle, so that the caller sees it; each goes into run_log.txt.
     failed=0

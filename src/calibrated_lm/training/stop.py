@@ -10,9 +10,11 @@ still ends the process), unless it comes within ``REPEAT_WINDOW_S`` of the first
 signal after either): one stop often arrives twice. GNU ``timeout`` sends its signal to the
 command and then to the whole process group, so the command receives it twice, microseconds
 apart; where Python ran the handler for the first before the second arrived, the second used to
-end the run at once, before its stop checkpoint and without a line of output. That fits, and is
-the likely explanation of, session 25's first claim-3 chunk
-(``experiments/results/sft_claim3/device_logs/commands.txt``). The window is timed when the
+end the run at once, before its stop checkpoint and without a line of output. That was
+suspected for session 25's first claim-3 chunk
+(``experiments/results/sft_claim3/device_logs/commands.txt``) and is not confirmed: on the CPU
+the two deliveries coalesce into one handler call, with or without this window
+(``tests/test_training_loop.py``, the ``gnu-timeout`` case). The window is timed when the
 handler runs, which Python delays while the main thread is inside a long C call; a repeat that
 arrives during such a call is folded into the first by Python itself.
 
